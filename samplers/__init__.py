@@ -1,0 +1,23 @@
+"""What a user calls: sample(), model wrappers, time grids, keyed noise, test problems."""
+
+try:
+    from . import problems
+except ImportError:  # TEMP
+    problems = None
+from .grid import GRID_KINDS, grid, validate_grid
+from .model import Model
+from .noise import NoiseSource
+from .sample import NonFiniteError, SampleInfo, StepInfo, sample
+
+__all__ = [
+    "Model",
+    "sample",
+    "grid",
+    "validate_grid",
+    "GRID_KINDS",
+    "problems",
+    "NoiseSource",
+    "SampleInfo",
+    "StepInfo",
+    "NonFiniteError",
+]

@@ -1,0 +1,87 @@
+"""Time grids: from t_max down to t_min, shared by the batch or one column per sample."""
+
+from __future__ import annotations
+
+import torch
+
+from sde import SDE
+
+__all__ = ["grid", "validate_grid", "GRID_KINDS"]
+
+GRID_KINDS = ("uniform", "log_snr", "karras", "quadratic")
+
+
+def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None = None,
+         t_min: float | None = None, rho: float = 7.0, device=None) -> torch.Tensor:
+    """A float64 tensor of ``steps + 1`` strictly decreasing times from t_max to t_min.
+
+    kind:
+      - ``uniform``: equal steps in t;
+      - ``log_snr``: equal steps in the half log-SNR lambda = log(alpha/sigma) (DPM-Solver);
+      - ``karras``: the EDM grid, equal steps in (sigma/alpha)^(1/rho) (rho = 7);
+      - ``quadratic``: equal steps in sqrt(t) (DPM-Solver's time_quadratic);
+      - ``None``: the SDE's ``default_grid``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    kind = getattr(sde, "default_grid", "uniform") if kind is None else kind
+    if kind not in GRID_KINDS:
+        raise ValueError(f"kind must be one of {GRID_KINDS} or None, got {kind!r}")
+    hi = sde.t_max if t_max is None else float(t_max)
+    lo = sde.t_min if t_min is None else float(t_min)
+    if not sde.t_min <= lo < hi <= sde.t_max:
+        raise ValueError(
+            f"grid: expected {sde.t_min:g} <= t_min < t_max <= {sde.t_max:g} for {sde!r}, got t_min={lo:g}, t_max={hi:g}"
+        )
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    ends = torch.tensor([hi, lo], dtype=torch.float64)
+    if kind == "uniform":
+        times = hi + u * (lo - hi)
+    elif kind == "quadratic":
+        times = (hi**0.5 + u * (lo**0.5 - hi**0.5)) ** 2
+    else:
+        if not sde.gaussian:
+            raise ValueError(f"grid kind {kind!r} needs a Gaussian-marginal SDE (it uses the log-SNR), got {sde!r}")
+        lam = sde.log_snr(ends)
+        if not bool(torch.isfinite(lam).all()):
+            raise ValueError(
+                f"grid kind {kind!r} needs a finite log-SNR at both ends; {sde!r} has log_snr = "
+                f"{lam.tolist()} at t = {ends.tolist()}: pass a t_max/t_min where alpha and sigma are positive"
+            )
+        if kind == "log_snr":
+            lams = lam[0] + u * (lam[1] - lam[0])
+        else:
+            # noise level s = sigma/alpha = exp(-lambda), spaced as in EDM
+            s_hi, s_lo = torch.exp(-lam[0]) ** (1.0 / rho), torch.exp(-lam[1]) ** (1.0 / rho)
+            lams = -rho * torch.log(s_hi + u * (s_lo - s_hi))
+        times = sde.t_from_log_snr(lams)
+    # the ends are exact, so rounding in the transforms never leaves [t_min, t_max]
+    times[0], times[-1] = hi, lo
+    return validate_grid(sde, times if device is None else times.to(device))
+
+
+def validate_grid(sde: SDE, times, batch_size: int | None = None) -> torch.Tensor:
+    """Check a user grid: shape (N+1,) or (N+1, B), finite, strictly decreasing, inside [t_min, t_max]."""
+    times = torch.as_tensor(times)
+    if not times.is_floating_point():
+        times = times.to(torch.float64)
+    if times.dim() not in (1, 2) or times.shape[0] < 2:
+        raise ValueError(f"grid must have shape (N+1,) or (N+1, B) with N >= 1, got shape {tuple(times.shape)}")
+    if times.dim() == 2 and batch_size is not None and times.shape[1] not in (1, batch_size):
+        raise ValueError(f"a per-sample grid must have shape (N+1, {batch_size}), got {tuple(times.shape)}")
+    t64 = times.detach().to("cpu", torch.float64)
+    if not bool(torch.isfinite(t64).all()):
+        raise ValueError("grid contains NaN or Inf")
+    steps = t64[1:] - t64[:-1]
+    if not bool((steps < 0).all()):
+        k = int(torch.nonzero((steps >= 0).reshape(steps.shape[0], -1).any(dim=1))[0])
+        raise ValueError(
+            f"grid must be strictly decreasing (from t_max towards t_min); step {k} goes from "
+            f"{t64[k].flatten()[0].item():g} to {t64[k + 1].flatten()[0].item():g}"
+        )
+    lo, hi = float(t64.min()), float(t64.max())
+    if lo < sde.t_min or hi > sde.t_max:
+        raise ValueError(
+            f"grid leaves the SDE's time range [{sde.t_min:g}, {sde.t_max:g}] of {sde!r}: it spans [{lo:g}, {hi:g}]"
+        )
+    return times

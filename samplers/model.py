@@ -1,0 +1,109 @@
+"""Model: the user's network, the SDE it was trained on, and what it predicts."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sde import GaussianSDE, PREDICTIONS, SDE, conversion
+
+__all__ = ["Model"]
+
+_TIME_INPUTS = ("sde", "discrete")
+
+
+class Model:
+    """Wraps ``net(x, t, **cond)`` and converts its output to any quantity a solver needs.
+
+    Parameters
+    ----------
+    net:
+        any callable (a ``torch.nn.Module`` or a function) taking the state ``x`` of shape
+        (B, ...) and a time tensor of shape (B,), plus keyword conditioning.
+    sde:
+        the forward SDE the network was trained with.
+    predicts:
+        what ``net`` returns: ``"eps"`` (noise), ``"x0"`` (denoised data), ``"v"``
+        (alpha eps - sigma x0), ``"score"`` or ``"velocity"`` (the probability-flow
+        velocity alpha' x0 + sigma' eps, as in flow matching).
+    time_input:
+        the time handed to ``net``: ``"sde"`` (the SDE's own t, default), ``"discrete"``
+        (the training timestep of a :class:`sde.DiscreteVPSDE`) or a callable t -> net time.
+    """
+
+    def __init__(self, net: Callable, sde: SDE, predicts: str = "eps", *, time_input="sde"):
+        if not callable(net):
+            raise TypeError(f"net must be callable as net(x, t, **cond), got {type(net).__name__}")
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be an sde.SDE instance, got {type(sde).__name__}")
+        if predicts not in PREDICTIONS:
+            raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
+        if not sde.gaussian and predicts != "score":
+            raise ValueError(f"predicts={predicts!r} needs a Gaussian-marginal SDE; {sde!r} supports only 'score'")
+        if callable(time_input):
+            self._net_time = time_input
+        elif time_input == "sde":
+            self._net_time = None
+        elif time_input == "discrete":
+            if not hasattr(sde, "timestep"):
+                raise ValueError(f"time_input='discrete' needs an SDE with discrete timesteps (DiscreteVPSDE), got {sde!r}")
+            self._net_time = sde.timestep
+        else:
+            raise ValueError(f"time_input must be one of {_TIME_INPUTS} or a callable, got {time_input!r}")
+        self.net = net
+        self.sde = sde
+        self.predicts = predicts
+        self.time_input = time_input
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time tensor handed to ``net`` for SDE times ``t``."""
+        return t if self._net_time is None else self._net_time(t)
+
+    def coefficients(self, quantity: str, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, q) such that quantity = p x + q net(x, t); see :func:`sde.conversion`."""
+        if not isinstance(self.sde, GaussianSDE):
+            raise ValueError(f"linear conversions need a Gaussian-marginal SDE, got {self.sde!r}")
+        return conversion(self.sde, self.predicts, quantity, t)
+
+    def output(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        """Call the network and check what it returned (shape and dtype)."""
+        out = self.net(x, self.net_time(t), **cond)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"net must return a torch.Tensor, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(
+                f"net output has shape {tuple(out.shape)}, expected the state's shape {tuple(x.shape)} "
+                f"(Model(predicts={self.predicts!r}))"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"net output must be a floating tensor, got dtype {out.dtype}")
+        return out
+
+    def predict(self, quantity: str, x: torch.Tensor, t, output: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        """quantity (``x0``, ``eps``, ``score``, ``v`` or ``velocity``) at (x, t)."""
+        t = torch.as_tensor(t, dtype=x.dtype if x.is_floating_point() else None, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if output is None:
+            output = self.output(x, t, **cond)
+        p, q = self.coefficients(quantity, t.to(torch.float64))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return p.to(x.dtype).reshape(shape) * x + q.to(x.dtype).reshape(shape) * output
+
+    def denoise(self, x, t, **cond):
+        return self.predict("x0", x, t, **cond)
+
+    def eps(self, x, t, **cond):
+        return self.predict("eps", x, t, **cond)
+
+    def score(self, x, t, **cond):
+        if self.predicts == "score":
+            return self.output(x, torch.as_tensor(t, device=x.device).expand(x.shape[0]), **cond)
+        return self.predict("score", x, t, **cond)
+
+    def velocity(self, x, t, **cond):
+        return self.predict("velocity", x, t, **cond)
+
+    def __repr__(self):
+        return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.sde!r}, predicts={self.predicts!r})"

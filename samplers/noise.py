@@ -1,0 +1,310 @@
+"""Keyed Gaussian noise: sample i's numbers depend on (seed_i, sample index i, counter, stream) only.
+
+The generator is Philox4x32-10 with Box-Muller.  On the CPU it runs as a small C library
+(``_native/philox.c``) compiled on first use with the system C compiler and cached; on other
+devices, and where no compiler is available, a torch port of the same counter mapping runs
+instead (same Philox words; normals equal up to the last bits of log/cos).
+
+Streams keep the draws of different purposes apart: the prior draw, the per-step noise of
+fixed-grid solvers, and (for adaptive and reversible solvers) nodes of a virtual Brownian
+tree, which use ``counter`` as the node id so W(s) - W(t) can be asked for at any times.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+__all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "native_available"]
+
+STREAM_STEP = 0
+STREAM_PRIOR = 1
+STREAM_TREE = 2
+
+_ITEM_CALLS = 1024  # must equal ITEM_CALLS in _native/philox.c
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+_SOURCE = Path(__file__).with_name("_native") / "philox.c"
+_PARALLEL_MIN_ELEMENTS = 1 << 16
+
+# ---------------------------------------------------------------------------------------------
+# native library
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SAMPLERS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "samplers"
+    )
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return platform.machine() + "|" + "|".join(lines)
+
+
+def _compile(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or gcc) found")
+    attempts = [
+        ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
+        ["-O3", "-ffast-math", "-fopenmp-simd"],
+        ["-O2"],
+    ]
+    errors = []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for flags in attempts:
+        for libs in (["-lmvec", "-lm"], ["-lm"]):
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(fd)
+            cmd = [compiler, *flags, "-fPIC", "-shared", str(_SOURCE), "-o", tmp, *libs]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, target)  # atomic: concurrent processes may compile at once
+                return
+            os.unlink(tmp)
+            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
+    raise OSError("compiling the noise library failed:\n" + "\n".join(errors))
+
+
+_lib = None
+_lib_error: str | None = None
+_lib_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+
+
+def _native():
+    """The compiled library, or None (with the reason kept in _lib_error)."""
+    global _lib, _lib_error
+    if _lib is not None or _lib_error is not None:
+        return _lib
+    with _lib_lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        if os.environ.get("SAMPLERS_NOISE_BACKEND", "").lower() == "torch":
+            _lib_error = "SAMPLERS_NOISE_BACKEND=torch"
+            return None
+        source = _SOURCE.read_bytes()
+        key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:16]
+        target = _cache_dir() / f"philox-{key}.so"
+        try:
+            if not target.exists():
+                _compile(target)
+            lib = ctypes.CDLL(str(target))
+        except OSError as exc:
+            _lib_error = str(exc)
+            warnings.warn(
+                f"samplers: the native noise generator is unavailable ({exc}); using the slower "
+                "torch port of the same generator",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                    ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64]
+        for name in ("samplers_normal_f32", "samplers_normal_f64"):
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
+        lib.samplers_philox.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
+                                        ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32]
+        _lib = lib
+        return _lib
+
+
+def native_available() -> bool:
+    return _native() is not None
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="samplers-noise")
+    return _pool
+
+
+def _native_fill(out: torch.Tensor, seeds, index, counter, stream: int) -> None:
+    lib = _native()
+    fn = lib.samplers_normal_f32 if out.dtype == torch.float32 else lib.samplers_normal_f64
+    batch = out.shape[0]
+    per_sample = out[0].numel() if batch else 0
+    item_size = (4 if out.dtype == torch.float32 else 2) * _ITEM_CALLS
+    items = batch * ((per_sample + item_size - 1) // item_size)
+    args = (out.data_ptr(), per_sample, seeds.data_ptr(), index.data_ptr(), counter.data_ptr(), stream)
+    workers = min(torch.get_num_threads(), items)
+    if workers <= 1 or out.numel() < _PARALLEL_MIN_ELEMENTS:
+        fn(*args, 0, items)  # ctypes releases the GIL during the call
+        return
+    bounds = [items * i // workers for i in range(workers + 1)]
+    futures = [_thread_pool().submit(fn, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    for f in futures:
+        f.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch port (any device); int64 arithmetic on 32-bit words
+
+
+def philox_torch(calls: torch.Tensor, seed_lo, seed_hi, c1, c2, c3):
+    """Philox4x32-10 on int64 tensors holding uint32 values; all arguments broadcast."""
+    x0, x1, x2, x3 = calls, c1, c2, c3
+    k0, k1 = seed_lo, seed_hi
+    for _ in range(10):
+        p0 = _M0 * x0  # < 2^64: wraps in int64, but the low 64 bits, hence both halves, are exact
+        p1 = _M1 * x2
+        y0 = ((p1 >> 32) & _MASK32) ^ x1 ^ k0
+        y2 = ((p0 >> 32) & _MASK32) ^ x3 ^ k1
+        x1 = p1 & _MASK32
+        x3 = p0 & _MASK32
+        x0, x2 = y0, y2
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return x0, x1, x2, x3
+
+
+def _torch_normals(per_sample: int, dtype, device, seeds, index, counter, stream: int) -> torch.Tensor:
+    per_call = 4 if dtype == torch.float32 else 2
+    item_size = per_call * _ITEM_CALLS
+    e = torch.arange(per_sample, device=device, dtype=torch.int64)
+    item = e // item_size
+    within = e % item_size
+    length = torch.clamp(per_sample - item * item_size, max=item_size)
+    calls_in_item = (length + per_call - 1) // per_call
+    quarter = within // calls_in_item
+    call = item * _ITEM_CALLS + within % calls_in_item
+    col = lambda v: v.to(device=device, dtype=torch.int64).reshape(-1, 1)  # noqa: E731
+    seeds = col(seeds)
+    o0, o1, o2, o3 = philox_torch(call.reshape(1, -1), seeds & _MASK32, (seeds >> 32) & _MASK32,
+                                  col(index) & _MASK32, col(counter) & _MASK32, stream & _MASK32)
+    if dtype == torch.float32:
+        f = lambda w: (w >> 8).to(torch.float32)  # noqa: E731
+        u1, u2, u3, u4 = (f(o0) + 1.0) * 2.0**-24, f(o1) * 2.0**-24, (f(o2) + 1.0) * 2.0**-24, f(o3) * 2.0**-24
+        r1, r2 = torch.sqrt(-2.0 * torch.log(u1)), torch.sqrt(-2.0 * torch.log(u3))
+        two_pi = 2.0 * math.pi
+        choices = torch.stack([r1 * torch.cos(two_pi * u2), r1 * torch.cos(two_pi * (u2 - 0.25)),
+                               r2 * torch.cos(two_pi * u4), r2 * torch.cos(two_pi * (u4 - 0.25))])
+    else:
+        d = lambda w: w.to(torch.float64)  # noqa: E731
+        u1 = (d(o0 >> 5) * 67108864.0 + d(o1 >> 6) + 1.0) * 2.0**-53
+        u2 = (d(o2 >> 5) * 67108864.0 + d(o3 >> 6)) * 2.0**-53
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        two_pi = 2.0 * math.pi
+        choices = torch.stack([r * torch.cos(two_pi * u2), r * torch.cos(two_pi * (u2 - 0.25))])
+    return torch.gather(choices, 0, quarter.reshape(1, 1, -1).expand(1, seeds.shape[0], -1))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_uint64_seeds(seed, batch: int) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        values = seed.detach().to("cpu").flatten().tolist()
+    elif isinstance(seed, (list, tuple)):
+        values = list(seed)
+    else:
+        values = [seed] * batch
+    if len(values) != batch:
+        raise ValueError(f"seed: expected an int or one seed per sample ({batch}), got {len(values)} seeds")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "__index__")):
+            raise TypeError(f"seed: expected integers, got {v!r}")
+        v = int(v)
+        if not 0 <= v < 2**64:
+            raise ValueError(f"seed: expected integers in [0, 2^64), got {v}")
+        out.append(v - 2**64 if v >= 2**63 else v)  # the same 64 bits, stored as int64
+    return torch.tensor(out, dtype=torch.int64)
+
+
+class NoiseSource:
+    """Standard normal draws keyed by (seed, sample index, counter, stream) for a batch.
+
+    Parameters
+    ----------
+    seed:
+        an int (one seed for the batch) or one int per sample.
+    batch_size:
+        number of samples B.
+    sample_index:
+        the global index of each sample (default 0 ... B-1).  Sharded runs pass the global
+        indices of their shard and get the numbers a single run would.
+    """
+
+    def __init__(self, seed, batch_size: int, *, sample_index=None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+        self.seeds = _as_uint64_seeds(seed, batch_size)
+        if sample_index is None:
+            index = torch.arange(batch_size, dtype=torch.int64)
+        else:
+            index = torch.as_tensor(sample_index, dtype=torch.int64).flatten().cpu()
+            if index.numel() != batch_size:
+                raise ValueError(f"sample_index: expected {batch_size} indices, got {index.numel()}")
+            if bool(((index < 0) | (index > _MASK32)).any()):
+                raise ValueError("sample_index: expected integers in [0, 2^32)")
+        self.sample_index = index
+        self._index32 = index.to(torch.int32)  # the uint32 bits the C code reads
+        self._counter_cache: dict[int, torch.Tensor] = {}
+
+    def _counter(self, counter) -> torch.Tensor:
+        if isinstance(counter, int):
+            if not 0 <= counter <= _MASK32:
+                raise ValueError(f"counter must lie in [0, 2^32), got {counter}")
+            cached = self._counter_cache.get(counter)
+            if cached is None:
+                cached = torch.full((self.batch_size,), counter, dtype=torch.int64).to(torch.int32)
+                if len(self._counter_cache) < 4096:
+                    self._counter_cache[counter] = cached
+            return cached
+        c = torch.as_tensor(counter, dtype=torch.int64).flatten().cpu()
+        if c.numel() != self.batch_size:
+            raise ValueError(f"counter: expected an int or {self.batch_size} values, got {c.numel()}")
+        return c.to(torch.int32)
+
+    def normal(self, shape, *, counter=0, stream: int = STREAM_STEP, dtype=torch.float32, device="cpu",
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Standard normals of shape (B, *shape) (``shape`` excludes the batch dimension).
+
+        float32 and float64 are generated natively; other floating dtypes are drawn in
+        float32 and cast.
+        """
+        full = (self.batch_size, *tuple(shape))
+        if out is not None:
+            if tuple(out.shape) != full:
+                raise ValueError(f"out: expected shape {full}, got {tuple(out.shape)}")
+            dtype, device = out.dtype, out.device
+        gen_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        counter32 = self._counter(counter)
+        device = torch.device(device)
+        direct = out is not None and out.dtype == gen_dtype and out.is_contiguous() and out.device.type == "cpu"
+        if device.type == "cpu" and _native() is not None:
+            target = out if direct else torch.empty(full, dtype=gen_dtype)
+            if target.numel():
+                _native_fill(target, self.seeds, self._index32, counter32, int(stream))
+        else:
+            per_sample = math.prod(shape)
+            target = _torch_normals(per_sample, gen_dtype, device, self.seeds, self.sample_index,
+                                    counter32.to(torch.int64) & _MASK32, int(stream)).reshape(full)
+        if out is None:
+            return target.to(dtype)
+        if target is not out:
+            out.copy_(target)
+        return out

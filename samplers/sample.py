@@ -1,0 +1,290 @@
+"""The sampling driver: owns the loop, noise, NFE count, dtype policy, checks and final denoising."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from solvers import Solver
+
+from .grid import grid as make_grid
+from .grid import validate_grid
+from .model import Model
+from .noise import STREAM_PRIOR, STREAM_STEP, NoiseSource
+
+__all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class NonFiniteError(FloatingPointError):
+    """The state became NaN or Inf; the message names the step."""
+
+
+@dataclass
+class SampleInfo:
+    """What a sampling run did."""
+
+    nfe: int  #: network calls actually made
+    steps: int  #: solver steps taken
+    times: torch.Tensor  #: the grid, float64, shape (N+1,) or (N+1, B)
+    seed: object  #: the seed(s) the noise was keyed with
+    solver: str
+    dtype: torch.dtype  #: dtype of the returned samples
+    compute_dtype: torch.dtype  #: dtype the state was updated in
+    final_denoise: bool
+    backend: str = "torch"
+    wall_time: float = 0.0  #: seconds, including the network
+
+
+@dataclass
+class StepInfo:
+    """Handed to ``callback`` after every step."""
+
+    step: int  #: index of the step just taken (0-based)
+    steps: int  #: total number of steps
+    t: torch.Tensor  #: time at the start of the step, (C,) with C = 1 or B
+    t_next: torch.Tensor  #: time reached
+    x: torch.Tensor  #: the state at t_next (do not modify)
+    denoised: torch.Tensor  #: the x0 estimate at the start of the step
+    nfe: int  #: network calls so far
+    extra: dict = field(default_factory=dict)
+
+
+class _Context:
+    """The StepContext of one run: the network, the tables, the keyed noise, scratch buffers."""
+
+    def __init__(self, model: Model, cond: dict, tables: dict, times_net: torch.Tensor,
+                 noise: NoiseSource, like: torch.Tensor, net_dtype: torch.dtype):
+        self.model = model
+        self.cond = cond
+        self.tables = tables
+        self.times_net = times_net
+        self.noise_source = noise
+        self.like = like
+        self.net_dtype = net_dtype
+        self.nfe = 0
+        self.first_output = None
+        self.record = False
+        self._noise_step = None
+        self._noise = None
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def output(self, x, time_index):
+        net_x = x if x.dtype == self.net_dtype else x.to(self.net_dtype)
+        out = self.model.output(net_x, self.times_net[time_index], **self.cond)
+        self.nfe += 1
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            out = out.clone()  # solvers update x in place; a net that returns (a view of) x must not see that
+        if self.record and self.first_output is None:
+            self.first_output = out
+        return out
+
+    def noise(self, step):
+        if self._noise_step != step:
+            if self._noise is None:
+                self._noise = torch.empty_like(self.like)
+            self.noise_source.normal(self.like.shape[1:], counter=step, stream=STREAM_STEP, out=self._noise)
+            self._noise_step = step
+        return self._noise
+
+    def coef(self, name, step):
+        return self.tables[name][step]
+
+    def scratch(self, name):
+        buf = self._scratch.get(name)
+        if buf is None:
+            buf = self._scratch[name] = torch.empty_like(self.like)
+        return buf
+
+
+def _resolve_dtypes(dtype, x_T):
+    if dtype is None:
+        dtype = x_T.dtype if x_T is not None and x_T.is_floating_point() else torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return dtype, compute
+
+
+def _broadcast_table(name: str, table: torch.Tensor, times: torch.Tensor, solver: Solver, ndim: int,
+                     device, dtype) -> torch.Tensor:
+    table = torch.as_tensor(table, dtype=torch.float64)
+    bad = ~torch.isfinite(table)
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad.reshape(table.shape[0], -1).any(dim=1))[0])
+        raise ValueError(
+            f"{solver!r}: the step from t={times[k].flatten()[0].item():g} to t={times[k + 1].flatten()[0].item():g} "
+            f"(step {k}) has a non-finite coefficient '{name}'; the SDE or the model's parametrisation is "
+            f"singular there (e.g. a reverse SDE at alpha = 0, or predicts='eps' where alpha = 0): "
+            f"start the grid away from that time or use another solver/parametrisation"
+        )
+    return table.reshape(table.shape + (1,) * (ndim - 1)).to(device=device, dtype=dtype)
+
+
+def _progress_bar(progress, steps):
+    if progress is None:
+        progress = steps >= 200 and sys.stderr.isatty()
+    if not progress:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=steps, desc="sampling", unit="step")
+
+
+def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None = None, steps: int | None = None,
+           grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
+           final_denoise: bool = True, progress: bool | None = None,
+           callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
+           return_info: bool = False):
+    """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
+
+    Parameters
+    ----------
+    model, solver:
+        a :class:`Model` and a solver from :mod:`solvers`.
+    shape or x_T:
+        the batch shape (B, ...) to start from a keyed prior draw, or the starting state.
+    steps or grid:
+        a number of steps on the SDE's default grid (``grid_kind`` to choose another), or an
+        explicit grid from :func:`samplers.grid` / a user tensor of shape (N+1,) or (N+1, B).
+    seed:
+        an int, or one int per sample.  Sample i's noise is keyed by (seed_i, sample_index_i,
+        step), so it does not depend on the batch it is drawn in.
+    sample_index:
+        global sample indices (default 0 ... B-1); sharded runs pass their shard's indices.
+    cond:
+        keyword arguments handed to the network on every call (class labels, ...).
+    final_denoise:
+        after the last step, replace x by the model's x0 estimate at t_min (one more call).
+    progress:
+        show a progress bar (default: on for runs of 200+ steps on a terminal).
+    callback:
+        called with a :class:`StepInfo` after every step.
+    dtype:
+        dtype of the state handed to the network and returned (default: x_T's, else torch's
+        default).  float16/bfloat16 states are updated in float32; coefficients are always
+        computed in float64.
+    return_info:
+        also return a :class:`SampleInfo`.
+    """
+    start_time = time.perf_counter()
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
+    sde = model.sde
+    solver.check_sde(sde)
+    if cond is None:
+        cond = {}
+    elif not isinstance(cond, dict):
+        raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
+
+    if (shape is None) == (x_T is None):
+        raise ValueError("pass exactly one of shape (to start from the prior) or x_T (the starting state)")
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1 or x_T.shape[0] < 1:
+            raise ValueError("x_T must be a tensor of shape (B, ...) with B >= 1")
+        shape = tuple(x_T.shape)
+        device = x_T.device if device is None else torch.device(device)
+    else:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 1 or shape[0] < 1 or any(s < 1 for s in shape):
+            raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+    batch = shape[0]
+    dtype, compute = _resolve_dtypes(dtype, x_T)
+
+    if (steps is None) == (grid is None):
+        raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
+    if grid is None:
+        times = make_grid(sde, steps, grid_kind)
+    else:
+        if grid_kind is not None:
+            raise ValueError("grid_kind applies only with steps; an explicit grid already fixes the times")
+        times = validate_grid(sde, grid, batch)
+    times = times.detach().to("cpu", torch.float64)
+    table_times = times if times.dim() == 2 else times[:, None]  # (N+1, C)
+    n_steps = table_times.shape[0] - 1
+
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    noise = NoiseSource(seed, batch, sample_index=sample_index)
+
+    if x_T is None:
+        if not bool((table_times[0] == sde.t_max).all()):
+            raise ValueError(
+                f"the grid starts at t={table_times[0, 0].item():g}, not at t_max={sde.t_max:g} where the prior "
+                "lives: pass x_T, the state at the grid's first time"
+            )
+        z = noise.normal(shape[1:], counter=0, stream=STREAM_PRIOR, dtype=compute, device=device)
+        x = sde.prior_sample(shape, normal=z)
+    else:
+        x = x_T.detach().to(device=device, dtype=compute).clone()  # the run owns (and updates) its state
+
+    raw_tables = solver.prepare(model, table_times)
+    tables = {name: _broadcast_table(name, tab, table_times, solver, x.dim(), device, compute)
+              for name, tab in raw_tables.items()}
+    net_time_dtype = torch.float64 if compute == torch.float64 else torch.float32
+    times_net = table_times.to(device=device, dtype=net_time_dtype).expand(-1, batch).contiguous()
+    ctx = _Context(model, cond, tables, times_net, noise, x, dtype)
+
+    if final_denoise:
+        p0, q0 = model.coefficients("x0", table_times[-1])
+        final_x = _broadcast_table("final_denoise", p0[None], table_times[-2:], solver, x.dim(), device, compute)[0]
+        final_out = _broadcast_table("final_denoise", q0[None], table_times[-2:], solver, x.dim(), device, compute)[0]
+
+    sums = torch.empty(n_steps + 1, dtype=compute, device=device)
+    bar = _progress_bar(progress, n_steps)
+    record = callback is not None
+    if record:
+        p_den, q_den = model.coefficients("x0", table_times[:-1])
+    for k in range(n_steps):
+        if record:
+            ctx.record, ctx.first_output = True, None
+            x_before = x.clone()
+        x = solver.step(k, x, ctx)
+        # a reduction per step, kept on the device: NaN/Inf anywhere shows up in the sum
+        # without a host sync; the sums are checked once, after the loop
+        sums[k] = x.sum()
+        if bar is not None:
+            bar.update(1)
+        if record:
+            shape_c = (-1,) + (1,) * (x.dim() - 1)
+            denoised = (p_den[k].to(device, compute).reshape(shape_c) * x_before
+                        + q_den[k].to(device, compute).reshape(shape_c) * ctx.first_output)
+            ctx.record = False
+            callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1], x=x,
+                              denoised=denoised, nfe=ctx.nfe))
+    if bar is not None:
+        bar.close()
+    if final_denoise:
+        out = ctx.output(x, n_steps)
+        x = x.mul_(final_x).addcmul_(final_out, out)
+    sums[n_steps] = x.sum() if final_denoise else 0.0
+    bad = ~torch.isfinite(sums)
+    if bool(bad.any()):  # the one host sync of the run
+        k = int(torch.nonzero(bad)[0])
+        if k == n_steps:
+            where = f"in the final denoising step at t={table_times[-1, 0].item():g}"
+        else:
+            where = (f"at step {k} of {n_steps} (t={table_times[k, 0].item():g} -> "
+                     f"{table_times[k + 1, 0].item():g})")
+        raise NonFiniteError(
+            f"the state became NaN or Inf {where} with {solver!r} on {sde!r}; check the network's output "
+            f"there, or use more steps / a higher precision dtype"
+        )
+    result = x if x.dtype == dtype else x.to(dtype)
+    if not return_info:
+        return result
+    info = SampleInfo(nfe=ctx.nfe, steps=n_steps, times=times, seed=seed, solver=repr(solver), dtype=dtype,
+                      compute_dtype=compute, final_denoise=bool(final_denoise),
+                      wall_time=time.perf_counter() - start_time)
+    return result, info

@@ -1,0 +1,28 @@
+"""Forward SDEs of score-based diffusion models: what the process is."""
+
+from .base import SDE, GaussianSDE, broadcast_to_state
+from .gaussian import (
+    CosineVPSDE,
+    DiscreteVPSDE,
+    EDMSDE,
+    RectifiedFlowSDE,
+    SubVPSDE,
+    VESDE,
+    VPSDE,
+)
+from .parametrization import PREDICTIONS, conversion
+
+__all__ = [
+    "SDE",
+    "GaussianSDE",
+    "VPSDE",
+    "SubVPSDE",
+    "VESDE",
+    "EDMSDE",
+    "CosineVPSDE",
+    "DiscreteVPSDE",
+    "RectifiedFlowSDE",
+    "PREDICTIONS",
+    "conversion",
+    "broadcast_to_state",
+]
