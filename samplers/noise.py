@@ -1,7 +1,7 @@
 """Keyed Gaussian noise: sample i's numbers depend on (seed_i, sample index i, counter, stream) only.
 
 The generator is Philox4x32-10 with Box-Muller.  On the CPU it runs as a small C library
-(``_native/philox.c``) compiled on first use with the system C compiler and cached; on other
+(``_native/philox.c``, OpenMP on torch's thread count) compiled on first use with the system C compiler and cached; on other
 devices, and where no compiler is available, a torch port of the same counter mapping runs
 instead (same Philox words; normals equal up to the last bits of log/cos).
 
@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,8 +63,10 @@ def _compile(target: Path) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) found")
+    # OpenMP first (shares torch's libgomp thread pool), then single-threaded fallbacks
     attempts = [
-        ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
+        ["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+        ["-O3", "-ffast-math", "-fopenmp"],
         ["-O3", "-ffast-math", "-fopenmp-simd"],
         ["-O2"],
     ]
@@ -88,7 +89,6 @@ def _compile(target: Path) -> None:
 _lib = None
 _lib_error: str | None = None
 _lib_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
 
 
 def _native():
@@ -119,7 +119,7 @@ def _native():
             )
             return None
         argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                    ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64]
+                    ctypes.c_uint32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         for name in ("samplers_normal_f32", "samplers_normal_f64"):
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = None
@@ -133,13 +133,6 @@ def native_available() -> bool:
     return _native() is not None
 
 
-def _thread_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()), thread_name_prefix="samplers-noise")
-    return _pool
-
-
 def _native_fill(out: torch.Tensor, seeds, index, counter, stream: int) -> None:
     lib = _native()
     fn = lib.samplers_normal_f32 if out.dtype == torch.float32 else lib.samplers_normal_f64
@@ -147,15 +140,8 @@ def _native_fill(out: torch.Tensor, seeds, index, counter, stream: int) -> None:
     per_sample = out[0].numel() if batch else 0
     item_size = (4 if out.dtype == torch.float32 else 2) * _ITEM_CALLS
     items = batch * ((per_sample + item_size - 1) // item_size)
-    args = (out.data_ptr(), per_sample, seeds.data_ptr(), index.data_ptr(), counter.data_ptr(), stream)
-    workers = min(torch.get_num_threads(), items)
-    if workers <= 1 or out.numel() < _PARALLEL_MIN_ELEMENTS:
-        fn(*args, 0, items)  # ctypes releases the GIL during the call
-        return
-    bounds = [items * i // workers for i in range(workers + 1)]
-    futures = [_thread_pool().submit(fn, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    for f in futures:
-        f.result()
+    threads = 1 if out.numel() < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+    fn(out.data_ptr(), per_sample, seeds.data_ptr(), index.data_ptr(), counter.data_ptr(), stream, 0, items, threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@
  * never on the batch it is drawn in.  Each sample's elements are cut into work items of
  * ITEM_CALLS Philox calls; a work item is processed the same way whatever the batch size or
  * the thread that runs it, so results are bit-identical across batch sizes and threadings.
+ * Work items run on OpenMP threads: loaded into a process where torch already loaded its
+ * libgomp, the library shares torch's thread pool instead of competing with its spinning
+ * workers.
  * samplers/noise.py holds a torch port of the same mapping (used off-CPU and as the test
  * reference); keep the two in step.
  */
@@ -49,13 +52,14 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
  * shifted cos so that the loop vectorises with the vector math library. */
 void samplers_normal_f32(float *out, int64_t per_sample, const uint64_t *seeds,
                          const uint32_t *index, const uint32_t *counter, uint32_t stream,
-                         int64_t item_begin, int64_t item_end) {
-    uint32_t o0[ITEM_CALLS], o1[ITEM_CALLS], o2[ITEM_CALLS], o3[ITEM_CALLS];
-    float z[4 * ITEM_CALLS];
+                         int64_t item_begin, int64_t item_end, int threads) {
     const int64_t item_size = 4 * ITEM_CALLS;
     const int64_t items_per_sample = (per_sample + item_size - 1) / item_size;
     const float two_pi = 6.283185307179586f;
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
     for (int64_t w = item_begin; w < item_end; ++w) {
+        uint32_t o0[ITEM_CALLS], o1[ITEM_CALLS], o2[ITEM_CALLS], o3[ITEM_CALLS];
+        float z[4 * ITEM_CALLS];
         const int64_t s = w / items_per_sample, b = w % items_per_sample;
         const int64_t start = b * item_size, len = min64(item_size, per_sample - start);
         const int calls = (int)((len + 3) / 4);
@@ -81,13 +85,14 @@ void samplers_normal_f32(float *out, int64_t per_sample, const uint64_t *seeds,
  * q * calls + n comes from output q of call n. */
 void samplers_normal_f64(double *out, int64_t per_sample, const uint64_t *seeds,
                          const uint32_t *index, const uint32_t *counter, uint32_t stream,
-                         int64_t item_begin, int64_t item_end) {
-    uint32_t o0[ITEM_CALLS], o1[ITEM_CALLS], o2[ITEM_CALLS], o3[ITEM_CALLS];
-    double z[2 * ITEM_CALLS];
+                         int64_t item_begin, int64_t item_end, int threads) {
     const int64_t item_size = 2 * ITEM_CALLS;
     const int64_t items_per_sample = (per_sample + item_size - 1) / item_size;
     const double two_pi = 6.283185307179586;
+    #pragma omp parallel for schedule(static) num_threads(threads) if(threads > 1)
     for (int64_t w = item_begin; w < item_end; ++w) {
+        uint32_t o0[ITEM_CALLS], o1[ITEM_CALLS], o2[ITEM_CALLS], o3[ITEM_CALLS];
+        double z[2 * ITEM_CALLS];
         const int64_t s = w / items_per_sample, b = w % items_per_sample;
         const int64_t start = b * item_size, len = min64(item_size, per_sample - start);
         const int calls = (int)((len + 1) / 2);

@@ -1,0 +1,133 @@
+"""``python -m samplers bench``: measurements that are commands, not tests.
+
+``bench overhead``: the sampler's own cost per step, as a multiple of one in-place
+``x.add_(y)`` pass over the batch, for a network that returns a fixed tensor (so the network
+costs nothing and only the solver's arithmetic, noise and bookkeeping remain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+__all__ = ["main", "overhead"]
+
+
+def _best_time(fn, repeats: int, inner: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best
+
+
+def _overhead_solvers():
+    from solvers import Euler, EulerMaruyama, Heun
+
+    return [("Euler", Euler()), ("Heun", Heun()), ("EulerMaruyama", EulerMaruyama()),
+            ("Heun(eta=1)", Heun(eta=1.0))]
+
+
+def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bool = True) -> dict:
+    """Per-step cost of each solver in add_ passes; the difference of two runs of different
+    length removes the one-time set-up (grid tables, prior draw) from the estimate."""
+    from sde import VPSDE
+
+    from .model import Model
+    from .noise import NoiseSource
+    from .sample import sample
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    y = torch.randn(shape)
+    fixed = torch.randn(shape) * 0.1
+    add_pass = _best_time(lambda: x.add_(y), repeats, 20)
+    buf = torch.empty(shape)
+    randn = _best_time(lambda: torch.randn(shape, out=buf), repeats, 5)
+    source = NoiseSource(0, shape[0])
+    keyed = _best_time(lambda: source.normal(shape[1:], counter=3, out=buf), repeats, 5)
+
+    sde = VPSDE()
+    model = Model(lambda x, t: fixed, sde, predicts="eps")
+    x_T = torch.randn(shape)
+    rows = []
+    for label, solver in _overhead_solvers():
+        def run(n, solver=solver):
+            sample(model, solver, x_T=x_T, steps=n, final_denoise=False)
+
+        short, long = (_best_time(lambda n=n: run(n), repeats, 1) for n in steps)
+        per_step = (long - short) / (steps[1] - steps[0])
+        per_call = per_step / solver.nfe_per_step
+        rows.append({"solver": label, "ms_per_step": per_step * 1e3, "passes_per_step": per_step / add_pass,
+                     "passes_per_model_call": per_call / add_pass, "stochastic": solver.stochastic})
+    result = {
+        "shape": list(shape),
+        "threads": torch.get_num_threads(),
+        "add_pass_ms": add_pass * 1e3,
+        "randn_passes": randn / add_pass,
+        "keyed_noise_passes": keyed / add_pass,
+        "keyed_over_randn": keyed / randn,
+        "solvers": rows,
+    }
+    if peers:
+        result["peers"] = _peer_overheads(shape, fixed, x_T, add_pass, repeats, steps)
+    return result
+
+
+def _peer_overheads(shape, fixed, x_T, add_pass, repeats, steps):
+    """The same measurement for peers' Euler samplers, where they are installed."""
+    rows = []
+    try:
+        from diffusers import EulerDiscreteScheduler
+    except Exception:  # noqa: BLE001 - any import failure means the peer is not available
+        EulerDiscreteScheduler = None
+    if EulerDiscreteScheduler is not None:
+        def diffusers_euler(n):
+            sched = EulerDiscreteScheduler(num_train_timesteps=1000)
+            sched.set_timesteps(n)
+            x = x_T.clone()
+            for t in sched.timesteps:
+                x_in = sched.scale_model_input(x, t)
+                x = sched.step(fixed if x_in is not None else fixed, t, x).prev_sample
+        short, long = (_best_time(lambda n=n: diffusers_euler(n), repeats, 1) for n in steps)
+        rows.append({"peer": "diffusers EulerDiscreteScheduler",
+                     "passes_per_model_call": (long - short) / (steps[1] - steps[0]) / add_pass})
+    return rows
+
+
+def _print_overhead(result: dict) -> None:
+    print(f"batch {tuple(result['shape'])} float32, {result['threads']} threads; "
+          f"one x.add_(y) pass = {result['add_pass_ms']:.3f} ms")
+    print(f"torch.randn of the batch: {result['randn_passes']:.1f} passes; keyed noise: "
+          f"{result['keyed_noise_passes']:.1f} passes ({result['keyed_over_randn']:.2f} x randn)")
+    print(f"{'solver':<16} {'ms/step':>9} {'passes/step':>12} {'passes/model call':>18}")
+    for row in result["solvers"]:
+        print(f"{row['solver']:<16} {row['ms_per_step']:>9.2f} {row['passes_per_step']:>12.1f} "
+              f"{row['passes_per_model_call']:>18.1f}")
+    for row in result.get("peers", []):
+        print(f"{row['peer']:<40} {row['passes_per_model_call']:>8.1f} passes/model call")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m samplers bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("overhead", help="solver cost per step in add_ passes (fixed-output network)")
+    p.add_argument("--shape", type=int, nargs="+", default=[256, 3, 64, 64])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-peers", action="store_true", help="skip peers' samplers")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    if args.what == "overhead":
+        result = overhead(tuple(args.shape), repeats=args.repeats, peers=not args.no_peers)
+        _print_overhead(result)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+    return 0
