@@ -5,6 +5,7 @@ try:
 except ImportError:  # TEMP
     problems = None
 from .grid import GRID_KINDS, grid, validate_grid
+from .brownian import VirtualBrownianTree
 from .model import Model
 from .noise import NoiseSource
 from .sample import NonFiniteError, SampleInfo, StepInfo, sample
@@ -17,6 +18,7 @@ __all__ = [
     "GRID_KINDS",
     "problems",
     "NoiseSource",
+    "VirtualBrownianTree",
     "SampleInfo",
     "StepInfo",
     "NonFiniteError",
