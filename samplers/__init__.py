@@ -1,9 +1,6 @@
 """What a user calls: sample(), model wrappers, time grids, keyed noise, test problems."""
 
-try:
-    from . import problems
-except ImportError:  # TEMP
-    problems = None
+from . import problems
 from .grid import GRID_KINDS, grid, validate_grid
 from .brownian import VirtualBrownianTree
 from .model import Model

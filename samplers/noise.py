@@ -38,6 +38,7 @@ _W0, _W1 = 0x9E3779B9, 0xBB67AE85
 _MASK32 = 0xFFFFFFFF
 _SOURCE = Path(__file__).with_name("_native") / "philox.c"
 _PARALLEL_MIN_ELEMENTS = 1 << 16
+_BUILD_RECIPE = b"compile -c with -ffast-math, link without"  # part of the cache key
 
 # ---------------------------------------------------------------------------------------------
 # native library
@@ -72,17 +73,26 @@ def _compile(target: Path) -> None:
     ]
     errors = []
     target.parent.mkdir(parents=True, exist_ok=True)
-    for flags in attempts:
-        for libs in (["-lmvec", "-lm"], ["-lm"]):
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            cmd = [compiler, *flags, "-fPIC", "-shared", str(_SOURCE), "-o", tmp, *libs]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                os.replace(tmp, target)  # atomic: concurrent processes may compile at once
-                return
-            os.unlink(tmp)
-            errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
+    workdir = Path(tempfile.mkdtemp(dir=target.parent))
+    try:
+        for flags in attempts:
+            for libs in (["-lmvec", "-lm"], ["-lm"]):
+                obj, lib = workdir / "philox.o", workdir / "philox.so"
+                # compile and link separately: linking a shared object with -ffast-math pulls in
+                # crtfastmath.o, which switches the whole process to flush-to-zero on load
+                compile_cmd = [compiler, *flags, "-fPIC", "-c", str(_SOURCE), "-o", str(obj)]
+                openmp = ["-fopenmp"] if "-fopenmp" in flags else []
+                link_cmd = [compiler, "-shared", *openmp, str(obj), "-o", str(lib), *libs]
+                for cmd in (compile_cmd, link_cmd):
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-300:]}")
+                        break
+                else:
+                    os.replace(lib, target)  # atomic: concurrent processes may compile at once
+                    return
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     raise OSError("compiling the noise library failed:\n" + "\n".join(errors))
 
 
@@ -103,7 +113,7 @@ def _native():
             _lib_error = "SAMPLERS_NOISE_BACKEND=torch"
             return None
         source = _SOURCE.read_bytes()
-        key = hashlib.sha256(source + _cpu_signature().encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + _BUILD_RECIPE + _cpu_signature().encode()).hexdigest()[:16]
         target = _cache_dir() / f"philox-{key}.so"
         try:
             if not target.exists():

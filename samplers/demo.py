@@ -1,0 +1,359 @@
+"""``python -m samplers demo``: every solver on an exact 2-D problem, error against NFE.
+
+The data is :func:`samplers.problems.mixture_2d` (8 Gaussians on a circle), and the network is
+the mixture's exact denoiser, so the only error left is the solver's discretisation error (plus
+the sampling noise of a finite sample).  For each solver and NFE budget the demo draws N samples
+and measures the sliced Wasserstein distance to N exact samples from the mixture.  The error
+floor is that distance between two independent exact sample sets of the same size: an error
+near it means "converged, as far as N samples can tell".
+
+No data, no download, no GPU: it runs in seconds on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import time
+from typing import Callable, Iterable
+
+import torch
+
+import solvers
+from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
+from solvers import Euler, EulerMaruyama, Heun, Solver
+
+from .model import Model
+from .sample import NonFiniteError, sample
+
+__all__ = [
+    "SDES",
+    "DEFAULT_BUDGETS",
+    "QUICK_BUDGETS",
+    "EXTRA_SOLVERS",
+    "solver_factories",
+    "steps_for_nfe",
+    "run_demo",
+    "plot",
+    "main",
+]
+
+#: the SDEs the demo can run on, by their command-line name
+SDES: dict[str, Callable] = {
+    "vp": VPSDE,
+    "ve": VESDE,
+    "edm": EDMSDE,
+    "subvp": SubVPSDE,
+    "cosine": CosineVPSDE,
+    "rf": RectifiedFlowSDE,
+}
+
+DEFAULT_BUDGETS = (5, 10, 20, 50, 100)
+DEFAULT_SAMPLES = 4000
+QUICK_BUDGETS = (3, 10, 50)
+QUICK_SAMPLES = 2000
+
+#: solvers run besides those that construct from ``solvers.__all__`` with no arguments;
+#: add a (label or None, factory) pair here for a parametrised variant.  The label defaults
+#: to the solver's repr; a solver whose repr is already in the list is not run twice.
+EXTRA_SOLVERS: list[tuple[str | None, Callable[[], Solver]]] = [
+    (None, lambda: EulerMaruyama(eta=1.0)),
+    (None, lambda: Euler()),
+    (None, lambda: Heun()),
+    (None, lambda: Heun(eta=1.0)),
+]
+
+_BASE_NAMES = ("Solver", "StepContext")
+
+#: solvers shown in the scatter panels when they were run (others fill up to _MAX_SCATTER)
+_SCATTER_PREFERENCE = ("Euler(eta=0)", "EulerMaruyama(eta=1)", "Heun(eta=0)", "Heun(eta=1)")
+_MAX_SCATTER = 5
+
+
+def _constructs_without_arguments(cls) -> bool:
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return False
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in sig.parameters.values())
+
+
+def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
+    """(label, factory) for every solver the demo runs.
+
+    Every :class:`solvers.Solver` subclass exported by ``solvers.__all__`` that constructs with
+    no arguments (its defaults), then :data:`EXTRA_SOLVERS`; labels are the solvers' reprs
+    (``Heun(eta=0)``), and duplicates are dropped.
+    """
+    candidates: list[tuple[str | None, Callable[[], Solver]]] = []
+    for name in getattr(solvers, "__all__", []):
+        if name in _BASE_NAMES:
+            continue
+        obj = getattr(solvers, name, None)
+        if not (isinstance(obj, type) and issubclass(obj, Solver)) or inspect.isabstract(obj):
+            continue
+        if _constructs_without_arguments(obj):
+            candidates.append((None, obj))
+    candidates.extend(EXTRA_SOLVERS)
+
+    out: list[tuple[str, Callable[[], Solver]]] = []
+    seen: set[str] = set()
+    for label, factory in candidates:
+        try:
+            solver = factory()
+        except Exception:  # a solver that cannot be built with its defaults is not part of the demo
+            continue
+        label = label or repr(solver)
+        if label in seen:
+            continue
+        seen.add(label)
+        out.append((label, factory))
+    return out
+
+
+def steps_for_nfe(solver: Solver, nfe: int, final_denoise: bool = True) -> int:
+    """The most steps whose network calls (``nfe_per_step`` each, + 1 final denoise) fit in ``nfe``;
+    0 when not even one step fits."""
+    per_step = max(int(getattr(solver, "nfe_per_step", 1)), 1)
+    return max((int(nfe) - int(bool(final_denoise))) // per_step, 0)
+
+
+def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(int(seed))
+    return mixture.sample(n, generator=gen).to(device)
+
+
+def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterable[int] = DEFAULT_BUDGETS,
+             seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
+             solver_list: list[tuple[str, Callable[[], Solver]]] | None = None,
+             projections: int = 256, floor_sets: int = 8, log: Callable[[str], None] | None = None) -> dict:
+    """Sample the 2-D mixture with each solver at each NFE budget.
+
+    Returns a dict with ``records`` (one per solver and budget met: solver, budget, nfe, steps,
+    sw, time_ms, stochastic), ``skipped`` ((solver, budget, reason) for budgets a solver cannot
+    meet or runs that failed), ``floor`` (the mean SW between the reference set and
+    ``floor_sets`` further independent exact sets of the same size; ``floor_range`` its min and
+    max), ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
+    and the settings.
+    """
+    from . import problems
+
+    if sde not in SDES:
+        raise ValueError(f"sde must be one of {sorted(SDES)}, got {sde!r}")
+    samples = int(samples)
+    if samples < 2:
+        raise ValueError(f"samples must be at least 2, got {samples}")
+    budgets = sorted({int(b) for b in budgets})
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"budgets must be positive ints, got {budgets}")
+    device = torch.device(device)
+    solver_list = solver_factories() if solver_list is None else list(solver_list)
+
+    sde_obj = SDES[sde]()
+    mixture = problems.mixture_2d()
+    model = Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
+
+    # the reference set, and independent exact sets of the same size for the floor: the distance
+    # a perfect sampler would still show.  It is itself random (the component counts fluctuate),
+    # so it is averaged over a few sets and its spread is kept.
+    exact = _exact_samples(mixture, samples, seed + 1_000_003, "cpu")
+    floors = [problems.sliced_wasserstein(exact, _exact_samples(mixture, samples, seed + 2_000_003 + i, "cpu"),
+                                          projections=projections, seed=seed)
+              for i in range(max(int(floor_sets), 1))]
+    floor = sum(floors) / len(floors)
+
+    # warm-up: the first call of a run pays one-off costs that would inflate the first row's time
+    sample(model, EulerMaruyama(eta=0.0), shape=(min(samples, 64), mixture.dim), steps=2, seed=seed,
+           device=device, dtype=dtype)
+
+    records, skipped, drawn = [], [], {}
+    for label, factory in solver_list:
+        solver = factory()
+        done_steps: set[int] = set()
+        for budget in budgets:
+            steps = steps_for_nfe(solver, budget)
+            if steps < 1:
+                skipped.append((label, budget, f"needs more than {budget} NFE for one step"))
+                continue
+            if steps in done_steps:  # two budgets rounding to the same run (e.g. 9 and 10 for Heun)
+                continue
+            done_steps.add(steps)
+            start = time.perf_counter()
+            try:
+                x, info = sample(model, solver, shape=(samples, mixture.dim), steps=steps, seed=seed,
+                                 device=device, dtype=dtype, return_info=True)
+            except (ValueError, RuntimeError, NonFiniteError) as exc:  # e.g. a reverse SDE at alpha = 0 (rf)
+                skipped.append((label, budget, str(exc).split("\n")[0]))
+                continue
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            x = x.detach().to("cpu", torch.float64)
+            err = problems.sliced_wasserstein(x, exact, projections=projections, seed=seed)
+            rec = {
+                "solver": label,
+                "budget": budget,
+                "nfe": int(info.nfe),
+                "steps": int(info.steps),
+                "sw": err,
+                "time_ms": 1e3 * elapsed,
+                "stochastic": bool(getattr(solver, "stochastic", False)),
+                "sde": sde,
+                "samples": samples,
+                "sw_floor": floor,
+            }
+            records.append(rec)
+            drawn[(label, int(info.nfe))] = x
+            if log is not None:
+                log(_format_row(rec))
+    return {"records": records, "skipped": skipped, "floor": floor, "floor_range": (min(floors), max(floors)),
+            "exact": exact, "samples": drawn,
+            "sde": repr(sde_obj), "sde_name": sde, "n": samples, "budgets": budgets, "seed": seed}
+
+
+_HEADER = f"{'solver':<22} {'NFE':>5} {'steps':>6} {'SW error':>10} {'time ms':>9}"
+
+
+def _format_row(rec: dict) -> str:
+    return (f"{rec['solver']:<22} {rec['nfe']:>5d} {rec['steps']:>6d} {rec['sw']:>10.4f} "
+            f"{rec['time_ms']:>9.1f}")
+
+
+def _scatter_choice(result: dict, target_nfe: int = 20) -> list[tuple[str, int]]:
+    """(solver, nfe) of the runs shown as scatter plots: each solver's run nearest target_nfe."""
+    best: dict[str, int] = {}
+    for rec in result["records"]:
+        cur = best.get(rec["solver"])
+        if cur is None or abs(math.log(rec["nfe"] / target_nfe)) < abs(math.log(cur / target_nfe)):
+            best[rec["solver"]] = rec["nfe"]
+    order = [s for s in _SCATTER_PREFERENCE if s in best] + [s for s in best if s not in _SCATTER_PREFERENCE]
+    return [(s, best[s]) for s in order[:_MAX_SCATTER]]
+
+
+def plot(result: dict, path: str, target_nfe: int = 20) -> str:
+    """Scatter plots (exact and a few solvers near ``target_nfe``) and error-vs-NFE curves, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = _scatter_choice(result, target_nfe)
+    panels = [("exact", result["exact"])] + [(f"{s}\nNFE={n}", result["samples"][(s, n)]) for s, n in chosen]
+    ncols = 3 if len(panels) > 4 else 2
+    nrows = max(1, math.ceil(len(panels) / ncols))
+
+    fig = plt.figure(figsize=(4.0 * ncols + 6.5, max(3.6 * nrows, 5.0)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[ncols, 2.2])
+    axes = left.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True)
+    lim = 3.2
+    for ax, (title, x) in zip(axes.flat, panels):
+        x = x.numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=1.5, alpha=0.35, linewidths=0,
+                   color="black" if title == "exact" else "tab:blue")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    left.suptitle(f"samples near {target_nfe} NFE (n={result['n']})", fontsize=10)
+
+    ax = right.subplots()
+    by_solver: dict[str, list[dict]] = {}
+    for rec in result["records"]:
+        by_solver.setdefault(rec["solver"], []).append(rec)
+    for label, recs in by_solver.items():
+        recs = sorted(recs, key=lambda r: r["nfe"])
+        ax.plot([r["nfe"] for r in recs], [r["sw"] for r in recs], marker="o", ms=4,
+                ls="--" if recs[0]["stochastic"] else "-", label=label)
+    lo, hi = result.get("floor_range", (result["floor"], result["floor"]))
+    ax.axhspan(lo, hi, color="gray", alpha=0.15, lw=0)
+    ax.axhline(result["floor"], color="gray", ls=":", lw=1.2, label="floor (exact vs exact, mean and range)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (network evaluations)")
+    ax.set_ylabel("sliced Wasserstein distance to exact samples")
+    ax.set_title(f"error vs NFE on {result['sde']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _parse_budgets(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budgets must be positive ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"budgets must be positive ints, got {text!r}")
+    return values
+
+
+def build_parser(prog: str = "python -m samplers demo") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sde", choices=sorted(SDES), default="vp", help="forward SDE (default: vp)")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"samples per run (default: {DEFAULT_SAMPLES}, {QUICK_SAMPLES} with --quick)")
+    parser.add_argument("--nfe", type=_parse_budgets, default=None, metavar="LIST",
+                        help="NFE budgets, e.g. '5,10,20' (default: "
+                             f"{','.join(map(str, DEFAULT_BUDGETS))}; {','.join(map(str, QUICK_BUDGETS))} with --quick)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                        help="dtype of the sampled state (default: float32)")
+    parser.add_argument("--floor-sets", type=int, default=8,
+                        help="exact sample sets averaged for the error floor (default: 8)")
+    parser.add_argument("--quick", action="store_true", help="fewer samples and budgets (for tests)")
+    parser.add_argument("--out", default=os.path.join("demo_output", "demo.png"),
+                        help="PNG to write (default: demo_output/demo.png)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON (list of records)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES)
+    budgets = args.nfe if args.nfe is not None else (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+
+    start = time.perf_counter()
+    print(f"2-D Gaussian mixture (8 components), exact x0 network, N={samples} samples, seed {args.seed}")
+    print(_HEADER)
+    print("-" * len(_HEADER))
+    result = run_demo(sde=args.sde, samples=samples, budgets=budgets, seed=args.seed, device=args.device,
+                      dtype=dtype, floor_sets=args.floor_sets, log=lambda line: print(line, flush=True))
+    print(f"SDE: {result['sde']}")
+    lo, hi = result["floor_range"]
+    print(f"error floor (SW between independent exact sets of {samples}, mean of "
+          f"{args.floor_sets}): {result['floor']:.4f} (range {lo:.4f} to {hi:.4f})")
+    grouped: dict[str, tuple[list[int], str]] = {}  # one line per solver, with its first reason
+    for label, budget, reason in result["skipped"]:
+        grouped.setdefault(label, ([], reason.split("; ")[0]))[0].append(budget)
+    for label, (skipped_budgets, reason) in grouped.items():
+        print(f"skipped {label} at {', '.join(map(str, skipped_budgets))} NFE: {reason}")
+    if args.json:
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result["records"], fh, indent=2)
+        print(f"wrote {args.json}")
+    if not args.no_plot:
+        plot(result, args.out)
+        print(f"wrote {args.out}")
+    print(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""``python -m samplers demo``: runs end to end, writes its PNG and JSON, and its errors converge."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from samplers import demo
+from solvers import Euler, EulerMaruyama, Heun, Solver
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    png, js = tmp / "demo.png", tmp / "demo.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["MPLBACKEND"] = "Agg"
+    proc = subprocess.run(
+        [sys.executable, "-m", "samplers", "demo", "--quick", "--out", str(png), "--json", str(js)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"demo failed:\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc, png, json.loads(js.read_text())
+
+
+def _by_solver(records):
+    out = {}
+    for rec in records:
+        out.setdefault(rec["solver"], []).append(rec)
+    return {k: sorted(v, key=lambda r: r["nfe"]) for k, v in out.items()}
+
+
+def test_demo_writes_png(quick_run):
+    _, png, _ = quick_run
+    assert png.is_file() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_prints_table_and_floor(quick_run):
+    proc, _, records = quick_run
+    assert "SW error" in proc.stdout and "error floor" in proc.stdout
+    for rec in records:
+        assert rec["solver"] in proc.stdout
+
+
+def test_demo_json_has_a_record_per_solver_and_budget(quick_run):
+    _, _, records = quick_run
+    assert isinstance(records, list) and records
+    labels = [label for label, _ in demo.solver_factories()]
+    expected = set()
+    for label, factory in demo.solver_factories():
+        solver = factory()
+        for budget in demo.QUICK_BUDGETS:
+            steps = demo.steps_for_nfe(solver, budget)
+            if steps >= 1:
+                expected.add((label, steps * solver.nfe_per_step + 1))
+    got = [(r["solver"], r["nfe"]) for r in records]
+    assert len(got) == len(set(got)), "one record per (solver, NFE)"
+    assert set(got) == expected
+    assert {r["solver"] for r in records} == set(labels)
+    for label in ("EulerMaruyama(eta=1)", "Euler(eta=0)", "Heun(eta=0)", "Heun(eta=1)"):
+        assert label in labels
+    for rec in records:
+        assert rec["nfe"] <= rec["budget"]
+        assert math.isfinite(rec["sw"]) and rec["sw"] >= 0
+        assert math.isfinite(rec["time_ms"]) and rec["time_ms"] >= 0
+        assert rec["steps"] >= 1
+
+
+def test_demo_errors_converge(quick_run):
+    _, _, records = quick_run
+    by_solver = _by_solver(records)
+    heun_best = by_solver["Heun(eta=0)"][-1]
+    euler_worst = by_solver["Euler(eta=0)"][0]
+    assert heun_best["sw"] < euler_worst["sw"], (heun_best, euler_worst)
+    for label, recs in by_solver.items():
+        assert len(recs) >= 2, label
+        assert recs[-1]["sw"] < recs[0]["sw"], (label, [(r["nfe"], r["sw"]) for r in recs])
+    # converged runs sit near the error floor (a perfect sampler's distance), not far above it
+    floor = records[0]["sw_floor"]
+    assert 0 < floor < by_solver["Euler(eta=0)"][0]["sw"]
+    assert by_solver["Heun(eta=0)"][-1]["sw"] < 3 * floor
+
+
+def test_steps_for_nfe():
+    assert demo.steps_for_nfe(Euler(), 5) == 4
+    assert demo.steps_for_nfe(Heun(), 5) == 2
+    assert demo.steps_for_nfe(Heun(), 10) == 4
+    assert demo.steps_for_nfe(Heun(), 2) == 0
+    assert demo.steps_for_nfe(Euler(), 10, final_denoise=False) == 10
+
+
+def test_solver_factories_discovers_solvers_without_duplicates():
+    pairs = demo.solver_factories()
+    labels = [label for label, _ in pairs]
+    assert len(labels) == len(set(labels))
+    for label, factory in pairs:
+        solver = factory()
+        assert isinstance(solver, Solver)
+        assert label == repr(solver)
+    assert repr(EulerMaruyama(eta=1)) in labels and repr(Heun(eta=1.0)) in labels
+
+
+def test_run_demo_in_process_tiny(tmp_path):
+    pairs = [(label, f) for label, f in demo.solver_factories() if label in ("Euler(eta=0)", "Heun(eta=1)")]
+    result = demo.run_demo(samples=64, budgets=[1, 3, 7], solver_list=pairs, projections=16, floor_sets=2)
+    recs = result["records"]
+    # Heun cannot take a step with 1 or 2 NFE: that budget is skipped, not run
+    assert sorted((r["solver"], r["nfe"]) for r in recs) == [
+        ("Euler(eta=0)", 3), ("Euler(eta=0)", 7), ("Heun(eta=1)", 3), ("Heun(eta=1)", 7)]
+    assert [(s, b) for s, b, _ in result["skipped"]] == [("Euler(eta=0)", 1), ("Heun(eta=1)", 1)]
+    assert all(math.isfinite(r["sw"]) for r in recs)
+    assert result["floor"] > 0 and result["exact"].shape == (64, 2)
+    assert set(result["samples"]) == {(r["solver"], r["nfe"]) for r in recs}
+    png = demo.plot(result, str(tmp_path / "sub" / "tiny.png"))
+    assert Path(png).stat().st_size > 0
+
+
+def test_run_demo_rf_skips_reverse_sde_at_alpha_zero():
+    pairs = [(label, f) for label, f in demo.solver_factories() if label in ("Euler(eta=0)", "EulerMaruyama(eta=1)")]
+    result = demo.run_demo(sde="rf", samples=32, budgets=[4], solver_list=pairs, projections=8, floor_sets=1)
+    assert [r["solver"] for r in result["records"]] == ["Euler(eta=0)"]
+    assert [s for s, _, _ in result["skipped"]] == ["EulerMaruyama(eta=1)"]
+
+
+def test_run_demo_rejects_bad_settings():
+    with pytest.raises(ValueError, match="sde"):
+        demo.run_demo(sde="nope", samples=8, budgets=[3])
+    with pytest.raises(ValueError, match="budgets"):
+        demo.run_demo(samples=8, budgets=[0])
+
+
+def test_cli_dispatch_help():
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    top = subprocess.run([sys.executable, "-m", "samplers", "--help"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and "demo" in top.stdout and "bench" in top.stdout
+    sub = subprocess.run([sys.executable, "-m", "samplers", "demo", "--help"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0 and "--quick" in sub.stdout and "--sde" in sub.stdout
+    bad = subprocess.run([sys.executable, "-m", "samplers", "nope"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
