@@ -67,8 +67,12 @@ class Model:
         return conversion(self.sde, self.predicts, quantity, t)
 
     def output(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        """Call the network and check what it returned (shape and dtype)."""
-        out = self.net(x, self.net_time(t), **cond)
+        """Call the network at SDE times ``t`` and check what it returned (shape and dtype)."""
+        return self.call_net(x, self.net_time(t), **cond)
+
+    def call_net(self, x: torch.Tensor, net_t: torch.Tensor, **cond) -> torch.Tensor:
+        """Call the network with times already in its own convention (see :meth:`net_time`)."""
+        out = self.net(x, net_t, **cond)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"net must return a torch.Tensor, got {type(out).__name__}")
         if out.shape != x.shape:

@@ -77,7 +77,7 @@ class _Context:
 
     def output(self, x, time_index):
         net_x = x if x.dtype == self.net_dtype else x.to(self.net_dtype)
-        out = self.model.output(net_x, self.times_net[time_index], **self.cond)
+        out = self.model.call_net(net_x, self.times_net[time_index], **self.cond)
         self.nfe += 1
         if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             out = out.clone()  # solvers update x in place; a net that returns (a view of) x must not see that
@@ -233,7 +233,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     tables = {name: _broadcast_table(name, tab, table_times, solver, x.dim(), device, compute)
               for name, tab in raw_tables.items()}
     net_time_dtype = torch.float64 if compute == torch.float64 else torch.float32
-    times_net = table_times.to(device=device, dtype=net_time_dtype).expand(-1, batch).contiguous()
+    # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
+    times_net = model.net_time(table_times).to(device=device, dtype=net_time_dtype).expand(-1, batch).contiguous()
     ctx = _Context(model, cond, tables, times_net, noise, x, dtype)
 
     if final_denoise:

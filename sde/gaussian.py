@@ -269,9 +269,14 @@ class DiscreteVPSDE(_VPFamily):
         self._knots_t = torch.arange(1, n + 1, dtype=torch.float64) / n
         self._knots_log_alpha = 0.5 * log_alphas_cumprod
         self._slopes = torch.diff(self._knots_log_alpha) * n
-        super().__init__(1.0 / n if t_min is None else t_min, t_max)
-        if self.t_min < 1.0 / n or self.t_max > 1.0:
-            raise ValueError(f"DiscreteVPSDE: the time range must lie in [1/N, 1] = [{1.0 / n:g}, 1]")
+        t_min = 1.0 / n if t_min is None else float(t_min)
+        # checked before the base class evaluates sigma(t_min): below the first knot the
+        # schedule is an extrapolation and sigma may be NaN
+        if t_min < 1.0 / n or float(t_max) > 1.0:
+            raise ValueError(
+                f"DiscreteVPSDE: the time range must lie in [1/N, 1] = [{1.0 / n:g}, 1], got [{t_min:g}, {t_max:g}]"
+            )
+        super().__init__(t_min, t_max)
 
     def _segment(self, t):
         k = torch.searchsorted(self._knots_t.to(t.device), t.detach(), right=True) - 1
