@@ -27,18 +27,12 @@ def _best_time(fn, repeats: int, inner: int) -> float:
     return best
 
 
-def _overhead_solvers():
-    from solvers import Euler, EulerMaruyama, Heun
-
-    return [("Euler", Euler()), ("Heun", Heun()), ("EulerMaruyama", EulerMaruyama()),
-            ("Heun(eta=1)", Heun(eta=1.0))]
-
-
 def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bool = True) -> dict:
     """Per-step cost of each solver in add_ passes; the difference of two runs of different
     length removes the one-time set-up (grid tables, prior draw) from the estimate."""
     from sde import VPSDE
 
+    from .demo import solver_factories
     from .model import Model
     from .noise import NoiseSource
     from .sample import sample
@@ -57,7 +51,8 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
     model = Model(lambda x, t: fixed, sde, predicts="eps")
     x_T = torch.randn(shape)
     rows = []
-    for label, solver in _overhead_solvers():
+    for label, factory in solver_factories():  # the demo's list: every solver, one place
+        solver = factory()
         def run(n, solver=solver):
             sample(model, solver, x_T=x_T, steps=n, final_denoise=False)
 
@@ -106,9 +101,9 @@ def _print_overhead(result: dict) -> None:
           f"one x.add_(y) pass = {result['add_pass_ms']:.3f} ms")
     print(f"torch.randn of the batch: {result['randn_passes']:.1f} passes; keyed noise: "
           f"{result['keyed_noise_passes']:.1f} passes ({result['keyed_over_randn']:.2f} x randn)")
-    print(f"{'solver':<16} {'ms/step':>9} {'passes/step':>12} {'passes/model call':>18}")
+    print(f"{'solver':<22} {'ms/step':>9} {'passes/step':>12} {'passes/model call':>18}")
     for row in result["solvers"]:
-        print(f"{row['solver']:<16} {row['ms_per_step']:>9.2f} {row['passes_per_step']:>12.1f} "
+        print(f"{row['solver']:<22} {row['ms_per_step']:>9.2f} {row['passes_per_step']:>12.1f} "
               f"{row['passes_per_model_call']:>18.1f}")
     for row in result.get("peers", []):
         print(f"{row['peer']:<40} {row['passes_per_model_call']:>8.1f} passes/model call")

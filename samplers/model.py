@@ -86,12 +86,12 @@ class Model:
 
     def predict(self, quantity: str, x: torch.Tensor, t, output: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """quantity (``x0``, ``eps``, ``score``, ``v`` or ``velocity``) at (x, t)."""
-        t = torch.as_tensor(t, dtype=x.dtype if x.is_floating_point() else None, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
+        t64 = torch.as_tensor(t, dtype=torch.float64).to(x.device)
+        if t64.dim() == 0:
+            t64 = t64.expand(x.shape[0])
         if output is None:
-            output = self.output(x, t, **cond)
-        p, q = self.coefficients(quantity, t.to(torch.float64))
+            output = self.output(x, t64.to(torch.float64 if x.dtype == torch.float64 else torch.float32), **cond)
+        p, q = self.coefficients(quantity, t64)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return p.to(x.dtype).reshape(shape) * x + q.to(x.dtype).reshape(shape) * output
 

@@ -20,10 +20,10 @@ def test_keyed_noise_costs_at_most_1_2_randn(measured):
 
 def test_ode_solvers_at_most_8_passes_per_model_call(measured):
     rows = {r["solver"]: r for r in measured["solvers"]}
-    assert rows["Euler"]["passes_per_model_call"] <= 8, rows
-    assert rows["Heun"]["passes_per_model_call"] <= 8, rows
+    assert rows["Euler(eta=0)"]["passes_per_model_call"] <= 8, rows
+    assert rows["Heun(eta=0)"]["passes_per_model_call"] <= 8, rows
 
 
 def test_euler_maruyama_at_most_noise_plus_10_passes(measured):
     rows = {r["solver"]: r for r in measured["solvers"]}
-    assert rows["EulerMaruyama"]["passes_per_step"] <= measured["keyed_noise_passes"] + 10, (rows, measured)
+    assert rows["EulerMaruyama(eta=1)"]["passes_per_step"] <= measured["keyed_noise_passes"] + 10, (rows, measured)
