@@ -1,6 +1,6 @@
 """Forward SDEs of score-based diffusion models: what the process is."""
 
-from .base import SDE, GaussianSDE, broadcast_to_state
+from .base import SDE, GaussianSDE, broadcast_to_state, check_eta
 from .gaussian import (
     CosineVPSDE,
     DiscreteVPSDE,
@@ -25,4 +25,5 @@ __all__ = [
     "PREDICTIONS",
     "conversion",
     "broadcast_to_state",
+    "check_eta",
 ]

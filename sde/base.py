@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["SDE", "GaussianSDE", "broadcast_to_state"]
+__all__ = ["SDE", "GaussianSDE", "broadcast_to_state", "check_eta"]
 
 
 def broadcast_to_state(coefficient: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -68,22 +68,23 @@ class SDE:
     # -- derived ----------------------------------------------------------------------------
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
         """Drift of the reverse-time process with noise scale ``eta`` (in forward-time units)."""
-        _check_eta(eta)
+        eta = check_eta(eta)
         t = _as_time(t, x)
         g = self.diffusion(x, t)
         return self.drift(x, t) - 0.5 * (1.0 + eta**2) * g**2 * score
 
     def reverse_diffusion(self, x: torch.Tensor, t, eta: float = 1.0) -> torch.Tensor:
-        _check_eta(eta)
-        return eta * self.diffusion(x, _as_time(t, x))
+        return check_eta(eta) * self.diffusion(x, _as_time(t, x))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
 
 
-def _check_eta(eta: float) -> None:
-    if not (isinstance(eta, (int, float)) and 0.0 <= float(eta) <= 1.0):
+def check_eta(eta) -> float:
+    """Validate the noise scale of the reverse-time family (0: probability-flow ODE, 1: reverse SDE)."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1] (0: probability-flow ODE, 1: reverse SDE), got {eta!r}")
+    return float(eta)
 
 
 class GaussianSDE(SDE):

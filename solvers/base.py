@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Solver", "StepContext", "check_eta"]
+__all__ = ["Solver", "StepContext"]
 
 
 class StepContext(Protocol):
@@ -29,12 +29,6 @@ class StepContext(Protocol):
 
     def scratch(self, name: str) -> torch.Tensor:
         """A reusable buffer shaped like the state."""
-
-
-def check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1] (0: probability-flow ODE, 1: reverse SDE), got {eta!r}")
-    return float(eta)
 
 
 class Solver:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Solver, check_eta
+from sde import check_eta
+
+from .base import Solver
 
 __all__ = ["EulerMaruyama", "Euler", "Heun", "reverse_drift_coefficients"]
 
