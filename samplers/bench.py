@@ -101,9 +101,9 @@ def _print_overhead(result: dict) -> None:
           f"one x.add_(y) pass = {result['add_pass_ms']:.3f} ms")
     print(f"torch.randn of the batch: {result['randn_passes']:.1f} passes; keyed noise: "
           f"{result['keyed_noise_passes']:.1f} passes ({result['keyed_over_randn']:.2f} x randn)")
-    print(f"{'solver':<22} {'ms/step':>9} {'passes/step':>12} {'passes/model call':>18}")
+    print(f"{'solver':<36} {'ms/step':>9} {'passes/step':>12} {'passes/model call':>18}")
     for row in result["solvers"]:
-        print(f"{row['solver']:<22} {row['ms_per_step']:>9.2f} {row['passes_per_step']:>12.1f} "
+        print(f"{row['solver']:<36} {row['ms_per_step']:>9.2f} {row['passes_per_step']:>12.1f} "
               f"{row['passes_per_model_call']:>18.1f}")
     for row in result.get("peers", []):
         print(f"{row['peer']:<40} {row['passes_per_model_call']:>8.1f} passes/model call")
