@@ -8,9 +8,15 @@ import torch
 
 from sde import GaussianSDE, PREDICTIONS, SDE, conversion
 
-__all__ = ["Model"]
+__all__ = ["Model", "compute_dtype"]
 
 _TIME_INPUTS = ("sde", "discrete")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic and times use for states of ``dtype``: float64 stays, the rest use float32
+    (float16/bfloat16 cannot even represent the timesteps of a 1000-step schedule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Model:
@@ -90,7 +96,8 @@ class Model:
         if t64.dim() == 0:
             t64 = t64.expand(x.shape[0])
         if output is None:
-            output = self.output(x, t64.to(torch.float64 if x.dtype == torch.float64 else torch.float32), **cond)
+            # the time convention is applied in float64, then cast (discrete timesteps stay integers)
+            output = self.call_net(x, self.net_time(t64).to(compute_dtype(x.dtype)), **cond)
         p, q = self.coefficients(quantity, t64)
         shape = (-1,) + (1,) * (x.dim() - 1)
         return p.to(x.dtype).reshape(shape) * x + q.to(x.dtype).reshape(shape) * output

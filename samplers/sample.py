@@ -13,7 +13,7 @@ from solvers import Solver
 
 from .grid import grid as make_grid
 from .grid import validate_grid
-from .model import Model
+from .model import Model, compute_dtype
 from .noise import STREAM_PRIOR, STREAM_STEP, NoiseSource
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
@@ -107,8 +107,7 @@ def _resolve_dtypes(dtype, x_T):
         dtype = x_T.dtype if x_T is not None and x_T.is_floating_point() else torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    return dtype, compute
+    return dtype, compute_dtype(dtype)
 
 
 def _broadcast_table(name: str, table: torch.Tensor, times: torch.Tensor, solver: Solver, ndim: int,
@@ -231,9 +230,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     raw_tables = solver.prepare(model, table_times)
     tables = {name: _broadcast_table(name, tab, table_times, solver, x.dim(), device, compute)
               for name, tab in raw_tables.items()}
-    net_time_dtype = torch.float64 if compute == torch.float64 else torch.float32
     # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
-    times_net = model.net_time(table_times).to(device=device, dtype=net_time_dtype).expand(-1, batch).contiguous()
+    times_net = model.net_time(table_times).to(device=device, dtype=compute).expand(-1, batch).contiguous()
     ctx = _Context(model, cond, tables, times_net, noise, x, dtype)
 
     if final_denoise:

@@ -376,3 +376,26 @@ def test_reprs_name_parameters():
     assert repr(SubVPSDE()).startswith("SubVPSDE(")
     assert "sigma_max=50" in repr(VESDE())
     assert "N=1000" in repr(SDES["DiscreteVP-betas"])
+
+
+def test_model_predict_applies_discrete_time_in_float64_for_float32_states():
+    """Model.predict/denoise converts float64 times to timesteps before casting to the state's
+    compute dtype, as the sampling driver does, so the net sees integer timesteps (in float32
+    arithmetic 10 of the 1000 come out off by up to 3e-5)."""
+    import torch as _torch
+
+    from samplers import Model
+    from sde import DiscreteVPSDE
+
+    ddpm = DiscreteVPSDE(betas=_torch.linspace(1e-4, 0.02, 1000))
+    seen = []
+
+    def net(x, n):
+        seen.append(n)
+        return _torch.zeros_like(x)
+
+    model = Model(net, ddpm, predicts="eps", time_input="discrete")
+    t = (_torch.arange(1000, dtype=_torch.float64) + 1) / 1000
+    model.denoise(_torch.zeros(t.shape[0], 2), t)
+    assert seen[-1].dtype == _torch.float32
+    assert _torch.equal(seen[-1], _torch.arange(1000, dtype=_torch.float32))
