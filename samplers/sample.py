@@ -59,8 +59,10 @@ class _Context:
     """The StepContext of one run: the network, the tables, the keyed noise, scratch buffers."""
 
     def __init__(self, model: Model, cond: dict, tables: dict, times_net: torch.Tensor,
-                 noise: NoiseSource, like: torch.Tensor, net_dtype: torch.dtype):
+                 noise: NoiseSource, like: torch.Tensor, net_dtype: torch.dtype,
+                 stage_net: dict[str, torch.Tensor] | None = None):
         self.model = model
+        self.stage_net = stage_net or {}
         self.cond = cond
         self.tables = tables
         self.times_net = times_net
@@ -74,9 +76,10 @@ class _Context:
         self._noise = None
         self._scratch: dict[str, torch.Tensor] = {}
 
-    def output(self, x, time_index):
+    def output(self, x, time_index, stage=None):
         net_x = x if x.dtype == self.net_dtype else x.to(self.net_dtype)
-        out = self.model.call_net(net_x, self.times_net[time_index], **self.cond)
+        net_t = self.times_net[time_index] if stage is None else self.stage_net[stage][time_index]
+        out = self.model.call_net(net_x, net_t, **self.cond)
         self.nfe += 1
         if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             out = out.clone()  # solvers update x in place; a net that returns (a view of) x must not see that
@@ -232,7 +235,13 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
               for name, tab in raw_tables.items()}
     # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
     times_net = model.net_time(table_times).to(device=device, dtype=compute).expand(-1, batch).contiguous()
-    ctx = _Context(model, cond, tables, times_net, noise, x, dtype)
+    stage_net = {}
+    for name, stage in solver.stage_times(model, table_times).items():
+        stage = torch.as_tensor(stage, dtype=torch.float64)
+        if stage.shape != (n_steps, table_times.shape[1]) or not bool(torch.isfinite(stage).all()):
+            raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped {(n_steps, table_times.shape[1])}")
+        stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
+    ctx = _Context(model, cond, tables, times_net, noise, x, dtype, stage_net)
 
     if final_denoise:
         p0, q0 = model.coefficients("x0", table_times[-1])

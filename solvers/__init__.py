@@ -1,7 +1,8 @@
 """Solvers: how one step is taken."""
 
-from .base import Solver, StepContext
+from .base import DynamicThresholding, Solver, StepContext, X0Hooks
 from .dpm import DPMSolver
 from .euler import Euler, EulerMaruyama, Heun
 
-__all__ = ["Solver", "StepContext", "EulerMaruyama", "Euler", "Heun", "DPMSolver"]
+__all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler", "Heun",
+           "DPMSolver"]

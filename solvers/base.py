@@ -12,14 +12,16 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["Solver", "StepContext"]
+__all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks"]
 
 
 class StepContext(Protocol):
     """What the sampling driver hands to :meth:`Solver.step`."""
 
-    def output(self, x: torch.Tensor, time_index: int) -> torch.Tensor:
-        """The network output at state x and grid time ``time_index`` (counts one NFE)."""
+    def output(self, x: torch.Tensor, time_index: int, stage: str | None = None) -> torch.Tensor:
+        """The network output at state x and grid time ``time_index`` (counts one NFE); with
+        ``stage``, at row ``time_index`` of the solver's stage-time table of that name (see
+        :meth:`Solver.stage_times`)."""
 
     def noise(self, step: int) -> torch.Tensor:
         """Keyed standard normals shaped like the state for ``step`` (the same for every call)."""
@@ -51,6 +53,11 @@ class Solver:
                 f"{sde!r} is not one"
             )
 
+    def stage_times(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Times off the grid where ``step`` calls the network: name -> (N, C) float64 SDE times
+        (row k for step k), for ``ctx.output(x, k, stage=name)``.  Most solvers need none."""
+        return {}
+
     def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Coefficient tables for a grid ``times`` of shape (N+1, C), float64; each table (N, C)."""
         raise NotImplementedError
@@ -61,3 +68,86 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class DynamicThresholding:
+    """Dynamic thresholding of the x0 estimate (Saharia et al. 2022, Imagen).
+
+    Per sample, s = the ``ratio`` quantile of |x0| over its elements, clamped to
+    [1, ``max_value``]; x0 is clipped to [-s, s] and divided by s.  Meant for pixel-space
+    models with data in [-1, 1] at high guidance scales; it changes the sampled distribution,
+    so it is off unless asked for.
+    """
+
+    def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
+        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
+            raise ValueError(f"ratio must be a quantile in (0, 1], got {ratio!r}")
+        if not (isinstance(max_value, (int, float)) and max_value >= 1.0):
+            raise ValueError(f"max_value must be >= 1 (the threshold never shrinks below 1), got {max_value!r}")
+        self.ratio = float(ratio)
+        self.max_value = float(max_value)
+
+    def __call__(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        flat = x0.reshape(x0.shape[0], -1)
+        # torch.quantile needs float32/float64
+        work = flat.abs() if flat.dtype in (torch.float32, torch.float64) else flat.abs().float()
+        s = torch.quantile(work, self.ratio, dim=1).clamp_(1.0, self.max_value).to(x0.dtype)
+        s = s.reshape((-1,) + (1,) * (x0.dim() - 1))
+        return torch.maximum(torch.minimum(x0, s), -s).div_(s)
+
+    def __repr__(self):
+        return f"DynamicThresholding(ratio={self.ratio:g}, max_value={self.max_value:g})"
+
+
+class X0Hooks:
+    """The data-prediction hooks a solver applies to each x0 estimate before using it:
+    dynamic thresholding, then a user ``correct_x0(x0, t) -> x0`` (t: the SDE times, shape (C,)
+    with C = 1 or the batch size).  Built from a solver's ``thresholding``/``correct_x0`` arguments.
+    """
+
+    def __init__(self, thresholding=False, correct_x0=None):
+        if thresholding is True:
+            thresholding = DynamicThresholding()
+        elif thresholding is False or thresholding is None:
+            thresholding = None
+        elif not isinstance(thresholding, DynamicThresholding):
+            raise ValueError(
+                f"thresholding must be True, False or a solvers.DynamicThresholding, got {thresholding!r}"
+            )
+        if correct_x0 is not None and not callable(correct_x0):
+            raise ValueError(f"correct_x0 must be a callable (x0, t) -> x0, got {type(correct_x0).__name__}")
+        self.thresholding = thresholding
+        self.correct_x0 = correct_x0
+
+    @property
+    def active(self) -> bool:
+        return self.thresholding is not None or self.correct_x0 is not None
+
+    def time_table(self, times: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The table the hooks read the step's time from (empty when inactive)."""
+        return {"x0_hook_t": times[:-1]} if self.correct_x0 is not None else {}
+
+    def apply(self, x0: torch.Tensor, k: int, ctx) -> torch.Tensor:
+        """Apply the hooks to the x0 estimate of step k; x0 may be overwritten."""
+        if self.thresholding is not None:
+            x0.copy_(self.thresholding(x0))
+        if self.correct_x0 is not None:
+            t = ctx.coef("x0_hook_t", k).reshape(-1)
+            corrected = self.correct_x0(x0, t)
+            if not isinstance(corrected, torch.Tensor) or corrected.shape != x0.shape:
+                raise ValueError(
+                    f"correct_x0 must return a tensor shaped like x0 {tuple(x0.shape)}, got "
+                    f"{getattr(corrected, 'shape', type(corrected).__name__)}"
+                )
+            if corrected is not x0:
+                x0.copy_(corrected)
+        return x0
+
+    def repr_args(self) -> str:
+        """', thresholding=..., correct_x0=...' for a solver's repr ('' when inactive)."""
+        out = ""
+        if self.thresholding is not None:
+            out += f", thresholding={self.thresholding!r}"
+        if self.correct_x0 is not None:
+            out += f", correct_x0={getattr(self.correct_x0, '__name__', type(self.correct_x0).__name__)}"
+        return out
