@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from .base import Solver
+from .multistep import derivative_weights
 
 __all__ = ["DPMSolver"]
 
@@ -94,21 +95,14 @@ class DPMSolver(Solver):
 
         m0, m1, m2 = c_m0.clone(), zeros.clone(), zeros.clone()
         for k, o in enumerate(self.step_orders(n)):
-            if o == 2:
-                inv_r0 = h[k] / h[k - 1]  # 1/r0, r0 = h_prev / h
-                m0[k] = m0[k] + c_d1_2m[k] * inv_r0
-                m1[k] = -c_d1_2m[k] * inv_r0
-            elif o == 3:
-                r0, r1 = h[k - 1] / h[k], h[k - 2] / h[k]
-                d1_0 = (1.0 / r0, -1.0 / r0, torch.zeros_like(r0))
-                d1_1 = (torch.zeros_like(r0), 1.0 / r1, -1.0 / r1)
-                diff = [u - v for u, v in zip(d1_0, d1_1)]
-                d1 = [u + r0 / (r0 + r1) * w for u, w in zip(d1_0, diff)]
-                # D2 ~ h^2 D'' (the factor 2 that phi3 needs; see the module docstring)
-                d2 = [2.0 * w / (r0 + r1) for w in diff]
-                m0[k] = m0[k] + c_d1[k] * d1[0] + c_d2[k] * d2[0]
-                m1[k] = c_d1[k] * d1[1] + c_d2[k] * d2[1]
-                m2[k] = c_d1[k] * d1[2] + c_d2[k] * d2[2]
+            if o == 1:
+                continue
+            # history nodes in lambda: the outputs of steps k, k-1 (, k-2) were taken at lam[k], ...
+            w1, w2 = derivative_weights([lam[k - j] for j in range(o)])
+            # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 (e^{-h} - 1) form of 2M
+            c1 = c_d1_2m[k] if o == 2 else c_d1[k]
+            for j, m in enumerate((m0, m1, m2)):
+                m[k] = m[k] + c1 * h[k] * w1[j] + c_d2[k] * h[k] ** 2 * w2[j]
 
         p, q = model.coefficients(_QUANTITY[self.predict], times[:-1])
         if self.order == 1:
