@@ -60,8 +60,9 @@ class _Context:
 
     def __init__(self, model: Model, cond: dict, tables: dict, times_net: torch.Tensor,
                  noise: NoiseSource, like: torch.Tensor, net_dtype: torch.dtype,
-                 stage_net: dict[str, torch.Tensor] | None = None):
+                 stage_net: dict[str, torch.Tensor] | None = None, plans: dict[str, list] | None = None):
         self.model = model
+        self.plans = plans or {}
         self.stage_net = stage_net or {}
         self.cond = cond
         self.tables = tables
@@ -97,6 +98,9 @@ class _Context:
 
     def coef(self, name, step):
         return self.tables[name][step]
+
+    def plan(self, name):
+        return self.plans[name]
 
     def scratch(self, name):
         buf = self._scratch.get(name)
@@ -164,7 +168,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     cond:
         keyword arguments handed to the network on every call (class labels, ...).
     final_denoise:
-        after the last step, replace x by the model's x0 estimate at t_min (one more call).
+        after the last step, replace x by the model's x0 estimate at t_min (one more call; a
+        solver's x0 hooks, such as thresholding, apply to it).
     progress:
         show a progress bar (default: on for runs of 200+ steps on a terminal).
     callback:
@@ -231,8 +236,11 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         x = x_T.detach().to(device=device, dtype=compute).clone()  # the run owns (and updates) its state
 
     raw_tables = solver.prepare(model, table_times)
+    # lists are the solver's per-step plan (host-side choices such as each step's order), the rest
+    # are coefficient tables moved to the device once
+    plans = {name: tab for name, tab in raw_tables.items() if isinstance(tab, list)}
     tables = {name: _broadcast_table(name, tab, table_times, solver, x.dim(), device, compute)
-              for name, tab in raw_tables.items()}
+              for name, tab in raw_tables.items() if name not in plans}
     # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
     times_net = model.net_time(table_times).to(device=device, dtype=compute).expand(-1, batch).contiguous()
     stage_net = {}
@@ -241,7 +249,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         if stage.shape != (n_steps, table_times.shape[1]) or not bool(torch.isfinite(stage).all()):
             raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped {(n_steps, table_times.shape[1])}")
         stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
-    ctx = _Context(model, cond, tables, times_net, noise, x, dtype, stage_net)
+    ctx = _Context(model, cond, tables, times_net, noise, x, dtype, stage_net, plans)
 
     if final_denoise:
         p0, q0 = model.coefficients("x0", table_times[-1])
@@ -275,6 +283,9 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     if final_denoise:
         out = ctx.output(x, n_steps)
         x = x.mul_(final_x).addcmul_(final_out, out)
+        hooks = getattr(solver, "hooks", None)
+        if hooks is not None and hooks.active:  # the returned x0 estimate gets the solver's x0 hooks too
+            x = hooks.apply_at(x, table_times[-1].to(device=device, dtype=compute))
     sums[n_steps] = x.sum() if final_denoise else 0.0
     bad = ~torch.isfinite(sums)
     if bool(bad.any()):  # the one host sync of the run

@@ -32,6 +32,9 @@ class StepContext(Protocol):
     def scratch(self, name: str) -> torch.Tensor:
         """A reusable buffer shaped like the state."""
 
+    def plan(self, name: str) -> list:
+        """A per-step list that ``prepare`` returned under ``name`` (host-side, e.g. step orders)."""
+
 
 class Solver:
     """Base class: subclasses set the class attributes and implement prepare/step."""
@@ -59,7 +62,8 @@ class Solver:
         return {}
 
     def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Coefficient tables for a grid ``times`` of shape (N+1, C), float64; each table (N, C)."""
+        """Coefficient tables for a grid ``times`` of shape (N+1, C), float64; each table (N, C).
+        A value that is a Python list (one entry per step) is a plan, read with ``ctx.plan``."""
         raise NotImplementedError
 
     def step(self, k: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
@@ -124,15 +128,25 @@ class X0Hooks:
         return self.thresholding is not None or self.correct_x0 is not None
 
     def time_table(self, times: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The table the hooks read the step's time from (empty when inactive)."""
+        """The table the hooks read a step's time from (the grid ``times`` without its last row);
+        empty when ``correct_x0`` is unset."""
         return {"x0_hook_t": times[:-1]} if self.correct_x0 is not None else {}
 
-    def apply(self, x0: torch.Tensor, k: int, ctx) -> torch.Tensor:
-        """Apply the hooks to the x0 estimate of step k; x0 may be overwritten."""
+    def stage_time_table(self, name: str, stage_times: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The same for estimates taken at (N, C) stage times, under table ``name``."""
+        return {name: stage_times} if self.correct_x0 is not None else {}
+
+    def apply(self, x0: torch.Tensor, k: int, ctx, time_name: str = "x0_hook_t") -> torch.Tensor:
+        """Apply the hooks to the x0 estimate of step k (taken at the times of table ``time_name``);
+        x0 may be overwritten."""
+        t = ctx.coef(time_name, k).reshape(-1) if self.correct_x0 is not None else None
+        return self.apply_at(x0, t)
+
+    def apply_at(self, x0: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Apply the hooks to an x0 estimate taken at SDE times t (shape (C,)); x0 may be overwritten."""
         if self.thresholding is not None:
             x0.copy_(self.thresholding(x0))
         if self.correct_x0 is not None:
-            t = ctx.coef("x0_hook_t", k).reshape(-1)
             corrected = self.correct_x0(x0, t)
             if not isinstance(corrected, torch.Tensor) or corrected.shape != x0.shape:
                 raise ValueError(

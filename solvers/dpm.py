@@ -1,4 +1,4 @@
-"""Multistep DPM-Solver (noise prediction) and DPM-Solver++ (data prediction) for the ODE.
+"""DPM-Solver (noise prediction) and DPM-Solver++ (data prediction) for the ODE, multistep and singlestep.
 
 Lu et al. (2022): with the half log-SNR lambda(t) = log(alpha/sigma) as the time variable, the
 probability-flow ODE's linear part is solved exactly and only the model output is
@@ -19,6 +19,11 @@ Only alpha(t), sigma(t) and log_snr(t) of the Gaussian SDE are used.  The networ
 converted (m = p x + q out, the model's linear parametrisation) into a ring of ``order``
 scratch buffers that holds the history; every per-step scalar is precomputed in ``prepare``.
 
+Singlestep (2S, 3S): each step spends ``order`` network calls at intermediate half log-SNRs
+lambda_s + r h (r = 1/2; r = 1/3, 2/3) and needs no history.  A step whose start has alpha = 0
+(rectified flow at t = 1: h is infinite, so lambda_s + r h is undefined) is taken with order 1,
+the exact limit x_t = (sigma_t/sigma_s) x + alpha_t D_s, and costs one call.
+
 Order 3 (3M): with D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1 (r0 = h_0/h, r1 = h_1/h),
 D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) ~ h D' and D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 D''.
 The reference implementation (and diffusers) use D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 D''/2
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Solver
+from .base import Solver, X0Hooks
 from .multistep import derivative_weights
 
 __all__ = ["DPMSolver"]
@@ -39,28 +44,44 @@ _QUANTITY = {"data": "x0", "noise": "eps"}
 
 
 class DPMSolver(Solver):
-    """Multistep DPM-Solver(++) of order 1, 2 or 3 on the probability-flow ODE.
+    """DPM-Solver(++) of order 1, 2 or 3 on the probability-flow ODE.
 
     ``predict="data"`` is DPM-Solver++ (the x0 form, recommended for guided sampling);
     ``predict="noise"`` is the original DPM-Solver (eps form).  Order 1 is DDIM (eta = 0)
-    in both forms.  One network call per step.
+    in both forms.  ``method="multistep"`` (2M, 3M) costs one network call per step;
+    ``method="singlestep"`` (2S, 3S) costs ``order`` calls per step (a step is one interval of
+    the grid, so ``steps`` counts intervals; NFE = order x steps).  ``lower_order_final``
+    applies to the multistep method.
+
+    ``thresholding`` (True or a :class:`DynamicThresholding`) and ``correct_x0(x0, t) -> x0``
+    act on every x0 estimate before it is used; they need ``predict="data"``.
     """
 
-    nfe_per_step = 1
     stochastic = False
     gaussian_only = True
 
-    def __init__(self, order: int = 2, predict: str = "data", lower_order_final: bool = True):
+    def __init__(self, order: int = 2, predict: str = "data", method: str = "multistep",
+                 lower_order_final: bool = True, thresholding=False, correct_x0=None):
         if isinstance(order, bool) or order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
         if predict not in _QUANTITY:
             raise ValueError(f"predict must be 'data' (DPM-Solver++) or 'noise' (DPM-Solver), got {predict!r}")
+        if method not in ("multistep", "singlestep"):
+            raise ValueError(f"method must be 'multistep' or 'singlestep', got {method!r}")
         self.order = int(order)
         self.predict = predict
+        self.method = method
         self.lower_order_final = bool(lower_order_final)
+        self.hooks = X0Hooks(thresholding, correct_x0)
+        if self.hooks.active and predict != "data":
+            raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predict='data'")
+        self.nfe_per_step = 1 if method == "multistep" else self.order
 
     def step_orders(self, n_steps: int) -> list[int]:
-        """The order used at each of ``n_steps`` steps (warm-up and lower_order_final)."""
+        """The order used at each of ``n_steps`` steps (multistep: warm-up and lower_order_final;
+        singlestep: the solver's order, except a step starting at alpha = 0, see the module)."""
+        if self.method == "singlestep":
+            return [self.order] * n_steps
         orders = []
         for k in range(n_steps):
             o = min(self.order, k + 1)
@@ -69,65 +90,167 @@ class DPMSolver(Solver):
             orders.append(o)
         return orders
 
+    # -- coefficients ---------------------------------------------------------------------------
+
+    def _phi1(self, h):
+        """The signed phi_1 of the form: 1 - e^{-h} (data), -(e^h - 1) (noise)."""
+        return -torch.expm1(-h) if self.predict == "data" else -torch.expm1(h)
+
+    def _phi2(self, h):
+        """The signed phi_2 of the form: (e^{-h} - 1)/h + 1 (data), (e^h - 1)/h - 1 (noise)."""
+        return -self._phi1(h) / h + (1.0 if self.predict == "data" else -1.0)
+
+    def _first_order(self, sde, t_s, t_t):
+        """(cx, h, phi1, scale) of the first-order update between times t_s and t_t:
+        x_t = cx x + scale phi1 m0 (alpha_t and sigma_t scale the data and noise forms)."""
+        h = sde.log_snr(t_t) - sde.log_snr(t_s)
+        if self.predict == "data":
+            return sde.sigma(t_t) / sde.sigma(t_s), h, self._phi1(h), sde.alpha(t_t)
+        return sde.alpha(t_t) / sde.alpha(t_s), h, self._phi1(h), sde.sigma(t_t)
+
+    def _stage_fractions(self):
+        return {2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}.get(self.order, ())
+
+    def stage_times(self, model, times):
+        if self.method != "singlestep" or self.order == 1:
+            return {}
+        sde = model.sde
+        lam = sde.log_snr(times)
+        lam_s, h = lam[:-1], lam[1:] - lam[:-1]
+        finite = torch.isfinite(h)
+        out = {}
+        for j, r in enumerate(self._stage_fractions(), start=1):
+            # an infinite step (alpha_s = 0) is taken with order 1: its stage time is never used
+            lam_r = torch.where(finite, lam_s + r * torch.where(finite, h, torch.zeros_like(h)), lam[1:])
+            out[f"s{j}"] = torch.where(finite, sde.t_from_log_snr(lam_r), times[1:])
+        return out
+
     def prepare(self, model, times):
+        if self.method == "singlestep":
+            return self._prepare_singlestep(model, times)
         sde = model.sde
         n = times.shape[0] - 1
-        alpha, sigma, lam = sde.alpha(times), sde.sigma(times), sde.log_snr(times)
-        a_t, s_t = alpha[1:], sigma[1:]
-        h = lam[1:] - lam[:-1]  # (N, C)
-        zeros = torch.zeros_like(h)
-        if self.predict == "data":
-            cx = s_t / sigma[:-1]
-            phi1 = torch.expm1(-h)          # e^{-h} - 1
-            phi2 = phi1 / h + 1.0
-            phi3 = phi2 / h - 0.5
-            # x_t = cx x - a_t phi1 m0 + a_t phi2 D1 - a_t phi3 D2
-            c_m0, c_d1, c_d2 = -a_t * phi1, a_t * phi2, -a_t * phi3
-            c_d1_2m = -0.5 * a_t * phi1    # 2M: + 1/2 alpha_t (1 - e^{-h}) D1_0
-        else:
-            cx = a_t / alpha[:-1]
-            phi1 = torch.expm1(h)           # e^h - 1
-            phi2 = phi1 / h - 1.0
-            phi3 = phi2 / h - 0.5
-            # x_t = cx x - s_t phi1 m0 - s_t phi2 D1 - s_t phi3 D2
-            c_m0, c_d1, c_d2 = -s_t * phi1, -s_t * phi2, -s_t * phi3
-            c_d1_2m = -0.5 * s_t * phi1     # 2M: - 1/2 sigma_t (e^h - 1) D1_0
+        lam = sde.log_snr(times)
+        cx, h, phi1, scale = self._first_order(sde, times[:-1], times[1:])
+        sign = 1.0 if self.predict == "data" else -1.0
+        # x_t = cx x + c_m0 m0 + c_d1 D1 + c_d2 D2
+        phi2 = self._phi2(h)
+        phi3 = phi2 / h - 0.5
+        c_m0 = scale * phi1
+        c_d1 = sign * scale * phi2
+        c_d2 = -scale * phi3
+        c_d1_2m = 0.5 * c_m0  # 2M: 1/2 alpha_t (1 - e^{-h}) D1 (data), -1/2 sigma_t (e^h - 1) D1 (noise)
 
+        zeros = torch.zeros_like(h)
         m0, m1, m2 = c_m0.clone(), zeros.clone(), zeros.clone()
         for k, o in enumerate(self.step_orders(n)):
             if o == 1:
                 continue
             # history nodes in lambda: the outputs of steps k, k-1 (, k-2) were taken at lam[k], ...
             w1, w2 = derivative_weights([lam[k - j] for j in range(o)])
-            # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 (e^{-h} - 1) form of 2M
+            # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 phi1 form of 2M
             c1 = c_d1_2m[k] if o == 2 else c_d1[k]
             for j, m in enumerate((m0, m1, m2)):
                 m[k] = m[k] + c1 * h[k] * w1[j] + c_d2[k] * h[k] ** 2 * w2[j]
 
         p, q = model.coefficients(_QUANTITY[self.predict], times[:-1])
-        if self.order == 1:
+        if self.order == 1 and not self.hooks.active:
             # nothing to remember: fold the conversion into the update, x <- (cx + c p) x + c q out
             return {"x": cx + m0 * p, "out": m0 * q}
-        tables = {"x": cx, "m0": m0, "m1": m1, "conv_x": p, "conv_out": q}
+        tables = {"x": cx, "m0": m0, "m1": m1, "conv_x": p, "conv_out": q, **self.hooks.time_table(times)}
         if self.order == 3:
             tables["m2"] = m2
         return tables
 
+    def _prepare_singlestep(self, model, times):
+        """Tables for 2S/3S: stage j's state u_j = sx{j} x + sum_i s{j}m{i} m_i, and the update
+        x_t = x x + sum_i m{i} m_i, where m_0 is the converted output at the step's start and m_i
+        at stage i.  Written from DPM-Solver's 2S/3S formulas (r1 = 1/2; r1 = 1/3, r2 = 2/3)."""
+        sde = model.sde
+        t_s, t_t = times[:-1], times[1:]
+        cx, h, phi1, scale = self._first_order(sde, t_s, t_t)
+        sign = 1.0 if self.predict == "data" else -1.0
+        finite = torch.isfinite(h)
+        tables = {"x": cx, "m0": scale * phi1}
+        stages = self.stage_times(model, times)
+        tables.update(self.hooks.time_table(times))
+        if self.order >= 2:
+            hf = torch.where(finite, h, torch.ones_like(h))  # infinite steps are order 1 (see stage_times)
+            fr = self._stage_fractions()
+            # the stages' own first-order coefficients: u = cx_r x + scale_r phi1_r m0
+            firsts = [self._first_order(sde, t_s, stages[f"s{j}"]) for j in range(1, len(fr) + 1)]
+            for j, (cx_r, _, phi1_r, scale_r) in enumerate(firsts, start=1):
+                tables[f"s{j}x"] = cx_r
+                tables[f"s{j}m0"] = scale_r * phi1_r
+            zero = torch.zeros_like(h)
+            if self.order == 2:
+                r1 = fr[0]
+                # x_t += scale phi1/(2 r1) (m1 - m0)
+                c = scale * phi1 / (2.0 * r1)
+                tables["m1"] = torch.where(finite, c, zero)
+                tables["m0"] = tables["m0"] - tables["m1"]
+            else:
+                r1, r2 = fr
+                s2_scale = firsts[1][3]
+                # u2 += sign scale_2 (r2/r1) phi2(r2 h) (m1 - m0): the eps form subtracts, the x0 form adds
+                c_u2 = sign * s2_scale * (r2 / r1) * self._phi2(r2 * hf)
+                tables["s2m1"] = torch.where(finite, c_u2, zero)
+                tables["s2m0"] = tables["s2m0"] - tables["s2m1"]
+                c = sign * scale / r2 * self._phi2(hf)
+                tables["m2"] = torch.where(finite, c, zero)
+                tables["m0"] = tables["m0"] - tables["m2"]
+            for j in range(1, len(fr) + 1):
+                p, q = model.coefficients(_QUANTITY[self.predict], stages[f"s{j}"])
+                tables[f"s{j}conv_x"], tables[f"s{j}conv_out"] = p, q
+                tables.update(self.hooks.stage_time_table(f"x0_hook_s{j}", stages[f"s{j}"]))
+        p, q = model.coefficients(_QUANTITY[self.predict], t_s)
+        tables["conv_x"], tables["conv_out"] = p, q
+        tables["orders"] = [self.order if bool(f) else 1 for f in finite.all(dim=1)]
+        return tables
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _converted(self, x, out, k, ctx, buffer: str, prefix: str = "", hook_time: str = "x0_hook_t"):
+        """m = p x + q out (the prediction the solver integrates), into a scratch buffer, hooks applied."""
+        m = torch.mul(x, ctx.coef(prefix + "conv_x", k), out=ctx.scratch(buffer))
+        m.addcmul_(ctx.coef(prefix + "conv_out", k), out)
+        if self.hooks.active:
+            self.hooks.apply(m, k, ctx, hook_time)
+        return m
+
     def step(self, k, x, ctx):
+        if self.method == "singlestep":
+            return self._singlestep(k, x, ctx)
         out = ctx.output(x, k)
-        if self.order == 1:
+        if self.order == 1 and not self.hooks.active:
             return x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
         # history ring: the converted output of step j lives in buffer j % order
         ring = self.order
-        m0 = torch.mul(x, ctx.coef("conv_x", k), out=ctx.scratch(f"dpm_m{k % ring}"))
-        m0.addcmul_(ctx.coef("conv_out", k), out)
+        m0 = self._converted(x, out, k, ctx, f"dpm_m{k % ring}")
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("m0", k), m0)
-        if k >= 1:  # earlier buffers are written (their coefficient is 0 where the order is lower)
+        if ring >= 2 and k >= 1:  # earlier buffers are written (their coefficient is 0 where the order is lower)
             x.addcmul_(ctx.coef("m1", k), ctx.scratch(f"dpm_m{(k - 1) % ring}"))
         if ring == 3 and k >= 2:
             x.addcmul_(ctx.coef("m2", k), ctx.scratch(f"dpm_m{(k - 2) % ring}"))
         return x
 
+    def _singlestep(self, k, x, ctx):
+        order = ctx.plan("orders")[k]
+        ms = [self._converted(x, ctx.output(x, k), k, ctx, "dpm_m0")]
+        for j in range(1, order):
+            u = torch.mul(x, ctx.coef(f"s{j}x", k), out=ctx.scratch("dpm_stage"))
+            for i, m in enumerate(ms):
+                u.addcmul_(ctx.coef(f"s{j}m{i}", k), m)
+            ms.append(self._converted(u, ctx.output(u, k, stage=f"s{j}"), k, ctx, f"dpm_m{j}",
+                                      prefix=f"s{j}", hook_time=f"x0_hook_s{j}"))
+        x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("m0", k), ms[0])
+        if order > 1:  # 2S uses m1; 3S uses m2 only (m1 entered through the second stage)
+            last = order - 1
+            x.addcmul_(ctx.coef(f"m{last}", k), ms[last])
+        return x
+
     def __repr__(self):
-        extra = "" if self.lower_order_final else ", lower_order_final=False"
-        return f"{type(self).__name__}(order={self.order}, predict={self.predict!r}{extra})"
+        extra = "" if self.method == "multistep" else ", method='singlestep'"
+        if not self.lower_order_final:
+            extra += ", lower_order_final=False"
+        return f"{type(self).__name__}(order={self.order}, predict={self.predict!r}{extra}{self.hooks.repr_args()})"

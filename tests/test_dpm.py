@@ -199,3 +199,176 @@ def test_refuses_non_gaussian_sde():
     model = Model(lambda x, t: -x, OU(0.01, 1.0), predicts="score")
     with pytest.raises(ValueError, match="needs a Gaussian-marginal SDE"):
         sample(model, DPMSolver(2), shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.01], dtype=F64))
+
+
+# -- singlestep (2S, 3S) --------------------------------------------------------------------------
+
+def singlestep_reference(net, sde, x_T, times, order, predict):
+    """DPM-Solver(++)-2S/3S written from the paper's formulas (r1 = 1/2; r1 = 1/3, r2 = 2/3)."""
+    def D(x, t):
+        return net(x, torch.full((x.shape[0],), float(t), dtype=F64))
+
+    def E(x, t):
+        return (x - sde.alpha(t) * D(x, t)) / sde.sigma(t)
+
+    def at(lam):
+        return sde.t_from_log_snr(torch.as_tensor(lam, dtype=F64))
+
+    a, sg, lam = sde.alpha, sde.sigma, sde.log_snr
+    x = x_T.clone()
+    for k in range(len(times) - 1):
+        s, t = times[k], times[k + 1]
+        h = lam(t) - lam(s)
+        if predict == "data":
+            d_s = D(x, s)
+            if order == 2:
+                s1 = at(lam(s) + 0.5 * h)
+                u = sg(s1) / sg(s) * x + a(s1) * (1 - torch.exp(-0.5 * h)) * d_s
+                x = sg(t) / sg(s) * x + a(t) * (1 - torch.exp(-h)) * d_s + a(t) * (1 - torch.exp(-h)) * (D(u, s1) - d_s)
+            else:
+                r1, r2 = 1 / 3, 2 / 3
+                s1, s2 = at(lam(s) + r1 * h), at(lam(s) + r2 * h)
+                u1 = sg(s1) / sg(s) * x + a(s1) * (1 - torch.exp(-r1 * h)) * d_s
+                d_1 = D(u1, s1)
+                u2 = (sg(s2) / sg(s) * x + a(s2) * (1 - torch.exp(-r2 * h)) * d_s
+                      + r2 / r1 * a(s2) * ((torch.exp(-r2 * h) - 1) / (r2 * h) + 1) * (d_1 - d_s))
+                x = (sg(t) / sg(s) * x + a(t) * (1 - torch.exp(-h)) * d_s
+                     + a(t) / r2 * ((torch.exp(-h) - 1) / h + 1) * (D(u2, s2) - d_s))
+        else:
+            e_s = E(x, s)
+            if order == 2:
+                s1 = at(lam(s) + 0.5 * h)
+                u = a(s1) / a(s) * x - sg(s1) * torch.expm1(0.5 * h) * e_s
+                x = a(t) / a(s) * x - sg(t) * torch.expm1(h) * e_s - sg(t) * torch.expm1(h) * (E(u, s1) - e_s)
+            else:
+                r1, r2 = 1 / 3, 2 / 3
+                s1, s2 = at(lam(s) + r1 * h), at(lam(s) + r2 * h)
+                u1 = a(s1) / a(s) * x - sg(s1) * torch.expm1(r1 * h) * e_s
+                e_1 = E(u1, s1)
+                u2 = (a(s2) / a(s) * x - sg(s2) * torch.expm1(r2 * h) * e_s
+                      - sg(s2) * r2 / r1 * (torch.expm1(r2 * h) / (r2 * h) - 1) * (e_1 - e_s))
+                x = (a(t) / a(s) * x - sg(t) * torch.expm1(h) * e_s
+                     - sg(t) / r2 * (torch.expm1(h) / h - 1) * (E(u2, s2) - e_s))
+    return x
+
+
+@pytest.mark.parametrize("sde_name, kind", [("VP", "log_snr"), ("EDM", "karras"), ("SubVP", "uniform")])
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("predict", PREDICTS)
+def test_singlestep_matches_the_formulas(sde_name, kind, order, predict):
+    sde = make_sde(sde_name)
+    x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(6), dtype=F64) * sde.prior_std
+    times = grid(sde, 7, kind)
+    net = MIXTURE.net(sde, "x0")
+    expected = singlestep_reference(net, sde, x_T, times, order, predict)
+    got = sample(Model(net, sde, predicts="x0"), DPMSolver(order, predict, method="singlestep"), x_T=x_T,
+                 grid=times, final_denoise=False, dtype=F64)
+    assert torch.allclose(got, expected, rtol=1e-11, atol=1e-11 * sde.prior_std), rms(got, expected)
+
+
+@pytest.mark.parametrize("predict", PREDICTS)
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+def test_singlestep_orders_mixture(sde_name, predict):
+    sde, x_T, reference = mixture_problem(sde_name)
+    model = Model(MIXTURE.net(sde, "x0"), sde, predicts="x0")
+    for order, steps in ((2, [16, 32, 64, 128]), (3, [32, 64, 128, 256])):
+        errors = errors_for(model, DPMSolver(order, predict, method="singlestep"), x_T, reference, sde, "log_snr",
+                            steps)
+        slope = fitted_order(steps, errors)
+        assert abs(slope - order) <= TOL, (order, slope, errors)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_singlestep_nfe_and_rectified_flow_start(order):
+    """NFE = order per step; on rectified flow the step from t = 1 (alpha = 0) is the exact-limit first
+    order step (one call), and the result still converges to the exact flow."""
+    net_vp = GaussianX0Net(make_sde("VP"), MU, S)
+    _, info = sample(Model(net_vp, net_vp.sde, predicts="x0"), DPMSolver(order, method="singlestep"),
+                     shape=(3, 2), steps=5, dtype=F64, return_info=True)
+    assert info.nfe == order * 5 + 1 and net_vp.calls == info.nfe
+    sde = make_sde("RectifiedFlow")
+    net = GaussianX0Net(sde, MU, S)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(7), dtype=F64)
+    reference = gaussian_flow(sde, MU, S, x_T, sde.t_max, sde.t_min)
+    errors = []
+    for n in (16, 32, 64):
+        net.calls = 0
+        x = sample(Model(net, sde, predicts="x0"), DPMSolver(order, method="singlestep"), x_T=x_T, steps=n,
+                   final_denoise=False, dtype=F64)
+        assert net.calls == order * n - (order - 1)
+        errors.append(rms(x, reference))
+    assert fitted_order([16, 32, 64], errors) >= 1.8, errors
+
+
+def test_singlestep_repr_and_nfe_per_step():
+    assert DPMSolver(3, method="singlestep").nfe_per_step == 3
+    assert repr(DPMSolver(2, "noise", method="singlestep")) == \
+        "DPMSolver(order=2, predict='noise', method='singlestep')"
+    with pytest.raises(ValueError, match="method must be 'multistep' or 'singlestep'"):
+        DPMSolver(method="single")
+
+
+# -- data-prediction hooks ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, order", [("multistep", 1), ("multistep", 2), ("multistep", 3),
+                                           ("singlestep", 2), ("singlestep", 3)])
+def test_correct_x0_sees_every_estimate_and_its_time(method, order):
+    """An identity correct_x0 changes nothing and is called once per network call at that call's time;
+    a shifting one changes the result."""
+    sde = make_sde("VP")
+    x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(8), dtype=F64)
+    net = GaussianX0Net(sde, MU, S, record_times=True)
+    model = Model(net, sde, predicts="x0")
+    seen = []
+
+    def identity(x0, t):
+        seen.append(t.clone())
+        return x0
+
+    plain = sample(model, DPMSolver(order, method=method), x_T=x_T, steps=6, final_denoise=False, dtype=F64)
+    net.times.clear()
+    hooked = sample(model, DPMSolver(order, method=method, correct_x0=identity), x_T=x_T, steps=6,
+                    final_denoise=False, dtype=F64)
+    assert torch.equal(plain, hooked)
+    assert len(seen) == len(net.times)
+    for t_hook, t_net in zip(seen, net.times):
+        assert torch.allclose(t_hook.expand_as(t_net), t_net, rtol=1e-15, atol=0)
+    shifted = sample(model, DPMSolver(order, method=method, correct_x0=lambda x0, t: x0 + 0.1), x_T=x_T, steps=6,
+                     final_denoise=False, dtype=F64)
+    assert rms(shifted, plain) > 1e-3
+
+
+def test_dynamic_thresholding_clips_the_x0_estimate():
+    from solvers import DynamicThresholding
+
+    x0 = torch.tensor([[0.5, -3.0, 2.0, 0.1], [0.2, -0.3, 0.4, 0.9]], dtype=F64)
+    got = DynamicThresholding(ratio=1.0, max_value=2.5)(x0.clone())
+    # row 0: s = min(max|x0|, 2.5) = 2.5 -> clip to [-2.5, 2.5], / 2.5; row 1: s = max(0.9, 1) = 1
+    assert torch.allclose(got[0], torch.tensor([0.2, -1.0, 0.8, 0.04], dtype=F64))
+    assert torch.allclose(got[1], x0[1])
+    # in a run: an x0 net that overshoots [-1, 1] gives a different, bounded DDIM result
+    sde = make_sde("VP")
+    model = Model(lambda x, t: 4.0 * torch.ones_like(x), sde, predicts="x0")
+    x_T = torch.zeros(2, 5, dtype=F64)
+    plain = sample(model, DPMSolver(1), x_T=x_T, steps=4, dtype=F64)
+    clipped = sample(model, DPMSolver(1, thresholding=True), x_T=x_T, steps=4, dtype=F64)
+    assert torch.allclose(plain, torch.full_like(plain, 4.0)) and torch.allclose(clipped, torch.ones_like(plain))
+
+
+def test_hook_arguments_are_checked():
+    from solvers import DynamicThresholding
+
+    with pytest.raises(ValueError, match="need predict='data'"):
+        DPMSolver(predict="noise", thresholding=True)
+    with pytest.raises(ValueError, match="thresholding must be"):
+        DPMSolver(thresholding="yes")
+    with pytest.raises(ValueError, match="correct_x0 must be a callable"):
+        DPMSolver(correct_x0=3)
+    with pytest.raises(ValueError, match="ratio must be"):
+        DynamicThresholding(ratio=1.5)
+    with pytest.raises(ValueError, match="max_value must be"):
+        DynamicThresholding(max_value=0.5)
+    sde = make_sde("VP")
+    model = Model(GaussianX0Net(sde, MU, S), sde, predicts="x0")
+    with pytest.raises(ValueError, match="correct_x0 must return a tensor shaped like x0"):
+        sample(model, DPMSolver(2, correct_x0=lambda x0, t: x0[:1]), shape=(3, 2), steps=3, dtype=F64)
