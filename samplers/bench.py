@@ -53,6 +53,8 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
     rows = []
     for label, factory in solver_factories():  # the demo's list: every solver, one place
         solver = factory()
+        if getattr(solver, "adaptive", False):  # no fixed steps: its cost per step is not comparable
+            continue
         def run(n, solver=solver):
             sample(model, solver, x_T=x_T, steps=n, final_denoise=False)
 

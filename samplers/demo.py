@@ -68,6 +68,10 @@ EXTRA_SOLVERS: list[tuple[str | None, Callable[[], Solver]]] = [
 
 _BASE_NAMES = ("Solver", "StepContext")
 
+#: tolerances an adaptive solver is run with (atol = ADAPTIVE_ATOL_RATIO * rtol)
+ADAPTIVE_TOLERANCES = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
+ADAPTIVE_ATOL_RATIO = 0.2
+
 #: solvers shown in the scatter panels when they were run (others fill up to _MAX_SCATTER)
 _SCATTER_PREFERENCE = ("Euler(eta=0)", "EulerMaruyama(eta=1)", "Heun(eta=0)", "Heun(eta=1)")
 _MAX_SCATTER = 5
@@ -171,8 +175,66 @@ def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterab
            device=device, dtype=dtype)
 
     records, skipped, drawn = [], [], {}
+
+    def measure(label, solver, budget, **run):
+        start = time.perf_counter()
+        try:
+            x, info = sample(model, solver, shape=(samples, mixture.dim), seed=seed, device=device, dtype=dtype,
+                             return_info=True, **run)
+        except (ValueError, RuntimeError, NonFiniteError) as exc:  # e.g. a reverse SDE at alpha = 0 (rf)
+            skipped.append((label, budget, str(exc).split("\n")[0]))
+            return None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        x = x.detach().to("cpu", torch.float64)
+        return {
+            "solver": label,
+            "budget": budget,
+            "nfe": int(info.nfe),
+            "steps": int(info.steps),
+            "sw": problems.sliced_wasserstein(x, exact, projections=projections, seed=seed),
+            "time_ms": 1e3 * elapsed,
+            "stochastic": bool(getattr(solver, "stochastic", False)),
+            "sde": sde,
+            "samples": samples,
+            "sw_floor": floor,
+        }, x, info
+
+    def keep(rec, x):
+        records.append(rec)
+        drawn[(rec["solver"], rec["nfe"])] = x
+        if log is not None:
+            log(_format_row(rec))
+
     for label, factory in solver_list:
         solver = factory()
+        if getattr(solver, "adaptive", False):
+            # no steps to set: run a ladder of tolerances and show, per budget, the tightest run whose
+            # mean network calls per sample (the final denoise included) fit in it
+            ladder = []
+            for rtol in ADAPTIVE_TOLERANCES:
+                result = measure(label, solver.with_tolerance(rtol, ADAPTIVE_ATOL_RATIO * rtol), None)
+                if result is None:
+                    break
+                rec, x, info = result
+                cost = info.nfe_per_sample.double().mean().item()
+                rec.update(nfe=int(round(cost)), rtol=rtol, nfe_per_sample=[int(info.nfe_per_sample.min()),
+                                                                           int(info.nfe_per_sample.max())])
+                ladder.append((cost, rec, x))
+                if cost > budgets[-1]:
+                    break
+            shown: set[float] = set()
+            for budget in budgets:
+                fitting = [(rec, x) for cost, rec, x in ladder if cost <= budget]
+                if not fitting:
+                    skipped.append((label, budget, f"no tolerance in {ADAPTIVE_TOLERANCES} fits in {budget} NFE"))
+                    continue
+                rec, x = fitting[-1]
+                if rec["rtol"] not in shown:
+                    shown.add(rec["rtol"])
+                    keep(dict(rec, budget=budget), x)
+            continue
         done_steps: set[int] = set()
         for budget in budgets:
             steps = steps_for_nfe(solver, budget)
@@ -182,34 +244,9 @@ def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterab
             if steps in done_steps:  # two budgets rounding to the same run (e.g. 9 and 10 for Heun)
                 continue
             done_steps.add(steps)
-            start = time.perf_counter()
-            try:
-                x, info = sample(model, solver, shape=(samples, mixture.dim), steps=steps, seed=seed,
-                                 device=device, dtype=dtype, return_info=True)
-            except (ValueError, RuntimeError, NonFiniteError) as exc:  # e.g. a reverse SDE at alpha = 0 (rf)
-                skipped.append((label, budget, str(exc).split("\n")[0]))
-                continue
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - start
-            x = x.detach().to("cpu", torch.float64)
-            err = problems.sliced_wasserstein(x, exact, projections=projections, seed=seed)
-            rec = {
-                "solver": label,
-                "budget": budget,
-                "nfe": int(info.nfe),
-                "steps": int(info.steps),
-                "sw": err,
-                "time_ms": 1e3 * elapsed,
-                "stochastic": bool(getattr(solver, "stochastic", False)),
-                "sde": sde,
-                "samples": samples,
-                "sw_floor": floor,
-            }
-            records.append(rec)
-            drawn[(label, int(info.nfe))] = x
-            if log is not None:
-                log(_format_row(rec))
+            result = measure(label, solver, budget, steps=steps)
+            if result is not None:
+                keep(result[0], result[1])
     return {"records": records, "skipped": skipped, "floor": floor, "floor_range": (min(floors), max(floors)),
             "exact": exact, "samples": drawn,
             "sde": repr(sde_obj), "sde_name": sde, "n": samples, "budgets": budgets, "seed": seed}

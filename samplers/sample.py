@@ -39,6 +39,10 @@ class SampleInfo:
     final_denoise: bool
     backend: str = "torch"
     wall_time: float = 0.0  #: seconds, including the network
+    #: adaptive solvers: network calls, accepted and rejected steps of each sample, (B,) int64
+    nfe_per_sample: torch.Tensor | None = None
+    accepted_per_sample: torch.Tensor | None = None
+    rejected_per_sample: torch.Tensor | None = None
 
 
 @dataclass
@@ -107,6 +111,48 @@ class _Context:
         if buf is None:
             buf = self._scratch[name] = torch.empty_like(self.like)
         return buf
+
+
+class _AdaptiveContext:
+    """The AdaptiveContext of one run: network calls on subsets of the batch at per-sample times."""
+
+    def __init__(self, model: Model, cond: dict, batch: int, device, compute, net_dtype):
+        self.model, self.cond = model, cond
+        self.batch_size = batch
+        self.device, self.compute, self.net_dtype = device, compute, net_dtype
+        self.nfe = 0
+        self.nfe_per_sample = torch.zeros(batch, dtype=torch.long)
+        self.accepted = torch.zeros(batch, dtype=torch.long)
+        self.rejected = torch.zeros(batch, dtype=torch.long)
+
+    def _cond_rows(self, index):
+        if index.numel() == self.batch_size:
+            return self.cond
+        rows = index.to(self.device)
+        # per-sample conditioning (a tensor with the batch as its first dimension) follows the rows
+        return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch_size else v
+                for k, v in self.cond.items()}
+
+    def output(self, x, t, index):
+        net_x = x if x.dtype == self.net_dtype else x.to(self.net_dtype)
+        net_t = self.model.net_time(t.to(torch.float64)).to(device=self.device, dtype=self.compute)
+        out = self.model.call_net(net_x, net_t, **self._cond_rows(index))
+        self.nfe += 1
+        self.nfe_per_sample[index] += 1
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            out = out.clone()
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def column(self, values, like):
+        return values.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
+
+    def coefficients(self, quantity, t, like):
+        p, q = self.model.coefficients(quantity, t)
+        return self.column(p, like), self.column(q, like)
+
+    def count_attempts(self, index, accepted):
+        self.accepted[index] += accepted.long()
+        self.rejected[index] += (~accepted).long()
 
 
 def _resolve_dtypes(dtype, x_T):
@@ -208,6 +254,18 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     batch = shape[0]
     dtype, compute = _resolve_dtypes(dtype, x_T)
 
+    adaptive = bool(getattr(solver, "adaptive", False))
+    if adaptive:
+        if steps is not None or grid_kind is not None:
+            raise ValueError(f"{solver!r} chooses its own steps: pass no steps/grid_kind (grid=(t_start, t_end) "
+                             "to integrate over another interval)")
+        if callback is not None:
+            raise ValueError(f"callback is not supported with an adaptive solver ({solver!r}): its samples do not "
+                             "share steps; read info.accepted_per_sample etc. instead")
+        grid = torch.tensor([sde.t_max, sde.t_min], dtype=torch.float64) if grid is None else grid
+        if torch.as_tensor(grid).shape[0] != 2:
+            raise ValueError(f"an adaptive solver takes grid=(t_start, t_end) (2 times, or (2, B)), got shape "
+                             f"{tuple(torch.as_tensor(grid).shape)}")
     if (steps is None) == (grid is None):
         raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
     if grid is None:
@@ -234,6 +292,10 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         x = sde.prior_sample(shape, normal=z)
     else:
         x = x_T.detach().to(device=device, dtype=compute).clone()  # the run owns (and updates) its state
+
+    if adaptive:
+        return _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
+                                seed, return_info, start_time)
 
     raw_tables = solver.prepare(model, table_times)
     # lists are the solver's per-step plan (host-side choices such as each step's order), the rest
@@ -305,4 +367,31 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, times=times, seed=seed, solver=repr(solver), dtype=dtype,
                       compute_dtype=compute, final_denoise=bool(final_denoise),
                       wall_time=time.perf_counter() - start_time)
+    return result, info
+
+
+def _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device, seed,
+                     return_info, start_time):
+    batch = x.shape[0]
+    ctx = _AdaptiveContext(model, cond, batch, device, compute, dtype)
+    t_start = table_times[0].expand(batch).clone()
+    t_end = table_times[-1].expand(batch).clone()
+    x = solver.solve(model, x, t_start, t_end, ctx)
+    everyone = torch.arange(batch)
+    if final_denoise:
+        p, q = ctx.coefficients("x0", t_end, x)
+        x = x * p + ctx.output(x, t_end, everyone) * q
+    bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1).cpu()
+    if bool(bad.any()):
+        raise NonFiniteError(
+            f"the state of sample {int(torch.nonzero(bad)[0])} became NaN or Inf with {solver!r} on {model.sde!r}"
+            f"{' (in the final denoising step)' if final_denoise else ''}; check the network's output"
+        )
+    result = x if x.dtype == dtype else x.to(dtype)
+    if not return_info:
+        return result
+    info = SampleInfo(nfe=ctx.nfe, steps=int(ctx.accepted.max()), times=times, seed=seed, solver=repr(solver),
+                      dtype=dtype, compute_dtype=compute, final_denoise=bool(final_denoise),
+                      wall_time=time.perf_counter() - start_time, nfe_per_sample=ctx.nfe_per_sample,
+                      accepted_per_sample=ctx.accepted, rejected_per_sample=ctx.rejected)
     return result, info

@@ -6,3 +6,6 @@ from .euler import Euler, EulerMaruyama, Heun
 
 __all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler", "Heun",
            "DPMSolver"]
+from .adaptive import AdaptiveContext, AdaptiveDPMSolver, AdaptiveSolver, StepSizeError
+
+__all__ += ["AdaptiveSolver", "AdaptiveContext", "AdaptiveDPMSolver", "StepSizeError"]

@@ -41,6 +41,8 @@ from .multistep import derivative_weights
 __all__ = ["DPMSolver"]
 
 _QUANTITY = {"data": "x0", "noise": "eps"}
+#: the singlestep stage fractions of h per order (DPM-Solver's r1 = 1/2; r1 = 1/3, r2 = 2/3)
+STAGE_FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
 
 
 class DPMSolver(Solver):
@@ -109,21 +111,24 @@ class DPMSolver(Solver):
         return sde.alpha(t_t) / sde.alpha(t_s), h, self._phi1(h), sde.sigma(t_t)
 
     def _stage_fractions(self):
-        return {2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}.get(self.order, ())
+        return STAGE_FRACTIONS[self.order]
+
+    @staticmethod
+    def _stages_between(sde, t_s, t_t, fractions):
+        """Stage times t(lambda_s + r h) for r in ``fractions``; where h is infinite (alpha_s = 0, the
+        step is taken with order 1) the stage time is t_t, never used."""
+        lam_s, lam_t = sde.log_snr(t_s), sde.log_snr(t_t)
+        h = lam_t - lam_s
+        finite = torch.isfinite(h)
+        h0 = torch.where(finite, h, torch.zeros_like(h))
+        return [torch.where(finite, sde.t_from_log_snr(torch.where(finite, lam_s + r * h0, lam_t)), t_t)
+                for r in fractions]
 
     def stage_times(self, model, times):
         if self.method != "singlestep" or self.order == 1:
             return {}
-        sde = model.sde
-        lam = sde.log_snr(times)
-        lam_s, h = lam[:-1], lam[1:] - lam[:-1]
-        finite = torch.isfinite(h)
-        out = {}
-        for j, r in enumerate(self._stage_fractions(), start=1):
-            # an infinite step (alpha_s = 0) is taken with order 1: its stage time is never used
-            lam_r = torch.where(finite, lam_s + r * torch.where(finite, h, torch.zeros_like(h)), lam[1:])
-            out[f"s{j}"] = torch.where(finite, sde.t_from_log_snr(lam_r), times[1:])
-        return out
+        stages = self._stages_between(model.sde, times[:-1], times[1:], self._stage_fractions())
+        return {f"s{j}": t for j, t in enumerate(stages, start=1)}
 
     def prepare(self, model, times):
         if self.method == "singlestep":
@@ -163,50 +168,53 @@ class DPMSolver(Solver):
         return tables
 
     def _prepare_singlestep(self, model, times):
-        """Tables for 2S/3S: stage j's state u_j = sx{j} x + sum_i s{j}m{i} m_i, and the update
-        x_t = x x + sum_i m{i} m_i, where m_0 is the converted output at the step's start and m_i
-        at stage i.  Written from DPM-Solver's 2S/3S formulas (r1 = 1/2; r1 = 1/3, r2 = 2/3)."""
+        tables = self.singlestep_coefficients(model, times[:-1], times[1:], self._stage_fractions())
+        tables.update(self.hooks.time_table(times))
+        for j in range(1, self.order):
+            tables.update(self.hooks.stage_time_table(f"x0_hook_s{j}", tables.pop(f"s{j}t")))
+        tables.pop("finite")
+        tables["orders"] = [self.order if bool(f) else 1 for f in torch.isfinite(tables["h"]).all(dim=1)]
+        tables.pop("h")
+        return tables
+
+    def singlestep_coefficients(self, model, t_s, t_t, fractions) -> dict[str, torch.Tensor]:
+        """Coefficients of one singlestep update from t_s to t_t (tensors of any one shape) with
+        stages at the given fractions of h ((), (r1,), (r1, r2)): stage j's state
+        u_j = s{j}x x + sum_i s{j}m{i} m_i, and x_t = x x + m0 m_0 + m{last} m_last, where m_0 is
+        the converted output at t_s and m_i at stage i (its time s{j}t, its conversion
+        s{j}conv_x/out).  Written from DPM-Solver's 2S/3S formulas; 2S takes any r1 and 3S any
+        r1, r2 (its last stage formula is exact for r2 = 2/3 only, as in the paper)."""
         sde = model.sde
-        t_s, t_t = times[:-1], times[1:]
         cx, h, phi1, scale = self._first_order(sde, t_s, t_t)
         sign = 1.0 if self.predict == "data" else -1.0
         finite = torch.isfinite(h)
-        tables = {"x": cx, "m0": scale * phi1}
-        stages = self.stage_times(model, times)
-        tables.update(self.hooks.time_table(times))
-        if self.order >= 2:
-            hf = torch.where(finite, h, torch.ones_like(h))  # infinite steps are order 1 (see stage_times)
-            fr = self._stage_fractions()
-            # the stages' own first-order coefficients: u = cx_r x + scale_r phi1_r m0
-            firsts = [self._first_order(sde, t_s, stages[f"s{j}"]) for j in range(1, len(fr) + 1)]
-            for j, (cx_r, _, phi1_r, scale_r) in enumerate(firsts, start=1):
-                tables[f"s{j}x"] = cx_r
-                tables[f"s{j}m0"] = scale_r * phi1_r
+        coefs = {"x": cx, "m0": scale * phi1, "h": h, "finite": finite}
+        if fractions:
+            stages = self._stages_between(sde, t_s, t_t, fractions)
+            hf = torch.where(finite, h, torch.ones_like(h))
             zero = torch.zeros_like(h)
-            if self.order == 2:
-                r1 = fr[0]
+            # the stages' own first-order coefficients: u = cx_r x + scale_r phi1_r m0
+            firsts = [self._first_order(sde, t_s, t_r) for t_r in stages]
+            for j, (cx_r, _, phi1_r, scale_r) in enumerate(firsts, start=1):
+                coefs[f"s{j}x"] = cx_r
+                coefs[f"s{j}m0"] = scale_r * phi1_r
+            if len(fractions) == 1:
+                (r1,) = fractions
                 # x_t += scale phi1/(2 r1) (m1 - m0)
-                c = scale * phi1 / (2.0 * r1)
-                tables["m1"] = torch.where(finite, c, zero)
-                tables["m0"] = tables["m0"] - tables["m1"]
+                coefs["m1"] = torch.where(finite, scale * phi1 / (2.0 * r1), zero)
+                coefs["m0"] = coefs["m0"] - coefs["m1"]
             else:
-                r1, r2 = fr
-                s2_scale = firsts[1][3]
+                r1, r2 = fractions
                 # u2 += sign scale_2 (r2/r1) phi2(r2 h) (m1 - m0): the eps form subtracts, the x0 form adds
-                c_u2 = sign * s2_scale * (r2 / r1) * self._phi2(r2 * hf)
-                tables["s2m1"] = torch.where(finite, c_u2, zero)
-                tables["s2m0"] = tables["s2m0"] - tables["s2m1"]
-                c = sign * scale / r2 * self._phi2(hf)
-                tables["m2"] = torch.where(finite, c, zero)
-                tables["m0"] = tables["m0"] - tables["m2"]
-            for j in range(1, len(fr) + 1):
-                p, q = model.coefficients(_QUANTITY[self.predict], stages[f"s{j}"])
-                tables[f"s{j}conv_x"], tables[f"s{j}conv_out"] = p, q
-                tables.update(self.hooks.stage_time_table(f"x0_hook_s{j}", stages[f"s{j}"]))
-        p, q = model.coefficients(_QUANTITY[self.predict], t_s)
-        tables["conv_x"], tables["conv_out"] = p, q
-        tables["orders"] = [self.order if bool(f) else 1 for f in finite.all(dim=1)]
-        return tables
+                coefs["s2m1"] = torch.where(finite, sign * firsts[1][3] * (r2 / r1) * self._phi2(r2 * hf), zero)
+                coefs["s2m0"] = coefs["s2m0"] - coefs["s2m1"]
+                coefs["m2"] = torch.where(finite, sign * scale / r2 * self._phi2(hf), zero)
+                coefs["m0"] = coefs["m0"] - coefs["m2"]
+            for j, t_r in enumerate(stages, start=1):
+                coefs[f"s{j}conv_x"], coefs[f"s{j}conv_out"] = model.coefficients(_QUANTITY[self.predict], t_r)
+                coefs[f"s{j}t"] = t_r
+        coefs["conv_x"], coefs["conv_out"] = model.coefficients(_QUANTITY[self.predict], t_s)
+        return coefs
 
     # -- steps ----------------------------------------------------------------------------------
 
