@@ -3,6 +3,10 @@
 ``bench overhead``: the sampler's own cost per step, as a multiple of one in-place
 ``x.add_(y)`` pass over the batch, for a network that returns a fixed tensor (so the network
 costs nothing and only the solver's arithmetic, noise and bookkeeping remain).
+
+``bench quality``: every solver (and the variants in :data:`QUALITY_VARIANTS`) on the exact
+2-D and 64-D Gaussian mixtures under VP/VE/EDM at NFE 5, 10, 20, 50, 100: sliced Wasserstein
+distance to exact samples and wall time, as tables, a JSON file and error-vs-NFE plots.
 """
 
 from __future__ import annotations
@@ -13,7 +17,67 @@ import time
 
 import torch
 
-__all__ = ["main", "overhead"]
+__all__ = ["main", "overhead", "quality", "quality_solvers", "QUALITY_VARIANTS"]
+
+
+def _variants():
+    from solvers import AdaptiveDPMSolver, DPMSolver
+
+    return [
+        (None, lambda: DPMSolver(3)),
+        (None, lambda: DPMSolver(2, "noise")),
+        (None, lambda: DPMSolver(3, method="singlestep")),
+        (None, lambda: AdaptiveDPMSolver((1, 2))),
+    ]
+
+
+#: parametrised solvers the quality benchmark runs besides the demo's list: (label or None, factory)
+QUALITY_VARIANTS = _variants
+
+
+def quality_solvers():
+    """The demo's solvers plus :data:`QUALITY_VARIANTS`, without duplicates (labels are reprs)."""
+    from .demo import solver_factories
+
+    out = list(solver_factories())
+    seen = {label for label, _ in out}
+    for label, factory in QUALITY_VARIANTS():
+        label = label or repr(factory())
+        if label not in seen:
+            seen.add(label)
+            out.append((label, factory))
+    return out
+
+
+def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20, 50, 100), samples: int = 4000,
+            seed: int = 0, solver_list=None, floor_sets: int = 4, log=None) -> list[dict]:
+    """One :func:`samplers.demo.run_demo` result per (problem, SDE), every solver at every budget."""
+    from .demo import run_demo
+
+    solver_list = quality_solvers() if solver_list is None else solver_list
+    results = []
+    for problem in problems:
+        for sde in sdes:
+            if log is not None:
+                log(f"-- {problem} mixture, {sde} --")
+            results.append(run_demo(sde=sde, problem=problem, samples=samples, budgets=budgets, seed=seed,
+                                    solver_list=solver_list, floor_sets=floor_sets))
+    return results
+
+
+def _print_quality(results: list[dict]) -> None:
+    for res in results:
+        budgets = res["budgets"]
+        print(f"\n{res['problem']} mixture, {res['sde']}: sliced Wasserstein error (N={res['n']}; floor "
+              f"{res['floor']:.4f}), by NFE budget")
+        width = max([len(r["solver"]) for r in res["records"]] + [6])
+        print(f"{'solver':<{width}} " + " ".join(f"{b:>8d}" for b in budgets))
+        rows: dict[str, dict[int, float]] = {}
+        for rec in res["records"]:
+            rows.setdefault(rec["solver"], {})[rec["budget"]] = rec["sw"]
+        for label, by_budget in rows.items():
+            cells = [f"{by_budget[b]:>8.4f}" if b in by_budget else f"{'-':>8}" for b in budgets]
+            print(f"{label:<{width}} " + " ".join(cells))
 
 
 def _best_time(fn, repeats: int, inner: int) -> float:
@@ -120,7 +184,28 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peers", action="store_true", help="skip peers' samplers")
     p.add_argument("--json", help="also write the result to this JSON file")
+    q = sub.add_parser("quality", help="error against the exact distribution vs NFE, every solver")
+    q.add_argument("--problems", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
+    q.add_argument("--sdes", nargs="+", default=["vp", "ve", "edm"])
+    q.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
+    q.add_argument("--samples", type=int, default=4000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--json", help="write all records to this JSON file")
+    q.add_argument("--plots", help="directory for one error-vs-NFE PNG per (problem, SDE)")
     args = parser.parse_args(argv)
+    if args.what == "quality":
+        results = quality(tuple(args.problems), tuple(args.sdes), tuple(args.nfe), args.samples, args.seed,
+                          log=print)
+        _print_quality(results)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump([rec for res in results for rec in res["records"]], fh, indent=2)
+        if args.plots:
+            from .demo import plot
+
+            for res in results:
+                plot(res, f"{args.plots}/quality_{res['problem']}_{res['sde_name']}.png")
+        return 0
     if args.what == "overhead":
         result = overhead(tuple(args.shape), repeats=args.repeats, peers=not args.no_peers)
         _print_overhead(result)

@@ -31,6 +31,7 @@ from .sample import NonFiniteError, sample
 
 __all__ = [
     "SDES",
+    "PROBLEMS",
     "DEFAULT_BUDGETS",
     "QUICK_BUDGETS",
     "EXTRA_SOLVERS",
@@ -50,6 +51,9 @@ SDES: dict[str, Callable] = {
     "cosine": CosineVPSDE,
     "rf": RectifiedFlowSDE,
 }
+
+#: the built-in exact problems, by name: the function of samplers.problems that builds each
+PROBLEMS = {"2d": "mixture_2d", "64d": "mixture_64d"}
 
 DEFAULT_BUDGETS = (5, 10, 20, 50, 100)
 DEFAULT_SAMPLES = 4000
@@ -131,11 +135,11 @@ def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
     return mixture.sample(n, generator=gen).to(device)
 
 
-def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterable[int] = DEFAULT_BUDGETS,
+def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAMPLES, budgets: Iterable[int] = DEFAULT_BUDGETS,
              seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
              solver_list: list[tuple[str, Callable[[], Solver]]] | None = None,
              projections: int = 256, floor_sets: int = 8, log: Callable[[str], None] | None = None) -> dict:
-    """Sample the 2-D mixture with each solver at each NFE budget.
+    """Sample a mixture (``problem``: "2d" or "64d", see :data:`PROBLEMS`) with each solver at each NFE budget.
 
     Returns a dict with ``records`` (one per solver and budget met: solver, budget, nfe, steps,
     sw, time_ms, stochastic), ``skipped`` ((solver, budget, reason) for budgets a solver cannot
@@ -157,8 +161,10 @@ def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterab
     device = torch.device(device)
     solver_list = solver_factories() if solver_list is None else list(solver_list)
 
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem must be one of {sorted(PROBLEMS)}, got {problem!r}")
     sde_obj = SDES[sde]()
-    mixture = problems.mixture_2d()
+    mixture = getattr(problems, PROBLEMS[problem])()
     model = Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
 
     # the reference set, and independent exact sets of the same size for the floor: the distance
@@ -197,6 +203,7 @@ def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterab
             "time_ms": 1e3 * elapsed,
             "stochastic": bool(getattr(solver, "stochastic", False)),
             "sde": sde,
+            "problem": problem,
             "samples": samples,
             "sw_floor": floor,
         }, x, info
@@ -249,7 +256,7 @@ def run_demo(*, sde: str = "vp", samples: int = DEFAULT_SAMPLES, budgets: Iterab
                 keep(result[0], result[1])
     return {"records": records, "skipped": skipped, "floor": floor, "floor_range": (min(floors), max(floors)),
             "exact": exact, "samples": drawn,
-            "sde": repr(sde_obj), "sde_name": sde, "n": samples, "budgets": budgets, "seed": seed}
+            "sde": repr(sde_obj), "sde_name": sde, "problem": problem, "n": samples, "budgets": budgets, "seed": seed}
 
 
 _HEADER = f"{'solver':<22} {'NFE':>5} {'steps':>6} {'SW error':>10} {'time ms':>9}"
