@@ -9,3 +9,9 @@ __all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaru
 from .adaptive import AdaptiveContext, AdaptiveDPMSolver, AdaptiveSolver, StepSizeError
 
 __all__ += ["AdaptiveSolver", "AdaptiveContext", "AdaptiveDPMSolver", "StepSizeError"]
+from .unipc import UniPC
+
+__all__ += ["UniPC"]
+from .dpm_sde import DPMSolverSDE
+
+__all__ += ["DPMSolverSDE"]

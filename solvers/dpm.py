@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .base import Solver, X0Hooks
-from .multistep import derivative_weights
+from .multistep import derivative_weights, multistep_orders
 
 __all__ = ["DPMSolver"]
 
@@ -79,18 +79,14 @@ class DPMSolver(Solver):
             raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predict='data'")
         self.nfe_per_step = 1 if method == "multistep" else self.order
 
-    def step_orders(self, n_steps: int) -> list[int]:
-        """The order used at each of ``n_steps`` steps (multistep: warm-up and lower_order_final;
-        singlestep: the solver's order, except a step starting at alpha = 0, see the module)."""
+    def step_orders(self, n_steps: int, h: torch.Tensor | None = None) -> list[int]:
+        """The order used at each of ``n_steps`` steps: multistep, see
+        :func:`solvers.multistep.multistep_orders` (warm-up, lower_order_final, and, given the steps'
+        lengths ``h`` in log-SNR, order 1 after a jump in step length); singlestep, the solver's order,
+        except a step starting at alpha = 0 (see the module)."""
         if self.method == "singlestep":
             return [self.order] * n_steps
-        orders = []
-        for k in range(n_steps):
-            o = min(self.order, k + 1)
-            if self.lower_order_final and n_steps < 10:
-                o = min(o, n_steps - k)
-            orders.append(o)
-        return orders
+        return multistep_orders(self.order, n_steps, self.lower_order_final, h)
 
     # -- coefficients ---------------------------------------------------------------------------
 
@@ -148,7 +144,7 @@ class DPMSolver(Solver):
 
         zeros = torch.zeros_like(h)
         m0, m1, m2 = c_m0.clone(), zeros.clone(), zeros.clone()
-        for k, o in enumerate(self.step_orders(n)):
+        for k, o in enumerate(self.step_orders(n, h)):
             if o == 1:
                 continue
             # history nodes in lambda: the outputs of steps k, k-1 (, k-2) were taken at lam[k], ...
