@@ -21,14 +21,24 @@ __all__ = ["main", "overhead", "quality", "quality_solvers", "QUALITY_VARIANTS"]
 
 
 def _variants():
-    from solvers import AdaptiveDPMSolver, DPMSolver
+    import solvers
+    from solvers import AdaptiveDPMSolver, DPMSolver, DPMSolverSDE, UniPC
 
-    return [
+    out = [
         (None, lambda: DPMSolver(3)),
         (None, lambda: DPMSolver(2, "noise")),
+        (None, lambda: DPMSolver(2, method="singlestep")),
         (None, lambda: DPMSolver(3, method="singlestep")),
         (None, lambda: AdaptiveDPMSolver((1, 2))),
+        (None, lambda: DPMSolverSDE(2, "heun")),
+        (None, lambda: DPMSolverSDE(3)),
+        (None, lambda: UniPC(1)),
+        (None, lambda: UniPC(3)),
+        (None, lambda: UniPC(2, "bh1")),
     ]
+    if hasattr(solvers, "ERSDE"):
+        out += [(None, lambda o=o: solvers.ERSDE(o)) for o in (1, 2, 3)]
+    return out
 
 
 #: parametrised solvers the quality benchmark runs besides the demo's list: (label or None, factory)
