@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from .base import Solver, X0Hooks
-from .multistep import derivative_weights, multistep_orders
+from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolver"]
 
@@ -142,26 +142,11 @@ class DPMSolver(Solver):
         c_d2 = -scale * phi3
         c_d1_2m = 0.5 * c_m0  # 2M: 1/2 alpha_t (1 - e^{-h}) D1 (data), -1/2 sigma_t (e^h - 1) D1 (noise)
 
-        zeros = torch.zeros_like(h)
-        m0, m1, m2 = c_m0.clone(), zeros.clone(), zeros.clone()
-        for k, o in enumerate(self.step_orders(n, h)):
-            if o == 1:
-                continue
-            # history nodes in lambda: the outputs of steps k, k-1 (, k-2) were taken at lam[k], ...
-            w1, w2 = derivative_weights([lam[k - j] for j in range(o)])
-            # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 phi1 form of 2M
-            c1 = c_d1_2m[k] if o == 2 else c_d1[k]
-            for j, m in enumerate((m0, m1, m2)):
-                m[k] = m[k] + c1 * h[k] * w1[j] + c_d2[k] * h[k] ** 2 * w2[j]
+        # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 phi1 form of 2M
+        m0, m1, m2 = exponential_multistep_weights(lam, h, self.step_orders(n, h), c_m0, c_d1_2m, c_d1, c_d2)
 
         p, q = model.coefficients(_QUANTITY[self.predict], times[:-1])
-        if self.order == 1 and not self.hooks.active:
-            # nothing to remember: fold the conversion into the update, x <- (cx + c p) x + c q out
-            return {"x": cx + m0 * p, "out": m0 * q}
-        tables = {"x": cx, "m0": m0, "m1": m1, "conv_x": p, "conv_out": q, **self.hooks.time_table(times)}
-        if self.order == 3:
-            tables["m2"] = m2
-        return tables
+        return history_tables(self.order, cx, (m0, m1, m2), p, q, self.hooks, times)
 
     def _prepare_singlestep(self, model, times):
         tables = self.singlestep_coefficients(model, times[:-1], times[1:], self._stage_fractions())
@@ -225,18 +210,7 @@ class DPMSolver(Solver):
     def step(self, k, x, ctx):
         if self.method == "singlestep":
             return self._singlestep(k, x, ctx)
-        out = ctx.output(x, k)
-        if self.order == 1 and not self.hooks.active:
-            return x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
-        # history ring: the converted output of step j lives in buffer j % order
-        ring = self.order
-        m0 = self._converted(x, out, k, ctx, f"dpm_m{k % ring}")
-        x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("m0", k), m0)
-        if ring >= 2 and k >= 1:  # earlier buffers are written (their coefficient is 0 where the order is lower)
-            x.addcmul_(ctx.coef("m1", k), ctx.scratch(f"dpm_m{(k - 1) % ring}"))
-        if ring == 3 and k >= 2:
-            x.addcmul_(ctx.coef("m2", k), ctx.scratch(f"dpm_m{(k - 2) % ring}"))
-        return x
+        return history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "dpm_m")
 
     def _singlestep(self, k, x, ctx):
         order = ctx.plan("orders")[k]

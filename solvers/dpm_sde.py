@@ -55,7 +55,7 @@ import math
 import torch
 
 from .base import Solver, X0Hooks
-from .multistep import derivative_weights, multistep_orders
+from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolverSDE"]
 
@@ -132,29 +132,11 @@ class DPMSolverSDE(Solver):
         c_d1_3 = alpha_t * phi2
         c_d2 = -alpha_t * phi3
 
-        zeros = torch.zeros_like(h)
-        m0, m1, m2 = c_m0.clone(), zeros.clone(), zeros.clone()
-        for k, o in enumerate(self.step_orders(n, h)):
-            if o == 1:
-                continue
-            # history nodes in lambda: the outputs of steps k, k-1 (, k-2) were taken at lam[k], ...
-            # (a node at lambda = -inf gets weight 0: the derivative uses the finite ones)
-            w1, w2 = derivative_weights([lam[k - j] for j in range(o)])
-            c1 = c_d1_2[k] if o == 2 else c_d1_3[k]
-            for j, m in enumerate((m0, m1, m2)):
-                m[k] = m[k] + c1 * h[k] * w1[j] + (c_d2[k] * h[k] ** 2 * w2[j] if o == 3 else 0.0)
+        # (a history node at lambda = -inf gets weight 0: the derivative uses the finite ones)
+        m0, m1, m2 = exponential_multistep_weights(lam, h, self.step_orders(n, h), c_m0, c_d1_2, c_d1_3, c_d2)
 
         p, q = model.coefficients("x0", t_s)
-        tables = {}
-        if self.solver_order == 1 and not self.hooks.active:
-            # nothing to remember: fold the conversion into the update, x <- (cx + c p) x + c q out
-            tables.update(x=cx + m0 * p, out=m0 * q)
-        else:
-            tables.update(x=cx, m0=m0, conv_x=p, conv_out=q, **self.hooks.time_table(times))
-            if self.solver_order >= 2:
-                tables["m1"] = m1
-            if self.solver_order == 3:
-                tables["m2"] = m2
+        tables = history_tables(self.solver_order, cx, (m0, m1, m2), p, q, self.hooks, times)
         if self.stochastic:
             tables["noise"] = sigma_t * torch.sqrt(-torch.expm1(-2.0 * eta_h))
         return tables
@@ -162,21 +144,7 @@ class DPMSolverSDE(Solver):
     # -- steps ----------------------------------------------------------------------------------
 
     def step(self, k, x, ctx):
-        out = ctx.output(x, k)
-        if self.solver_order == 1 and not self.hooks.active:
-            x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
-        else:
-            # history ring: the converted output of step j lives in buffer j % order
-            ring = self.solver_order
-            m0 = torch.mul(x, ctx.coef("conv_x", k), out=ctx.scratch(f"dpm_sde_m{k % ring}"))
-            m0.addcmul_(ctx.coef("conv_out", k), out)
-            if self.hooks.active:
-                self.hooks.apply(m0, k, ctx)
-            x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("m0", k), m0)
-            if ring >= 2 and k >= 1:  # the coefficient is 0 where the step's order is lower
-                x.addcmul_(ctx.coef("m1", k), ctx.scratch(f"dpm_sde_m{(k - 1) % ring}"))
-            if ring == 3 and k >= 2:
-                x.addcmul_(ctx.coef("m2", k), ctx.scratch(f"dpm_sde_m{(k - 2) % ring}"))
+        x = history_step(k, x, ctx.output(x, k), ctx, self.solver_order, self.hooks, "dpm_sde_m")
         if self.stochastic:
             x.addcmul_(ctx.coef("noise", k), ctx.noise(k))
         return x

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["derivative_weights", "multistep_orders", "MAX_STEP_RATIO"]
+__all__ = ["derivative_weights", "multistep_orders", "exponential_multistep_weights", "history_tables",
+           "history_step", "MAX_STEP_RATIO"]
 
 
 def derivative_weights(nodes: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -65,12 +66,90 @@ def multistep_orders(order: int, n_steps: int, lower_order_final: bool = True,
       (measured on the 2-D mixture, DPM-Solver++ and UniPC, 10-50 steps); grids uniform in
       log-SNR or of Karras type never trigger it.
     """
+    jump = [False] * n_steps
+    if lower_order_final and h is not None and n_steps > 1:
+        longer = (h[1:] > MAX_STEP_RATIO * h[:-1]).reshape(n_steps - 1, -1).any(dim=1)
+        jump = [False] + longer.tolist()
     orders = []
     for k in range(n_steps):
         o = min(order, k + 1)
         if lower_order_final and n_steps < 10:
             o = min(o, n_steps - k)
-        if lower_order_final and h is not None and k > 0 and o > 1 and bool((h[k] > MAX_STEP_RATIO * h[k - 1]).any()):
+        if jump[k]:
             o = 1
         orders.append(o)
     return orders
+
+
+def exponential_multistep_weights(lam: torch.Tensor, h: torch.Tensor, orders: list[int], c_m0: torch.Tensor,
+                                  c_d1_order2: torch.Tensor, c_d1: torch.Tensor,
+                                  c_d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights (w0, w1, w2), each (N, C), on the converted outputs of steps k, k-1, k-2 for the
+    update x_{k+1} = cx x_k + c_m0 m_k + c1 D1 + c_d2 D2 of an exponential multistep solver
+    (DPM-Solver, SDE-DPM-Solver++), with D1 ~ h D'(lambda_k) and D2 ~ h^2 D''(lambda_k) from
+    :func:`derivative_weights` over the history nodes lam[k], lam[k-1], lam[k-2] (the step
+    starts, (N+1, C)); c1 is ``c_d1_order2`` on second-order steps and ``c_d1`` on third-order
+    ones.  Vectorised over the steps: ``prepare`` costs no Python loop per step."""
+    n = len(orders)
+    order = torch.tensor(orders).reshape((n,) + (1,) * (h.dim() - 1))
+    w = [c_m0.clone(), torch.zeros_like(h), torch.zeros_like(h)]
+    if n > 1:  # second-order steps: nodes lam[k], lam[k-1]
+        d1, _ = derivative_weights([lam[1:n], lam[0:n - 1]])
+        sel = order[1:] == 2
+        for j in range(2):
+            w[j][1:] += torch.where(sel, c_d1_order2[1:] * h[1:] * d1[j], 0.0)
+    if n > 2:  # third-order steps: nodes lam[k], lam[k-1], lam[k-2]
+        d1, d2 = derivative_weights([lam[2:n], lam[1:n - 1], lam[0:n - 2]])
+        sel = order[2:] == 3
+        for j in range(3):
+            w[j][2:] += torch.where(sel, c_d1[2:] * h[2:] * d1[j] + c_d2[2:] * h[2:] ** 2 * d2[j], 0.0)
+    return w[0], w[1], w[2]
+
+
+def history_tables(order: int, cx: torch.Tensor, weights, p: torch.Tensor, q: torch.Tensor, hooks,
+                   times: torch.Tensor) -> dict:
+    """The tables of an exponential multistep update x_{k+1} = cx x_k + sum_j w_j[k] m_{k-j} whose
+    converted outputs m = p x + q out (the x0 or eps estimate) are kept in a ring of scratch buffers;
+    read by :func:`history_step`.
+
+    The ring holds what costs the fewest passes to write: q out where p = 0 at every step (the
+    network predicts the solver's quantity); m/p = x + (q/p) out, one fused pass, where p != 0 at
+    every step and no x0 hook needs m itself (the weights are multiplied by p to match); else m.
+    """
+    n = cx.shape[0]
+    w = [weights[j].clone() for j in range(order)]
+    if order == 1 and not hooks.active:
+        # nothing to remember: fold the conversion into the update, x <- (cx + w p) x + w q out
+        return {"x": cx + w[0] * p, "out": w[0] * q}
+    if bool((p == 0).all()):
+        mode, tables = "direct", {"conv_out": q}
+    elif bool((p != 0).all()) and not hooks.active:
+        mode, tables = "scaled", {"conv_ratio": q / p}
+        for j in range(order):  # the ring holds m/p: weight j of step k meets m_{k-j}/p_{k-j}
+            w[j][j:] = w[j][j:] * p[: n - j]
+    else:
+        mode, tables = "general", {"conv_x": p, "conv_out": q}
+    tables.update({"x": cx, "history": [mode] * n, **hooks.time_table(times)})
+    tables.update({f"m{j}": w[j] for j in range(order)})
+    return tables
+
+
+def history_step(k: int, x: torch.Tensor, out: torch.Tensor, ctx, order: int, hooks, ring_name: str) -> torch.Tensor:
+    """x <- cx x + sum_j w_j m_{k-j} with the tables of :func:`history_tables`; this step's m goes
+    into ring buffer k % order (named ``ring_name`` + index)."""
+    if order == 1 and not hooks.active:
+        return x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
+    mode = ctx.plan("history")[k]
+    m0 = ctx.scratch(f"{ring_name}{k % order}")
+    if mode == "scaled":
+        torch.addcmul(x, ctx.coef("conv_ratio", k), out, out=m0)
+    elif mode == "direct":
+        torch.mul(out, ctx.coef("conv_out", k), out=m0)
+    else:
+        torch.mul(x, ctx.coef("conv_x", k), out=m0).addcmul_(ctx.coef("conv_out", k), out)
+    if hooks.active:
+        hooks.apply(m0, k, ctx)
+    x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("m0", k), m0)
+    for j in range(1, min(order, k + 1)):  # earlier buffers are written (weight 0 where the order is lower)
+        x.addcmul_(ctx.coef(f"m{j}", k), ctx.scratch(f"{ring_name}{(k - j) % order}"))
+    return x

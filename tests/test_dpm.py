@@ -372,3 +372,27 @@ def test_hook_arguments_are_checked():
     model = Model(GaussianX0Net(sde, MU, S), sde, predicts="x0")
     with pytest.raises(ValueError, match="correct_x0 must return a tensor shaped like x0"):
         sample(model, DPMSolver(2, correct_x0=lambda x0, t: x0[:1]), shape=(3, 2), steps=3, dtype=F64)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("net_predicts, predict", [("eps", "data"), ("x0", "noise"), ("v", "data")])
+def test_history_storage_modes_agree(order, net_predicts, predict):
+    """The ring holds m/p (one fused pass) when p != 0 at every step, q out when p = 0, m otherwise
+    (solvers.multistep.history_tables); an identity x0 hook forces the general form in data mode.
+    All give the same result."""
+    sde = make_sde("VP")
+    model = Model(GaussianNet(sde, net_predicts, MU, S), sde, predicts=net_predicts)
+    times = grid(sde, 12, "log_snr")[:, None]
+    assert DPMSolver(order, predict).prepare(model, times)["history"] == ["scaled"] * 12
+    x_T = torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=F64)
+    fast = sample(model, DPMSolver(order, predict), x_T=x_T, grid=times[:, 0], final_denoise=False, dtype=F64)
+    direct_model = Model(GaussianNet(sde, "x0" if predict == "data" else "eps", MU, S), sde,
+                         predicts="x0" if predict == "data" else "eps")
+    assert DPMSolver(order, predict).prepare(direct_model, times)["history"] == ["direct"] * 12
+    reference = sample(direct_model, DPMSolver(order, predict), x_T=x_T, grid=times[:, 0], final_denoise=False,
+                       dtype=F64)
+    assert torch.allclose(fast, reference, rtol=1e-12, atol=1e-12)
+    if predict == "data":
+        general = sample(model, DPMSolver(order, predict, correct_x0=lambda x0, t: x0), x_T=x_T, grid=times[:, 0],
+                         final_denoise=False, dtype=F64)
+        assert torch.allclose(fast, general, rtol=1e-12, atol=1e-12)
