@@ -27,3 +27,11 @@ def test_ode_solvers_at_most_8_passes_per_model_call(measured):
 def test_euler_maruyama_at_most_noise_plus_10_passes(measured):
     rows = {r["solver"]: r for r in measured["solvers"]}
     assert rows["EulerMaruyama(eta=1)"]["passes_per_step"] <= measured["keyed_noise_passes"] + 10, (rows, measured)
+
+
+def test_dpm_solver_pp_2m_within_the_target(measured):
+    """The issue's target is 8 passes per model call (k-diffusion's DPM++(2M) costs ~21, diffusers'
+    ~23 on these machines); measured 7.3-7.7 on the development machine, whose add_ pass itself
+    varies by 30% between runs, so the bound carries 25% headroom for a noisy CI machine."""
+    rows = {r["solver"]: r for r in measured["solvers"]}
+    assert rows["DPMSolver(order=2, predict='data')"]["passes_per_model_call"] <= 10, rows
