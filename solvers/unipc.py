@@ -54,7 +54,7 @@ import math
 import torch
 
 from .base import Solver, X0Hooks
-from .multistep import multistep_orders
+from .multistep import history_step, history_tables, multistep_orders
 
 __all__ = ["UniPC"]
 
@@ -156,10 +156,6 @@ class UniPC(Solver):
         """How many earlier outputs a step reads (the ring holds this many + 1)."""
         return self.solver_order if self.corrector else self.solver_order - 1
 
-    @property
-    def _folded(self) -> bool:
-        return self._history == 0 and not self.hooks.active
-
     def prepare(self, model, times):
         sde = model.sde
         n = times.shape[0] - 1
@@ -238,28 +234,11 @@ class UniPC(Solver):
             )
 
         pc, qc = model.coefficients(_QUANTITY[self.predict], times[:-1])
-        if self._folded:
-            # order 1 without corrector or hooks: x <- (cx + w p) x + w q out
-            return {"x": cx + w[0] * pc, "out": w[0] * qc}
-        tables = {"x": cx, "conv_x": pc, "conv_out": qc, **self.hooks.time_table(times)}
-        for j in range(hist + 1):
-            tables[f"m{j}"] = w[j]
-        return tables
+        # the ring of converted outputs, shared with the DPM solvers: solvers.multistep.history_tables
+        return history_tables(hist + 1, cx, w, pc, qc, self.hooks, times)
 
     def step(self, k, x, ctx):
-        out = ctx.output(x, k)
-        if self._folded:
-            return x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
-        # history ring: the converted output of step j lives in buffer j % ring
-        ring = self._history + 1
-        m = torch.mul(x, ctx.coef("conv_x", k), out=ctx.scratch(f"unipc_m{k % ring}"))
-        m.addcmul_(ctx.coef("conv_out", k), out)
-        if self.hooks.active:
-            self.hooks.apply(m, k, ctx)
-        x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("m0", k), m)
-        for j in range(1, min(k, ring - 1) + 1):  # earlier buffers are written; weight 0 where unused
-            x.addcmul_(ctx.coef(f"m{j}", k), ctx.scratch(f"unipc_m{(k - j) % ring}"))
-        return x
+        return history_step(k, x, ctx.output(x, k), ctx, self._history + 1, self.hooks, "unipc_m")
 
     def __repr__(self):
         extra = "" if self.corrector else ", corrector=False"
