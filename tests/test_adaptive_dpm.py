@@ -187,18 +187,3 @@ def test_driver_arguments():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveDPMSolver(**kwargs)
-
-
-def test_refuses_non_gaussian_sde():
-    from sde import SDE
-
-    class OU(SDE):
-        def drift(self, x, t):
-            return -x
-
-        def diffusion(self, x, t):
-            return torch.ones_like(x)
-
-    model = Model(lambda x, t: -x, OU(0.01, 1.0), predicts="score")
-    with pytest.raises(ValueError, match="needs a Gaussian-marginal SDE"):
-        sample(model, AdaptiveDPMSolver(), shape=(2, 2))

@@ -186,21 +186,6 @@ def test_bad_predict(predict):
         DPMSolver(predict=predict)
 
 
-def test_refuses_non_gaussian_sde():
-    from sde import SDE
-
-    class OU(SDE):
-        def drift(self, x, t):
-            return -x
-
-        def diffusion(self, x, t):
-            return torch.ones_like(x)
-
-    model = Model(lambda x, t: -x, OU(0.01, 1.0), predicts="score")
-    with pytest.raises(ValueError, match="needs a Gaussian-marginal SDE"):
-        sample(model, DPMSolver(2), shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.01], dtype=F64))
-
-
 # -- singlestep (2S, 3S) --------------------------------------------------------------------------
 
 def singlestep_reference(net, sde, x_T, times, order, predict):

@@ -535,19 +535,6 @@ def test_bad_eta(eta):
         DPMSolverSDE(eta=eta)
 
 
-def test_refuses_non_gaussian_sde():
-    class OU(SDE):
-        def drift(self, x, t):
-            return -x
-
-        def diffusion(self, x, t):
-            return torch.ones_like(x)
-
-    model = Model(lambda x, t: -x, OU(0.01, 1.0), predicts="score")
-    with pytest.raises(ValueError, match="DPMSolverSDE needs a Gaussian-marginal SDE"):
-        sample(model, DPMSolverSDE(), shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.01], dtype=F64))
-
-
 @pytest.mark.parametrize("order, solver_type", CONFIGS, ids=CONFIG_IDS)
 def test_correct_x0_sees_every_estimate_and_its_time(order, solver_type):
     sde = make_sde("VP")

@@ -146,12 +146,25 @@ class _OU(SDE):
         return torch.ones_like(x)
 
 
-def test_gaussian_only_solvers_refuse_other_sdes():
+def _every_solver():
+    from samplers.bench import quality_solvers
+
+    return quality_solvers()  # every exported solver with its defaults, plus the parametrised variants
+
+
+@pytest.mark.parametrize("label, make", _every_solver(), ids=[label for label, _ in _every_solver()])
+def test_gaussian_only_solvers_refuse_other_sdes(label, make):
+    """Every solver of the library that needs alpha/sigma/log-SNR refuses a non-Gaussian SDE by name."""
+    solver = make()
+    assert solver.gaussian_only, label
+    model = Model(lambda x, t: -x, _OU(0.01, 1.0), predicts="score")
+    grid = None if getattr(solver, "adaptive", False) else torch.tensor([1.0, 0.5, 0.01], dtype=F64)
+    with pytest.raises(ValueError, match=f"{type(solver).__name__} needs a Gaussian-marginal SDE"):
+        sample(model, solver, shape=(2, 2), grid=grid)
+
+
+def test_gaussian_only_models_refuse_other_sdes():
     sde = _OU(0.01, 1.0)
-    model = Model(lambda x, t: -x, sde, predicts="score")
-    for solver in (Euler(), Heun(), EulerMaruyama()):
-        with pytest.raises(ValueError, match="needs a Gaussian-marginal SDE"):
-            sample(model, solver, shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.01], dtype=F64))
     with pytest.raises(ValueError, match="needs a Gaussian-marginal SDE"):
         Model(lambda x, t: x, sde, predicts="eps")
 

@@ -474,19 +474,6 @@ def test_rectified_flow_refusals_at_alpha_zero():
     assert torch.isfinite(sample(model, UniPC(2, "bh1", corrector=False), shape=(2, 2), steps=8, dtype=F64)).all()
 
 
-def test_refuses_non_gaussian_sde():
-    class OU(SDE):
-        def drift(self, x, t):
-            return -x
-
-        def diffusion(self, x, t):
-            return torch.ones_like(x)
-
-    model = Model(lambda x, t: -x, OU(0.01, 1.0), predicts="score")
-    with pytest.raises(ValueError, match="UniPC needs a Gaussian-marginal SDE"):
-        sample(model, UniPC(), shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.01], dtype=F64))
-
-
 def test_per_sample_grids():
     """A (N+1, B) grid gives each sample the result of its own run."""
     sde = make_sde("VP")
