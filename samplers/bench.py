@@ -21,8 +21,7 @@ __all__ = ["main", "overhead", "quality", "quality_solvers", "QUALITY_VARIANTS"]
 
 
 def _variants():
-    import solvers
-    from solvers import AdaptiveDPMSolver, DPMSolver, DPMSolverSDE, UniPC
+    from solvers import ERSDE, AdaptiveDPMSolver, DPMSolver, DPMSolverSDE, UniPC
 
     out = [
         (None, lambda: DPMSolver(3)),
@@ -35,9 +34,10 @@ def _variants():
         (None, lambda: UniPC(1)),
         (None, lambda: UniPC(3)),
         (None, lambda: UniPC(2, "bh1")),
+        (None, lambda: ERSDE(1)),
+        (None, lambda: ERSDE(2)),
+        (None, lambda: ERSDE(3, "ode")),
     ]
-    if hasattr(solvers, "ERSDE"):
-        out += [(None, lambda o=o: solvers.ERSDE(o)) for o in (1, 2, 3)]
     return out
 
 

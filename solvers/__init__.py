@@ -15,3 +15,6 @@ __all__ += ["UniPC"]
 from .dpm_sde import DPMSolverSDE
 
 __all__ += ["DPMSolverSDE"]
+from .ersde import ERSDE
+
+__all__ += ["ERSDE"]
