@@ -64,7 +64,7 @@ Choices where the paper (and its code) leaves room:
   is the first, so first order (warm-up), and the node lambda = inf gets weight 0 in later derivatives.
 * Step orders: the paper's warm-up, step k uses order min(order, k + 1), and no lowering at the end
   (the grid never reaches sigma = 0: that is the driver's final denoising).  DPM-Solver's rule of
-  order 1 after a >3x jump in log-SNR step length (:data:`solvers.multistep.MAX_STEP_RATIO`) was
+  order 1 after a >3x (now 2x) jump in log-SNR step length (:data:`solvers.multistep.MAX_STEP_RATIO`) was
   measured and not adopted: on VP's uniform-t grid it raises the 20-NFE variance error of orders 2/3
   on Gaussian data (0.019/0.034 -> 0.033/0.025) and lowers it at 50 NFE (0.009/0.004 -> 0.003/0.003).
 

@@ -47,7 +47,7 @@ def derivative_weights(nodes: list[torch.Tensor]) -> tuple[list[torch.Tensor], l
 
 #: a multistep step more than this many times longer (in its integration variable) than the step
 #: before is taken with order 1: the history's derivative estimate would be extrapolated too far
-MAX_STEP_RATIO = 3.0
+MAX_STEP_RATIO = 2.0
 
 
 def multistep_orders(order: int, n_steps: int, lower_order_final: bool = True,
@@ -61,10 +61,11 @@ def multistep_orders(order: int, n_steps: int, lower_order_final: bool = True,
       are long, and a high order there is unstable);
     * step ratio: with the step lengths ``h`` ((N,) or (N, C)), a step more than
       :data:`MAX_STEP_RATIO` times the previous one (in any column) is first order.  That is the
-      last step of a VP grid uniform in t (about 10x the previous in log-SNR at 50 steps), where
-      extrapolating the history's slope over the long step costs 3-14x in error against order 1
-      (measured on the 2-D mixture, DPM-Solver++ and UniPC, 10-50 steps); grids uniform in
-      log-SNR or of Karras type never trigger it.
+      last step of a VP grid uniform in t (3.5x the previous in log-SNR at 50 steps, 2.9x at
+      100), where extrapolating the history's slope over the long step costs 3-14x in error
+      against order 1 (measured on a 2-D mixture, DPM-Solver++ and UniPC, 10-50 steps), and with
+      SDE-DPM-Solver++(3M) at 100 steps widened the 2-D mixture's samples (sliced Wasserstein
+      0.14 against 0.08 with the rule); grids uniform in log-SNR or of Karras type never trigger it.
     """
     jump = [False] * n_steps
     if lower_order_final and h is not None and n_steps > 1:

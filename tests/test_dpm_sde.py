@@ -52,12 +52,12 @@ def rel(ours, theirs):
 # -- a reference written from the formulas -----------------------------------------------------------
 
 def reference_orders(order, n, lower_order_final=True, lam=None):
-    """Warm-up; with lower_order_final, at most n - k below 10 steps and order 1 for a step more than 3x
+    """Warm-up; with lower_order_final, at most n - k below 10 steps and order 1 for a step more than 2x
     longer in lambda than the one before."""
     orders = [min(order, k + 1, n - k) if (lower_order_final and n < 10) else min(order, k + 1) for k in range(n)]
     if lower_order_final and lam is not None:
         h = [lam[k + 1] - lam[k] for k in range(n)]
-        orders = [1 if k > 0 and o > 1 and h[k] > 3.0 * h[k - 1] else o for k, o in enumerate(orders)]
+        orders = [1 if k > 0 and o > 1 and h[k] > 2.0 * h[k - 1] else o for k, o in enumerate(orders)]
     return orders
 
 
