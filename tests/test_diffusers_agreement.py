@@ -55,28 +55,36 @@ class _Float64Torch:
         return getattr(torch, name)
 
 
+def float64_timesteps(sched, steps: int, final_sigma_zero: bool) -> torch.Tensor:
+    """Give a diffusers scheduler float64 schedule tables, set its timesteps, and return them.
+
+    set_timesteps stores sigmas as float32; the integer timesteps index the float64 table exactly.
+    The last sigma is 0 (final_sigmas_type="zero") or that of timestep 0 ("sigma_min")."""
+    ac = torch.cumprod(1.0 - BETAS, dim=0)
+    sigmas_all = ((1.0 - ac) / ac).sqrt()
+    sched.betas, sched.alphas, sched.alphas_cumprod = BETAS.clone(), 1.0 - BETAS, ac
+    sched.alpha_t, sched.sigma_t = ac.sqrt(), (1.0 - ac).sqrt()
+    sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
+    sched.sigmas = sigmas_all.clone()
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.clone()
+    last = torch.zeros(1, dtype=F64) if final_sigma_zero else sigmas_all[:1]
+    sched.sigmas = torch.cat([sigmas_all[timesteps], last])
+    assert sched.sigmas.dtype == F64
+    return timesteps
+
+
 def diffusers_sample(steps: int, x_T: torch.Tensor, order: int = 2, float64: bool = True):
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=N, trained_betas=BETAS.tolist(), algorithm_type="dpmsolver++", solver_order=order,
         solver_type="midpoint", prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
         euler_at_final=False, thresholding=False, timestep_spacing="linspace",
     )
-    ac = torch.cumprod(1.0 - BETAS, dim=0)
-    sigmas_all = ((1.0 - ac) / ac).sqrt()
     if float64:
-        sched.betas = BETAS.clone()
-        sched.alphas = 1.0 - BETAS
-        sched.alphas_cumprod = ac
-        sched.alpha_t = ac.sqrt()
-        sched.sigma_t = (1.0 - ac).sqrt()
-        sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
-        sched.sigmas = sigmas_all.clone()
-    sched.set_timesteps(steps)
-    timesteps = sched.timesteps.clone()
-    if float64:
-        # set_timesteps stores sigmas as float32; integer timesteps index the float64 table exactly
-        sched.sigmas = torch.cat([sigmas_all[timesteps], torch.zeros(1, dtype=F64)])
-        assert sched.sigmas.dtype == F64
+        timesteps = float64_timesteps(sched, steps, final_sigma_zero=True)
+    else:
+        sched.set_timesteps(steps)
+        timesteps = sched.timesteps.clone()
     x = x_T.clone()
     for t in timesteps:
         x = sched.step(eps_net(x, t), t, x).prev_sample

@@ -171,15 +171,7 @@ def diffusers_sample(module, agreement, steps, x_T, order, solver_type, seed, al
         solver_type=solver_type, prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
         euler_at_final=False, thresholding=False, timestep_spacing="linspace",
     )
-    ac = torch.cumprod(1.0 - BETAS, dim=0)
-    sigmas_all = ((1.0 - ac) / ac).sqrt()
-    sched.betas, sched.alphas, sched.alphas_cumprod = BETAS.clone(), 1.0 - BETAS, ac
-    sched.alpha_t, sched.sigma_t = ac.sqrt(), (1.0 - ac).sqrt()
-    sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
-    sched.sigmas = sigmas_all.clone()
-    sched.set_timesteps(steps)
-    timesteps = sched.timesteps.clone()
-    sched.sigmas = torch.cat([sigmas_all[timesteps], torch.zeros(1, dtype=F64)])
+    timesteps = agreement.float64_timesteps(sched, steps, final_sigma_zero=True)
     src = NoiseSource(seed, x_T.shape[0])
     x = x_T.clone()
     for i, t in enumerate(timesteps):

@@ -164,7 +164,7 @@ def _diffusers_sample(steps, x_T, order, variant, predict_x0, lower_order_final=
     """UniPCMultistepScheduler with float64 schedule tables; final_sigmas_type='sigma_min' ends at timestep 0."""
     pytest.importorskip("diffusers")
     from diffusers import UniPCMultistepScheduler
-    from test_diffusers_agreement import BETAS, N, eps_net
+    from test_diffusers_agreement import BETAS, N, eps_net, float64_timesteps
 
     kwargs = {}
     if thresholding is not None:
@@ -174,16 +174,7 @@ def _diffusers_sample(steps, x_T, order, variant, predict_x0, lower_order_final=
         num_train_timesteps=N, trained_betas=BETAS.tolist(), solver_order=order, prediction_type="epsilon",
         predict_x0=predict_x0, solver_type=variant, lower_order_final=lower_order_final,
         final_sigmas_type="sigma_min", timestep_spacing="linspace", **kwargs)
-    ac = torch.cumprod(1.0 - BETAS, dim=0)
-    sigmas_all = ((1.0 - ac) / ac).sqrt()
-    sched.betas, sched.alphas, sched.alphas_cumprod = BETAS.clone(), 1.0 - BETAS, ac
-    sched.alpha_t, sched.sigma_t = ac.sqrt(), (1.0 - ac).sqrt()
-    sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
-    sched.sigmas = sigmas_all.clone()
-    sched.set_timesteps(steps)
-    timesteps = sched.timesteps.clone()
-    # set_timesteps stores float32 sigmas: the float64 ones at the same integer timesteps (last: timestep 0)
-    sched.sigmas = torch.cat([sigmas_all[timesteps], sigmas_all[:1]])
+    timesteps = float64_timesteps(sched, steps, final_sigma_zero=False)
     x = x_T.clone()
     for t in timesteps:
         x = sched.step(eps_net(x, t), t, x).prev_sample
