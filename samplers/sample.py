@@ -344,10 +344,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         bar.close()
     if final_denoise:
         out = ctx.output(x, n_steps)
-        x = x.mul_(final_x).addcmul_(final_out, out)
-        hooks = getattr(solver, "hooks", None)
-        if hooks is not None and hooks.active:  # the returned x0 estimate gets the solver's x0 hooks too
-            x = hooks.apply_at(x, table_times[-1].to(device=device, dtype=compute))
+        x = _final_hooks(solver, x.mul_(final_x).addcmul_(final_out, out), table_times[-1])
     sums[n_steps] = x.sum() if final_denoise else 0.0
     bad = ~torch.isfinite(sums)
     if bool(bad.any()):  # the one host sync of the run
@@ -370,6 +367,14 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     return result, info
 
 
+def _final_hooks(solver, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The returned x0 estimate gets the solver's x0 hooks (thresholding, correct_x0) too."""
+    hooks = getattr(solver, "hooks", None)
+    if hooks is None or not hooks.active:
+        return x0
+    return hooks.apply_at(x0, t.to(device=x0.device, dtype=x0.dtype))
+
+
 def _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device, seed,
                      return_info, start_time):
     batch = x.shape[0]
@@ -380,7 +385,7 @@ def _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, 
     everyone = torch.arange(batch)
     if final_denoise:
         p, q = ctx.coefficients("x0", t_end, x)
-        x = x * p + ctx.output(x, t_end, everyone) * q
+        x = _final_hooks(solver, x * p + ctx.output(x, t_end, everyone) * q, t_end)
     bad = ~torch.isfinite(x.reshape(batch, -1)).all(dim=1).cpu()
     if bool(bad.any()):
         raise NonFiniteError(

@@ -130,13 +130,17 @@ class AdaptiveDPMSolver(AdaptiveSolver):
     after a rejection costs k - 1 calls, not k).  A sample that starts where alpha = 0 (rectified
     flow at t = 1, lambda = -inf) first takes the exact-limit first-order step to
     lambda = log(2 atol)/2, where that step's local error is about atol.
+
+    ``thresholding`` and ``correct_x0`` act on every x0 estimate as in :class:`DPMSolver` (they
+    need ``predict="data"``); ``correct_x0`` receives the per-sample times of the estimate.
     """
 
     stochastic = False
     gaussian_only = True
 
     def __init__(self, order=(2, 3), predict: str = "data", rtol: float = 0.05, atol: float = 0.0078,
-                 h_init: float = 0.05, safety: float = 0.9, max_steps: int = 10_000, min_step: float = 1e-8):
+                 h_init: float = 0.05, safety: float = 0.9, max_steps: int = 10_000, min_step: float = 1e-8,
+                 thresholding=False, correct_x0=None):
         order = tuple(order) if isinstance(order, (tuple, list)) else order
         if order not in ((1, 2), (2, 3)):
             raise ValueError(f"order must be (1, 2) or (2, 3), got {order!r}")
@@ -151,8 +155,10 @@ class AdaptiveDPMSolver(AdaptiveSolver):
         self.nfe_per_step = order[1]
         self.predict = predict
         self.h_init, self.safety = float(h_init), float(safety)
-        # the two singlestep formulas (one place: DPMSolver's coefficients)
-        self._dpm = DPMSolver(order[1], predict, method="singlestep")
+        # the two singlestep formulas (one place: DPMSolver's coefficients), and the x0 hooks
+        self._dpm = DPMSolver(order[1], predict, method="singlestep", thresholding=thresholding,
+                              correct_x0=correct_x0)
+        self.hooks = self._dpm.hooks
         self._fractions_low = () if order == (1, 2) else (1.0 / 3.0,)
         self._fractions_high = (0.5,) if order == (1, 2) else (1.0 / 3.0, 2.0 / 3.0)
 
@@ -173,7 +179,10 @@ class AdaptiveDPMSolver(AdaptiveSolver):
 
         def converted(xs, out, t):
             p, q = ctx.coefficients(quantity, t, xs)
-            return xs * p + out * q
+            m = xs * p + out * q
+            if self.hooks.active:  # every x0 estimate, at its own per-sample times
+                self.hooks.apply_at(m, t.to(device=xs.device, dtype=xs.dtype))
+            return m
 
         while not bool(done.all()):
             idx = torch.nonzero(~done).flatten()
@@ -236,4 +245,5 @@ class AdaptiveDPMSolver(AdaptiveSolver):
         return x
 
     def __repr__(self):
-        return f"AdaptiveDPMSolver(order={self.pair}, predict={self.predict!r}{self.tolerance_args()})"
+        return (f"AdaptiveDPMSolver(order={self.pair}, predict={self.predict!r}{self.tolerance_args()}"
+                f"{self.hooks.repr_args()})")

@@ -187,3 +187,29 @@ def test_driver_arguments():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveDPMSolver(**kwargs)
+
+
+def test_x0_hooks():
+    """An identity correct_x0 changes nothing and sees every estimate at its per-sample times;
+    thresholding bounds the result of an x0 net that overshoots; hooks need predict='data'."""
+    sde = make_sde("VP")
+    x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    net = GaussianX0Net(sde, MU, S, record_times=True)
+    model = Model(net, sde, predicts="x0")
+    seen = []
+
+    def identity(x0, t):
+        seen.append(t.clone())
+        return x0
+
+    plain, _ = run(model, AdaptiveDPMSolver(rtol=1e-4, atol=1e-5), x_T)
+    net.times.clear()
+    hooked, _ = run(model, AdaptiveDPMSolver(rtol=1e-4, atol=1e-5, correct_x0=identity), x_T)
+    assert torch.equal(plain, hooked)
+    assert len(seen) == len(net.times) and all(torch.equal(a, b) for a, b in zip(seen, net.times))
+    overshoot = Model(lambda x, t: 4.0 * torch.ones_like(x), sde, predicts="x0")
+    x = sample(overshoot, AdaptiveDPMSolver(thresholding=True), x_T=x_T, dtype=F64)
+    assert torch.allclose(x, torch.ones_like(x))
+    assert "thresholding=DynamicThresholding" in repr(AdaptiveDPMSolver(thresholding=True))
+    with pytest.raises(ValueError, match="need predict='data'"):
+        AdaptiveDPMSolver(predict="noise", thresholding=True)
