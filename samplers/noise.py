@@ -26,11 +26,22 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "native_available"]
+__all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "STREAM_STEP_DRAWS", "step_stream",
+           "native_available"]
 
 STREAM_STEP = 0
 STREAM_PRIOR = 1
 STREAM_TREE = 2
+#: further independent draws within one step (a corrector, restart jumps): draw j >= 1 of step k is
+#: keyed (counter k, stream STREAM_STEP_DRAWS + j)
+STREAM_STEP_DRAWS = 1 << 16
+
+
+def step_stream(draw: int) -> int:
+    """The stream of draw ``draw`` (0, 1, ...) of a step: STREAM_STEP for the first draw."""
+    if isinstance(draw, bool) or not isinstance(draw, int) or not 0 <= draw < STREAM_STEP_DRAWS:
+        raise ValueError(f"draw must be an int in [0, {STREAM_STEP_DRAWS}), got {draw!r}")
+    return STREAM_STEP if draw == 0 else STREAM_STEP_DRAWS + draw
 
 _ITEM_CALLS = 1024  # must equal ITEM_CALLS in _native/philox.c
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57

@@ -14,7 +14,7 @@ from solvers import Solver
 from .grid import grid as make_grid
 from .grid import validate_grid
 from .model import Model, compute_dtype
-from .noise import STREAM_PRIOR, STREAM_STEP, NoiseSource
+from .noise import STREAM_PRIOR, NoiseSource, step_stream
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
 
@@ -77,8 +77,8 @@ class _Context:
         self.nfe = 0
         self.first_output = None
         self.record = False
-        self._noise_step = None
-        self._noise = None
+        self._noise_keys: dict[int, int] = {}  # draw -> the step its buffer holds
+        self._noise_bufs: dict[int, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
 
     def output(self, x, time_index, stage=None):
@@ -92,13 +92,14 @@ class _Context:
             self.first_output = out
         return out
 
-    def noise(self, step):
-        if self._noise_step != step:
-            if self._noise is None:
-                self._noise = torch.empty_like(self.like)
-            self.noise_source.normal(self.like.shape[1:], counter=step, stream=STREAM_STEP, out=self._noise)
-            self._noise_step = step
-        return self._noise
+    def noise(self, step, draw=0):
+        buf = self._noise_bufs.get(draw)
+        if buf is None:
+            buf = self._noise_bufs[draw] = torch.empty_like(self.like)
+        if self._noise_keys.get(draw) != step:
+            self.noise_source.normal(self.like.shape[1:], counter=step, stream=step_stream(draw), out=buf)
+            self._noise_keys[draw] = step
+        return buf
 
     def coef(self, name, step):
         return self.tables[name][step]

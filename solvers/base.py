@@ -23,8 +23,10 @@ class StepContext(Protocol):
         ``stage``, at row ``time_index`` of the solver's stage-time table of that name (see
         :meth:`Solver.stage_times`)."""
 
-    def noise(self, step: int) -> torch.Tensor:
-        """Keyed standard normals shaped like the state for ``step`` (the same for every call)."""
+    def noise(self, step: int, draw: int = 0) -> torch.Tensor:
+        """Keyed standard normals shaped like the state for ``step`` (the same for every call); draws
+        1, 2, ... of the same step are independent of draw 0 and of each other (a corrector's noise,
+        restart jumps)."""
 
     def coef(self, name: str, step: int) -> torch.Tensor:
         """Row ``step`` of a prepared table, shaped to broadcast against the state."""

@@ -288,3 +288,20 @@ def test_argument_errors():
         src.normal((3,), out=torch.empty(2, 4))
     # a tensor of seeds is accepted like a list
     assert torch.equal(NoiseSource(torch.tensor([4, 5]), 2).normal((3,)), NoiseSource([4, 5], 2).normal((3,)))
+
+
+def test_step_draws_are_independent_keyed_streams():
+    """ctx.noise(k, draw): draw 0 is the step's stream; draws 1, 2 are other keys, batch invariant."""
+    from samplers.noise import STREAM_STEP, STREAM_STEP_DRAWS, step_stream
+
+    assert step_stream(0) == STREAM_STEP and step_stream(1) == STREAM_STEP_DRAWS + 1
+    with pytest.raises(ValueError, match="draw must be"):
+        step_stream(-1)
+    src = NoiseSource(3, 4)
+    draws = [src.normal((1000,), counter=5, stream=step_stream(j)) for j in range(3)]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            corr = (draws[i] * draws[j]).mean().item()
+            assert abs(corr) < 0.1, (i, j, corr)
+    one = NoiseSource(3, 1, sample_index=[2]).normal((1000,), counter=5, stream=step_stream(2))
+    assert torch.equal(one[0], draws[2][2])
