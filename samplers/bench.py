@@ -4,6 +4,9 @@
 ``x.add_(y)`` pass over the batch, for a network that returns a fixed tensor (so the network
 costs nothing and only the solver's arithmetic, noise and bookkeeping remain).
 
+``bench traffic``: the same cost counted instead of timed (full-batch tensor reads and writes
+per step), deterministic, so it is what the tests bound.
+
 ``bench quality``: every solver (and the variants in :data:`QUALITY_VARIANTS`) on the exact
 2-D and 64-D Gaussian mixtures under VP/VE/EDM at NFE 5, 10, 20, 50, 100: sliced Wasserstein
 distance to exact samples and wall time, as tables, a JSON file and error-vs-NFE plots.
@@ -15,9 +18,12 @@ import argparse
 import json
 import time
 
-import torch
+import math
 
-__all__ = ["main", "overhead", "quality", "quality_solvers", "QUALITY_VARIANTS"]
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["main", "overhead", "traffic", "quality", "quality_solvers", "QUALITY_VARIANTS"]
 
 
 def _variants():
@@ -101,7 +107,103 @@ def _best_time(fn, repeats: int, inner: int) -> float:
     return best
 
 
-def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bool = True) -> dict:
+class _TrafficCounter(TorchDispatchMode):
+    """Counts the full-batch tensors each aten op reads and writes: the memory traffic that bounds
+    an elementwise solver step. Views move no memory and are skipped; an op's output that is also
+    one of its inputs (in place, ``out=``) is one write, not another read."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel = numel
+        self.tensor_moves = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        returns = func._schema.returns
+        if func._schema.name in _NO_TRAFFIC or any(r.alias_info is not None and not r.alias_info.is_write
+                                                   for r in returns):
+            return out  # a view, or metadata only
+        written = {id(t) for t in _tensors(out) if t.numel() >= self.numel}
+        read = [t for t in _tensors((args, kwargs)) if t.numel() >= self.numel and id(t) not in written]
+        self.tensor_moves += len(written) + len(read)
+        if any(r.alias_info is not None and r.alias_info.is_write for r in returns):
+            # in place: the written tensor is also read unless the op only fills it
+            self.tensor_moves += sum(1 for t in _tensors(out) if id(t) in written) if _reads_target(func) else 0
+        return out
+
+
+_NO_TRAFFIC = {"aten::resize_", "aten::set_", "aten::empty", "aten::empty_like", "aten::empty_strided"}
+
+
+def _reads_target(func) -> bool:
+    name = func._schema.name.split("::")[-1]
+    return not (name.startswith(("normal", "uniform", "random", "fill", "zero", "copy", "randn", "rand",
+                                 "empty", "bernoulli", "exponential")) or func._schema.overload_name == "out")
+
+
+def _tensors(tree):
+    return [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+#: one x.add_(y) reads x and y and writes x
+ADD_PASS_TENSOR_MOVES = 3
+
+
+def traffic(shape=(8, 3, 16, 16), steps=(6, 18)) -> dict:
+    """Per-step memory traffic of each solver, counted (not timed) in add_ passes: full-batch tensor
+    reads and writes of every aten op, divided by the 3 of one ``x.add_(y)``. Deterministic, so it
+    is what the tests bound; :func:`overhead` times the same thing on real hardware. The keyed
+    noise is filled by the native extension outside aten (one write per draw, timed by
+    :func:`overhead`), so a stochastic solver's count is its arithmetic around the draw."""
+    from sde import VPSDE
+
+    from .demo import solver_factories
+    from .model import Model
+    from .sample import sample
+
+    numel = math.prod(shape)
+    torch.manual_seed(0)
+    fixed = torch.randn(shape) * 0.1
+    x_T = torch.randn(shape)
+
+    def moves(fn) -> int:
+        with _TrafficCounter(numel) as counter:
+            fn()
+        return counter.tensor_moves
+
+    model = Model(lambda x, t: fixed, VPSDE(), predicts="eps")
+    rows = []
+    for label, factory in solver_factories():
+        solver = factory()
+        if getattr(solver, "adaptive", False):
+            continue
+        short, long = (moves(lambda n=n: sample(model, solver, x_T=x_T, steps=n, final_denoise=False))
+                       for n in steps)
+        per_step = (long - short) / (steps[1] - steps[0]) / ADD_PASS_TENSOR_MOVES
+        rows.append({"solver": label, "passes_per_step": per_step,
+                     "passes_per_model_call": per_step / solver.nfe_per_step, "stochastic": solver.stochastic})
+    peers = []
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+    except Exception:  # noqa: BLE001 - any import failure means the peer is not available
+        DPMSolverMultistepScheduler = None
+    if DPMSolverMultistepScheduler is not None:
+        def diffusers_dpm_2m(n):
+            sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=2)
+            sched.set_timesteps(n)
+            x = x_T.clone()
+            for t in sched.timesteps:
+                x = sched.step(fixed, t, x).prev_sample
+
+        short, long = (moves(lambda n=n: diffusers_dpm_2m(n)) for n in steps)
+        peers.append({"peer": "diffusers DPMSolverMultistepScheduler(solver_order=2)",
+                      "passes_per_model_call": (long - short) / (steps[1] - steps[0]) / ADD_PASS_TENSOR_MOVES})
+    return {"shape": list(shape), "solvers": rows, "peers": peers}
+
+
+def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bool = True,
+             solvers: bool = True) -> dict:
     """Per-step cost of each solver in add_ passes; the difference of two runs of different
     length removes the one-time set-up (grid tables, prior draw) from the estimate."""
     from sde import VPSDE
@@ -125,7 +227,7 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
     model = Model(lambda x, t: fixed, sde, predicts="eps")
     x_T = torch.randn(shape)
     rows = []
-    for label, factory in solver_factories():  # the demo's list: every solver, one place
+    for label, factory in solver_factories() if solvers else ():  # the demo's list: every solver, one place
         solver = factory()
         if getattr(solver, "adaptive", False):  # no fixed steps: its cost per step is not comparable
             continue
@@ -194,6 +296,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peers", action="store_true", help="skip peers' samplers")
     p.add_argument("--json", help="also write the result to this JSON file")
+    c = sub.add_parser("traffic", help="counted memory traffic per step in add_ passes (deterministic)")
+    c.add_argument("--shape", type=int, nargs="+", default=[8, 3, 16, 16])
+    c.add_argument("--json", help="also write the result to this JSON file")
     q = sub.add_parser("quality", help="error against the exact distribution vs NFE, every solver")
     q.add_argument("--problems", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
     q.add_argument("--sdes", nargs="+", default=["vp", "ve", "edm"])
@@ -216,6 +321,14 @@ def main(argv=None) -> int:
             for res in results:
                 plot(res, f"{args.plots}/quality_{res['problem']}_{res['sde_name']}.png")
         return 0
+    if args.what == "traffic":
+        result = traffic(tuple(args.shape))
+        print(f"batch {tuple(result['shape'])}: counted full-batch reads and writes per step, in add_ passes")
+        for row in result["solvers"] + result["peers"]:
+            print(f"{row.get('solver') or row['peer']:<56} {row['passes_per_model_call']:>6.2f} passes/model call")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
     if args.what == "overhead":
         result = overhead(tuple(args.shape), repeats=args.repeats, peers=not args.no_peers)
         _print_overhead(result)

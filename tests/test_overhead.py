@@ -1,37 +1,62 @@
-"""The sampler's own cost per step (bench overhead) stays within the issue's budget.
+"""The sampler's own cost per step stays within the issue's budget.
 
-Timings on a shared CI machine are noisy, so the bounds are the issue's targets, which the
-measured values undercut several-fold (see the closing note); a regression that doubles a
-solver's cost still fails."""
+Wall-clock passes (``bench overhead``) vary two-fold on a shared CI machine, so the bounds here
+are on the counted memory traffic (``samplers.bench.traffic``): full-batch tensor reads and
+writes per step in add_ passes, which is deterministic. The bounds are the measured counts, so
+a solver that gains one extra pass over the batch fails."""
 
 import pytest
+import torch
 
-from samplers.bench import overhead
+from samplers.bench import _TrafficCounter, overhead, traffic
 
 
 @pytest.fixture(scope="module")
-def measured():
-    return overhead(shape=(256, 3, 64, 64), steps=(6, 18), repeats=2, peers=False)
+def counted():
+    return traffic()
 
 
-def test_keyed_noise_costs_at_most_1_2_randn(measured):
+@pytest.mark.parametrize("op, moves", [
+    (lambda x, y, z, s: x.add_(y), 3),
+    (lambda x, y, z, s: x + y, 3),
+    (lambda x, y, z, s: torch.mul(x, y, out=z), 3),
+    (lambda x, y, z, s: x.addcmul_(y, z), 4),
+    (lambda x, y, z, s: z.copy_(x), 2),
+    (lambda x, y, z, s: x.mul_(s), 2),  # a per-sample factor is not a full-batch read
+    (lambda x, y, z, s: x.view(-1), 0),
+    (lambda x, y, z, s: torch.randn(3, 10, out=z), 1),
+])
+def test_traffic_counter_counts_full_batch_reads_and_writes(op, moves):
+    x, y, z, s = torch.randn(3, 10), torch.randn(3, 10), torch.randn(3, 10), torch.randn(3, 1)
+    with _TrafficCounter(30) as counter:
+        op(x, y, z, s)
+    assert counter.tensor_moves == moves
+
+
+def _rows(counted):
+    return {r["solver"]: r["passes_per_model_call"] for r in counted["solvers"]}
+
+
+@pytest.mark.parametrize("solver, bound", [
+    ("Euler(eta=0)", 2.0),
+    ("Heun(eta=0)", 2.34),
+    ("EulerMaruyama(eta=1)", 3.0),  # besides the one write of the keyed draw
+    ("DPMSolver(order=2, predict='data')", 4.0),  # the issue's target: 8
+    ("UniPC(order=2, variant='bh2', predict='data')", 5.0),
+    ("DPMSolverSDE(order=2, solver_type='midpoint', eta=1)", 5.0),
+    ("ERSDE(order=3, noise_scale='sde_5')", 6.0),
+])
+def test_counted_passes_per_model_call(counted, solver, bound):
+    assert _rows(counted)[solver] <= bound, _rows(counted)
+
+
+def test_dpm_solver_pp_2m_half_of_diffusers(counted):
+    pytest.importorskip("diffusers")
+    (peer,) = counted["peers"]
+    assert _rows(counted)["DPMSolver(order=2, predict='data')"] <= 0.5 * peer["passes_per_model_call"], counted
+
+
+def test_keyed_noise_costs_at_most_1_2_randn():
+    """A timing ratio of two runs on the same machine; measured 0.36 on CI and ~0.35 here."""
+    measured = overhead(shape=(64, 3, 64, 64), steps=(2, 4), repeats=3, peers=False, solvers=False)
     assert measured["keyed_over_randn"] <= 1.2, measured
-
-
-def test_ode_solvers_at_most_8_passes_per_model_call(measured):
-    rows = {r["solver"]: r for r in measured["solvers"]}
-    assert rows["Euler(eta=0)"]["passes_per_model_call"] <= 8, rows
-    assert rows["Heun(eta=0)"]["passes_per_model_call"] <= 8, rows
-
-
-def test_euler_maruyama_at_most_noise_plus_10_passes(measured):
-    rows = {r["solver"]: r for r in measured["solvers"]}
-    assert rows["EulerMaruyama(eta=1)"]["passes_per_step"] <= measured["keyed_noise_passes"] + 10, (rows, measured)
-
-
-def test_dpm_solver_pp_2m_within_the_target(measured):
-    """The issue's target is 8 passes per model call (k-diffusion's DPM++(2M) costs ~21, diffusers'
-    ~23 on these machines); measured 7.3-7.7 on the development machine, whose add_ pass itself
-    varies by 30% between runs, so the bound carries 25% headroom for a noisy CI machine."""
-    rows = {r["solver"]: r for r in measured["solvers"]}
-    assert rows["DPMSolver(order=2, predict='data')"]["passes_per_model_call"] <= 10, rows
