@@ -23,11 +23,11 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["main", "overhead", "traffic", "quality", "quality_solvers", "QUALITY_VARIANTS"]
+__all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality", "quality_solvers", "QUALITY_VARIANTS"]
 
 
 def _variants():
-    from solvers import ERSDE, AdaptiveDPMSolver, DPMSolver, DPMSolverSDE, UniPC
+    from solvers import ERSDE, AdaptiveDPMSolver, DPMSolver, DPMSolverSDE, Restart, UniPC
 
     out = [
         (None, lambda: DPMSolver(3)),
@@ -43,6 +43,8 @@ def _variants():
         (None, lambda: ERSDE(1)),
         (None, lambda: ERSDE(2)),
         (None, lambda: ERSDE(3, "ode")),
+        ("Restart('cifar10_vp')", lambda: Restart.preset("cifar10_vp")),
+        ("Restart('cifar10_vp', DPMSolver(2))", lambda: Restart.preset("cifar10_vp", DPMSolver(2))),
     ]
     return out
 
@@ -94,6 +96,48 @@ def _print_quality(results: list[dict]) -> None:
         for label, by_budget in rows.items():
             cells = [f"{by_budget[b]:>8.4f}" if b in by_budget else f"{'-':>8}" for b in budgets]
             print(f"{label:<{width}} " + " ".join(cells))
+
+
+def adaptive_em_vs_em(sdes=("vp", "ve"), rtols=(0.1, 0.05, 0.02), samples: int = 4000, seed: int = 0,
+                      log=None) -> list[dict]:
+    """Gotta Go Fast's claim, measured: AdaptiveEM at its mean NFE per sample against
+    EulerMaruyama at that NFE and at twice it, on two problems with exact scores: data
+    N(0.5, 0.1^2) in 4 dimensions (relative variance error, float64; standard error
+    sqrt(2/(4 samples))) and the 2-D mixture (sliced Wasserstein to exact samples)."""
+    from solvers import AdaptiveEM, EulerMaruyama
+
+    from . import problems
+    from .demo import SDES
+    from .model import Model
+    from .sample import sample
+
+    rows = []
+    for sde_name in sdes:
+        sde = SDES[sde_name]()
+        gaussian = problems.gaussian(0.5, 0.1, dim=4)
+        mixture = problems.mixture_2d()
+        exact = mixture.sample(samples, generator=torch.Generator().manual_seed(seed + 1))
+        cases = {
+            "gaussian variance error": (gaussian, lambda x: x.var().item() / 0.01 - 1),
+            "2d mixture sliced W": (mixture, lambda x: problems.sliced_wasserstein(x, exact, seed=seed)),
+        }
+        for problem, (data, error) in cases.items():
+            model = Model(data.net(sde, "x0"), sde, predicts="x0")
+            for rtol in rtols:
+                x, info = sample(model, AdaptiveEM(rtol=rtol), shape=(samples, data.dim), seed=seed,
+                                 dtype=torch.float64, return_info=True)
+                per_sample = info.nfe_per_sample.double()
+                nfe = int(round(per_sample.mean().item()))
+                em = [error(sample(model, EulerMaruyama(), shape=(samples, data.dim), seed=seed, steps=k,
+                                   dtype=torch.float64)) for k in (nfe, 2 * nfe)]
+                row = {"sde": sde_name, "problem": problem, "rtol": rtol, "nfe_mean": nfe,
+                       "nfe_min_median_max": [int(per_sample.min()), int(per_sample.median()), int(per_sample.max())],
+                       "adaptive_em": error(x), "em_same_nfe": em[0], "em_twice_nfe": em[1]}
+                rows.append(row)
+                if log is not None:
+                    log(f"| {sde_name} | {problem} | {rtol:g} | {nfe} | {' / '.join(map(str, row['nfe_min_median_max']))} "
+                        f"| {row['adaptive_em']:+.4f} | {em[0]:+.4f} | {em[1]:+.4f} |")
+    return rows
 
 
 def _best_time(fn, repeats: int, inner: int) -> float:
@@ -202,6 +246,26 @@ def traffic(shape=(8, 3, 16, 16), steps=(6, 18)) -> dict:
     return {"shape": list(shape), "solvers": rows, "peers": peers}
 
 
+def keyed_noise_ratio(shape=(64, 3, 64, 64), rounds: int = 7) -> float:
+    """Time of the keyed noise over ``torch.randn`` for one batch, single-threaded (OpenMP threads
+    on a busy machine measure the scheduler, not the generator), the two timed alternately and
+    the best of ``rounds`` kept for each, so load on the machine hits both alike."""
+    from .noise import NoiseSource
+
+    buf = torch.empty(shape)
+    source = NoiseSource(0, shape[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best_randn = best_keyed = float("inf")
+        for _ in range(rounds):
+            best_randn = min(best_randn, _best_time(lambda: torch.randn(shape, out=buf), 1, 3))
+            best_keyed = min(best_keyed, _best_time(lambda: source.normal(shape[1:], counter=3, out=buf), 1, 3))
+    finally:
+        torch.set_num_threads(threads)
+    return best_keyed / best_randn
+
+
 def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bool = True,
              solvers: bool = True) -> dict:
     """Per-step cost of each solver in add_ passes; the difference of two runs of different
@@ -299,6 +363,11 @@ def main(argv=None) -> int:
     c = sub.add_parser("traffic", help="counted memory traffic per step in add_ passes (deterministic)")
     c.add_argument("--shape", type=int, nargs="+", default=[8, 3, 16, 16])
     c.add_argument("--json", help="also write the result to this JSON file")
+    g = sub.add_parser("adaptive-em", help="AdaptiveEM at its NFE vs EulerMaruyama at 1x and 2x that NFE")
+    g.add_argument("--sdes", nargs="+", default=["vp", "ve"])
+    g.add_argument("--rtols", type=float, nargs="+", default=[0.1, 0.05, 0.02])
+    g.add_argument("--samples", type=int, default=4000)
+    g.add_argument("--json", help="also write the rows to this JSON file")
     q = sub.add_parser("quality", help="error against the exact distribution vs NFE, every solver")
     q.add_argument("--problems", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
     q.add_argument("--sdes", nargs="+", default=["vp", "ve", "edm"])
@@ -320,6 +389,14 @@ def main(argv=None) -> int:
 
             for res in results:
                 plot(res, f"{args.plots}/quality_{res['problem']}_{res['sde_name']}.png")
+        return 0
+    if args.what == "adaptive-em":
+        print("| SDE | problem | rtol | mean NFE | NFE min / median / max | AdaptiveEM | EM same NFE | EM 2x NFE |")
+        print("|---|---|---|---|---|---|---|---|")
+        rows = adaptive_em_vs_em(tuple(args.sdes), tuple(args.rtols), args.samples, log=print)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
         return 0
     if args.what == "traffic":
         result = traffic(tuple(args.shape))

@@ -16,7 +16,10 @@ import torch
 
 from .noise import STREAM_TREE, NoiseSource
 
-__all__ = ["VirtualBrownianTree"]
+__all__ = ["VirtualBrownianTree", "DEFAULT_DEPTH"]
+
+#: bisections of the tree: exact in law down to (t1 - t0) / 2^24, 6e-8 of the interval
+DEFAULT_DEPTH = 24
 
 
 class VirtualBrownianTree:
@@ -35,7 +38,7 @@ class VirtualBrownianTree:
         linear in between.  Default 24 (resolution 6e-8 of the interval).
     """
 
-    def __init__(self, noise: NoiseSource, shape, t0: float, t1: float, *, depth: int = 24,
+    def __init__(self, noise: NoiseSource, shape, t0: float, t1: float, *, depth: int = DEFAULT_DEPTH,
                  stream: int = STREAM_TREE, dtype=torch.float64, device="cpu"):
         if not (math.isfinite(t0) and math.isfinite(t1) and t0 < t1):
             raise ValueError(f"VirtualBrownianTree: expected finite t0 < t1, got t0={t0}, t1={t1}")
@@ -86,6 +89,14 @@ class VirtualBrownianTree:
         frac = ((t - a) / (b - a)).to(self.device, self.dtype).reshape(col)
         return w_a + frac * (w_b - w_a)
 
-    def increment(self, s, t) -> torch.Tensor:
-        """W(t) - W(s), per sample."""
-        return self.value(t) - self.value(s)
+    def increment(self, s, t, index=None) -> torch.Tensor:
+        """W(t) - W(s), per sample; with ``index`` (int64 rows), for those rows only, with s and t
+        one time (or one per row) each.  Both ends are found in one descent of the tree."""
+        rows = torch.arange(self.noise.batch_size) if index is None else torch.as_tensor(index, dtype=torch.int64)
+        n = int(rows.numel())
+        ends = torch.cat([torch.as_tensor(s, dtype=torch.float64).cpu().expand(n),
+                          torch.as_tensor(t, dtype=torch.float64).cpu().expand(n)])
+        both = VirtualBrownianTree(self.noise.subset(torch.cat([rows, rows])), self.shape, self.t0, self.t1,
+                                   depth=self.depth, stream=self.stream, dtype=self.dtype, device=self.device)
+        w = both.value(ends)
+        return w[n:] - w[:n]

@@ -126,6 +126,8 @@ def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
 def steps_for_nfe(solver: Solver, nfe: int, final_denoise: bool = True) -> int:
     """The most steps whose network calls (``nfe_per_step`` each, + 1 final denoise) fit in ``nfe``;
     0 when not even one step fits."""
+    if hasattr(solver, "steps_for_nfe"):  # a fixed cost besides the steps (Restart's passes)
+        return solver.steps_for_nfe(nfe, final_denoise)
     per_step = max(int(getattr(solver, "nfe_per_step", 1)), 1)
     return max((int(nfe) - int(bool(final_denoise))) // per_step, 0)
 

@@ -271,6 +271,20 @@ class NoiseSource:
         self._index32 = index.to(torch.int32)  # the uint32 bits the C code reads
         self._counter_cache: dict[int, torch.Tensor] = {}
 
+    def subset(self, index) -> "NoiseSource":
+        """The source of rows ``index`` (int64; repeats allowed): row j draws what row index[j] of
+        this source draws, so a solver that works on part of the batch sees the same numbers."""
+        index = torch.as_tensor(index, dtype=torch.int64).flatten().cpu()
+        if index.numel() == 0 or bool(((index < 0) | (index >= self.batch_size)).any()):
+            raise ValueError(f"index: expected a non-empty set of rows in [0, {self.batch_size}), got {index.tolist()}")
+        out = NoiseSource.__new__(NoiseSource)
+        out.batch_size = int(index.numel())
+        out.seeds = self.seeds[index]
+        out.sample_index = self.sample_index[index]
+        out._index32 = self._index32[index]
+        out._counter_cache = {}
+        return out
+
     def _counter(self, counter) -> torch.Tensor:
         if isinstance(counter, int):
             if not 0 <= counter <= _MASK32:

@@ -14,6 +14,7 @@ from solvers import Solver
 from .grid import grid as make_grid
 from .grid import validate_grid
 from .model import Model, compute_dtype
+from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .noise import STREAM_PRIOR, NoiseSource, step_stream
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
@@ -117,8 +118,10 @@ class _Context:
 class _AdaptiveContext:
     """The AdaptiveContext of one run: network calls on subsets of the batch at per-sample times."""
 
-    def __init__(self, model: Model, cond: dict, batch: int, device, compute, net_dtype):
+    def __init__(self, model: Model, cond: dict, batch: int, device, compute, net_dtype, noise: NoiseSource,
+                 t_low: float, t_high: float):
         self.model, self.cond = model, cond
+        self.noise_source, self.t_low, self.t_high = noise, t_low, t_high
         self.batch_size = batch
         self.device, self.compute, self.net_dtype = device, compute, net_dtype
         self.nfe = 0
@@ -150,6 +153,15 @@ class _AdaptiveContext:
     def coefficients(self, quantity, t, like):
         p, q = self.model.coefficients(quantity, t)
         return self.column(p, like), self.column(q, like)
+
+    brownian_depth = DEFAULT_DEPTH
+
+    def brownian(self, s, t, index, like, depth=None):
+        tree = VirtualBrownianTree(self.noise_source, like.shape[1:], self.t_low, self.t_high,
+                                   depth=self.brownian_depth if depth is None else depth,
+                                   dtype=torch.float64 if like.dtype == torch.float64 else torch.float32,
+                                   device=like.device)
+        return tree.increment(s, t, index).to(like.dtype)
 
     def count_attempts(self, index, accepted):
         self.accepted[index] += accepted.long()
@@ -296,7 +308,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
 
     if adaptive:
         return _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
-                                seed, return_info, start_time)
+                                seed, noise, return_info, start_time)
 
     raw_tables = solver.prepare(model, table_times)
     # lists are the solver's per-step plan (host-side choices such as each step's order), the rest
@@ -377,11 +389,11 @@ def _final_hooks(solver, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device, seed,
-                     return_info, start_time):
+                     noise, return_info, start_time):
     batch = x.shape[0]
-    ctx = _AdaptiveContext(model, cond, batch, device, compute, dtype)
     t_start = table_times[0].expand(batch).clone()
     t_end = table_times[-1].expand(batch).clone()
+    ctx = _AdaptiveContext(model, cond, batch, device, compute, dtype, noise, float(t_end.min()), float(t_start.max()))
     x = solver.solve(model, x, t_start, t_end, ctx)
     everyone = torch.arange(batch)
     if final_denoise:

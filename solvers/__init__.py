@@ -18,3 +18,13 @@ __all__ += ["DPMSolverSDE"]
 from .ersde import ERSDE
 
 __all__ += ["ERSDE"]
+from .adaptive_em import AdaptiveEM
+from .adaptive_ode import AdaptiveODE
+
+__all__ += ["AdaptiveEM", "AdaptiveODE"]
+from .pc import AncestralSampling, AnnealedLangevin, Corrector, Langevin, PredictorCorrector, ReverseDiffusion
+
+__all__ += ["PredictorCorrector", "ReverseDiffusion", "AncestralSampling", "Corrector", "Langevin", "AnnealedLangevin"]
+from .restart import RESTART_PRESETS, Restart, RestartInterval
+
+__all__ += ["Restart", "RestartInterval", "RESTART_PRESETS"]

@@ -23,7 +23,26 @@ import torch
 from .base import Solver
 from .dpm import DPMSolver
 
-__all__ = ["AdaptiveContext", "AdaptiveSolver", "AdaptiveDPMSolver", "StepSizeError"]
+__all__ = ["AdaptiveContext", "AdaptiveSolver", "AdaptiveDPMSolver", "StepSizeError", "batch_independent"]
+
+
+#: per-sample float64 math is evaluated on tensors padded to a multiple of this length
+_PAD_TO = 16
+
+
+def batch_independent(fn, *values: torch.Tensor):
+    """``fn(*values)`` for per-sample (B,) CPU tensors, computed so that each entry is the same
+    whatever B is.  Torch's CPU kernels take transcendental functions (exp, log, pow) through a
+    SIMD routine for full vectors and a scalar one for the tail, which can differ in the last bit;
+    an adaptive solver's accept/reject decision can turn on that bit and then a sample's whole path
+    depends on the batch it ran in.  Padding to a whole number of vectors (repeating the last
+    entry) sends every entry through the SIMD routine."""
+    n = values[0].shape[0]
+    pad = -n % _PAD_TO
+    if pad:
+        values = tuple(torch.cat([v, v[-1:].expand(pad)]) for v in values)
+    out = fn(*values)
+    return tuple(o[:n] for o in out) if isinstance(out, tuple) else out[:n]
 
 
 class StepSizeError(RuntimeError):
@@ -36,6 +55,11 @@ class AdaptiveContext(Protocol):
 
     #: batch size and the state's device/dtype
     batch_size: int
+    #: the run's time span [t_low, t_high] (the Brownian tree's interval)
+    t_low: float
+    t_high: float
+    #: the Brownian tree's bisections unless a solver asks for another depth
+    brownian_depth: int
 
     def output(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The network output for rows ``index`` (int64, CPU) of the batch, whose states are ``x``
@@ -48,6 +72,13 @@ class AdaptiveContext(Protocol):
 
     def column(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-sample float64 CPU values as a (b, 1, ..., 1) tensor on like's device and dtype."""
+
+    def brownian(self, s: torch.Tensor, t: torch.Tensor, index: torch.Tensor, like: torch.Tensor,
+                 depth: int | None = None) -> torch.Tensor:
+        """W(t) - W(s) for rows ``index`` at per-row times s, t (float64, CPU), shaped and typed like
+        ``like``: one fixed Brownian path per sample (a virtual Brownian tree of ``depth``
+        bisections over the run's time span, keyed by the run's seeds), so a rejected step's
+        retry sees increments consistent with everything asked before."""
 
     def count_attempts(self, index: torch.Tensor, accepted: torch.Tensor) -> None:
         """Record one attempted step for each sample in ``index``, accepted where ``accepted``."""
@@ -92,9 +123,13 @@ class AdaptiveSolver(Solver):
         """Integrate each sample i of x from t_start[i] to t_end[i] (float64, CPU, shape (B,))."""
         raise NotImplementedError
 
-    def error_norm(self, x_high: torch.Tensor, x_low: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-        """Per-sample RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)), float64 on CPU."""
-        scale = torch.maximum(x_low.abs(), x_prev.abs()).mul_(self.rtol).clamp_(min=self.atol)
+    def error_norm(self, x_high: torch.Tensor, x_low: torch.Tensor, x_prev: torch.Tensor,
+                   rtol: float | None = None, atol: float | None = None) -> torch.Tensor:
+        """Per-sample RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)), float64 on CPU
+        (the solver's tolerances unless given)."""
+        rtol = self.rtol if rtol is None else rtol
+        atol = self.atol if atol is None else atol
+        scale = torch.maximum(x_low.abs(), x_prev.abs()).mul_(rtol).clamp_(min=atol)
         err = (x_high - x_low).div_(scale)
         return err.pow_(2).reshape(err.shape[0], -1).mean(dim=1).sqrt().to("cpu", torch.float64)
 
@@ -229,18 +264,18 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             done[acc] = final[accept]
             # h <- min(safety h E^{-1/k}, lambda_end - lambda), for accepted and rejected alike
             lam_now = torch.where(accept, torch.minimum(lam_t, lam_end[idx]), lam_s)
-            factor = self.safety * err.clamp(min=1e-300).pow(-1.0 / k)
-            h_new = torch.minimum(h[idx] * factor, lam_end[idx] - lam_now)
-            h[idx] = h_new
+            proposal = h[idx] * (self.safety * err.clamp(min=1e-300).pow(-1.0 / k))
+            h[idx] = torch.minimum(proposal, lam_end[idx] - lam_now)
             running = ~done[idx]
             too_many = running & (attempts[idx] >= self.max_steps)
             if bool(too_many.any()):
                 j = int(torch.nonzero(too_many)[0])
                 self.fail(f"no end after max_steps={self.max_steps} attempted steps", int(idx[j]), float(s[idx[j]]))
-            too_small = running & torch.isfinite(lam_now) & (h_new < self.min_step)
+            # the controller's proposal, not the clipped step: a sliver left before the end is fine
+            too_small = running & torch.isfinite(lam_now) & (proposal < self.min_step)
             if bool(too_small.any()):
                 j = int(torch.nonzero(too_small)[0])
-                self.fail(f"the step size in lambda fell to {float(h_new[j]):.3g}, below min_step={self.min_step:g}",
+                self.fail(f"the step size in lambda fell to {float(proposal[j]):.3g}, below min_step={self.min_step:g}",
                           int(idx[j]), float(s[idx[j]]))
         return x
 

@@ -8,7 +8,7 @@ a solver that gains one extra pass over the batch fails."""
 import pytest
 import torch
 
-from samplers.bench import _TrafficCounter, overhead, traffic
+from samplers.bench import _TrafficCounter, keyed_noise_ratio, traffic
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,6 @@ def test_dpm_solver_pp_2m_half_of_diffusers(counted):
 
 
 def test_keyed_noise_costs_at_most_1_2_randn():
-    """A timing ratio of two runs on the same machine; measured 0.36 on CI and ~0.35 here."""
-    measured = overhead(shape=(64, 3, 64, 64), steps=(2, 4), repeats=3, peers=False, solvers=False)
-    assert measured["keyed_over_randn"] <= 1.2, measured
+    """Single-threaded and interleaved (see keyed_noise_ratio); measured 0.3-0.5 here under a load
+    of 7 on 2 cores (the multi-threaded ratio reached 2.1 under that load)."""
+    assert keyed_noise_ratio() <= 1.2

@@ -1,0 +1,355 @@
+"""Embedded Runge-Kutta pairs for the probability-flow ODE, with error control per sample.
+
+:class:`AdaptiveODE` integrates dx/dt = p(t) x + q(t) net(x, t) (``model.coefficients("velocity")``)
+with an embedded pair (Dormand-Prince 5(4), Bogacki-Shampine 3(2), Fehlberg 2(1)).  As in
+:class:`solvers.AdaptiveDPMSolver`, every sample has its own time, step size and accept/reject
+decision; the network is called only on the samples still running.
+
+Integration variable (``variable=``):
+
+``"angle"`` (default)
+    phi = atan2(sigma, alpha), with the state z = x / sqrt(alpha^2 + sigma^2).  Then
+    dz/dphi = v = cos(phi) eps - sin(phi) x0 (the v-prediction of Salimans & Ho), for every
+    Gaussian SDE: phi is finite at both ends (rectified flow's t = 1 is phi = pi/2, VE/EDM's
+    sigma = 80 is phi = pi/2 - 1/80), z and dz/dphi stay O(|x0| + |eps|) (no exp(lambda) growth
+    for VE/EDM), and the steps land where the marginals change, not where t happens to.
+``"lambda"``
+    the half log-SNR lambda = log(alpha/sigma) with the same state z (dz/dlambda =
+    -sin(phi) cos(phi) v: flat at both ends).  A sample that starts where alpha = 0 (lambda =
+    -inf, rectified flow at t = 1) first takes the exact-limit Euler step in phi to
+    lambda = log(atol)/2, whose local error is about atol.
+``"t"``
+    the SDE's own time with the state x, as torchdiffeq / scipy ``solve_ivp`` / the SCORE code
+    (RK45 in t, rtol = atol = 1e-5) do.
+
+Whatever the variable, the error test is on x: E = RMS((x_high - x_low)/max(atol, rtol
+max(|x_low|, |x_prev|))) per sample (:meth:`AdaptiveSolver.error_norm`), a step is accepted
+where E <= 1, and h <- h min(10, max(0.2, safety E^(-1/k))) (k the higher order; the growth is
+capped at 1 right after a rejection).  The first step is Hairer's heuristic (one extra network
+call per sample) unless ``h_init`` is given (in the variable's units).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .adaptive import AdaptiveSolver
+
+__all__ = ["AdaptiveODE", "Tableau", "TABLEAUX"]
+
+
+@dataclass(frozen=True)
+class Tableau:
+    """An explicit embedded Runge-Kutta pair: stages c, a (lower-triangular rows), the propagated
+    weights b (order ``order``) and the embedded weights b_low (order ``order_low``).  ``fsal``:
+    the last stage is f at the step's result (first same as last)."""
+
+    name: str
+    c: tuple
+    a: tuple
+    b: tuple
+    b_low: tuple
+    order: int
+    order_low: int
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+    @property
+    def fsal(self) -> bool:
+        return self.c[-1] == 1 and tuple(self.a[-1]) + (0,) == tuple(self.b)
+
+    @property
+    def calls_per_step(self) -> int:
+        """Network calls per accepted step (FSAL: the last stage is the next step's first)."""
+        return self.stages - 1 if self.fsal else self.stages
+
+    def step(self, f, y: torch.Tensor, h: torch.Tensor, k1: torch.Tensor | None = None):
+        """One step from y with per-row step sizes h ((B,) float64); f(y_stage, j) -> dy at stage j
+        (the caller knows the stage's time tau + c_j h).  Returns (y_high, y_low, stages k)."""
+        hc = h.to(device=y.device, dtype=y.dtype).reshape((-1,) + (1,) * (y.dim() - 1))
+        k = [f(y, 0) if k1 is None else k1]
+        for j in range(1, self.stages):
+            u = y.clone()
+            for i, a in enumerate(self.a[j - 1]):
+                if a != 0:
+                    u.add_(hc * k[i], alpha=a)
+            k.append(f(u, j))
+        y_high, y_low = y.clone(), y.clone()
+        for i in range(self.stages):
+            if self.b[i] != 0:
+                y_high.add_(hc * k[i], alpha=self.b[i])
+            if self.b_low[i] != 0:
+                y_low.add_(hc * k[i], alpha=self.b_low[i])
+        return y_high, y_low, k
+
+
+TABLEAUX = {
+    # Dormand & Prince (1980), RK5(4)7M: the pair of DOPRI5, ode45, RK45, torchdiffeq's dopri5
+    "dopri5": Tableau(
+        "dopri5",
+        c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+        a=((1 / 5,),
+           (3 / 40, 9 / 40),
+           (44 / 45, -56 / 15, 32 / 9),
+           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+           (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+        b=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+        b_low=(5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40),
+        order=5, order_low=4),
+    # Bogacki & Shampine (1989) 3(2): ode23, RK23, torchdiffeq's bosh3
+    "bosh3": Tableau(
+        "bosh3",
+        c=(0.0, 1 / 2, 3 / 4, 1.0),
+        a=((1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
+        b=(2 / 9, 1 / 3, 4 / 9, 0.0),
+        b_low=(7 / 24, 1 / 4, 1 / 3, 1 / 8),
+        order=3, order_low=2),
+    # Fehlberg (1969) RKF 2(1) with local extrapolation (torchdiffeq's fehlberg2): 3 stages
+    "fehlberg2": Tableau(
+        "fehlberg2",
+        c=(0.0, 1 / 2, 1.0),
+        a=((1 / 2,), (1 / 256, 255 / 256)),
+        b=(1 / 512, 255 / 256, 1 / 512),
+        b_low=(1 / 256, 255 / 256, 0.0),
+        order=2, order_low=1),
+}
+
+_VARIABLES = ("angle", "lambda", "t")
+
+
+def _number(name, value, positive=True):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (positive and not value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class AdaptiveODE(AdaptiveSolver):
+    """The probability-flow ODE with an embedded Runge-Kutta pair and per-sample error control.
+
+    Parameters
+    ----------
+    method:
+        ``"dopri5"`` (Dormand-Prince 5(4), 6 calls per step with FSAL), ``"bosh3"``
+        (Bogacki-Shampine 3(2), 3 calls, FSAL) or ``"fehlberg2"`` (Fehlberg 2(1), 3 calls).
+        The higher-order solution is propagated (local extrapolation).
+    rtol, atol:
+        the per-sample error test on x (see the module docstring).  Defaults: SCORE's 1e-5.
+    variable:
+        the integration variable: ``"angle"`` (default), ``"lambda"`` or ``"t"``.
+    h_init:
+        first step size in the variable's units; ``None``: Hairer's heuristic (one extra call).
+    safety:
+        the controller's safety factor, in (0, 1].
+    max_steps, min_step:
+        per-sample limits on attempted steps and on the step size (in the variable's units);
+        either raises :class:`StepSizeError` naming the sample, as does a step that no longer
+        changes the variable in floating point.
+    """
+
+    stochastic = False
+    gaussian_only = True
+
+    def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, variable: str = "angle",
+                 h_init: float | None = None, safety: float = 0.9, max_steps: int = 10_000,
+                 min_step: float = 1e-10):
+        if not isinstance(method, str) or method not in TABLEAUX:
+            raise ValueError(f"method must be one of {tuple(TABLEAUX)}, got {method!r}")
+        if not isinstance(variable, str) or variable not in _VARIABLES:
+            raise ValueError(f"variable must be one of {_VARIABLES}, got {variable!r}")
+        super().__init__(rtol, atol, max_steps, min_step)
+        self.h_init = None if h_init is None else _number("h_init", h_init)
+        self.safety = _number("safety", safety)
+        if self.safety > 1:
+            raise ValueError(f"safety must be in (0, 1], got {safety!r}")
+        self.method, self.variable = method, variable
+        self.tableau = TABLEAUX[method]
+        self.order = self.tableau.order
+        self.nfe_per_step = self.tableau.calls_per_step
+
+    # -- the variable: tau(t), t(tau), and dy/dtau = A y + B out with y = c(t) x -------------
+    def _tau(self, sde, t):
+        if self.variable == "t":
+            return t.clone()
+        if self.variable == "lambda":
+            return sde.log_snr(t)
+        return torch.atan2(sde.sigma(t), sde.alpha(t))
+
+    def _t(self, sde, tau):
+        if self.variable == "t":
+            return tau.clone()
+        if self.variable == "lambda":
+            return sde.t_from_log_snr(tau)
+        lam = torch.log(torch.cos(tau)) - torch.log(torch.sin(tau))  # cos(pi/2) > 0 in float64
+        return sde.t_from_log_snr(lam).clamp(sde.t_min, sde.t_max)
+
+    def _scale(self, sde, t):
+        """c(t): y = c x (float64 (B,))."""
+        if self.variable == "t":
+            return torch.ones_like(t)
+        return torch.rsqrt(sde.alpha(t) ** 2 + sde.sigma(t) ** 2)
+
+    def _rhs_coefficients(self, model, t, variable):
+        """(A, B, c) with dy/dtau = A y + B out at times t (float64 (B,))."""
+        sde = model.sde
+        p, q = model.coefficients("velocity", t)
+        if variable == "t":
+            return p, q, torch.ones_like(t)
+        a, s, da, ds = sde.alpha(t), sde.sigma(t), sde.dalpha_dt(t), sde.dsigma_dt(t)
+        r2 = a * a + s * s
+        c = torch.rsqrt(r2)
+        dlogc = -(a * da + s * ds) / r2
+        dphi = (a * ds - s * da) / r2  # dphi/dt
+        dtau = dphi if variable == "angle" else da / a - ds / s
+        return (dlogc + p) / dtau, c * q / dtau, c
+
+    def solve(self, model, x, t_start, t_end, ctx):
+        sde = model.sde
+        tab = self.tableau
+        batch = x.shape[0]
+        t = t_start.clone()
+        tau_end = self._tau(sde, t_end)
+        tau = self._tau(sde, t)
+        c0 = self._scale(sde, t)
+        y = x * ctx.column(c0, x)
+        k1 = torch.empty_like(y)
+        k1_valid = torch.zeros(batch, dtype=torch.bool)
+        done = t == t_end
+        attempts = torch.zeros(batch, dtype=torch.long)
+        rejected_last = torch.zeros(batch, dtype=torch.bool)
+        direction = torch.sign(tau_end - tau)
+        exponent = -1.0 / tab.order
+
+        def rhs(y_rows, t_rows, index, variable=self.variable):
+            a_, b_, c_ = self._rhs_coefficients(model, t_rows, variable)
+            bad = ~(torch.isfinite(a_) & torch.isfinite(b_) & torch.isfinite(c_))
+            if bool(bad.any()):
+                j = int(torch.nonzero(bad)[0])
+                raise ValueError(
+                    f"{self!r}: sample {int(index[j])}: the probability-flow ODE's coefficients are not finite at "
+                    f"t={float(t_rows[j]):.6g} (predicts={model.predicts!r}; e.g. an 'eps' network where "
+                    f"alpha = 0): start below that time or use another parametrisation")
+            out = ctx.output(y_rows / ctx.column(c_, y_rows), t_rows, index)
+            return y_rows * ctx.column(a_, y_rows) + out * ctx.column(b_, y_rows)
+
+        # a sample that starts at lambda = -inf (alpha = 0) takes the exact-limit Euler step in phi first
+        if self.variable == "lambda":
+            start = torch.nonzero(~done & ~torch.isfinite(tau)).flatten()
+            if start.numel():
+                lam1 = torch.full((start.numel(),), 0.5 * math.log(self.atol) if self.atol > 0 else -8.0,
+                                  dtype=torch.float64)
+                lam1 = torch.minimum(lam1, tau_end[start])
+                t1 = sde.t_from_log_snr(lam1)
+                phi0 = torch.atan2(sde.sigma(t[start]), sde.alpha(t[start]))
+                phi1 = torch.atan2(sde.sigma(t1), sde.alpha(t1))
+                dz = rhs(y[start], t[start], start, "angle")
+                y[start] += dz * ctx.column(phi1 - phi0, dz)
+                t[start], tau[start] = t1, lam1
+                done[start] = t1 == t_end[start]
+
+        # Hairer's starting step (Hairer, Norsett & Wanner I, II.4), per sample, in y's units
+        h = torch.zeros(batch, dtype=torch.float64)
+        todo = torch.nonzero(~done).flatten()
+        if todo.numel():
+            span = (tau_end[todo] - tau[todo]).abs()
+            if self.h_init is not None:
+                h[todo] = torch.minimum(torch.full_like(span, self.h_init), span)
+            else:
+                y0, t0 = y[todo], t[todo]
+                f0 = rhs(y0, t0, todo)
+                k1[todo], k1_valid[todo] = f0, True
+                c_ = ctx.column(self._scale(sde, t0), y0)
+                scale = torch.maximum(y0.abs() * self.rtol, c_ * self.atol)
+                d0 = self._rms(y0 / scale)
+                d1 = self._rms(f0 / scale)
+                h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-300))
+                h0 = torch.minimum(h0, span)
+                tau1 = tau[todo] + direction[todo] * h0
+                y1 = y0 + ctx.column(direction[todo] * h0, y0) * f0
+                f1 = rhs(y1, self._t(sde, tau1), todo)
+                d2 = self._rms((f1 - f0) / scale) / h0
+                dmax = torch.maximum(d1, d2)
+                h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                                 (0.01 / dmax.clamp(min=1e-300)) ** (1.0 / tab.order))
+                h[todo] = torch.minimum(torch.minimum(100 * h0, h1), span)
+
+        while not bool(done.all()):
+            idx = torch.nonzero(~done).flatten()
+            stale = idx[~k1_valid[idx]]
+            if stale.numel():
+                k1[stale] = rhs(y[stale], t[stale], stale)
+                k1_valid[stale] = True
+            y_i, t_i, tau_i = y[idx], t[idx], tau[idx]
+            span = tau_end[idx] - tau_i
+            h_i = torch.minimum(h[idx], span.abs())
+            # a step that would end within rounding of the end lands on it exactly
+            final = h_i >= span.abs() * (1 - 1e-12)
+            h_signed = torch.where(final, span, direction[idx] * h_i)
+            tau_next = torch.where(final, tau_end[idx], tau_i + h_signed)
+            no_progress = ~final & (tau_next == tau_i)
+            if bool(no_progress.any()):
+                j = int(torch.nonzero(no_progress)[0])
+                self.fail(f"the step size {float(h_i[j]):.3g} no longer changes the variable {self.variable} in "
+                          f"float64", int(idx[j]), float(t_i[j]))
+            t_next = torch.where(final, t_end[idx], self._t(sde, tau_next))
+            stage_t = [t_i if cj == 0 else t_next if cj == 1 else self._t(sde, tau_i + cj * h_signed)
+                       for cj in tab.c]
+            y_high, y_low, ks = tab.step(lambda u, j: rhs(u, stage_t[j], idx), y_i, h_signed, k1[idx])
+
+            r_next = ctx.column(1.0 / self._scale(sde, t_next), y_i)
+            x_high, x_low = y_high * r_next, y_low * r_next
+            x_prev = y_i * ctx.column(1.0 / self._scale(sde, t_i), y_i)
+            err = self.error_norm(x_high, x_low, x_prev)
+            bad = ~torch.isfinite(err)
+            if bool(bad.any()):
+                j = int(torch.nonzero(bad)[0])
+                self.fail("the state or the network output became NaN or Inf", int(idx[j]), float(t_i[j]))
+            accept = err <= 1.0
+            ctx.count_attempts(idx, accept)
+            attempts[idx] += 1
+            acc = idx[accept]
+            y[acc] = y_high[accept]
+            t[acc], tau[acc] = t_next[accept], tau_next[accept]
+            if tab.fsal:
+                k1[acc] = ks[-1][accept]
+            else:
+                k1_valid[acc] = False
+            done[acc] = final[accept]
+            factor = (self.safety * err.clamp(min=1e-300).pow(exponent)).clamp(0.2, 10.0)
+            factor = torch.where(rejected_last[idx] | ~accept, factor.clamp(max=1.0), factor)
+            h_new = h_i * factor
+            h[idx] = h_new
+            rejected_last[idx] = ~accept
+            running = ~done[idx]
+            too_many = running & (attempts[idx] >= self.max_steps)
+            if bool(too_many.any()):
+                j = int(torch.nonzero(too_many)[0])
+                self.fail(f"no end after max_steps={self.max_steps} attempted steps", int(idx[j]), float(t[idx[j]]))
+            too_small = running & (h_new < self.min_step)
+            if bool(too_small.any()):
+                j = int(torch.nonzero(too_small)[0])
+                self.fail(f"the step size in {self.variable} fell to {float(h_new[j]):.3g}, below "
+                          f"min_step={self.min_step:g}", int(idx[j]), float(t[idx[j]]))
+        return y * ctx.column(1.0 / self._scale(sde, t), y)
+
+    @staticmethod
+    def _rms(v):
+        return v.pow(2).reshape(v.shape[0], -1).mean(dim=1).sqrt().to("cpu", torch.float64)
+
+    def __repr__(self):
+        extra = "" if self.variable == "angle" else f", variable={self.variable!r}"
+        if self.h_init is not None:
+            extra += f", h_init={self.h_init:g}"
+        if self.safety != 0.9:
+            extra += f", safety={self.safety:g}"
+        if self.max_steps != 10_000:
+            extra += f", max_steps={self.max_steps}"
+        if self.min_step != 1e-10:
+            extra += f", min_step={self.min_step:g}"
+        return f"AdaptiveODE(method={self.method!r}{self.tolerance_args()}{extra})"

@@ -1,0 +1,412 @@
+"""Restart sampling (Xu et al., NeurIPS 2023): an ODE sampler that, at a few noise levels, jumps
+forward with exact noise and integrates the ODE back again.
+
+The main pass integrates the probability-flow ODE with ``ode_solver`` on the driver's grid.  An
+interval (t_min, t_max, n_steps, n_restarts) is attached to the grid index j whose noise level is
+nearest to t_min (the paper's snapping rule: the restart's lower end is the grid point, not t_min).
+After the main step that lands on j, it is repeated n_restarts times:
+
+* forward jump with the SDE's exact marginal transition from t_j to T = t(t_max):
+      x <- (alpha_T/alpha_j) x + s_noise sqrt(sigma_T^2 - (alpha_T/alpha_j)^2 sigma_j^2) z
+  which is x + s_noise sqrt(t_max^2 - sigma_j^2) z under VE/EDM (alpha = 1, sigma = t), as in
+  the paper; z is the step's keyed draw ``ctx.noise(k, draw)`` with draw = 1, 2, ... (one per jump);
+* a backward ODE pass from T to t_j over n_steps steps, Karras-spaced (rho = 7) in the noise level
+  sigma/alpha as in the paper, with a separate copy of ``ode_solver`` (no history is shared).
+
+Units.  t_min and t_max are noise levels sigma(t)/alpha(t) = exp(-lambda(t)) by default
+(``units="sigma"``): that is EDM's sigma, VE's sigma and the VP noise level sqrt(1 - abar)/sqrt(abar)
+the paper's VP configurations use, so its configurations carry over to every Gaussian SDE.
+``units="time"`` takes them in the SDE's own time t instead.  The snapping compares grid points in
+the same variable as t_min.
+
+Counting.  ``n_steps`` counts steps (the paper's N_restart counts points: N_restart = n_steps + 1);
+the driver's ``steps`` counts main steps from t_max to t_min, and its final denoise (one call) is the
+paper's last Euler step to sigma = 0 (the paper's N_main = steps + 1).  With Heun the run costs
+    2 steps + 1 + sum_k 2 K_k n_steps_k  =  (2 N_main - 1) + sum_k 2 K_k (N_restart_k - 1),
+the paper's NFE formula; :meth:`Restart.nfe` gives it for any ODE solver.
+
+Multistep solvers (DPMSolver multistep, UniPC): a restart replaces the state at t_j by another point
+of the marginal, so the main pass's history before j belongs to a different trajectory.  The main
+grid is therefore cut at every restart index and each piece is prepared as a run of its own (warm-up
+after every restart, and ``lower_order_final`` applies to the piece before a restart).  Solvers whose
+tables are per step (Euler, Heun, singlestep DPM-Solver) give the same tables cut or not; with no
+restarts (every n_restarts = 0) nothing is cut and Restart is exactly its ODE solver.
+
+Not implemented: the paper code's EDM churn inside the backward passes (restart_gamma = 0.05 for
+0.01 <= sigma <= 1): the backward passes are pure ODE passes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+
+from .base import Solver
+
+__all__ = ["Restart", "RestartInterval", "RESTART_PRESETS"]
+
+_UNITS = ("sigma", "time")
+
+
+class RestartInterval(NamedTuple):
+    """One restart interval: noise levels (or times) t_min < t_max, ODE steps per backward pass,
+    and the number of restarts."""
+
+    t_min: float
+    t_max: float
+    n_steps: int
+    n_restarts: int
+
+
+#: the paper's configurations (Xu et al. 2023, benchmarks/params_*.txt), in noise levels sigma; each
+#: entry: intervals as (t_min, t_max, n_steps = N_restart - 1, K), s_noise, and the main-pass settings
+#: (steps = N_main - 1 on a Karras grid, plus the final denoise) with the NFE of the paper (Heun).
+RESTART_PRESETS: dict[str, dict] = {
+    # CIFAR-10 VP (EDM baseline VP model): N_main = 18, [N_restart=3, K, 0.06, 0.30]
+    "cifar10_vp": dict(intervals=[(0.06, 0.30, 2, 2)], s_noise=1.0, steps=17, nfe=43),
+    "cifar10_vp_nfe55": dict(intervals=[(0.06, 0.30, 2, 5)], s_noise=1.0, steps=17, nfe=55),
+    "cifar10_vp_nfe75": dict(intervals=[(0.06, 0.30, 2, 10)], s_noise=1.0, steps=17, nfe=75),
+    "cifar10_vp_nfe115": dict(intervals=[(0.06, 0.30, 2, 20)], s_noise=1.0, steps=17, nfe=115),
+    # N_main = 20, [9, 30, 0.06, 0.20]
+    "cifar10_vp_nfe519": dict(intervals=[(0.06, 0.20, 8, 30)], s_noise=1.0, steps=19, nfe=519),
+    # CIFAR-10 EDM: N_main = 18, [3, 2, 0.14, 0.30]
+    "cifar10_edm": dict(intervals=[(0.14, 0.30, 2, 2)], s_noise=1.0, steps=17, nfe=43),
+    # ImageNet-64 EDM (class-conditional), S_noise = 1.003, N_main = 36: NFE 71 + 132 = 203, FID 1.41
+    "imagenet64": dict(intervals=[(19.35, 40.79, 3, 1), (1.09, 1.92, 3, 1), (0.59, 1.09, 3, 5),
+                                  (0.30, 0.59, 3, 5), (0.06, 0.30, 5, 6)], s_noise=1.003, steps=35, nfe=203),
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
+    if intervals is None:
+        raise TypeError("Restart needs intervals=[(t_min, t_max, n_steps, n_restarts), ...] (or use "
+                        f"Restart.preset(name), name in {sorted(RESTART_PRESETS)})")
+    try:
+        items = list(intervals)
+    except TypeError:
+        raise ValueError(f"intervals must be a list of (t_min, t_max, n_steps, n_restarts), got {intervals!r}") from None
+    if not items:
+        raise ValueError("intervals must hold at least one (t_min, t_max, n_steps, n_restarts)")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            t_min, t_max, n_steps, n_restarts = item
+        except (TypeError, ValueError):
+            raise ValueError(f"intervals[{i}] must be (t_min, t_max, n_steps, n_restarts), got {item!r}") from None
+        for name, v in (("t_min", t_min), ("t_max", t_max)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"intervals[{i}]: {name} must be a positive finite number "
+                                 f"({'a noise level sigma/alpha' if units == 'sigma' else 'an SDE time'}), got {v!r}")
+        if not t_min < t_max:
+            raise ValueError(f"intervals[{i}]: expected t_min < t_max, got t_min={t_min!r}, t_max={t_max!r}")
+        if not _is_int(n_steps) or n_steps < 1:
+            raise ValueError(f"intervals[{i}]: n_steps (ODE steps per backward pass) must be an int >= 1, "
+                             f"got {n_steps!r}")
+        if not _is_int(n_restarts) or n_restarts < 0:
+            raise ValueError(f"intervals[{i}]: n_restarts must be an int >= 0, got {n_restarts!r}")
+        out.append(RestartInterval(float(t_min), float(t_max), int(n_steps), int(n_restarts)))
+    out.sort(key=lambda iv: -iv.t_max)
+    for hi, lo in zip(out, out[1:]):
+        if lo.t_max > hi.t_min:
+            raise ValueError(f"intervals overlap: ({lo.t_min:g}, {lo.t_max:g}) and ({hi.t_min:g}, {hi.t_max:g}) "
+                             "(intervals may touch, not overlap)")
+    return tuple(out)
+
+
+class _Layout(NamedTuple):
+    """How a run on a given grid is organised (host-side, computed from the grid only)."""
+
+    boundaries: list[int]  # main-grid indices where the main pass is cut: [0, j_1, ..., N]
+    snapped: list[int]  # per interval (in self.intervals order): its grid index j
+    sub_grids: dict[int, torch.Tensor]  # per interval with restarts: its (n_steps + 1, C) times
+    t_upper: dict[int, torch.Tensor]  # per interval with restarts: T = t(t_max), (C,)
+
+
+class _PassContext:
+    """The StepContext an ODE solver sees in one pass of Restart: its step indices are local to the pass;
+    its tables and plans live under a prefix; its network calls go to the outer step's grid times
+    (``offset`` + local index, main pass) or to the stage tables of a restart pass."""
+
+    __slots__ = ("ctx", "prefix", "offset", "outer_step", "stage_prefix")
+
+    def __init__(self, ctx, prefix: str, offset: int = 0, outer_step: int | None = None, stage_prefix: str = ""):
+        self.ctx, self.prefix, self.offset = ctx, prefix, offset
+        self.outer_step, self.stage_prefix = outer_step, stage_prefix
+
+    def output(self, x, time_index, stage=None):
+        if self.outer_step is None:  # main pass: grid point offset + m, stages of the cut grid
+            if stage is None:
+                return self.ctx.output(x, self.offset + time_index)
+            return self.ctx.output(x, self.offset + time_index, stage=f"{self.stage_prefix}{stage}")
+        # restart pass: sub-grid point m (or stage row m) is a stage table read at the outer step
+        name = f"{self.stage_prefix}t{time_index}" if stage is None else f"{self.stage_prefix}{stage}@{time_index}"
+        return self.ctx.output(x, self.outer_step, stage=name)
+
+    def noise(self, step, draw=0):
+        raise RuntimeError("Restart's ODE solver drew noise: it must be deterministic")
+
+    def coef(self, name, step):
+        return self.ctx.coef(self.prefix + name, step)
+
+    def plan(self, name):
+        return self.ctx.plan(self.prefix + name)
+
+    def scratch(self, name):
+        # shared with the outer context: a pass never needs another pass's buffers (the main pass is cut
+        # at every restart, so no history crosses a restart)
+        return self.ctx.scratch(name)
+
+
+class Restart(Solver):
+    """Restart sampling: ``ode_solver`` on the grid, plus restarts (forward jump + backward ODE pass).
+
+    ``intervals``: a list of (t_min, t_max, n_steps, n_restarts), t_min < t_max noise levels
+    sigma/alpha (``units="sigma"``, the paper's convention, default) or SDE times (``units="time"``);
+    n_steps >= 1 ODE steps per backward pass (the paper's N_restart - 1); n_restarts >= 0.  Intervals
+    may touch but not overlap.  ``s_noise`` > 0 scales the jump noise (the paper: 1, 1.003 on ImageNet).
+    ``ode_solver``: any deterministic fixed-grid solver (default :class:`Heun`).
+
+    Cost: :meth:`nfe` (``steps`` main steps at the ODE solver's ``nfe_per_step``, the final denoise,
+    and a fixed restart overhead :attr:`restart_nfe`); :meth:`steps_for_nfe` inverts it.  The paper's
+    configurations: :meth:`preset` and :data:`RESTART_PRESETS` (:meth:`preset_kwargs` gives the main
+    pass's steps and grid kind).  See the module docstring for the jump, the snapping and the cuts.
+    """
+
+    gaussian_only = True
+
+    def __init__(self, ode_solver: Solver | None = None, intervals=None, s_noise: float = 1.0, *,
+                 units: str = "sigma"):
+        if ode_solver is None:
+            from .euler import Heun
+
+            ode_solver = Heun()
+        if not isinstance(ode_solver, Solver):
+            raise TypeError(f"ode_solver must be a solvers.Solver instance, got {type(ode_solver).__name__}")
+        if isinstance(ode_solver, Restart):
+            raise ValueError("ode_solver must be an ODE solver, not another Restart")
+        if getattr(ode_solver, "adaptive", False):
+            raise ValueError(f"ode_solver must be a fixed-grid ODE solver; {ode_solver!r} is adaptive "
+                             "(it chooses its own steps)")
+        if getattr(ode_solver, "stochastic", False):
+            raise ValueError(f"ode_solver must be deterministic (an ODE solver, e.g. Heun(), Euler(), "
+                             f"DPMSolver(), UniPC()); {ode_solver!r} is stochastic")
+        if not isinstance(units, str) or units not in _UNITS:
+            raise ValueError(f"units must be 'sigma' (noise level sigma/alpha, the paper's) or 'time' (SDE time), "
+                             f"got {units!r}")
+        if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not (
+                math.isfinite(s_noise) and s_noise > 0):
+            raise ValueError(f"s_noise must be a positive finite number, got {s_noise!r}")
+        self.ode_solver = ode_solver
+        #: a separate instance for the backward passes (no state of the main pass reaches them)
+        self.restart_solver = copy.copy(ode_solver)
+        self.units = units
+        self.intervals = _check_intervals(intervals, units)
+        self.s_noise = float(s_noise)
+        #: the main pass's steps recommended for this configuration (set by :meth:`preset`)
+        self.recommended_steps: int | None = None
+        self.order = ode_solver.order
+        self.nfe_per_step = int(ode_solver.nfe_per_step)
+        self.stochastic = any(iv.n_restarts > 0 for iv in self.intervals)
+        # the final denoise applies the ODE solver's x0 hooks (thresholding, correct_x0) too
+        self.hooks = getattr(ode_solver, "hooks", None)
+
+    # -- presets and cost --------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, ode_solver: Solver | None = None) -> "Restart":
+        """The paper's configuration ``name`` (see :data:`RESTART_PRESETS`); its main step count is
+        ``.recommended_steps`` (and :meth:`preset_kwargs`)."""
+        if name not in RESTART_PRESETS:
+            raise ValueError(f"unknown Restart preset {name!r}; known: {sorted(RESTART_PRESETS)}")
+        cfg = RESTART_PRESETS[name]
+        solver = cls(ode_solver, intervals=cfg["intervals"], s_noise=cfg["s_noise"])
+        solver.recommended_steps = cfg["steps"]
+        return solver
+
+    @staticmethod
+    def preset_kwargs(name: str) -> dict:
+        """The ``samplers.sample`` settings of preset ``name``'s main pass: {"steps", "grid_kind"}."""
+        if name not in RESTART_PRESETS:
+            raise ValueError(f"unknown Restart preset {name!r}; known: {sorted(RESTART_PRESETS)}")
+        return {"steps": RESTART_PRESETS[name]["steps"], "grid_kind": "karras"}
+
+    @property
+    def restart_nfe(self) -> int:
+        """Network calls of all restarts of one run: sum_k n_restarts_k n_steps_k nfe_per_step."""
+        return sum(iv.n_restarts * iv.n_steps for iv in self.intervals) * self.nfe_per_step
+
+    def nfe(self, steps: int, final_denoise: bool = True) -> int:
+        """Network calls of a run with ``steps`` main steps (``info.nfe``): steps nfe_per_step
+        + final_denoise + :attr:`restart_nfe`.  (A singlestep DPM-Solver step that starts at alpha = 0,
+        rectified flow at t = 1, costs one call instead of its order, as without restarts.)"""
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        return steps * self.nfe_per_step + int(bool(final_denoise)) + self.restart_nfe
+
+    def steps_for_nfe(self, nfe: int, final_denoise: bool = True) -> int:
+        """The most main steps whose run fits in ``nfe`` network calls (0 if none does)."""
+        return max((int(nfe) - int(bool(final_denoise)) - self.restart_nfe) // self.nfe_per_step, 0)
+
+    # -- layout ------------------------------------------------------------------------------------
+
+    def check_sde(self, sde) -> None:
+        super().check_sde(sde)
+        self.ode_solver.check_sde(sde)
+
+    def _level(self, sde, t: torch.Tensor) -> torch.Tensor:
+        """The variable intervals are given in, at SDE times t."""
+        return torch.exp(-sde.log_snr(t)) if self.units == "sigma" else t
+
+    def _time(self, sde, level: float) -> float:
+        if self.units == "time":
+            return level
+        return float(sde.t_from_log_snr(-torch.log(torch.tensor(level, dtype=torch.float64))))
+
+    def _layout(self, model, times: torch.Tensor) -> _Layout:
+        sde = model.sde
+        n = times.shape[0] - 1
+        ends = torch.tensor([sde.t_min, sde.t_max], dtype=torch.float64)
+        lo, hi = (float(v) for v in self._level(sde, ends))
+        levels = self._level(sde, times)  # (N+1, C)
+        snapped, sub_grids, t_upper = [], {}, {}
+        cuts = {0, n}
+        for i, iv in enumerate(self.intervals):
+            name = f"intervals ({iv.t_min:g}, {iv.t_max:g}, {iv.n_steps}, {iv.n_restarts})"
+            # 1e-12 relative slack: sigma(t_max) of the SDE given as a rounded number
+            if iv.t_min < lo * (1 - 1e-12) or iv.t_max > hi * (1 + 1e-12):
+                unit = "noise levels sigma/alpha" if self.units == "sigma" else "times"
+                raise ValueError(f"{name}: t_min and t_max must lie in the SDE's range of {unit} "
+                                 f"[{lo:g}, {hi:g}] ({sde!r})")
+            dist = (levels - iv.t_min).abs()  # (N+1, C)
+            js = torch.argmin(dist, dim=0)  # first minimum: the noisier of two equidistant points
+            j = int(js[0])
+            if not bool((js == j).all()):
+                raise ValueError(f"{name}: t_min snaps to different grid indices in different columns of the "
+                                 "per-sample grid; a restart needs one index for the whole batch")
+            if j == 0:
+                raise ValueError(f"{name}: t_min={iv.t_min:g} snaps to the grid's first point "
+                                 f"({float(levels[0, 0]):g}); a restart follows a main step: lower t_min or "
+                                 "use more steps")
+            snapped.append(j)
+            if iv.n_restarts == 0:
+                continue
+            lvl_j = levels[j]
+            if not bool((lvl_j < iv.t_max).all()):
+                raise ValueError(f"{name}: t_min snaps to grid index {j} at {float(lvl_j.max()):g}, not below "
+                                 f"t_max={iv.t_max:g}: use more steps or widen the interval")
+            t_top = min(self._time(sde, iv.t_max), sde.t_max)
+            t_j = times[j]
+            # Karras spacing (rho = 7) in the noise level sigma/alpha from t_max down to the snapped point
+            rho = 7.0
+            s_top = float(torch.exp(-sde.log_snr(torch.tensor(t_top, dtype=torch.float64))))
+            s_j = torch.exp(-sde.log_snr(t_j))  # (C,)
+            u = torch.linspace(0.0, 1.0, iv.n_steps + 1, dtype=torch.float64)[:, None]
+            s = (s_top ** (1.0 / rho) + u * (s_j ** (1.0 / rho) - s_top ** (1.0 / rho))) ** rho
+            sub = sde.t_from_log_snr(-torch.log(s))
+            sub[0] = t_top
+            sub[-1] = t_j
+            if not bool((sub[1:] < sub[:-1]).all()):
+                raise ValueError(f"{name}: the restart grid from t_max to grid index {j} is not strictly "
+                                 f"decreasing in time; widen the interval or use fewer n_steps")
+            sub_grids[i] = sub
+            t_upper[i] = torch.full_like(t_j, t_top)
+            cuts.add(j)
+        return _Layout(sorted(cuts), snapped, sub_grids, t_upper)
+
+    def snapped_indices(self, model, times: torch.Tensor) -> list[int]:
+        """The main-grid index j each interval (in :attr:`intervals` order) restarts from, for a grid
+        ``times`` of shape (N+1,) or (N+1, C)."""
+        times = torch.as_tensor(times, dtype=torch.float64)
+        return self._layout(model, times if times.dim() == 2 else times[:, None]).snapped
+
+    def restart_grid(self, model, times: torch.Tensor, interval: int) -> torch.Tensor:
+        """The (n_steps + 1, C) SDE times of the backward passes of ``intervals[interval]``."""
+        times = torch.as_tensor(times, dtype=torch.float64)
+        layout = self._layout(model, times if times.dim() == 2 else times[:, None])
+        if interval not in layout.sub_grids:
+            raise ValueError(f"intervals[{interval}] has no restarts")
+        return layout.sub_grids[interval]
+
+    # -- the solver contract -------------------------------------------------------------------------
+
+    def _segments(self, layout: _Layout):
+        b = layout.boundaries
+        return [(s, b[s], b[s + 1]) for s in range(len(b) - 1) if b[s + 1] > b[s]]
+
+    def stage_times(self, model, times):
+        layout = self._layout(model, times)
+        n = times.shape[0] - 1
+        stages: dict[str, torch.Tensor] = {}
+        # the main pass's own stages (singlestep DPM-Solver), one table over the whole grid
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for _, a, b in self._segments(layout):
+            for name, tab in self.ode_solver.stage_times(model, times[a:b + 1]).items():
+                pieces.setdefault(name, []).append(torch.as_tensor(tab, dtype=torch.float64))
+        for name, parts in pieces.items():
+            stages[f"main/{name}"] = torch.cat(parts, dim=0)
+        # restart passes: every point of the sub-grid and every stage of its steps, read at any row
+        for i, sub in layout.sub_grids.items():
+            for m in range(sub.shape[0]):
+                stages[f"restart{i}/t{m}"] = sub[m].expand(n, -1)
+            for name, tab in self.restart_solver.stage_times(model, sub).items():
+                tab = torch.as_tensor(tab, dtype=torch.float64)
+                for m in range(tab.shape[0]):
+                    stages[f"restart{i}/{name}@{m}"] = tab[m].expand(n, -1)
+        return stages
+
+    def prepare(self, model, times):
+        layout = self._layout(model, times)
+        sde = model.sde
+        n = times.shape[0] - 1
+        tables: dict = {}
+        segment_of: list[tuple[int, int]] = [(0, 0)] * n
+        for s, a, b in self._segments(layout):
+            for name, tab in self.ode_solver.prepare(model, times[a:b + 1]).items():
+                tables[f"main{s}/{name}"] = tab
+            for k in range(a, b):
+                segment_of[k] = (s, a)
+        after: list[tuple[int, ...]] = [()] * n
+        for i, sub in layout.sub_grids.items():
+            j = layout.snapped[i]
+            after[j - 1] = after[j - 1] + (i,)
+            for name, tab in self.restart_solver.prepare(model, sub).items():
+                tables[f"restart{i}/{name}"] = tab
+            # exact forward transition t_j -> T: x <- (alpha_T/alpha_j) x + alpha_T sqrt(s_T^2 - s_j^2) z
+            t_top, t_j = layout.t_upper[i], times[j]
+            a_top, a_j = sde.alpha(t_top), sde.alpha(t_j)
+            s_top, s_j = sde.sigma(t_top) / a_top, sde.sigma(t_j) / a_j
+            tables[f"restart{i}/jump_x"] = (a_top / a_j)[None]
+            tables[f"restart{i}/jump_noise"] = (self.s_noise * a_top * torch.sqrt(s_top * s_top - s_j * s_j))[None]
+        tables["restart/segment"] = segment_of
+        tables["restart/after"] = after
+        return tables
+
+    def step(self, k, x, ctx):
+        s, a = ctx.plan("restart/segment")[k]
+        x = self.ode_solver.step(k - a, x, _PassContext(ctx, f"main{s}/", offset=a, stage_prefix="main/"))
+        restarts = ctx.plan("restart/after")[k]
+        if restarts:
+            draw = 0
+            for i in restarts:
+                prefix = f"restart{i}/"
+                inner_ctx = _PassContext(ctx, prefix, outer_step=k, stage_prefix=prefix)
+                iv = self.intervals[i]
+                jump_x, jump_noise = ctx.coef(prefix + "jump_x", 0), ctx.coef(prefix + "jump_noise", 0)
+                for _ in range(iv.n_restarts):
+                    draw += 1
+                    x.mul_(jump_x).addcmul_(jump_noise, ctx.noise(k, draw))
+                    for m in range(iv.n_steps):
+                        x = self.restart_solver.step(m, x, inner_ctx)
+        return x
+
+    def __repr__(self):
+        ivs = ", ".join(f"({iv.t_min:g}, {iv.t_max:g}, {iv.n_steps}, {iv.n_restarts})" for iv in self.intervals)
+        extra = "" if self.units == "sigma" else ", units='time'"
+        return f"Restart({self.ode_solver!r}, intervals=[{ivs}], s_noise={self.s_noise:g}{extra})"
