@@ -78,7 +78,7 @@ class _Context:
         self.nfe = 0
         self.first_output = None
         self.record = False
-        self._noise_keys: dict[int, int] = {}  # draw -> the step its buffer holds
+        self._noise_keys: dict[int, tuple[int, int]] = {}  # slot -> the (step, draw) its buffer holds
         self._noise_bufs: dict[int, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
 
@@ -94,12 +94,16 @@ class _Context:
         return out
 
     def noise(self, step, draw=0):
-        buf = self._noise_bufs.get(draw)
+        # draw 0 keeps its own buffer (a step may read it twice, e.g. Heun's two stages); the
+        # further draws (corrector iterations, restart jumps, up to hundreds a step) share one,
+        # since each is used at once: one state-sized buffer instead of one per draw
+        slot = 0 if draw == 0 else 1
+        buf = self._noise_bufs.get(slot)
         if buf is None:
-            buf = self._noise_bufs[draw] = torch.empty_like(self.like)
-        if self._noise_keys.get(draw) != step:
+            buf = self._noise_bufs[slot] = torch.empty_like(self.like)
+        if self._noise_keys.get(slot) != (step, draw):
             self.noise_source.normal(self.like.shape[1:], counter=step, stream=step_stream(draw), out=buf)
-            self._noise_keys[draw] = step
+            self._noise_keys[slot] = (step, draw)
         return buf
 
     def coef(self, name, step):

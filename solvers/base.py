@@ -26,7 +26,7 @@ class StepContext(Protocol):
     def noise(self, step: int, draw: int = 0) -> torch.Tensor:
         """Keyed standard normals shaped like the state for ``step`` (the same for every call); draws
         1, 2, ... of the same step are independent of draw 0 and of each other (a corrector's noise,
-        restart jumps)."""
+        restart jumps).  Draws >= 1 share one buffer: use each before asking for the next."""
 
     def coef(self, name: str, step: int) -> torch.Tensor:
         """Row ``step`` of a prepared table, shaped to broadcast against the state."""
