@@ -10,11 +10,12 @@ from typing import Callable
 import torch
 
 from solvers import Solver
+from solvers.adaptive import batch_independent
 
+from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .grid import grid as make_grid
 from .grid import validate_grid
 from .model import Model, compute_dtype
-from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .noise import STREAM_PRIOR, NoiseSource, step_stream
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
@@ -155,7 +156,7 @@ class _AdaptiveContext:
         return values.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
     def coefficients(self, quantity, t, like):
-        p, q = self.model.coefficients(quantity, t)
+        p, q = batch_independent(lambda u: self.model.coefficients(quantity, u), t)
         return self.column(p, like), self.column(q, like)
 
     brownian_depth = DEFAULT_DEPTH

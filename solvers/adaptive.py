@@ -202,7 +202,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
         batch = x.shape[0]
         quantity = "x0" if self.predict == "data" else "eps"
         s = t_start.clone()
-        lam_end = sde.log_snr(t_end)
+        lam_end = batch_independent(sde.log_snr, t_end)
         h = torch.full((batch,), self.h_init, dtype=torch.float64)
         lam_first = 0.5 * math.log(2.0 * self.atol) if self.atol > 0 else -5.0
         x_prev = x.clone()
@@ -226,13 +226,14 @@ class AdaptiveDPMSolver(AdaptiveSolver):
                 m_s[stale] = converted(x[stale], ctx.output(x[stale], s[stale], stale), s[stale])
                 m_s_valid[stale] = True
             xs, s_i, m0 = x[idx], s[idx], m_s[idx]
-            lam_s = sde.log_snr(s_i)
+            lam_s = batch_independent(sde.log_snr, s_i)
             lam_t = torch.where(torch.isfinite(lam_s), lam_s + h[idx], torch.full_like(lam_s, lam_first))
             # a step that would end within rounding of the end lands on it exactly
             final = lam_t >= lam_end[idx] - 1e-10 * lam_end[idx].abs().clamp(min=1.0)
-            t_i = torch.where(final, t_end[idx], sde.t_from_log_snr(torch.minimum(lam_t, lam_end[idx])))
+            t_i = torch.where(final, t_end[idx],
+                              batch_independent(sde.t_from_log_snr, torch.minimum(lam_t, lam_end[idx])))
             # the stage outputs of the higher formula; the lower one's stage (if any) is its first
-            high = self._dpm.singlestep_coefficients(model, s_i, t_i, self._fractions_high)
+            high = self._coefficient_rows(model, s_i, t_i, self._fractions_high)
             ms = [m0]
             for j in range(1, len(self._fractions_high) + 1):
                 u = xs * ctx.column(high[f"s{j}x"], xs)
@@ -243,7 +244,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             last = len(ms) - 1
             x_high = xs * ctx.column(high["x"], xs) + ctx.column(high["m0"], xs) * m0 \
                 + ctx.column(high[f"m{last}"], xs) * ms[last]
-            low = self._dpm.singlestep_coefficients(model, s_i, t_i, self._fractions_low)
+            low = self._coefficient_rows(model, s_i, t_i, self._fractions_low)
             x_low = xs * ctx.column(low["x"], xs) + ctx.column(low["m0"], xs) * m0
             if self._fractions_low:
                 x_low += ctx.column(low["m1"], xs) * ms[1]
@@ -264,7 +265,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             done[acc] = final[accept]
             # h <- min(safety h E^{-1/k}, lambda_end - lambda), for accepted and rejected alike
             lam_now = torch.where(accept, torch.minimum(lam_t, lam_end[idx]), lam_s)
-            proposal = h[idx] * (self.safety * err.clamp(min=1e-300).pow(-1.0 / k))
+            proposal = h[idx] * (self.safety * batch_independent(lambda e: e.clamp(min=1e-300).pow(-1.0 / k), err))
             h[idx] = torch.minimum(proposal, lam_end[idx] - lam_now)
             running = ~done[idx]
             too_many = running & (attempts[idx] >= self.max_steps)
@@ -278,6 +279,18 @@ class AdaptiveDPMSolver(AdaptiveSolver):
                 self.fail(f"the step size in lambda fell to {float(proposal[j]):.3g}, below min_step={self.min_step:g}",
                           int(idx[j]), float(s[idx[j]]))
         return x
+
+    def _coefficient_rows(self, model, s, t, fractions):
+        """DPMSolver's singlestep coefficients at per-sample (s, t), each row independent of the batch."""
+        names = []
+
+        def rows(s_pad, t_pad):
+            table = self._dpm.singlestep_coefficients(model, s_pad, t_pad, fractions)
+            names[:] = list(table)
+            return tuple(table[name] for name in names)
+
+        values = batch_independent(rows, s, t)
+        return dict(zip(names, values))
 
     def __repr__(self):
         return (f"AdaptiveDPMSolver(order={self.pair}, predict={self.predict!r}{self.tolerance_args()}"

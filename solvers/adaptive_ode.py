@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adaptive import AdaptiveSolver
+from .adaptive import AdaptiveSolver, batch_independent
 
 __all__ = ["AdaptiveODE", "Tableau", "TABLEAUX"]
 
@@ -175,13 +175,29 @@ class AdaptiveODE(AdaptiveSolver):
 
     # -- the variable: tau(t), t(tau), and dy/dtau = A y + B out with y = c(t) x -------------
     def _tau(self, sde, t):
+        return batch_independent(lambda u: self._tau_rows(sde, u), t)
+
+    def _t(self, sde, tau):
+        return batch_independent(lambda u: self._t_rows(sde, u), tau)
+
+    def _scale(self, sde, t):
+        """c(t): y = c x (float64 (B,))."""
+        return batch_independent(lambda u: self._scale_rows(sde, u), t)
+
+    def _rhs_coefficients(self, model, t, variable):
+        """(A, B, c) with dy/dtau = A y + B out at times t (float64 (B,))."""
+        return batch_independent(lambda u: self._rhs_rows(model, u, variable), t)
+
+    # the *_rows forms compute on whatever rows they get; the wrappers above make each row's value
+    # independent of the batch (see batch_independent)
+    def _tau_rows(self, sde, t):
         if self.variable == "t":
             return t.clone()
         if self.variable == "lambda":
             return sde.log_snr(t)
         return torch.atan2(sde.sigma(t), sde.alpha(t))
 
-    def _t(self, sde, tau):
+    def _t_rows(self, sde, tau):
         if self.variable == "t":
             return tau.clone()
         if self.variable == "lambda":
@@ -189,14 +205,12 @@ class AdaptiveODE(AdaptiveSolver):
         lam = torch.log(torch.cos(tau)) - torch.log(torch.sin(tau))  # cos(pi/2) > 0 in float64
         return sde.t_from_log_snr(lam).clamp(sde.t_min, sde.t_max)
 
-    def _scale(self, sde, t):
-        """c(t): y = c x (float64 (B,))."""
+    def _scale_rows(self, sde, t):
         if self.variable == "t":
             return torch.ones_like(t)
         return torch.rsqrt(sde.alpha(t) ** 2 + sde.sigma(t) ** 2)
 
-    def _rhs_coefficients(self, model, t, variable):
-        """(A, B, c) with dy/dtau = A y + B out at times t (float64 (B,))."""
+    def _rhs_rows(self, model, t, variable):
         sde = model.sde
         p, q = model.coefficients("velocity", t)
         if variable == "t":
@@ -275,8 +289,8 @@ class AdaptiveODE(AdaptiveSolver):
                 f1 = rhs(y1, self._t(sde, tau1), todo)
                 d2 = self._rms((f1 - f0) / scale) / h0
                 dmax = torch.maximum(d1, d2)
-                h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
-                                 (0.01 / dmax.clamp(min=1e-300)) ** (1.0 / tab.order))
+                root = batch_independent(lambda d: (0.01 / d.clamp(min=1e-300)) ** (1.0 / tab.order), dmax)
+                h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3), root)
                 h[todo] = torch.minimum(torch.minimum(100 * h0, h1), span)
 
         while not bool(done.all()):
@@ -321,7 +335,8 @@ class AdaptiveODE(AdaptiveSolver):
             else:
                 k1_valid[acc] = False
             done[acc] = final[accept]
-            factor = (self.safety * err.clamp(min=1e-300).pow(exponent)).clamp(0.2, 10.0)
+            shrink = batch_independent(lambda e: e.clamp(min=1e-300).pow(exponent), err)
+            factor = (self.safety * shrink).clamp(0.2, 10.0)
             factor = torch.where(rejected_last[idx] | ~accept, factor.clamp(max=1.0), factor)
             h_new = h_i * factor
             h[idx] = h_new
