@@ -143,6 +143,30 @@ class AdaptiveSolver(Solver):
                 out += f", {name}={getattr(self, name):g}"
         return out
 
+    def judge(self, err: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, ctx, attempts: torch.Tensor) -> torch.Tensor:
+        """The accepted mask of one attempt of rows ``idx`` (at times ``t``) with errors ``err``:
+        a NaN error fails its sample; the attempt is counted in ``attempts`` and in ``ctx``."""
+        bad = ~torch.isfinite(err)
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad)[0])
+            self.fail("the state or the network output became NaN or Inf", int(idx[j]), float(t[j]))
+        accept = err <= 1.0
+        ctx.count_attempts(idx, accept)
+        attempts[idx] += 1
+        return accept
+
+    def check_attempts(self, running: torch.Tensor, idx: torch.Tensor, t: torch.Tensor, attempts: torch.Tensor):
+        """Fail the first running row of ``idx`` that has used up ``max_steps`` attempts."""
+        too_many = running & (attempts[idx] >= self.max_steps)
+        if bool(too_many.any()):
+            j = int(torch.nonzero(too_many)[0])
+            self.fail(f"no end after max_steps={self.max_steps} attempted steps", int(idx[j]), float(t[j]))
+
+    @staticmethod
+    def shrink(err: torch.Tensor, exponent: float) -> torch.Tensor:
+        """E^exponent per sample (E floored at 1e-300), batch-independent."""
+        return batch_independent(lambda e: e.clamp(min=1e-300).pow(exponent), err)
+
     @staticmethod
     def fail(message: str, index: int, t: float):
         raise StepSizeError(f"sample {index}: {message} at t={t:.6g}")
@@ -250,13 +274,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
                 x_low += ctx.column(low["m1"], xs) * ms[1]
 
             err = self.error_norm(x_high, x_low, x_prev[idx])
-            bad = ~torch.isfinite(err)
-            if bool(bad.any()):
-                j = int(torch.nonzero(bad)[0])
-                self.fail("the state or the network output became NaN or Inf", int(idx[j]), float(s_i[j]))
-            accept = err <= 1.0
-            ctx.count_attempts(idx, accept)
-            attempts[idx] += 1
+            accept = self.judge(err, idx, s_i, ctx, attempts)
             acc = idx[accept]
             x[acc] = x_high[accept]
             x_prev[acc] = x_low[accept]
@@ -265,13 +283,10 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             done[acc] = final[accept]
             # h <- min(safety h E^{-1/k}, lambda_end - lambda), for accepted and rejected alike
             lam_now = torch.where(accept, torch.minimum(lam_t, lam_end[idx]), lam_s)
-            proposal = h[idx] * (self.safety * batch_independent(lambda e: e.clamp(min=1e-300).pow(-1.0 / k), err))
+            proposal = h[idx] * (self.safety * self.shrink(err, -1.0 / k))
             h[idx] = torch.minimum(proposal, lam_end[idx] - lam_now)
             running = ~done[idx]
-            too_many = running & (attempts[idx] >= self.max_steps)
-            if bool(too_many.any()):
-                j = int(torch.nonzero(too_many)[0])
-                self.fail(f"no end after max_steps={self.max_steps} attempted steps", int(idx[j]), float(s[idx[j]]))
+            self.check_attempts(running, idx, s[idx], attempts)
             # the controller's proposal, not the clipped step: a sliver left before the end is fine
             too_small = running & torch.isfinite(lam_now) & (proposal < self.min_step)
             if bool(too_small.any()):

@@ -131,27 +131,17 @@ class AdaptiveEM(AdaptiveSolver):
             x_heun = xs + 0.5 * (k1 + f2 * minus_h + g2 * dw)
 
             err = self.error_norm(x_heun, x_euler, x_prev[idx], rtol, atol)
-            bad = ~torch.isfinite(err)
-            if bool(bad.any()):
-                j = int(torch.nonzero(bad)[0])
-                self.fail("the state or the network output became NaN or Inf", int(idx[j]), float(t_i[j]))
-            accept = err <= 1.0
-            ctx.count_attempts(idx, accept)
-            attempts[idx] += 1
+            accept = self.judge(err, idx, t_i, ctx, attempts)
             acc = idx[accept]
             x[acc] = x_heun[accept]
             x_prev[acc] = x_euler[accept]
             t[acc] = t_next[accept]
             drift_valid[acc] = False
             done[acc] = final[accept]
-            shrink = batch_independent(lambda e: e.clamp(min=1e-300).pow(-self.exponent), err)
-            proposal = step * (self.safety * shrink)
+            proposal = step * (self.safety * self.shrink(err, -self.exponent))
             h[idx] = torch.minimum(proposal, t[idx] - t_end[idx])
             running = ~done[idx]
-            too_many = running & (attempts[idx] >= self.max_steps)
-            if bool(too_many.any()):
-                j = int(torch.nonzero(too_many)[0])
-                self.fail(f"no end after max_steps={self.max_steps} attempted steps", int(idx[j]), float(t[idx[j]]))
+            self.check_attempts(running, idx, t[idx], attempts)
             # the controller's proposal, not the clipped step: a sliver left before t_end is fine
             if self.min_step_given:
                 too_small = running & (proposal < self.min_step)

@@ -320,13 +320,7 @@ class AdaptiveODE(AdaptiveSolver):
             x_high, x_low = y_high * r_next, y_low * r_next
             x_prev = y_i * ctx.column(1.0 / self._scale(sde, t_i), y_i)
             err = self.error_norm(x_high, x_low, x_prev)
-            bad = ~torch.isfinite(err)
-            if bool(bad.any()):
-                j = int(torch.nonzero(bad)[0])
-                self.fail("the state or the network output became NaN or Inf", int(idx[j]), float(t_i[j]))
-            accept = err <= 1.0
-            ctx.count_attempts(idx, accept)
-            attempts[idx] += 1
+            accept = self.judge(err, idx, t_i, ctx, attempts)
             acc = idx[accept]
             y[acc] = y_high[accept]
             t[acc], tau[acc] = t_next[accept], tau_next[accept]
@@ -335,17 +329,13 @@ class AdaptiveODE(AdaptiveSolver):
             else:
                 k1_valid[acc] = False
             done[acc] = final[accept]
-            shrink = batch_independent(lambda e: e.clamp(min=1e-300).pow(exponent), err)
-            factor = (self.safety * shrink).clamp(0.2, 10.0)
+            factor = (self.safety * self.shrink(err, exponent)).clamp(0.2, 10.0)
             factor = torch.where(rejected_last[idx] | ~accept, factor.clamp(max=1.0), factor)
             h_new = h_i * factor
             h[idx] = h_new
             rejected_last[idx] = ~accept
             running = ~done[idx]
-            too_many = running & (attempts[idx] >= self.max_steps)
-            if bool(too_many.any()):
-                j = int(torch.nonzero(too_many)[0])
-                self.fail(f"no end after max_steps={self.max_steps} attempted steps", int(idx[j]), float(t[idx[j]]))
+            self.check_attempts(running, idx, t[idx], attempts)
             too_small = running & (h_new < self.min_step)
             if bool(too_small.any()):
                 j = int(torch.nonzero(too_small)[0])
