@@ -270,7 +270,10 @@ class PredictorCorrector(Solver):
         any fixed-grid solver of :mod:`solvers` (default :class:`ReverseDiffusion`); adaptive
         solvers choose their own times and are refused.
     corrector:
-        a :class:`Corrector` (default ``Langevin(snr, n_corrector_steps)``).
+        a :class:`Corrector` (default ``AnnealedLangevin(snr, n_corrector_steps)``: SCORE's default
+        is :class:`Langevin`, but with per-sample norms Langevin's variance bias (1 + 2/d)^2 is
+        large in few dimensions; on the 2-D mixture (VP, 50 steps) Langevin's sliced Wasserstein
+        error is 0.40 against ALD's 0.040, at the sampling floor).
     n_corrector_steps:
         corrector iterations per step (default 1, or the given corrector's ``n_steps``); 0 without a
         corrector runs the predictor alone.
@@ -300,7 +303,8 @@ class PredictorCorrector(Solver):
             n_corrector_steps = _check_count("n_corrector_steps", n_corrector_steps, "PredictorCorrector", minimum=0)
         if corrector is None:
             if n_corrector_steps != 0:
-                corrector = Langevin(0.16 if snr is None else snr, 1 if n_corrector_steps is None else n_corrector_steps)
+                corrector = AnnealedLangevin(0.16 if snr is None else snr,
+                                             1 if n_corrector_steps is None else n_corrector_steps)
         elif not isinstance(corrector, Corrector):
             raise TypeError(f"PredictorCorrector: corrector must be a solvers.pc.Corrector instance (Langevin(...) or "
                             f"AnnealedLangevin(...)), got {type(corrector).__name__}")

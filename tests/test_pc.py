@@ -265,7 +265,7 @@ def test_pc_step_matches_a_hand_written_reference():
     times = grid(sde, 3)
     x_T = 20.0 * torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     model = score_model(sde)
-    got = sample(model, PredictorCorrector(n_corrector_steps=2, snr=0.2), x_T=x_T, grid=times, seed=9,
+    got = sample(model, PredictorCorrector(corrector=Langevin(0.2, 2)), x_T=x_T, grid=times, seed=9,
                  final_denoise=False)
     x, src = x_T.clone(), NoiseSource(9, 5)
     for k in range(3):
@@ -287,8 +287,9 @@ SAMPLERS = {
     "ReverseDiffusion": lambda: ReverseDiffusion(),
     "Ancestral(posterior)": lambda: AncestralSampling(),
     "Ancestral(forward)": lambda: AncestralSampling("forward"),
-    "PC(ReverseDiffusion+Langevin)": lambda: PredictorCorrector(),
-    "PC(EulerMaruyama+Langevin)": lambda: PredictorCorrector(EulerMaruyama()),
+    "PC(ReverseDiffusion+Langevin)": lambda: PredictorCorrector(corrector=Langevin()),
+    "PC(EulerMaruyama+Langevin)": lambda: PredictorCorrector(EulerMaruyama(), Langevin()),
+    "PC(ReverseDiffusion+ALD), the default": lambda: PredictorCorrector(),
 }
 
 
@@ -345,8 +346,8 @@ def test_batch_invariance(make, index, seed, sde_name):
 
 def test_corrector_noise_is_independent_of_the_predictor_and_of_each_other():
     """Nested predictor-correctors stack their draws; every draw index is distinct and >= 1."""
-    inner = PredictorCorrector(EulerMaruyama(), n_corrector_steps=2)
-    outer = PredictorCorrector(inner, n_corrector_steps=3)
+    inner = PredictorCorrector(EulerMaruyama(), Langevin(n_steps=2))
+    outer = PredictorCorrector(inner, Langevin(n_steps=3))
     assert inner.first_draw == CORRECTOR_FIRST_DRAW and outer.first_draw == CORRECTOR_FIRST_DRAW + 2
     assert outer.nfe_per_step == 6
     # the tables of both correctors coexist under different prefixes
@@ -358,7 +359,8 @@ def test_attributes_and_repr():
     pc = PredictorCorrector()
     assert isinstance(pc, Solver) and isinstance(pc.predictor, ReverseDiffusion)
     assert (pc.order, pc.stochastic, pc.gaussian_only, pc.nfe_per_step, pc.snr) == (1, True, True, 2, 0.16)
-    assert repr(pc) == "PredictorCorrector(predictor=ReverseDiffusion(), corrector=Langevin(snr=0.16, n_steps=1))"
+    assert repr(pc) == ("PredictorCorrector(predictor=ReverseDiffusion(), "
+                        "corrector=AnnealedLangevin(snr=0.16, n_steps=1))")
     assert repr(AncestralSampling()) == "AncestralSampling(variance='posterior')"
     for solver in (ReverseDiffusion(), AncestralSampling()):
         assert (solver.order, solver.nfe_per_step, solver.stochastic, solver.gaussian_only) == (1, 1, True, True)
