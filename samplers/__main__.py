@@ -1,4 +1,4 @@
-"""Command line: ``python -m samplers {demo,bench} ...``.
+"""Command line: ``python -m samplers {demo,bench,sample} ...``.
 
 Each subcommand lives in its own module with a ``main(argv) -> int``; it is imported only when
 it is run, so ``python -m samplers demo`` does not import the benchmark code and vice versa.
@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "demo": ("samplers.demo", "sample an exact 2-D mixture with every solver; error vs NFE table and plot"),
     "bench": ("samplers.bench", "measurements (e.g. 'bench overhead'); see 'bench --help'"),
+    "sample": ("samplers.cli_sample", "sample your own network to checksummed shard files (resumable; torchrun)"),
 }
 
 

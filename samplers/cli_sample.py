@@ -1,0 +1,239 @@
+"""``python -m samplers sample``: sample a user's own network to shard files, resumably.
+
+    python -m samplers sample --model mypkg.nets:unet --sde vp --predicts eps \\
+        --solver dpm++2m --steps 20 -n 100000 --shape 3,32,32 --out runs/unet
+
+``--model module:attr`` names a :class:`samplers.Model` (which knows its SDE and what it
+predicts) or a callable network ``net(x, t)`` (then ``--sde`` and ``--predicts`` build the Model).
+The samples go to ``--out`` as shards with a checksummed index (see :mod:`samplers.distributed`);
+a rerun with the same arguments skips the shards already written and complete.  Under
+``torchrun`` every process takes its share of the shards (gloo on CPUs, NCCL when ``--device
+cuda``); otherwise one process does all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+__all__ = ["SOLVERS", "ADAPTIVE", "build_parser", "load_model", "make_solver", "main"]
+
+
+def _solvers():
+    import solvers as s
+
+    return {
+        "em": lambda: s.EulerMaruyama(),
+        "euler": lambda: s.Euler(),
+        "heun": lambda: s.Heun(),
+        "dpm++2m": lambda: s.DPMSolver(2),
+        "dpm++3m": lambda: s.DPMSolver(3),
+        "sde-dpm++2m": lambda: s.DPMSolverSDE(2),
+        "unipc": lambda: s.UniPC(),
+        "ersde": lambda: s.ERSDE(),
+        "pc": lambda: s.PredictorCorrector(),
+        "restart": lambda: s.Restart(),
+        "adaptive-em": lambda **kw: s.AdaptiveEM(**kw),
+        "adaptive-dpm": lambda **kw: s.AdaptiveDPMSolver(**kw),
+        "adaptive-ode": lambda **kw: s.AdaptiveODE(**kw),
+    }
+
+
+#: the --solver names (the constructors are in :func:`make_solver`)
+SOLVERS = ("em", "euler", "heun", "dpm++2m", "dpm++3m", "sde-dpm++2m", "unipc", "ersde", "pc", "restart",
+           "adaptive-em", "adaptive-dpm", "adaptive-ode")
+#: the solvers that choose their own steps (take --rtol/--atol, no --steps)
+ADAPTIVE = ("adaptive-em", "adaptive-dpm", "adaptive-ode")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def make_solver(name: str, rtol: float | None = None, atol: float | None = None):
+    """The solver of a --solver name (rtol/atol only for the adaptive ones)."""
+    table = _solvers()
+    if name not in table:
+        raise ValueError(f"--solver must be one of {', '.join(SOLVERS)}, got {name!r}")
+    if name in ADAPTIVE:
+        kw = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
+        return table[name](**kw)
+    return table[name]()
+
+
+def load_model(spec: str, sde: str | None = None, predicts: str | None = None):
+    """The Model named by ``module:attr`` (a samplers.Model, or a callable net with sde/predicts)."""
+    from sde import PREDICTIONS
+
+    from .demo import SDES
+    from .model import Model
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must look like 'module:attr' (e.g. mypkg.nets:unet), got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model: cannot import module {module_name!r} ({exc})") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--model: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if isinstance(obj, Model):
+        if sde is not None or predicts is not None:
+            raise ValueError(f"--model {spec} is already a samplers.Model (it has its SDE and prediction): "
+                             "drop --sde/--predicts")
+        return obj
+    if not callable(obj):
+        raise ValueError(f"--model {spec} is a {type(obj).__name__}: expected a samplers.Model or a callable "
+                         "network net(x, t)")
+    if sde is None:
+        raise ValueError(f"--model {spec} is a network, not a samplers.Model: pass --sde (one of "
+                         f"{', '.join(sorted(SDES))}) and --predicts")
+    if sde not in SDES:
+        raise ValueError(f"--sde must be one of {', '.join(sorted(SDES))}, got {sde!r}")
+    predicts = predicts or "eps"
+    if predicts not in PREDICTIONS:
+        raise ValueError(f"--predicts must be one of {', '.join(PREDICTIONS)}, got {predicts!r}")
+    if isinstance(obj, torch.nn.Module):
+        obj.eval().requires_grad_(False)
+    return Model(obj, SDES[sde](), predicts)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas (e.g. 3,32,32), "
+                                         f"got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^64), got {text!r}") from None
+    if not 0 <= v < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^64), got {text!r}")
+    return v
+
+
+def build_parser(prog: str = "python -m samplers sample") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip("` "),
+                                epilog="Rerun the same command to resume a killed run; under torchrun each "
+                                       "process takes its share of the shards.")
+    p.add_argument("--model", required=True, help="module:attr of a samplers.Model or of a network net(x, t)")
+    p.add_argument("--sde", default=None, help="the SDE the network was trained with (when --model is a network)")
+    p.add_argument("--predicts", default=None, help="what the network returns: eps (default), x0, v, score, velocity")
+    p.add_argument("--solver", required=True, choices=SOLVERS, metavar="SOLVER",
+                   help=f"one of {', '.join(SOLVERS)}")
+    p.add_argument("--steps", type=_positive, default=None, help="number of steps (not for adaptive solvers)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (adaptive solvers only)")
+    p.add_argument("--atol", type=float, default=None, help="absolute tolerance (adaptive solvers only)")
+    p.add_argument("-n", type=_positive, required=True, help="number of samples")
+    p.add_argument("--shape", type=_shape, required=True, help="shape of one sample, e.g. 3,32,32")
+    p.add_argument("--seed", type=_seed, default=0, help="seed (default 0); sample i's noise is keyed by (seed, i)")
+    p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch (default 256)")
+    p.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard file (default 1024)")
+    p.add_argument("--format", choices=("pt", "npz"), default="pt", help="shard file format (default pt)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="sample dtype (default float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:K (default: cpu)")
+    p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
+    return p
+
+
+def _init_group(device: torch.device):
+    """(group_created_here, world): the torchrun process group, initialised if needed."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False, 1
+    if dist.is_initialized():
+        return False, dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True, dist.get_world_size()
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    adaptive = args.solver in ADAPTIVE
+    if adaptive and args.steps is not None:
+        parser.error(f"--steps: {args.solver} chooses its own steps; pass --rtol/--atol instead")
+    if not adaptive and args.steps is None:
+        parser.error(f"--steps is required with --solver {args.solver}")
+    if not adaptive and (args.rtol is not None or args.atol is not None):
+        parser.error(f"--rtol/--atol apply only to the adaptive solvers ({', '.join(ADAPTIVE)})")
+    for name in ("rtol", "atol"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            parser.error(f"--{name} must be positive, got {v}")
+    dtype = _DTYPES[args.dtype]
+    if args.format == "npz" and dtype == torch.bfloat16:
+        parser.error("--format npz cannot store --dtype bfloat16 (numpy has no bfloat16): use --format pt")
+    if args.device in (None, "cpu"):
+        device = torch.device("cpu")
+    elif args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            parser.error(f"--device: not a device: {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} exists and is not a directory")
+    try:
+        model = load_model(args.model, args.sde, args.predicts)
+        solver = make_solver(args.solver, args.rtol, args.atol)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    from .distributed import sample_distributed
+
+    created, world = _init_group(device)
+    try:
+        kwargs = {} if adaptive else {"steps": args.steps}
+        run = {"model": args.model, "sde": args.sde, "predicts": args.predicts}
+        try:
+            with torch.no_grad():
+                _, info = sample_distributed(model, solver, args.n, args.shape, seed=args.seed,
+                                             batch_size=args.batch_size, out_dir=args.out,
+                                             shard_size=args.shard_size, shard_format=args.format, device=device,
+                                             dtype=dtype, run_config=run, return_info=True, **kwargs)
+        except ValueError as exc:  # e.g. the directory holds a run with other settings
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if info.rank == 0:
+            written = sum(r["shards_written"] for r in info.ranks)
+            skipped = sum(r["shards_skipped"] for r in info.ranks)
+            print(f"{args.n} samples in {args.out} ({world} process{'es' if world > 1 else ''}): "
+                  f"{written} shards written, {skipped} already complete; index {info.index_path}")
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

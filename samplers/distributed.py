@@ -1,0 +1,630 @@
+"""Sampling beyond one device: a batch of N sharded over the ranks of a ``torch.distributed`` group.
+
+Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
+on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
+(seed, global sample index, counter, stream), so sample i is bit-identical whatever the number of
+ranks, the rank that drew it or the chunk it was drawn in.  The result is either gathered
+(padded ``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard
+files with a checksummed index, for runs that do not fit in one host's memory and that must
+survive being killed (a rerun skips the shards whose checksum verifies).
+
+Output directory layout (``out_dir``):
+
+- ``shard-{start:09d}-{end:09d}.pt`` (or ``.npz``): samples ``start ... end-1``; the shards are
+  global, ``shard_size`` indices each, so a rerun with another number of ranks reuses them.
+  Each is written to a temporary file and moved into place with ``os.replace``.
+- ``progress-*.json``: one per process and run (never shared, never rewritten by another
+  process): the shards that process wrote or verified, with their SHA-256.  Written after the
+  shard file, so a shard not (yet) recorded counts as missing.
+- ``index.json``: written by rank 0 once every rank is done (then the progress files are
+  removed): the run's settings, ``"complete": true`` and every shard's range and SHA-256.
+
+A shard counts as done only if some index file (``index.json`` or a progress file) records it
+with the SHA-256 of the file on disk; everything else is (re)computed.  Runs with other settings
+(seed, solver, n, ...) are refused in the same directory.  One run at a time per directory.
+
+``python -m samplers.distributed bench`` measures throughput with 1 and 2 gloo CPU processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .model import Model
+from .sample import sample
+
+__all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
+           "throughput", "INDEX_NAME", "main"]
+
+INDEX_NAME = "index.json"
+_PROGRESS_PREFIX = "progress-"
+_FORMATS = ("pt", "npz")
+_INDEX_VERSION = 1
+#: test hook: after writing this many shard files (before recording the last in the index), exit
+_EXIT_HOOK = "SAMPLERS_TEST_EXIT_AFTER_SHARDS"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous range [start, end) of ``n`` items that ``rank`` of ``world`` takes.
+
+    The sizes differ by at most one (the first ``n % world`` ranks take one more); ranks beyond
+    ``n`` get an empty range.  The ranges of ranks 0 ... world-1 cover 0 ... n-1 in order.
+    """
+    for name, v in (("n", n), ("rank", rank), ("world", world)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {v!r}")
+    if n < 0 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need n >= 0, world >= 1 and 0 <= rank < world, got n={n}, rank={rank}, world={world}")
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """The global output shards of a run of ``n``: [0, s), [s, 2s), ... (the last may be shorter)."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+
+
+@dataclass
+class DistributedInfo:
+    """What :func:`sample_distributed` did on this rank (``ranks``: the same for every rank)."""
+
+    rank: int
+    world_size: int
+    start: int  #: this rank's first global sample index
+    end: int  #: one past its last (for output runs: of the shards it owns)
+    samples: int  #: samples this rank computed in this call (skipped shards not counted)
+    nfe: int  #: network calls this rank made (sum over its chunks)
+    wall_time: float  #: seconds this rank spent in the call
+    shards_written: int = 0
+    shards_skipped: int = 0  #: shards found done (checksum verified) and not recomputed
+    index_path: str | None = None
+    ranks: list = field(default_factory=list)  #: every rank's fields above, as dicts, by rank
+
+
+# ---------------------------------------------------------------------------------------------
+# process group
+
+
+def _group_rank_world(group):
+    import torch.distributed as dist
+
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return None, 0, 1
+    if not dist.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised")
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _uses_nccl(group) -> bool:
+    import torch.distributed as dist
+
+    return str(dist.get_backend(group)).lower() == "nccl"
+
+
+def _all_gather_object(obj, group, world):
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling one range
+
+
+def _slice_cond(cond, n, start, end):
+    """Per-sample conditioning (tensors with N rows) follows the samples; the rest is shared."""
+    if not cond:
+        return cond
+    return {k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
+            for k, v in cond.items()}
+
+
+def _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_kwargs, dtype, device):
+    """Samples start ... end-1 (global indices) in chunks of batch_size; returns (x, nfe)."""
+    pieces, nfe = [], 0
+    cond = sample_kwargs.pop("cond", None)
+    for a in range(start, end, batch_size):
+        b = min(a + batch_size, end)
+        chunk_seed = seed[a:b] if isinstance(seed, list) else seed
+        x, info = sample(model, solver, shape=(b - a,) + shape, seed=chunk_seed, sample_index=range(a, b),
+                         cond=_slice_cond(cond, n, a, b), dtype=dtype, device=device, return_info=True,
+                         **sample_kwargs)
+        pieces.append(x)
+        nfe += info.nfe
+    sample_kwargs["cond"] = cond
+    if not pieces:
+        return torch.empty((0,) + shape, dtype=dtype or torch.get_default_dtype(), device=device), 0
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0], nfe
+
+
+# ---------------------------------------------------------------------------------------------
+# shard files and the index
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_name(start: int, end: int, fmt: str) -> str:
+    return f"shard-{start:09d}-{end:09d}.{fmt}"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(fileobj) into a temporary file next to path, fsync, then os.replace onto path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
+def _save_shard(path: Path, x: torch.Tensor, start: int, end: int, fmt: str) -> None:
+    x = x.detach().cpu().contiguous()
+    index = torch.arange(start, end, dtype=torch.int64)
+    if fmt == "pt":
+        _atomic_write(path, lambda fh: torch.save({"samples": x, "index": index}, fh))
+    else:
+        import numpy as np
+
+        _atomic_write(path, lambda fh: np.savez(fh, samples=x.numpy(), index=index.numpy()))
+
+
+def _load_shard(path: Path, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if fmt == "pt":
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return data["samples"], data["index"]
+    import numpy as np
+
+    with np.load(path) as data:
+        return torch.from_numpy(data["samples"].copy()), torch.from_numpy(data["index"].copy())
+
+
+def _jsonable(v):
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (list, tuple, range)):
+        return [_jsonable(u) for u in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(u) for k, u in v.items()}
+    if isinstance(v, torch.Tensor) and v.numel() <= 64:
+        return {"tensor": v.tolist()}
+    return repr(v)
+
+
+def _read_records(out_dir: Path):
+    """(config or None, {shard file: [recorded sha256, ...]}, [progress files]) from all index files."""
+    config, shas, progress = None, {}, []
+    files = sorted(out_dir.glob(_PROGRESS_PREFIX + "*.json"))
+    index = out_dir / INDEX_NAME
+    for path in ([index] if index.exists() else []) + files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable record records nothing; its shards are recomputed
+        if path != index:
+            progress.append(path)
+        if config is None:
+            config = data.get("config")
+        elif data.get("config") != config:
+            raise ValueError(f"{out_dir}: the index files disagree on the run's settings ({path.name}); "
+                             "the directory mixes runs: use another output directory")
+        for rec in data.get("shards", []):
+            shas.setdefault(rec["file"], []).append(rec["sha256"])
+    return config, shas, progress
+
+
+def _check_config(out_dir: Path, old: dict | None, new: dict) -> None:
+    if old is None or old == new:
+        return
+    diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+             if old.get(k) != new.get(k)]
+    raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
+                     "use another output directory, or the same settings to resume")
+
+
+def verify_shards(out_dir) -> dict:
+    """Check a (possibly unfinished) output directory without changing it.
+
+    Returns ``{"config", "done": [(start, end), ...], "missing": [...], "corrupt": [...]}``: a
+    shard is *done* when its file's SHA-256 matches a recorded one, *corrupt* when the file
+    exists but matches no record, *missing* otherwise.
+    """
+    out_dir = Path(out_dir)
+    config, shas, _ = _read_records(out_dir)
+    if config is None:
+        raise FileNotFoundError(f"{out_dir}: no index ({INDEX_NAME} or {_PROGRESS_PREFIX}*.json) found")
+    report = {"config": config, "done": [], "missing": [], "corrupt": []}
+    for start, end in shard_ranges(config["n"], config["shard_size"]):
+        path = out_dir / _shard_name(start, end, config["format"])
+        if not path.exists():
+            report["missing"].append((start, end))
+        elif _sha256(path) in shas.get(path.name, ()):
+            report["done"].append((start, end))
+        else:
+            report["corrupt"].append((start, end))
+    return report
+
+
+def load_shards(out_dir, *, verify: bool = True) -> torch.Tensor:
+    """The (N, *shape) samples of a completed output directory, in global index order.
+
+    Reads ``index.json`` (the run must be complete), checks every shard's SHA-256 (unless
+    ``verify=False``) and that the shards hold each index 0 ... N-1 exactly once.
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / INDEX_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the run is not complete (rerun it to finish)")
+    index = json.loads(path.read_text())
+    if not index.get("complete"):
+        raise ValueError(f"{path}: the run is not complete")
+    config = index["config"]
+    n, fmt = config["n"], config["format"]
+    pieces, seen = [], torch.zeros(n, dtype=torch.int64)
+    for rec in sorted(index["shards"], key=lambda r: r["start"]):
+        shard = out_dir / rec["file"]
+        if verify and _sha256(shard) != rec["sha256"]:
+            raise ValueError(f"{shard}: SHA-256 does not match the index (corrupted); rerun the job to recompute it")
+        x, idx = _load_shard(shard, fmt)
+        if idx.numel() != x.shape[0] or not torch.equal(idx, torch.arange(rec["start"], rec["end"])):
+            raise ValueError(f"{shard}: holds indices other than [{rec['start']}, {rec['end']})")
+        seen[idx] += 1
+        pieces.append(x)
+    if not bool((seen == 1).all()):
+        bad = torch.nonzero(seen != 1).flatten()[:5].tolist()
+        raise ValueError(f"{out_dir}: indices {bad} ... are not held exactly once by the shards")
+    return torch.cat(pieces)
+
+
+def _exit_hook_count() -> int | None:
+    value = os.environ.get(_EXIT_HOOK)
+    return int(value) if value else None
+
+
+def _run_sharded(model, solver, n, shape, seed, batch_size, sample_kwargs, dtype, device, out_dir, shard_size, fmt,
+                 config, group, rank, world):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old_config, shas, _ = _read_records(out_dir)
+    _check_config(out_dir, old_config, config)
+    shards = shard_ranges(n, shard_size)
+    lo, hi = shard_range(len(shards), rank, world)
+    mine = shards[lo:hi]
+    progress_path = out_dir / f"{_PROGRESS_PREFIX}{world}x{rank}-{uuid.uuid4().hex[:12]}.json"
+    records, written, skipped, computed, nfe = [], 0, 0, 0, 0
+    exit_after = _exit_hook_count()
+
+    def record():
+        _write_json(progress_path, {"version": _INDEX_VERSION, "config": config, "shards": records})
+
+    todo = []
+    for start, end in mine:
+        name = _shard_name(start, end, fmt)
+        path = out_dir / name
+        sha = _sha256(path) if path.exists() else None
+        if sha is not None and sha in shas.get(name, ()):
+            records.append({"file": name, "start": start, "end": end, "sha256": sha})
+            skipped += 1
+        else:
+            todo.append((start, end))
+    if records and todo:
+        record()  # this process's own record of what it verified, before it starts computing
+    for start, end in todo:
+        name = _shard_name(start, end, fmt)
+        x, k = _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_kwargs, dtype, device)
+        nfe += k
+        computed += end - start
+        _save_shard(out_dir / name, x, start, end, fmt)
+        del x
+        written += 1
+        if exit_after is not None and written >= exit_after:
+            os._exit(1)  # test hook: die with the shard file written but not yet recorded
+        records.append({"file": name, "start": start, "end": end, "sha256": _sha256(out_dir / name)})
+        record()
+    all_records = _all_gather_object(records, group, world)  # also the barrier: every rank is done
+    index_path = out_dir / INDEX_NAME
+    if rank == 0:
+        merged = sorted((r for part in all_records for r in part), key=lambda r: r["start"])
+        if [(r["start"], r["end"]) for r in merged] != shards:
+            raise RuntimeError(f"{out_dir}: the ranks' shards do not cover 0 ... {n - 1} exactly once")
+        _write_json(index_path, {"version": _INDEX_VERSION, "config": config, "complete": True, "n": n,
+                                 "shape": list(shape), "shards": merged})
+        for path in out_dir.glob(_PROGRESS_PREFIX + "*.json"):
+            path.unlink(missing_ok=True)
+    start = mine[0][0] if mine else n
+    end = mine[-1][1] if mine else n
+    return start, end, computed, nfe, written, skipped, str(index_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public entry point
+
+
+def _gather(x, n, shape, group, rank, world, dst):
+    """The (n, *shape) tensor from every rank's contiguous piece (padded to equal sizes)."""
+    import torch.distributed as dist
+
+    sizes = [shard_range(n, r, world) for r in range(world)]
+    pad = max(e - s for s, e in sizes)
+    buf = torch.zeros((pad,) + shape, dtype=x.dtype, device=x.device)
+    buf[: x.shape[0]] = x
+    parts = [torch.empty_like(buf) for _ in range(world)] if dst is None or rank == dst else None
+    if dst is None:
+        dist.all_gather(parts, buf, group=group)
+    else:
+        dist.gather(buf, parts, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+        if rank != dst:
+            return None
+    return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes)])
+
+
+def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=None, batch_size: int | None = None,
+                       gather=None, out_dir=None, shard_size: int | None = None, shard_format: str = "pt",
+                       device=None, dtype: torch.dtype | None = None, run_config: dict | None = None,
+                       return_info: bool = False, **sample_kwargs):
+    """Draw ``n`` samples of per-sample shape ``shape`` over the ranks of a process group.
+
+    Every rank of ``group`` (default: the initialised default group; without one, this process
+    alone) must call this with the same arguments.  Rank r takes the contiguous global indices
+    :func:`shard_range` (n, r, W) and samples them in chunks of ``batch_size`` (default: all at
+    once) with :func:`samplers.sample` and ``sample_index`` set to the global indices, so the
+    result is bit-identical to ``sample(model, solver, shape=(n, *shape), seed=seed, ...)`` on one
+    process, whatever W and ``batch_size`` are.
+
+    Parameters
+    ----------
+    model, solver:
+        as for :func:`samplers.sample`; every solver works, the adaptive ones included.
+    n, shape:
+        the number of samples and the shape of one sample (no batch dimension).
+    seed:
+        an int (the same on every rank), or a sequence of ``n`` ints (one per sample).
+    gather:
+        ``True`` (default without ``out_dir``): every rank returns the full (n, *shape) tensor
+        (padded ``all_gather``); an int: only that rank of the group gets it, the others ``None``
+        (``gather``); ``False``: each rank returns its own piece (indices ``info.start ...
+        info.end-1``).  With NCCL the tensors live on this rank's GPU.
+    out_dir, shard_size, shard_format:
+        write the samples instead, as global shards of ``shard_size`` indices (default 1024) in
+        ``.pt`` or ``.npz`` files with a checksummed index (see the module docstring); rank r
+        takes the contiguous shards :func:`shard_range` (n_shards, r, W).  Shards already done
+        (checksum verified) are skipped, so rerunning a killed job finishes it.  Returns ``None``
+        (read the result with :func:`load_shards`).
+    device:
+        where to sample (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU).
+    run_config:
+        extra settings recorded in the index and compared on a rerun (the CLI records the model).
+    return_info:
+        also return a :class:`DistributedInfo` (``info.ranks`` has every rank's counts).
+    sample_kwargs:
+        handed to :func:`samplers.sample`: ``steps``, ``grid``, ``grid_kind``, ``final_denoise``,
+        ``cond`` (tensors with ``n`` rows are split per sample, the rest shared), ...
+    """
+    t0 = time.perf_counter()
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(shape, int):
+        shape = (shape,)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be the shape of one sample (positive sizes, no batch dimension), got {shape}")
+    for bad in ("x_T", "sample_index", "shape", "return_info", "callback", "progress"):
+        if bad in sample_kwargs:
+            raise ValueError(f"{bad} is not supported by sample_distributed (it picks each rank's samples itself)")
+    if seed is None or isinstance(seed, bool):
+        raise ValueError("seed must be an int (or one int per sample): every rank must use the same seed")
+    if isinstance(seed, torch.Tensor):
+        seed = seed.flatten().tolist()
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != n:
+            raise ValueError(f"seed: expected an int or {n} seeds (one per sample), got {len(seed)}")
+        seed = list(seed)
+    elif not hasattr(seed, "__index__"):
+        raise TypeError(f"seed must be an int or a sequence of ints, got {type(seed).__name__}")
+    else:
+        seed = int(seed)
+    if batch_size is None:
+        batch_size = n
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if out_dir is None:
+        if shard_size is not None:
+            raise ValueError("shard_size applies only with out_dir")
+        gather = True if gather is None else gather
+    else:
+        if gather not in (None, False):
+            raise ValueError("out_dir writes the samples to shard files: pass no gather (read them with load_shards)")
+        shard_size = 1024 if shard_size is None else shard_size
+        shard_ranges(1, shard_size)  # validates shard_size
+        if shard_format not in _FORMATS:
+            raise ValueError(f"shard_format must be one of {_FORMATS}, got {shard_format!r}")
+        if shard_format == "npz" and dtype == torch.bfloat16:
+            raise ValueError("shard_format='npz' cannot store bfloat16 (numpy has no bfloat16): use 'pt'")
+    group, rank, world = _group_rank_world(group)
+    if device is None:
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+                  if world > 1 and _uses_nccl(group) else torch.device("cpu"))
+    device = torch.device(device)
+    sample_kwargs = dict(sample_kwargs)
+
+    if out_dir is not None:
+        config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
+                  "solver": repr(solver), "sde": repr(model.sde), "predicts": model.predicts,
+                  "dtype": str(dtype or torch.get_default_dtype()), "shard_size": shard_size,
+                  "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
+                  "run": _jsonable(run_config or {})}
+        start, end, computed, nfe, written, skipped, index_path = _run_sharded(
+            model, solver, n, shape, seed, batch_size, sample_kwargs, dtype, device, out_dir, shard_size,
+            shard_format, config, group, rank, world)
+        result = None
+    else:
+        start, end = shard_range(n, rank, world)
+        x, nfe = _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_kwargs, dtype, device)
+        computed, written, skipped, index_path = end - start, 0, 0, None
+        if gather is False:
+            result = x
+        elif world == 1:
+            result = x
+        else:
+            if gather is not True and (isinstance(gather, bool) or not isinstance(gather, int)
+                                       or not 0 <= gather < world):
+                raise ValueError(f"gather must be True, False or a rank in [0, {world}), got {gather!r}")
+            result = _gather(x, n, shape, group, rank, world, None if gather is True else gather)
+    if not return_info:
+        return result
+    info = DistributedInfo(rank=rank, world_size=world, start=start, end=end, samples=computed, nfe=nfe,
+                           wall_time=time.perf_counter() - t0, shards_written=written, shards_skipped=skipped,
+                           index_path=index_path)
+    mine = {k: v for k, v in asdict(info).items() if k != "ranks"}
+    info.ranks = _all_gather_object(mine, group, world)
+    return result, info
+
+
+def _seed_digest(seeds: list) -> str:
+    return "sha256:" + hashlib.sha256(",".join(str(int(s)) for s in seeds).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput: 1 vs 2 (or more) gloo CPU processes
+
+
+class _MLP(torch.nn.Module):
+    """A small eps-network: time-embedded MLP (dim -> hidden -> hidden -> dim), fixed random weights."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(dim + 1, hidden, generator=g) / math.sqrt(dim + 1))
+        self.w2 = torch.nn.Parameter(torch.randn(hidden, hidden, generator=g) / math.sqrt(hidden))
+        self.w3 = torch.nn.Parameter(torch.randn(hidden, dim, generator=g) / math.sqrt(hidden) * 0.1)
+
+    def forward(self, x, t):
+        h = torch.cat([x, t.reshape(-1, 1).to(x.dtype)], dim=1)
+        h = torch.nn.functional.silu(h @ self.w1.to(x.dtype))
+        h = torch.nn.functional.silu(h @ self.w2.to(x.dtype))
+        return h @ self.w3.to(x.dtype)
+
+
+def _bench_model(dim, hidden):
+    from sde import VPSDE
+
+    return Model(_MLP(dim, hidden).requires_grad_(False), VPSDE(), "eps")
+
+
+def _bench_worker(rank, world, store, result_path, n, dim, hidden, steps, batch_size, repeats):
+    import torch.distributed as dist
+    from solvers import DPMSolver
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = _bench_model(dim, hidden)
+        with torch.no_grad():
+            sample_distributed(model, DPMSolver(2), min(n, 64), (dim,), steps=steps, seed=1)  # warm-up
+            best = math.inf
+            for _ in range(repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                sample_distributed(model, DPMSolver(2), n, (dim,), steps=steps, seed=0, batch_size=batch_size,
+                                   gather=0)
+                dist.barrier()
+                best = min(best, time.perf_counter() - t0)
+        if rank == 0:
+            Path(result_path).write_text(json.dumps({"seconds": best}))
+    finally:
+        dist.destroy_process_group()
+
+
+def throughput(*, n: int = 4096, world_sizes=(1, 2), dim: int = 64, hidden: int = 256, steps: int = 20,
+               batch_size: int = 512, repeats: int = 3) -> list[dict]:
+    """Samples per second with each number of gloo CPU processes (1 thread each).
+
+    The network is a small MLP eps-model (``dim`` -> ``hidden`` -> ``hidden`` -> ``dim``) on VP,
+    sampled with DPM-Solver++(2M) for ``steps`` steps, gathered on rank 0; the best of
+    ``repeats`` timed runs (between barriers, process start excluded).
+    """
+    import torch.multiprocessing as mp
+
+    rows = []
+    for world in world_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            store, result = os.path.join(tmp, "store"), os.path.join(tmp, "result.json")
+            mp.spawn(_bench_worker, args=(world, store, result, n, dim, hidden, steps, batch_size, repeats),
+                     nprocs=world, join=True)
+            seconds = json.loads(Path(result).read_text())["seconds"]
+        rows.append({"processes": world, "n": n, "seconds": seconds, "samples_per_s": n / seconds})
+    base = rows[0]["samples_per_s"]
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / base
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m samplers.distributed",
+                                     description="Throughput of sharded sampling with 1, 2, ... gloo CPU processes.")
+    parser.add_argument("what", choices=["bench"])
+    parser.add_argument("-n", type=int, default=4096, help="samples per run (default 4096)")
+    parser.add_argument("--processes", default="1,2", help="comma-separated process counts (default 1,2)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    worlds = tuple(int(p) for p in args.processes.split(","))
+    rows = throughput(n=args.n, world_sizes=worlds, dim=args.dim, hidden=args.hidden, steps=args.steps,
+                      batch_size=args.batch_size, repeats=args.repeats)
+    print(f"MLP eps-net {args.dim}->{args.hidden}->{args.hidden}->{args.dim}, VP, DPM-Solver++(2M) "
+          f"{args.steps} steps, n={args.n}, batch {args.batch_size}, 1 thread per process")
+    print("| processes | seconds | samples/s | speedup |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['processes']} | {r['seconds']:.3f} | {r['samples_per_s']:.0f} | {r['speedup']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    import samplers.distributed as _self  # the real module, so spawned workers find the functions
+
+    sys.exit(_self.main())

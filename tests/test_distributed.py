@@ -1,0 +1,253 @@
+"""Sharded sampling over torch.distributed (gloo on the CPU) and the resumable command-line sampler."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from samplers import Model, problems, sample
+from samplers.cli_sample import main as cli_main
+from samplers.distributed import load_shards, sample_distributed, shard_range, shard_ranges, verify_shards
+from sde import VPSDE
+from solvers import AdaptiveEM, DPMSolver, EulerMaruyama
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+N = 21  # not a multiple of the 2 ranks, the chunk size or the shard size
+CASES = {  # name -> (solver factory, sample kwargs)
+    "em": (lambda: EulerMaruyama(), {"steps": 6}),
+    "dpm++2m": (lambda: DPMSolver(2), {"steps": 6}),
+    "adaptive-em": (lambda: AdaptiveEM(rtol=0.2), {}),
+}
+
+NETS_MODULE = """
+from samplers import Model, problems
+from sde import VPSDE
+net = problems.mixture_2d().net(VPSDE(), "x0")
+model = Model(net, VPSDE(), "x0")
+not_callable = 3
+"""
+
+
+def _model():
+    sde = VPSDE()
+    return Model(problems.mixture_2d().net(sde, "x0"), sde, "x0")
+
+
+def _env(extra_path=None, **extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), extra_path, env.get("PYTHONPATH")) if p)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def test_shard_range_covers_contiguously_and_balanced():
+    for n in (0, 1, 5, 21, 64):
+        for world in (1, 2, 3, 7):
+            ranges = [shard_range(n, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [e - s for s, e in ranges]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 0
+    assert shard_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(ValueError, match="rank"):
+        shard_range(4, 2, 2)
+    with pytest.raises(ValueError, match="shard_size"):
+        shard_ranges(4, 0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_single_process_chunks_and_shards_equal_one_run(name, tmp_path):
+    factory, kw = CASES[name]
+    model = _model()
+    ref = sample(model, factory(), shape=(N, 2), seed=7, dtype=F64, **kw)
+    got, info = sample_distributed(model, factory(), N, (2,), seed=7, batch_size=4, dtype=F64, return_info=True, **kw)
+    assert torch.equal(got, ref) and info.world_size == 1 and (info.start, info.end) == (0, N)
+    assert sample_distributed(model, factory(), N, (2,), seed=7, batch_size=4, dtype=F64, out_dir=tmp_path,
+                              shard_size=5, **kw) is None
+    assert torch.equal(load_shards(tmp_path), ref)
+
+
+def test_sample_distributed_argument_errors(tmp_path):
+    model, solver = _model(), EulerMaruyama()
+    with pytest.raises(ValueError, match="seed"):
+        sample_distributed(model, solver, 4, (2,), seed=None, steps=3)
+    with pytest.raises(ValueError, match="x_T"):
+        sample_distributed(model, solver, 4, (2,), x_T=torch.zeros(4, 2), steps=3)
+    with pytest.raises(ValueError, match="n must be"):
+        sample_distributed(model, solver, 0, (2,), steps=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_distributed(model, solver, 4, (2,), batch_size=0, steps=3)
+    with pytest.raises(ValueError, match="shard_size"):
+        sample_distributed(model, solver, 4, (2,), shard_size=2, steps=3)
+    with pytest.raises(ValueError, match="shard_format"):
+        sample_distributed(model, solver, 4, (2,), out_dir=tmp_path, shard_format="csv", steps=3)
+    sample_distributed(model, solver, 4, (2,), out_dir=tmp_path, shard_size=2, steps=3)
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        sample_distributed(model, solver, 4, (2,), out_dir=tmp_path, shard_size=2, steps=3, seed=1)
+
+
+WORKER = """
+import sys, datetime, torch, torch.distributed as dist
+torch.set_num_threads(1)
+rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world,
+                        timeout=datetime.timedelta(seconds=60))
+from tests.test_distributed import CASES, N, F64, _model
+from samplers.distributed import sample_distributed
+model, results = _model(), {}
+for name, (factory, kw) in CASES.items():
+    full, info = sample_distributed(model, factory(), N, (2,), seed=7, batch_size=4, dtype=F64,
+                                    return_info=True, **kw)
+    to0 = sample_distributed(model, factory(), N, (2,), seed=7, dtype=F64, gather=0, **kw)
+    assert (to0 is None) == (rank != 0)
+    results[name] = {"all": full, "to0": to0, "start": info.start, "end": info.end,
+                     "ranks": [(r["start"], r["end"]) for r in info.ranks]}
+sample_distributed(model, CASES["dpm++2m"][0](), N, (2,), seed=7, dtype=F64, out_dir=out, shard_size=4,
+                   batch_size=3, **CASES["dpm++2m"][1])
+torch.save(results, f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_bit_identical_to_one_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = _env()
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path / "store"), str(out)],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    model = _model()
+    for r in range(2):
+        results = torch.load(out / f"rank{r}.pt", weights_only=False)
+        for name, (factory, kw) in CASES.items():
+            ref = sample(model, factory(), shape=(N, 2), seed=7, dtype=F64, **kw)
+            res = results[name]
+            assert torch.equal(res["all"], ref), (name, r)
+            assert torch.equal(res["to0"], ref) if r == 0 else res["to0"] is None
+            assert (res["start"], res["end"]) == shard_range(N, r, 2) and res["ranks"] == [(0, 11), (11, 21)]
+    ref = sample(model, DPMSolver(2), shape=(N, 2), seed=7, dtype=F64, steps=6)
+    assert torch.equal(load_shards(out), ref)
+    assert not list(out.glob("progress-*.json"))
+
+
+def _cli_args(out, *extra):
+    return ["--model", "nets:net", "--sde", "vp", "--predicts", "x0", "--solver", "dpm++2m", "--steps", "6",
+            "-n", "40", "--shape", "2", "--shard-size", "8", "--batch-size", "3", "--dtype", "float64",
+            "--out", str(out), *extra]
+
+
+def _run_cli(tmp_path, out, env_extra=None, extra=()):
+    return subprocess.run([sys.executable, "-m", "samplers", "sample", *_cli_args(out, *extra)], cwd=ROOT,
+                          env=_env(str(tmp_path), **(env_extra or {})), capture_output=True, text=True, timeout=120)
+
+
+def _shard_records(out):
+    recs = []
+    for path in [out / "index.json", *out.glob("progress-*.json")]:
+        if path.exists():
+            recs += json.loads(path.read_text())["shards"]
+    return recs
+
+
+def test_cli_killed_mid_run_resumes_without_loss_duplication_or_corruption(tmp_path):
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    ref = sample(_model(), DPMSolver(2), shape=(40, 2), seed=0, dtype=F64, steps=6)
+
+    # dies right after writing its 3rd shard file, before recording it in the index
+    killed = _run_cli(tmp_path, out, {"SAMPLERS_TEST_EXIT_AFTER_SHARDS": "3"})
+    assert killed.returncode == 1, killed.stderr
+    assert not (out / "index.json").exists()
+    assert len(list(out.glob("shard-*.pt"))) == 3
+    assert sorted(r["start"] for r in _shard_records(out)) == [0, 8]  # the 3rd file is unrecorded
+    report = verify_shards(out)
+    assert report["done"] == [(0, 8), (8, 16)] and report["corrupt"] == [(16, 24)]
+    assert report["missing"] == [(24, 32), (32, 40)]
+
+    # corrupt a recorded shard: the checksum must catch it
+    first = out / "shard-000000000-000000008.pt"
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    assert (0, 8) in verify_shards(out)["corrupt"]
+    with pytest.raises(FileNotFoundError, match="not complete"):
+        load_shards(out)
+
+    done = _run_cli(tmp_path, out)
+    assert done.returncode == 0, done.stderr
+    assert "4 shards written, 1 already complete" in done.stdout  # 0-8 recomputed, 8-16 kept
+    index = json.loads((out / "index.json").read_text())
+    starts = sorted((r["start"], r["end"]) for r in index["shards"])
+    assert starts == shard_ranges(40, 8) and index["complete"]
+    assert not list(out.glob("progress-*.json")) and not list(out.glob(".*tmp"))
+    assert torch.equal(load_shards(out), ref)  # every index once, bit-identical to one run
+
+    again = _run_cli(tmp_path, out)
+    assert again.returncode == 0 and "0 shards written, 5 already complete" in again.stdout
+
+    other = _run_cli(tmp_path, out, extra=("--seed", "1"))
+    assert other.returncode == 2 and "other settings" in other.stderr and "seed" in other.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nets"], "module:attr"),
+    (["--model", "no_such_module_xyz:net"], "cannot import module"),
+    (["--model", "nets:nope"], "no attribute"),
+    (["--model", "nets:not_callable"], "samplers.Model or a callable"),
+    (["--model", "nets:model", "--sde", "vp"], "already a samplers.Model"),
+    (["--model", "nets:net"], "pass --sde"),
+    (["--model", "nets:net", "--sde", "nope"], "--sde must be one of"),
+    (["--model", "nets:net", "--sde", "vp", "--predicts", "noise"], "--predicts must be one of"),
+    (["--model", "nets:model", "--solver", "adaptive-em", "--steps", "5"], "--steps"),
+    (["--model", "nets:model", "--steps", None], "--steps is required"),
+    (["--model", "nets:model", "--rtol", "0.1"], "--rtol/--atol apply only"),
+    (["--model", "nets:model", "--solver", "rk4"], "--solver"),
+    (["--model", "nets:model", "--shape", "3,a"], "--shape"),
+    (["--model", "nets:model", "-n", "0"], "-n"),
+    (["--model", "nets:model", "--format", "npz", "--dtype", "bfloat16"], "bfloat16"),
+])
+def test_cli_argument_errors(args, message, tmp_path, monkeypatch, capsys):
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {"--solver": "dpm++2m", "--steps": "4", "-n": "4", "--shape": "2", "--out": str(tmp_path / "o")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = [x for flag, value in base.items() if value is not None for x in (flag, value)]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_model_object_and_npz_format(tmp_path, monkeypatch, capsys):
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "o"
+    assert cli_main(["--model", "nets:model", "--solver", "adaptive-em", "--rtol", "0.2", "-n", "6", "--shape", "2",
+                     "--shard-size", "4", "--format", "npz", "--dtype", "float64", "--out", str(out)]) == 0
+    assert "2 shards written" in capsys.readouterr().out
+    ref = sample(_model(), AdaptiveEM(rtol=0.2), shape=(6, 2), seed=0, dtype=F64)
+    assert torch.equal(load_shards(out), ref)
+
+
+def test_main_lists_sample_command():
+    from samplers.__main__ import COMMANDS
+
+    assert COMMANDS["sample"][0] == "samplers.cli_sample"
