@@ -225,13 +225,53 @@ class AdaptiveODE(AdaptiveSolver):
 
     def solve(self, model, x, t_start, t_end, ctx):
         sde = model.sde
+
+        def rhs(y_rows, t_rows, index, variable=self.variable):
+            a_, b_, c_ = self.flow_coefficients(model, t_rows, variable, index)
+            out = ctx.output(y_rows / ctx.column(c_, y_rows), t_rows, index)
+            return y_rows * ctx.column(a_, y_rows) + out * ctx.column(b_, y_rows)
+
+        def measure(y_rows, t_rows):
+            return y_rows * ctx.column(1.0 / self.state_scale(sde, t_rows), y_rows)
+
+        y = x * ctx.column(self.state_scale(sde, t_start), x)
+        y = self.integrate(sde, rhs, measure, y, t_start, t_end, ctx)
+        return measure(y, t_end)
+
+    def flow_coefficients(self, model, t, variable=None, index=None):
+        """(A, B, c), float64 (B,): in the variable tau (the solver's unless given), the state
+        y = c x obeys dy/dtau = A y + B net(x, t); refuses non-finite coefficients (naming the
+        sample: ``index`` holds the rows' sample numbers)."""
+        a_, b_, c_ = self._rhs_coefficients(model, t, self.variable if variable is None else variable)
+        bad = ~(torch.isfinite(a_) & torch.isfinite(b_) & torch.isfinite(c_))
+        if bool(bad.any()):
+            j = int(torch.nonzero(bad)[0])
+            sample = j if index is None else int(index[j])
+            raise ValueError(
+                f"{self!r}: sample {sample}: the probability-flow ODE's coefficients are not finite at "
+                f"t={float(t[j]):.6g} "
+                f"(predicts={model.predicts!r}; e.g. an 'eps' network where alpha = 0): start below that time "
+                f"or use another parametrisation")
+        return a_, b_, c_
+
+    def state_scale(self, sde, t):
+        """c(t), float64 (B,): the integrated state is y = c x."""
+        return self._scale(sde, t)
+
+    def integrate(self, sde, rhs, measure, y, t_start, t_end, ctx):
+        """The per-sample embedded Runge-Kutta loop in the solver's variable, on any state y (B, ...).
+
+        ``rhs(y_rows, t_rows, index, variable)`` is dy/dtau for rows ``index`` at SDE times t_rows;
+        ``measure(v_rows, t_rows)`` maps a state (or a derivative: it must be linear) to the quantity
+        the error test is on (x for :meth:`solve`).  Each row i runs from t_start[i] to t_end[i];
+        returns y at t_end.
+        """
         tab = self.tableau
-        batch = x.shape[0]
+        batch = y.shape[0]
         t = t_start.clone()
         tau_end = self._tau(sde, t_end)
         tau = self._tau(sde, t)
-        c0 = self._scale(sde, t)
-        y = x * ctx.column(c0, x)
+        y = y.clone()
         k1 = torch.empty_like(y)
         k1_valid = torch.zeros(batch, dtype=torch.bool)
         done = t == t_end
@@ -239,18 +279,10 @@ class AdaptiveODE(AdaptiveSolver):
         rejected_last = torch.zeros(batch, dtype=torch.bool)
         direction = torch.sign(tau_end - tau)
         exponent = -1.0 / tab.order
-
-        def rhs(y_rows, t_rows, index, variable=self.variable):
-            a_, b_, c_ = self._rhs_coefficients(model, t_rows, variable)
-            bad = ~(torch.isfinite(a_) & torch.isfinite(b_) & torch.isfinite(c_))
-            if bool(bad.any()):
-                j = int(torch.nonzero(bad)[0])
-                raise ValueError(
-                    f"{self!r}: sample {int(index[j])}: the probability-flow ODE's coefficients are not finite at "
-                    f"t={float(t_rows[j]):.6g} (predicts={model.predicts!r}; e.g. an 'eps' network where "
-                    f"alpha = 0): start below that time or use another parametrisation")
-            out = ctx.output(y_rows / ctx.column(c_, y_rows), t_rows, index)
-            return y_rows * ctx.column(a_, y_rows) + out * ctx.column(b_, y_rows)
+        if not bool(torch.isfinite(tau_end[~done]).all()):
+            j = int(torch.nonzero(~done & ~torch.isfinite(tau_end))[0])
+            raise ValueError(f"{self!r}: sample {j} ends at t={float(t_end[j]):.6g}, where the variable "
+                             f"{self.variable} is infinite: use variable='angle'")
 
         # a sample that starts at lambda = -inf (alpha = 0) takes the exact-limit Euler step in phi first
         if self.variable == "lambda":
@@ -267,7 +299,7 @@ class AdaptiveODE(AdaptiveSolver):
                 t[start], tau[start] = t1, lam1
                 done[start] = t1 == t_end[start]
 
-        # Hairer's starting step (Hairer, Norsett & Wanner I, II.4), per sample, in y's units
+        # Hairer's starting step (Hairer, Norsett & Wanner I, II.4), per sample, on the measured quantity
         h = torch.zeros(batch, dtype=torch.float64)
         todo = torch.nonzero(~done).flatten()
         if todo.numel():
@@ -276,18 +308,19 @@ class AdaptiveODE(AdaptiveSolver):
                 h[todo] = torch.minimum(torch.full_like(span, self.h_init), span)
             else:
                 y0, t0 = y[todo], t[todo]
-                f0 = rhs(y0, t0, todo)
+                f0 = rhs(y0, t0, todo, self.variable)
                 k1[todo], k1_valid[todo] = f0, True
-                c_ = ctx.column(self._scale(sde, t0), y0)
-                scale = torch.maximum(y0.abs() * self.rtol, c_ * self.atol)
-                d0 = self._rms(y0 / scale)
-                d1 = self._rms(f0 / scale)
+                x0 = measure(y0, t0)
+                scale = (x0.abs() * self.rtol).clamp_(min=self.atol)
+                d0 = self._rms(x0 / scale)
+                d1 = self._rms(measure(f0, t0) / scale)
                 h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp(min=1e-300))
                 h0 = torch.minimum(h0, span)
                 tau1 = tau[todo] + direction[todo] * h0
                 y1 = y0 + ctx.column(direction[todo] * h0, y0) * f0
-                f1 = rhs(y1, self._t(sde, tau1), todo)
-                d2 = self._rms((f1 - f0) / scale) / h0
+                t1 = self._t(sde, tau1)
+                f1 = rhs(y1, t1, todo, self.variable)
+                d2 = self._rms(measure(f1 - f0, t0) / scale) / h0
                 dmax = torch.maximum(d1, d2)
                 root = batch_independent(lambda d: (0.01 / d.clamp(min=1e-300)) ** (1.0 / tab.order), dmax)
                 h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3), root)
@@ -297,7 +330,7 @@ class AdaptiveODE(AdaptiveSolver):
             idx = torch.nonzero(~done).flatten()
             stale = idx[~k1_valid[idx]]
             if stale.numel():
-                k1[stale] = rhs(y[stale], t[stale], stale)
+                k1[stale] = rhs(y[stale], t[stale], stale, self.variable)
                 k1_valid[stale] = True
             y_i, t_i, tau_i = y[idx], t[idx], tau[idx]
             span = tau_end[idx] - tau_i
@@ -314,12 +347,9 @@ class AdaptiveODE(AdaptiveSolver):
             t_next = torch.where(final, t_end[idx], self._t(sde, tau_next))
             stage_t = [t_i if cj == 0 else t_next if cj == 1 else self._t(sde, tau_i + cj * h_signed)
                        for cj in tab.c]
-            y_high, y_low, ks = tab.step(lambda u, j: rhs(u, stage_t[j], idx), y_i, h_signed, k1[idx])
+            y_high, y_low, ks = tab.step(lambda u, j: rhs(u, stage_t[j], idx, self.variable), y_i, h_signed, k1[idx])
 
-            r_next = ctx.column(1.0 / self._scale(sde, t_next), y_i)
-            x_high, x_low = y_high * r_next, y_low * r_next
-            x_prev = y_i * ctx.column(1.0 / self._scale(sde, t_i), y_i)
-            err = self.error_norm(x_high, x_low, x_prev)
+            err = self.error_norm(measure(y_high, t_next), measure(y_low, t_next), measure(y_i, t_i))
             accept = self.judge(err, idx, t_i, ctx, attempts)
             acc = idx[accept]
             y[acc] = y_high[accept]
@@ -341,7 +371,7 @@ class AdaptiveODE(AdaptiveSolver):
                 j = int(torch.nonzero(too_small)[0])
                 self.fail(f"the step size in {self.variable} fell to {float(h_new[j]):.3g}, below "
                           f"min_step={self.min_step:g}", int(idx[j]), float(t[idx[j]]))
-        return y * ctx.column(1.0 / self._scale(sde, t), y)
+        return y
 
     @staticmethod
     def _rms(v):
