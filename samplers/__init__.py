@@ -20,3 +20,6 @@ __all__ = [
     "StepInfo",
     "NonFiniteError",
 ]
+from .likelihood import LikelihoodResult, bits_per_dim_offset, dequantize, likelihood
+
+__all__ += ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset"]
