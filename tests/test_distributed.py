@@ -251,3 +251,35 @@ def test_main_lists_sample_command():
     from samplers.__main__ import COMMANDS
 
     assert COMMANDS["sample"][0] == "samplers.cli_sample"
+
+
+def _torchrun(tmp_path, out, nproc, env_extra=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "samplers", "sample", *_cli_args(out)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(str(tmp_path), **(env_extra or {})), capture_output=True,
+                          text=True, timeout=150)
+
+
+def test_torchrun_two_processes_killed_then_resumed_with_one(tmp_path):
+    """The docs' torchrun command: a 2-process run whose rank dies mid-run, finished by a 1-process rerun."""
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    ref = sample(_model(), DPMSolver(2), shape=(40, 2), seed=0, dtype=F64, steps=6)
+
+    # each rank dies right after writing its 2nd shard file (torchrun then stops the job)
+    killed = _torchrun(tmp_path, out, 2, {"SAMPLERS_TEST_EXIT_AFTER_SHARDS": "2"})
+    assert killed.returncode != 0
+    assert not (out / "index.json").exists()
+    assert 1 <= len(list(out.glob("shard-*.pt"))) <= 4
+
+    done = _run_cli(tmp_path, out)
+    assert done.returncode == 0, done.stderr
+    assert "(1 process)" in done.stdout
+    assert torch.equal(load_shards(out), ref)
+    assert not list(out.glob("progress-*.json")) and not list(out.glob(".*tmp"))
+
+    fresh = tmp_path / "fresh"
+    two = _torchrun(tmp_path, fresh, 2)
+    assert two.returncode == 0, two.stderr
+    assert "(2 processes): 5 shards written" in two.stdout
+    assert torch.equal(load_shards(fresh), ref)
