@@ -326,6 +326,17 @@ def test_bad_data_and_models():
                    solver=AdaptiveODE(variable="lambda"))
 
 
+def test_non_gaussian_sde_is_refused():
+    from sde import SDE
+
+    class Jacobi(SDE):  # a stand-in for a non-Gaussian SDE (no alpha/sigma)
+        pass
+
+    model = Model(lambda x, t: -x, Jacobi(0.0, 1.0), predicts="score")
+    with pytest.raises(ValueError, match="AdaptiveODE needs a Gaussian-marginal SDE"):
+        likelihood(model, torch.zeros(2, 3, dtype=F64))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     mix, gen = full_cov_gaussian()
