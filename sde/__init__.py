@@ -27,3 +27,6 @@ __all__ = [
     "broadcast_to_state",
     "check_eta",
 ]
+from .dirichlet import DirichletSDE
+
+__all__ += ["DirichletSDE"]

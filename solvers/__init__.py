@@ -28,3 +28,6 @@ __all__ += ["PredictorCorrector", "ReverseDiffusion", "AncestralSampling", "Corr
 from .restart import RESTART_PRESETS, Restart, RestartInterval
 
 __all__ += ["Restart", "RestartInterval", "RESTART_PRESETS"]
+from .simplex import JacobiEulerMaruyama
+
+__all__ += ["JacobiEulerMaruyama"]
