@@ -266,10 +266,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         return torch.cat([dy, dlog], dim=1)
 
     def measure(state, t_rows):
-        # x and the divergence integrals: the integrals are not rescaled
-        scale = torch.ones(state.shape[0], dim + n_probes, dtype=torch.float64)
-        scale[:, :dim] = (1.0 / solver.state_scale(sde, t_rows))[:, None]
-        return state * scale.to(device=state.device, dtype=state.dtype)
+        # the error test is on x and on the divergence integrals as they are
+        inv_c = ctx.column(1.0 / solver.state_scale(sde, t_rows), state)
+        return torch.cat([state[:, :dim] * inv_c, state[:, dim:]], dim=1)
 
     t0 = torch.full((batch,), t_start, dtype=torch.float64)
     t1 = torch.full((batch,), t_end, dtype=torch.float64)
@@ -279,7 +278,7 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     state = solver.integrate(sde, rhs, measure, state, t0, t1, ctx)
 
     z = (state[:, :dim] * ctx.column(1.0 / c1, state)).reshape(batch, *shape)
-    prior = prior_logp(z.to(dtype) if dtype != compute else z)
+    prior = prior_logp(z)  # in the compute dtype: a float16 sum of squares would lose the prior
     if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != (batch,):
         raise ValueError(f"prior_logp must return a tensor of shape (B,) = ({batch},), got "
                          f"{tuple(prior.shape) if isinstance(prior, torch.Tensor) else type(prior).__name__}")
