@@ -23,3 +23,9 @@ __all__ = [
 from .likelihood import LikelihoodResult, bits_per_dim_offset, dequantize, likelihood
 
 __all__ += ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset"]
+from .invert import Inversion, invert
+
+__all__ += ["invert", "Inversion"]
+from .gradients import GRAD_MODES, sample_grad
+
+__all__ += ["sample_grad", "GRAD_MODES"]

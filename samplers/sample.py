@@ -45,6 +45,9 @@ class SampleInfo:
     nfe_per_sample: torch.Tensor | None = None
     accepted_per_sample: torch.Tensor | None = None
     rejected_per_sample: torch.Tensor | None = None
+    #: the solver's state besides x at the grid's last time (before final denoising), for solvers that
+    #: carry one ({"x_hat": ...} of solvers.Reversible: with x it lets samplers.invert undo the run exactly)
+    solver_state: dict | None = None
 
 
 @dataclass
@@ -82,6 +85,7 @@ class _Context:
         self._noise_keys: dict[int, tuple[int, int]] = {}  # slot -> the (step, draw) its buffer holds
         self._noise_bufs: dict[int, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
+        self.solver_state: dict | None = None  # a solver's initial state besides x (sample's solver_state=)
 
     def output(self, x, time_index, stage=None):
         net_x = x if x.dtype == self.net_dtype else x.to(self.net_dtype)
@@ -196,6 +200,46 @@ def _broadcast_table(name: str, table: torch.Tensor, times: torch.Tensor, solver
     return table.reshape(table.shape + (1,) * (ndim - 1)).to(device=device, dtype=dtype)
 
 
+def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_times: torch.Tensor, cond: dict,
+                       noise: NoiseSource, net_dtype: torch.dtype) -> _Context:
+    """The StepContext of a fixed-grid run over ``table_times`` (N+1, C) float64 for states like ``x``
+    (the compute dtype and device): the solver's tables, the network's times, the keyed noise."""
+    device, compute, batch = x.device, x.dtype, x.shape[0]
+    n_steps = table_times.shape[0] - 1
+    raw_tables = solver.prepare(model, table_times)
+    # lists are the solver's per-step plan (host-side choices such as each step's order), the rest
+    # are coefficient tables moved to the device once
+    plans = {name: tab for name, tab in raw_tables.items() if isinstance(tab, list)}
+    tables = {name: _broadcast_table(name, tab, table_times, solver, x.dim(), device, compute)
+              for name, tab in raw_tables.items() if name not in plans}
+    # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
+    times_net = model.net_time(table_times).to(device=device, dtype=compute).expand(-1, batch).contiguous()
+    stage_net = {}
+    for name, stage in solver.stage_times(model, table_times).items():
+        stage = torch.as_tensor(stage, dtype=torch.float64)
+        if stage.shape != (n_steps, table_times.shape[1]) or not bool(torch.isfinite(stage).all()):
+            raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped {(n_steps, table_times.shape[1])}")
+        stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
+    return _Context(model, cond, tables, times_net, noise, x, net_dtype, stage_net, plans)
+
+
+def _check_solver_state(solver: Solver, state, x: torch.Tensor) -> dict | None:
+    """``state`` with its tensors on x's device and dtype, after checking the solver carries those names."""
+    if state is None:
+        return None
+    names = tuple(getattr(solver, "state_names", ()))
+    if not isinstance(state, dict) or set(state) != set(names) or not names:
+        raise ValueError(f"solver_state: {solver!r} carries the state {names or 'nothing'} besides x; got "
+                         f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    out = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != x.shape:
+            raise ValueError(f"solver_state[{name!r}] must be a tensor shaped like the state {tuple(x.shape)}, got "
+                             f"{getattr(value, 'shape', type(value).__name__)}")
+        out[name] = value.detach().to(device=x.device, dtype=x.dtype)
+    return out
+
+
 def _progress_bar(progress, steps):
     if progress is None:
         progress = steps >= 200 and sys.stderr.isatty()
@@ -212,7 +256,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
            final_denoise: bool = True, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
-           return_info: bool = False):
+           return_info: bool = False, solver_state: dict | None = None):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
 
     Parameters
@@ -244,6 +288,10 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         computed in float64.
     return_info:
         also return a :class:`SampleInfo`.
+    solver_state:
+        the solver's state at the grid's first time besides x_T, for solvers that carry one (the
+        second state ``{"x_hat": ...}`` of :class:`solvers.Reversible`, as :func:`samplers.invert`
+        returns it); default: the solver's own initial state.
     """
     start_time = time.perf_counter()
     if not isinstance(model, Model):
@@ -315,21 +363,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         return _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
                                 seed, noise, return_info, start_time)
 
-    raw_tables = solver.prepare(model, table_times)
-    # lists are the solver's per-step plan (host-side choices such as each step's order), the rest
-    # are coefficient tables moved to the device once
-    plans = {name: tab for name, tab in raw_tables.items() if isinstance(tab, list)}
-    tables = {name: _broadcast_table(name, tab, table_times, solver, x.dim(), device, compute)
-              for name, tab in raw_tables.items() if name not in plans}
-    # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
-    times_net = model.net_time(table_times).to(device=device, dtype=compute).expand(-1, batch).contiguous()
-    stage_net = {}
-    for name, stage in solver.stage_times(model, table_times).items():
-        stage = torch.as_tensor(stage, dtype=torch.float64)
-        if stage.shape != (n_steps, table_times.shape[1]) or not bool(torch.isfinite(stage).all()):
-            raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped {(n_steps, table_times.shape[1])}")
-        stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
-    ctx = _Context(model, cond, tables, times_net, noise, x, dtype, stage_net, plans)
+    ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
+    ctx.solver_state = _check_solver_state(solver, solver_state, x)
 
     if final_denoise:
         p0, q0 = model.coefficients("x0", table_times[-1])
@@ -381,7 +416,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         return result
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, times=times, seed=seed, solver=repr(solver), dtype=dtype,
                       compute_dtype=compute, final_denoise=bool(final_denoise),
-                      wall_time=time.perf_counter() - start_time)
+                      wall_time=time.perf_counter() - start_time,
+                      solver_state=solver.read_state(ctx, dtype) if hasattr(solver, "read_state") else None)
     return result, info
 
 

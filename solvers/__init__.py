@@ -31,3 +31,6 @@ __all__ += ["Restart", "RestartInterval", "RESTART_PRESETS"]
 from .simplex import JacobiEulerMaruyama
 
 __all__ += ["JacobiEulerMaruyama"]
+from .reversible import Reversible
+
+__all__ += ["Reversible"]

@@ -1,0 +1,121 @@
+"""Inversion: the latent (and solver state) that regenerates a given x0.
+
+For :class:`solvers.Reversible` the inverse is exact: each step's algebraic inverse is applied from
+the data end of the grid back to its noise end, with the same network calls and (for the SDE) the
+same keyed Brownian increments, so ``sample`` from the returned pair reproduces x0 up to rounding.
+For any other deterministic fixed-grid solver the probability-flow ODE is integrated backwards with
+that solver on the reversed grid (DDIM inversion for ``DPMSolver(order=1)``): an approximation whose
+error shrinks with the step, not to rounding.  Stochastic solvers other than Reversible cannot be
+inverted (their noise is not recoverable from x0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from solvers import Solver
+from solvers.reversible import Reversible
+
+from .grid import grid as make_grid
+from .grid import validate_grid
+from .model import Model, compute_dtype
+from .noise import NoiseSource
+from .sample import _check_solver_state, fixed_grid_context
+
+__all__ = ["invert", "Inversion"]
+
+
+@dataclass
+class Inversion:
+    """What :func:`invert` found."""
+
+    x_T: torch.Tensor  #: the latent at the grid's first (noisiest) time
+    #: the solver's state besides x at that time ({"x_hat": ...} for Reversible, else None)
+    solver_state: dict | None
+    exact: bool  #: True for a reversible solver (exact up to rounding), False for ODE run backwards
+    times: torch.Tensor  #: the forward grid (N+1,) or (N+1, B), float64: regenerate with grid=times
+    seed: object  #: the noise seed (SDE solvers must regenerate with the same seed)
+    nfe: int  #: network calls spent
+
+
+def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, cond, dtype, what):
+    """Shared argument checks of invert/sample_grad: (state in the compute dtype, grid (N+1, C), times,
+    noise, cond, dtype)."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
+    if getattr(solver, "adaptive", False):
+        raise ValueError(f"{what} needs a fixed-grid solver; {solver!r} chooses its own steps")
+    solver.check_sde(model.sde)
+    if cond is None:
+        cond = {}
+    elif not isinstance(cond, dict):
+        raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1 or not x.is_floating_point():
+        raise ValueError(f"{what}: the state must be a floating tensor of shape (B, ...) with B >= 1")
+    if dtype is None:
+        dtype = x.dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    batch = x.shape[0]
+    if (steps is None) == (grid is None):
+        raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
+    if grid is None:
+        times = make_grid(model.sde, steps, grid_kind)
+    else:
+        if grid_kind is not None:
+            raise ValueError("grid_kind applies only with steps; an explicit grid already fixes the times")
+        times = validate_grid(model.sde, grid, batch)
+    times = times.detach().to("cpu", torch.float64)
+    table_times = times if times.dim() == 2 else times[:, None]
+    noise = NoiseSource(seed, batch, sample_index=sample_index)
+    return table_times, times, noise, cond, dtype, compute_dtype(dtype)
+
+
+def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None = None, grid=None,
+           grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
+           x0_hat: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Inversion:
+    """The latent x_T (and solver state) from which ``sample(model, solver, ...)`` regenerates ``x0``.
+
+    ``x0`` is the state at the grid's last time (``sample(..., final_denoise=False)`` returns it).
+    The grid (``steps``/``grid``/``grid_kind``) is the forward one, as handed to ``sample``.
+
+    * :class:`solvers.Reversible`: exact (to rounding).  Its pair at x0 is (x0, ``x0_hat``), by
+      default x0_hat = x0; pass the x_hat of a forward run to undo that run exactly.  Regenerate with
+      ``sample(model, solver, x_T=inv.x_T, solver_state=inv.solver_state, grid=inv.times,
+      seed=inv.seed, final_denoise=False)``.  SDE variants need the same seed and sample indices.
+    * any other deterministic solver: the probability-flow ODE integrated backwards with that solver
+      on the reversed grid (``DPMSolver(order=1)``: DDIM inversion).  Approximate: the error is the
+      solver's global error in both directions, not rounding.
+    """
+    table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x0, steps, grid, grid_kind, seed,
+                                                                 sample_index, cond, dtype, "invert")
+    x = x0.detach().to(dtype=compute)
+    n_steps = table_times.shape[0] - 1
+    with torch.no_grad():
+        if isinstance(solver, Reversible):
+            ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
+            x_hat = x.clone() if x0_hat is None else _check_solver_state(solver, {"x_hat": x0_hat}, x)["x_hat"]
+            for k in reversed(range(n_steps)):
+                x, x_hat = solver.inverse_step(k, x, x_hat, ctx)
+            state, exact = {"x_hat": x_hat.to(dtype)}, True
+        else:
+            if solver.stochastic:
+                raise ValueError(
+                    f"invert: {solver!r} draws noise that x0 does not determine; invert a deterministic solver "
+                    "(the probability-flow ODE) or use solvers.Reversible(stochastic=True), which inverts exactly"
+                )
+            if x0_hat is not None:
+                raise ValueError(f"x0_hat is the second state of solvers.Reversible; {solver!r} carries none")
+            backward = table_times.flip(0)
+            ctx = fixed_grid_context(model, solver, x.clone(), backward, cond, noise, dtype)
+            x = x.clone()
+            for k in range(n_steps):
+                x = solver.step(k, x, ctx)
+            state, exact = None, False
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError(f"invert: the latent became NaN or Inf with {solver!r} on {model.sde!r}")
+    return Inversion(x_T=x.to(dtype), solver_state=state, exact=exact, times=times, seed=seed, nfe=ctx.nfe)

@@ -1,0 +1,246 @@
+"""Rex: algebraically reversible exponential (stochastic) Runge-Kutta solvers (Blasingame & Liu).
+
+The state is a pair (x, x_hat), started with x_hat = x.  Written in a variable y = x / w in which
+the probability-flow ODE (or the reverse SDE) has no linear part,
+
+    data prediction, ODE:   w = sigma,         s = alpha/sigma = e^lambda,    dy/ds = x0_hat
+    noise prediction, ODE:  w = alpha,         s = sigma/alpha = e^-lambda,   dy/ds = eps_hat
+    data prediction, SDE:   w = sigma^2/alpha, s = alpha^2/sigma^2 = e^2lambda, dy = x0_hat ds + dW_s
+
+an explicit Runge-Kutta method Psi_h(s, x) (the increment of y over a step h from the state x at s)
+is coupled with the McCallum-Foster scheme (coupling zeta in (0, 1]).  With h = s_{n+1} - s_n and
+r = w_{n+1}/w_n, a step and its exact inverse are
+
+    x_{n+1}     = r (zeta x_n + (1 - zeta) x_hat_n) + w_{n+1} Psi_h(s_n, x_hat_n)
+    x_hat_{n+1} = r x_hat_n - w_{n+1} Psi_{-h}(s_{n+1}, x_{n+1})
+
+    x_hat_n = (x_hat_{n+1} + w_{n+1} Psi_{-h}(s_{n+1}, x_{n+1})) / r
+    x_n     = (x_{n+1} - r (1 - zeta) x_hat_n - w_{n+1} Psi_h(s_n, x_hat_n)) / (r zeta)
+
+Each line of the inverse undoes one line of the step with the same network calls at the same
+states, so the pair is recovered up to rounding whatever the network is (nothing is stored).  A
+step costs 2 x stages network calls (Psi_h and Psi_{-h}).  In the SDE, Psi adds the Brownian
+increment W over [s_n, s_{n+1}] (stage i adds its share c_i W, the stochastic RK form for additive
+noise), and Psi_{-h} adds -W: the same keyed draw ``ctx.noise(k)`` serves the step and its inverse.
+With Euler the SDE step is SDE-DPM-Solver++(1) on x_hat.  The SDE's order is weak order 1 (Rex's
+order-1.5 ShARK needs the space-time Levy area, which this solver does not draw).
+
+Rounding, measured (x_T -> 50 steps -> inverse, exact 2-D mixture, examples/inversion.py): the
+inverse divides by r zeta every step, so rounding grows by about w_0/w_N = prod 1/r over a run.  In
+the noise form w = alpha (r = 1 on VE), and the ODE round trip is exact to 1e-15 (float64) and
+5e-7 (float32) relative.  In the data forms w = sigma (ODE; sigma_max/sigma_min = 5000 on VE) or
+sigma^2/alpha (SDE; 1e4 to 2.5e7) and the round trip loses that factor: ODE 1e-11 (float64),
+1e-3 to 1e-2 (float32) relative; SDE 1e-6 (float64) and no digits in float32.  (The reverse SDE
+also forgets x_T by itself: its x_T -> x_0 map contracts by about (s_data/sigma_max)^2, which bounds
+any exact inverse's accuracy.)  The noise form is therefore the ODE's default.  It is not offered
+for the SDE: there the drift 2 eps d(sigma/alpha) is stiff enough that the pair's parasitic mode
+(x - x_hat) grows without bound while sampling; the data form damps it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Solver
+
+__all__ = ["Reversible", "TABLEAUX"]
+
+#: explicit Runge-Kutta tableaux: name -> (a (lower triangular rows), b, c, order)
+TABLEAUX = {
+    "euler": ((), (1.0,), (0.0,), 1),
+    "midpoint": (((0.5,),), (0.0, 1.0), (0.0, 0.5), 2),
+    "heun": (((1.0,),), (0.5, 0.5), (0.0, 1.0), 2),
+    "ralston": (((2.0 / 3.0,),), (0.25, 0.75), (0.0, 2.0 / 3.0), 2),
+    "ssprk3": (((1.0,), (0.25, 0.25)), (1.0 / 6.0, 1.0 / 6.0, 2.0 / 3.0), (0.0, 1.0, 0.5), 3),
+    "rk4": (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0),
+            (0.0, 0.5, 0.5, 1.0), 4),
+    "rk38": (((1.0 / 3.0,), (-1.0 / 3.0, 1.0), (1.0, -1.0, 1.0)), (0.125, 0.375, 0.375, 0.125),
+             (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0), 4),
+}
+
+#: per (predict, stochastic): exponent e of s = e^{e lambda}, the quantity integrated, its factor in dy/ds,
+#: and the power of s that is the Brownian motion's time
+_FORMS = {("data", False): (1.0, "x0", 1.0, None), ("noise", False): (-1.0, "eps", 1.0, None),
+          ("data", True): (2.0, "x0", 1.0, 1)}
+
+
+class Reversible(Solver):
+    """Rex: the algebraically reversible exponential Runge-Kutta solver built on ``base``.
+
+    ``base`` is a tableau name in :data:`TABLEAUX` (euler, midpoint, heun, ralston, ssprk3, rk4,
+    rk38); ``coupling`` the McCallum-Foster zeta in (0, 1] (1: the plain MF scheme; below 1 it damps
+    the drift between x and x_hat); ``predict`` ``"noise"`` (eps form, the ODE's default: the most
+    precise inverse) or ``"data"`` (x0 form, the SDE's default and only form); ``stochastic=True``
+    integrates the reverse SDE with keyed Brownian increments.  ``order`` is the tableau's (weak
+    order 1 for the SDE); ``nfe_per_step`` is 2 x stages.
+
+    The solver's state besides x is ``x_hat`` (``state_names``): :func:`samplers.sample` starts it
+    at x_T unless ``solver_state={"x_hat": ...}`` is given; :meth:`forward_step` and
+    :meth:`inverse_step` map the pair one step forward and back (out of place, differentiable), which
+    :func:`samplers.invert` and :func:`samplers.sample_grad` use.
+    """
+
+    gaussian_only = True
+    state_names = ("x_hat",)
+
+    def __init__(self, base: str = "euler", coupling: float = 0.999, *, predict: str | None = None,
+                 stochastic: bool = False):
+        if base not in TABLEAUX:
+            raise ValueError(f"base must be one of {sorted(TABLEAUX)}, got {base!r}")
+        if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not (0.0 < coupling <= 1.0):
+            raise ValueError(f"coupling must be a number in (0, 1] (the McCallum-Foster zeta), got {coupling!r}")
+        if not isinstance(stochastic, bool):
+            raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+        if predict is None:
+            predict = "data" if stochastic else "noise"
+        if predict not in ("data", "noise"):
+            raise ValueError(f"predict must be 'data', 'noise' or None (the default of the ODE/SDE), got {predict!r}")
+        if stochastic and predict == "noise":
+            raise ValueError(
+                "predict='noise' with stochastic=True is unstable: the reverse SDE's drift 2 eps d(sigma/alpha) "
+                "makes the coupled pair's parasitic mode grow by about (sigma_max/s_data)^2 over a run, and x_hat "
+                "diverges (measured: variance off by 1e12 at 50 steps); use predict='data' (the default)"
+            )
+        self.base = base
+        self.coupling = float(coupling)
+        self.predict = predict
+        self.stochastic = stochastic
+        self.a, self.b, self.c, order = TABLEAUX[base]
+        self.stages = len(self.b)
+        self.order = 1 if stochastic else order  # weak order 1 for the SDE
+        self.nfe_per_step = 2 * self.stages
+        self._exponent, self._quantity, self._slope_factor, self._brownian_power = _FORMS[(predict, stochastic)]
+        # the fractions of a step (in s) where a stage is taken: c_i going forward, 1 - c_i back
+        fractions = sorted({float(c) for c in self.c} | {1.0 - float(c) for c in self.c})
+        self._stage_names = {f: f"rex{j}" for j, f in enumerate(fractions) if f not in (0.0, 1.0)}
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def _weight(self, sde, t):
+        if self.predict == "noise":
+            return sde.alpha(t)
+        if self.stochastic:
+            return sde.sigma(t) * torch.exp(-sde.log_snr(t))  # sigma^2/alpha, finite where sigma is small
+        return sde.sigma(t)
+
+    def _time_variable(self, sde, t):
+        return torch.exp(self._exponent * sde.log_snr(t))
+
+    def _fraction_times(self, sde, times, fraction):
+        """SDE times at s_n + fraction h, (N, C)."""
+        if fraction == 0.0:
+            return times[:-1]
+        if fraction == 1.0:
+            return times[1:]
+        s0, s1 = self._time_variable(sde, times[:-1]), self._time_variable(sde, times[1:])
+        return sde.t_from_log_snr(torch.log(s0 + fraction * (s1 - s0)) / self._exponent)
+
+    def stage_times(self, model, times):
+        return {name: self._fraction_times(model.sde, times, f) for f, name in self._stage_names.items()}
+
+    def prepare(self, model, times):
+        sde = model.sde
+        s0, s1 = self._time_variable(sde, times[:-1]), self._time_variable(sde, times[1:])
+        h = s1 - s0
+        w0, w1 = self._weight(sde, times[:-1]), self._weight(sde, times[1:])
+        r = w1 / w0
+        zeta = self.coupling
+        tables = {"x_x": r * zeta, "x_hat": r * (1.0 - zeta), "r": r, "inv_r": 1.0 / r, "inv_x_x": 1.0 / (r * zeta)}
+        if self.stochastic:
+            # W runs in v = s^power; a stage at s_n + c h sees the increment's share (v - v_n)/(v_{n+1} - v_n)
+            v0, v1 = s0 ** self._brownian_power, s1 ** self._brownian_power
+            root_dv = torch.sqrt((v1 - v0).abs())
+        # forward Psi_h from (s_n, x_hat_n) and backward Psi_{-h} from (s_{n+1}, x_{n+1}), in x units
+        for d, start_w, step, start in (("f", w0, h, 0.0), ("b", w1, -h, 1.0)):
+            sign = 1.0 if d == "f" else -1.0
+            for i, c in enumerate(self.c):
+                frac = start + sign * c
+                t_i = self._fraction_times(sde, times, frac)
+                w_i = self._weight(sde, t_i)
+                p_i, q_i = model.coefficients(self._quantity, t_i)
+                tables[f"{d}{i}_p"], tables[f"{d}{i}_q"] = self._slope_factor * p_i, self._slope_factor * q_i
+                if i == 0:
+                    continue
+                tables[f"{d}{i}_x"] = w_i / start_w
+                for j, a_ij in enumerate(self.a[i - 1]):
+                    if a_ij != 0.0:
+                        tables[f"{d}{i}_k{j}"] = w_i * step * a_ij
+                if self.stochastic:
+                    share = (self._time_variable(sde, t_i) ** self._brownian_power - v0) / (v1 - v0)
+                    # W(stage) - W(start): share of the increment going forward, share - 1 going back
+                    tables[f"{d}{i}_z"] = w_i * (share if d == "f" else share - 1.0) * root_dv
+            for i, b_i in enumerate(self.b):
+                if b_i != 0.0:
+                    tables[f"{d}_b{i}"] = w1 * step * b_i
+            if self.stochastic:
+                tables[f"{d}_z"] = sign * w1 * root_dv
+        return tables
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _where(self, k: int, frac: float):
+        if frac == 0.0:
+            return (k,)
+        if frac == 1.0:
+            return (k + 1,)
+        return (k, self._stage_names[frac])
+
+    def _increment(self, k, x, ctx, d: str) -> torch.Tensor:
+        """w_{n+1} Psi_{+-h}: the forward (d='f', from x_hat_n at s_n) or backward (d='b', from x_{n+1}
+        at s_{n+1}) Runge-Kutta increment, scaled to x units."""
+        start, sign = (0.0, 1.0) if d == "f" else (1.0, -1.0)
+        z = ctx.noise(k) if self.stochastic else None
+        slopes = []
+        for i, c in enumerate(self.c):
+            if i == 0:
+                x_i = x
+            else:
+                x_i = x * ctx.coef(f"{d}{i}_x", k)
+                for j, a_ij in enumerate(self.a[i - 1]):
+                    if a_ij != 0.0:
+                        x_i = x_i + ctx.coef(f"{d}{i}_k{j}", k) * slopes[j]
+                if z is not None:
+                    x_i = x_i + ctx.coef(f"{d}{i}_z", k) * z
+            out = ctx.output(x_i, *self._where(k, start + sign * c))
+            if out.dtype != x_i.dtype:
+                out = out.to(x_i.dtype)
+            slopes.append(ctx.coef(f"{d}{i}_p", k) * x_i + ctx.coef(f"{d}{i}_q", k) * out)
+        total = None
+        for i, b_i in enumerate(self.b):
+            if b_i != 0.0:
+                term = ctx.coef(f"{d}_b{i}", k) * slopes[i]
+                total = term if total is None else total + term
+        if z is not None:
+            total = total + ctx.coef(f"{d}_z", k) * z
+        return total
+
+    def forward_step(self, k: int, x: torch.Tensor, x_hat: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_{k+1}, x_hat_{k+1}) from the pair at grid time k; new tensors (autograd records them)."""
+        x_next = x * ctx.coef("x_x", k) + x_hat * ctx.coef("x_hat", k) + self._increment(k, x_hat, ctx, "f")
+        x_hat_next = x_hat * ctx.coef("r", k) - self._increment(k, x_next, ctx, "b")
+        return x_next, x_hat_next
+
+    def inverse_step(self, k: int, x_next: torch.Tensor, x_hat_next: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_k, x_hat_k) from the pair at grid time k+1: the exact algebraic inverse of :meth:`forward_step`."""
+        x_hat = (x_hat_next + self._increment(k, x_next, ctx, "b")) * ctx.coef("inv_r", k)
+        x = (x_next - x_hat * ctx.coef("x_hat", k) - self._increment(k, x_hat, ctx, "f")) * ctx.coef("inv_x_x", k)
+        return x, x_hat
+
+    def step(self, k, x, ctx):
+        x_hat = ctx.scratch("reversible_x_hat")
+        if k == 0:
+            state = getattr(ctx, "solver_state", None)
+            x_hat.copy_(state["x_hat"] if state else x)
+        x_next, x_hat_next = self.forward_step(k, x, x_hat, ctx)
+        x_hat.copy_(x_hat_next)
+        return x.copy_(x_next)
+
+    def read_state(self, ctx, dtype=None) -> dict:
+        """The driver's copy of the state besides x after the last step (``SampleInfo.solver_state``)."""
+        x_hat = ctx.scratch("reversible_x_hat")
+        return {"x_hat": x_hat.clone() if dtype is None else x_hat.to(dtype, copy=True)}
+
+    def __repr__(self):
+        extra = f", predict={self.predict!r}"
+        extra += ", stochastic=True" if self.stochastic else ""
+        return f"Reversible(base={self.base!r}, coupling={self.coupling:g}{extra})"
