@@ -5,6 +5,7 @@ reverse sampling with exact scores, states inside the simplex, refusals and argu
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -328,6 +329,6 @@ def test_argument_errors():
 def test_example_runs_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "dirichlet.py"), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "", "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "valid sequences" in proc.stdout
