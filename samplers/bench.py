@@ -9,7 +9,12 @@ per step), deterministic, so it is what the tests bound.
 
 ``bench quality``: every solver (and the variants in :data:`QUALITY_VARIANTS`) on the exact
 2-D and 64-D Gaussian mixtures under VP/VE/EDM at NFE 5, 10, 20, 50, 100: sliced Wasserstein
-distance to exact samples and wall time, as tables, a JSON file and error-vs-NFE plots.
+distance to exact samples and wall time, as tables, a JSON file and error-vs-NFE plots; side by side,
+in the same run, the same algorithms in k-diffusion, diffusers and torchsde where they are installed
+(:mod:`samplers.peers`), with error-vs-NFE and error-vs-time plots (``--out DIR``).
+
+``bench convergence``: the measured order of every fixed-step solver (slope of log error against
+log steps, :mod:`samplers.convergence`) beside its theoretical order.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality", "quality_solvers", "QUALITY_VARIANTS"]
+__all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality", "quality_solvers", "QUALITY_VARIANTS",
+           "best_by_budget", "plot_quality"]
 
 
 def _variants():
@@ -68,9 +74,15 @@ def quality_solvers():
 
 
 def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20, 50, 100), samples: int = 4000,
-            seed: int = 0, solver_list=None, floor_sets: int = 4, log=None) -> list[dict]:
-    """One :func:`samplers.demo.run_demo` result per (problem, SDE), every solver at every budget."""
+            seed: int = 0, solver_list=None, floor_sets: int = 4, log=None, peers=None) -> list[dict]:
+    """One :func:`samplers.demo.run_demo` result per (problem, SDE), every solver at every budget.
+
+    ``peers``: a list of :class:`samplers.peers.Peer` to run side by side on the same problems and
+    budgets (``None``: none; :func:`samplers.peers.peer_list` gives every installed one); their
+    records (with ``library``) are under ``peer_records`` of each result, their failures under
+    ``peer_skipped``."""
     from .demo import run_demo
+    from .peers import run_peers
 
     solver_list = quality_solvers() if solver_list is None else solver_list
     results = []
@@ -78,9 +90,32 @@ def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20
         for sde in sdes:
             if log is not None:
                 log(f"-- {problem} mixture, {sde} --")
-            results.append(run_demo(sde=sde, problem=problem, samples=samples, budgets=budgets, seed=seed,
-                                    solver_list=solver_list, floor_sets=floor_sets))
+            res = run_demo(sde=sde, problem=problem, samples=samples, budgets=budgets, seed=seed,
+                           solver_list=solver_list, floor_sets=floor_sets)
+            for rec in res["records"]:
+                rec["library"] = "ours"
+            res["peer_records"], res["peer_skipped"] = [], []
+            if peers:
+                res["peer_records"], res["peer_skipped"] = run_peers(
+                    sde=sde, problem=problem, exact=res["exact"], budgets=budgets, samples=samples, seed=seed,
+                    peers=peers, floor=res["floor"], log=log)
+            results.append(res)
     return results
+
+
+def best_by_budget(res: dict) -> list[dict]:
+    """Per NFE budget: our best solver and each peer library's best, by sliced Wasserstein error."""
+    rows = []
+    for budget in res["budgets"]:
+        best: dict[str, dict] = {}
+        for rec in res["records"] + res.get("peer_records", []):
+            if rec["budget"] != budget:
+                continue
+            lib = rec.get("library", "ours")
+            if lib not in best or rec["sw"] < best[lib]["sw"]:
+                best[lib] = rec
+        rows.append({"budget": budget, "best": best})
+    return rows
 
 
 def _print_quality(results: list[dict]) -> None:
@@ -88,14 +123,73 @@ def _print_quality(results: list[dict]) -> None:
         budgets = res["budgets"]
         print(f"\n{res['problem']} mixture, {res['sde']}: sliced Wasserstein error (N={res['n']}; floor "
               f"{res['floor']:.4f}), by NFE budget")
-        width = max([len(r["solver"]) for r in res["records"]] + [6])
+        records = res["records"] + res.get("peer_records", [])
+        width = max([len(r["solver"]) for r in records] + [6])
         print(f"{'solver':<{width}} " + " ".join(f"{b:>8d}" for b in budgets))
         rows: dict[str, dict[int, float]] = {}
-        for rec in res["records"]:
+        for rec in records:
             rows.setdefault(rec["solver"], {})[rec["budget"]] = rec["sw"]
         for label, by_budget in rows.items():
             cells = [f"{by_budget[b]:>8.4f}" if b in by_budget else f"{'-':>8}" for b in budgets]
             print(f"{label:<{width}} " + " ".join(cells))
+        if res.get("peer_records"):
+            print(f"best per NFE ({res['problem']}, {res['sde_name']}):")
+            for row in best_by_budget(res):
+                cells = "; ".join(f"{lib} {rec['sw']:.4f} ({rec['solver']})" for lib, rec in row["best"].items())
+                print(f"  {row['budget']:>4d}: {cells}")
+        grouped: dict[str, list] = {}
+        for label, budget, reason in res.get("peer_skipped", []):
+            grouped.setdefault(label, [[], reason])[0].append(budget)
+        for label, (skipped, reason) in grouped.items():
+            print(f"  skipped {label} at {', '.join(map(str, skipped))} NFE: {reason}")
+
+
+def plot_quality(res: dict, path: str) -> str:
+    """Error vs NFE and error vs wall time for one (problem, SDE): our solvers (solid) and the peers'
+    (dashed, one marker per library), the floor shaded."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
+    markers = {"ours": "o", "k-diffusion": "s", "diffusers": "^", "torchsde": "D"}
+    by_solver: dict[str, list[dict]] = {}
+    for rec in res["records"] + res.get("peer_records", []):
+        if math.isfinite(rec["sw"]):
+            by_solver.setdefault(rec["solver"], []).append(rec)
+    cmap = plt.get_cmap("tab20")
+    for i, (label, recs) in enumerate(by_solver.items()):
+        recs = sorted(recs, key=lambda r: r["nfe"])
+        lib = recs[0].get("library", "ours")
+        style = dict(marker=markers.get(lib, "x"), ms=3.5, lw=1.0, color=cmap(i % 20),
+                     ls="-" if lib == "ours" else "--", label=label)
+        axes[0].plot([r["nfe"] for r in recs], [r["sw"] for r in recs], **style)
+        axes[1].plot([r["time_ms"] for r in recs], [r["sw"] for r in recs], **style)
+    for ax, xlabel in zip(axes, ("NFE (network evaluations)", "wall time per run (ms)")):
+        lo, hi = res.get("floor_range", (res["floor"], res["floor"]))
+        ax.axhspan(lo, hi, color="gray", alpha=0.15, lw=0)
+        ax.axhline(res["floor"], color="gray", ls=":", lw=1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        # diverged runs (errors of 10^3 on data of radius 2) are listed in the table, not drawn to scale
+        ax.set_ylim(0.7 * lo, min(ax.get_ylim()[1], 5.0))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("sliced Wasserstein distance to exact samples (clipped at 5)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_title(f"{res['problem']} mixture, {res['sde_name'].upper()}: error vs NFE (grey: exact-vs-exact floor)",
+                      fontsize=10)
+    axes[1].set_title("error vs time (N = %d samples, CPU)" % res["n"], fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=6.5, ncols=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def adaptive_em_vs_em(sdes=("vp", "ve"), rtols=(0.1, 0.05, 0.02), samples: int = 4000, seed: int = 0,
@@ -351,6 +445,57 @@ def _print_overhead(result: dict) -> None:
         print(f"{row['peer']:<40} {row['passes_per_model_call']:>8.1f} passes/model call")
 
 
+def _quality_command(args) -> int:
+    import os
+
+    from .peers import available_peers, missing_peers, peer_list
+
+    solver_list = quality_solvers()
+    if args.solvers:
+        unknown = sorted(set(args.solvers) - {label for label, _ in solver_list})
+        if unknown:
+            raise SystemExit(f"--solvers: unknown labels {unknown}; known: {[label for label, _ in solver_list]}")
+        solver_list = [(label, f) for label, f in solver_list if label in args.solvers]
+    peers = None
+    if not args.no_peers:
+        wanted = args.peers or None
+        peers = peer_list(wanted)
+        for name, how in missing_peers().items():
+            if wanted is None or name in wanted:
+                print(f"peer {name} is not installed, skipped ({how})")
+        print(f"peers run side by side: {', '.join(available_peers()) or 'none'}")
+    start = time.perf_counter()
+    results = quality(tuple(args.problems), tuple(args.sdes), tuple(args.nfe), args.samples, args.seed,
+                      solver_list=solver_list, log=lambda line: print(line, flush=True), peers=peers)
+    _print_quality(results)
+    records = [rec for res in results for rec in res["records"] + res["peer_records"]]
+    paths = []
+    if args.json:
+        paths.append(args.json)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        paths.append(os.path.join(args.out, "quality.json"))
+        for res in results:
+            print("wrote", plot_quality(res, os.path.join(args.out, f"quality_{res['problem']}_{res['sde_name']}.png")))
+    for path in paths:
+        with open(path, "w") as fh:
+            json.dump({"records": records,
+                       "best_by_budget": [{"problem": res["problem"], "sde": res["sde_name"], "budget": row["budget"],
+                                           "best": {lib: {"solver": r["solver"], "sw": r["sw"]}
+                                                    for lib, r in row["best"].items()}}
+                                          for res in results for row in best_by_budget(res)],
+                       "floors": {f"{res['problem']}_{res['sde_name']}": res["floor"] for res in results},
+                       "peer_skipped": [list(s) for res in results for s in res["peer_skipped"]]}, fh, indent=2)
+        print("wrote", path)
+    if args.plots:
+        from .demo import plot
+
+        for res in results:
+            plot(res, f"{args.plots}/quality_{res['problem']}_{res['sde_name']}.png")
+    print(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samplers bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -374,21 +519,50 @@ def main(argv=None) -> int:
     q.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     q.add_argument("--samples", type=int, default=4000)
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--json", help="write all records to this JSON file")
-    q.add_argument("--plots", help="directory for one error-vs-NFE PNG per (problem, SDE)")
+    q.add_argument("--json", help="write all records (ours and the peers') to this JSON file")
+    q.add_argument("--plots", help="directory for the demo's scatter + error-vs-NFE PNG per (problem, SDE)")
+    q.add_argument("--out", help="directory for quality.json and error-vs-NFE / error-vs-time PNGs with the peers")
+    q.add_argument("--peers", nargs="*", default=None, metavar="LIBRARY",
+                   help="peer libraries to run side by side (default: every installed one of k-diffusion, "
+                        "diffusers, torchsde; none with --no-peers)")
+    q.add_argument("--no-peers", action="store_true", help="our solvers only")
+    q.add_argument("--solvers", nargs="+", default=None, metavar="LABEL",
+                   help="only these of our solvers (labels as printed, e.g. 'Heun(eta=0)')")
+    v = sub.add_parser("convergence", help="measured order of every fixed-step solver beside the theoretical one")
+    v.add_argument("--sdes", nargs="+", default=["edm", "vp"])
+    v.add_argument("--weak-samples", type=int, default=1_000_000, help="scalar samples for the weak errors")
+    v.add_argument("--json", help="also write the rows to this JSON file")
+    kb = sub.add_parser("kernels", help="fused CUDA step kernels vs the torch path: GPU time per step, bandwidth "
+                                        "(needs a GPU and CuPy)")
+    kb.add_argument("--shapes", nargs="+", default=["256x3x64x64", "64x4x128x128"], help="batch shapes, e.g. 256x3x64x64")
+    kb.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args(argv)
-    if args.what == "quality":
-        results = quality(tuple(args.problems), tuple(args.sdes), tuple(args.nfe), args.samples, args.seed,
-                          log=print)
-        _print_quality(results)
+    if args.what == "kernels":
+        import sys
+
+        from .bench_kernels import bench_kernels, print_kernel_bench
+
+        try:
+            result = bench_kernels(tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes))
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        print_kernel_bench(result)
         if args.json:
             with open(args.json, "w") as fh:
-                json.dump([rec for res in results for rec in res["records"]], fh, indent=2)
-        if args.plots:
-            from .demo import plot
+                json.dump(result, fh, indent=2)
+        return 0
+    if args.what == "quality":
+        return _quality_command(args)
+    if args.what == "convergence":
+        from .convergence import measure_orders
 
-            for res in results:
-                plot(res, f"{args.plots}/quality_{res['problem']}_{res['sde_name']}.png")
+        print("| SDE | solver | kind | theory | measured | errors (at the step counts) | note |")
+        print("|---|---|---|---|---|---|---|")
+        rows = measure_orders(tuple(args.sdes), weak_samples=args.weak_samples, log=lambda line: print(line, flush=True))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
         return 0
     if args.what == "adaptive-em":
         print("| SDE | problem | rtol | mean NFE | NFE min / median / max | AdaptiveEM | EM same NFE | EM 2x NFE |")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -118,12 +117,7 @@ def gaussian_flow(sde, mu: float, s: float, x_u: torch.Tensor, t_u: float, t: fl
     return m_t + math.sqrt(v_t / v_u) * (x_u - m_u)
 
 
-def fitted_order(steps, errors) -> float:
-    """Least-squares slope of -log(error) against log(steps): the observed convergence order."""
-    steps = np.asarray(steps, dtype=float)
-    errors = np.asarray(errors, dtype=float)
-    assert np.all(errors > 0) and np.all(np.isfinite(errors)), errors
-    return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
+from samplers.convergence import fitted_order  # noqa: E402,F401 - one order fit, shared with `bench convergence`
 
 
 @pytest.fixture
