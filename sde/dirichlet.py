@@ -71,6 +71,9 @@ class DirichletSDE(SDE):
 
     gaussian = False
     default_grid = "uniform"
+    #: states are confined to (0, 1)^(K-1): a step rule that does not know the boundary (a Langevin
+    #: corrector, a generic Euler-Maruyama) must refuse this SDE
+    constrained_state = True
 
     def __init__(self, categories: int, *, alpha=None, beta=None, speed_balanced: bool = True,
                  speed_factor: float = 1.0, t_min: float = 0.01, t_max: float = 4.0, max_terms: int = 4000):
