@@ -11,6 +11,7 @@ from sde import GaussianSDE, PREDICTIONS, SDE, conversion
 __all__ = ["Model", "compute_dtype"]
 
 _TIME_INPUTS = ("sde", "discrete")
+_SHIFTABLE = ("eps", "x0", "score")  # what a network may predict on an SDE with a state offset
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +48,11 @@ class Model:
             raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
         if not sde.gaussian and predicts != "score":
             raise ValueError(f"predicts={predicts!r} needs a Gaussian-marginal SDE; {sde!r} supports only 'score'")
+        # an SDE with a state offset (sde.MeanRevertingSDE: y = x - mu) is integrated in y; the
+        # network sees x = y + mu, and its x0 is shifted back (eps and score are the same in x and y)
+        self._shifted = callable(getattr(sde, "state_offset", None))
+        if self._shifted and predicts not in _SHIFTABLE:
+            raise ValueError(f"predicts={predicts!r} is not supported on {sde!r}: use one of {_SHIFTABLE}")
         if callable(time_input):
             self._net_time = time_input
         elif time_input == "sde":
@@ -77,7 +83,13 @@ class Model:
         return self.call_net(x, self.net_time(t), **cond)
 
     def call_net(self, x: torch.Tensor, net_t: torch.Tensor, **cond) -> torch.Tensor:
-        """Call the network with times already in its own convention (see :meth:`net_time`)."""
+        """Call the network with times already in its own convention (see :meth:`net_time`).
+        On an SDE with a state offset (mean-reverting) ``x`` is the shifted state y = x - mu and so is
+        the result: the network is called at y + mu."""
+        offset = None
+        if self._shifted:
+            offset = self.sde.state_offset(cond).to(device=x.device, dtype=x.dtype)
+            x = x + offset
         out = self.net(x, net_t, **cond)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"net must return a torch.Tensor, got {type(out).__name__}")
@@ -88,6 +100,8 @@ class Model:
             )
         if not out.is_floating_point():
             raise TypeError(f"net output must be a floating tensor, got dtype {out.dtype}")
+        if offset is not None and self.predicts == "x0":
+            out = out - offset.to(out.dtype)
         return out
 
     def predict(self, quantity: str, x: torch.Tensor, t, output: torch.Tensor | None = None, **cond) -> torch.Tensor:

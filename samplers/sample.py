@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from solvers import Solver
+from solvers import Solver, kernels
 from solvers.adaptive import batch_independent
 
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
@@ -39,7 +39,8 @@ class SampleInfo:
     dtype: torch.dtype  #: dtype of the returned samples
     compute_dtype: torch.dtype  #: dtype the state was updated in
     final_denoise: bool
-    backend: str = "torch"
+    backend: str = "torch"  #: "torch" or "cupy" (the fused CUDA kernels of solvers.kernels)
+    backend_reason: str = ""  #: why that backend (with backend="auto": why the kernels were not used)
     wall_time: float = 0.0  #: seconds, including the network
     #: adaptive solvers: network calls, accepted and rejected steps of each sample, (B,) int64
     nfe_per_sample: torch.Tensor | None = None
@@ -256,7 +257,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
            final_denoise: bool = True, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
-           return_info: bool = False, solver_state: dict | None = None):
+           return_info: bool = False, solver_state: dict | None = None, backend: str = "auto"):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
 
     Parameters
@@ -292,6 +293,11 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         the solver's state at the grid's first time besides x_T, for solvers that carry one (the
         second state ``{"x_hat": ...}`` of :class:`solvers.Reversible`, as :func:`samplers.invert`
         returns it); default: the solver's own initial state.
+    backend:
+        ``"torch"`` (the solver's torch step), ``"cupy"`` (one fused CUDA kernel per step, noise drawn
+        in the kernel; CUDA tensors, float32/float16/bfloat16, CuPy installed; an error otherwise) or
+        ``"auto"`` (the kernels where they can run, else torch).  ``info.backend`` and
+        ``info.backend_reason`` say which ran and why.  See docs/gpu.md.
     """
     start_time = time.perf_counter()
     if not isinstance(model, Model):
@@ -319,6 +325,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         device = torch.device("cpu") if device is None else torch.device(device)
     batch = shape[0]
     dtype, compute = _resolve_dtypes(dtype, x_T)
+    backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
 
     adaptive = bool(getattr(solver, "adaptive", False))
     if adaptive:
@@ -360,11 +367,18 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         x = x_T.detach().to(device=device, dtype=compute).clone()  # the run owns (and updates) its state
 
     if adaptive:
-        return _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
-                                seed, noise, return_info, start_time)
+        result = _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
+                                  seed, noise, return_info, start_time)
+        if return_info:
+            result[1].backend_reason = backend_reason
+        return result
+    if fused is not None:
+        x = x.contiguous()
 
     ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
     ctx.solver_state = _check_solver_state(solver, solver_state, x)
+    if fused is not None:
+        fused.bind(ctx, x, kernels.make_runner(x, noise))
 
     if final_denoise:
         p0, q0 = model.coefficients("x0", table_times[-1])
@@ -380,7 +394,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         if record:
             ctx.record, ctx.first_output = True, None
             x_before = x.clone()
-        x = solver.step(k, x, ctx)
+        x = solver.step(k, x, ctx) if fused is None else fused.step(k, x, ctx)
         # a reduction per step, kept on the device: NaN/Inf anywhere shows up in the sum
         # without a host sync; the sums are checked once, after the loop
         sums[k] = x.sum()
@@ -416,7 +430,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         return result
     info = SampleInfo(nfe=ctx.nfe, steps=n_steps, times=times, seed=seed, solver=repr(solver), dtype=dtype,
                       compute_dtype=compute, final_denoise=bool(final_denoise),
-                      wall_time=time.perf_counter() - start_time,
+                      wall_time=time.perf_counter() - start_time, backend=backend, backend_reason=backend_reason,
                       solver_state=solver.read_state(ctx, dtype) if hasattr(solver, "read_state") else None)
     return result, info
 

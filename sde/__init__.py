@@ -30,3 +30,6 @@ __all__ = [
 from .dirichlet import DirichletSDE
 
 __all__ += ["DirichletSDE"]
+from .mean_reverting import THETA_SCHEDULES, MeanRevertingSDE
+
+__all__ += ["MeanRevertingSDE", "THETA_SCHEDULES"]

@@ -34,3 +34,6 @@ __all__ += ["JacobiEulerMaruyama"]
 from .reversible import Reversible
 
 __all__ += ["Reversible"]
+from .optimal_reverse import OptimalReverse
+
+__all__ += ["OptimalReverse"]

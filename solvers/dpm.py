@@ -212,6 +212,16 @@ class DPMSolver(Solver):
             return self._singlestep(k, x, ctx)
         return history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "dpm_m")
 
+    def fused_step(self):
+        """The fused CUDA kernel of this step (:mod:`solvers.kernels`): multistep without x0 hooks."""
+        from .kernels import KernelUnsupported, MultistepStep
+
+        if self.method != "multistep":
+            raise KernelUnsupported("DPMSolver(method='singlestep') has no fused kernel")
+        if self.hooks.active:
+            raise KernelUnsupported("thresholding/correct_x0 act on the whole x0 estimate: no fused kernel")
+        return MultistepStep(self.order, "dpm_m", noise=False)
+
     def _singlestep(self, k, x, ctx):
         order = ctx.plan("orders")[k]
         ms = [self._converted(x, ctx.output(x, k), k, ctx, "dpm_m0")]

@@ -149,6 +149,14 @@ class DPMSolverSDE(Solver):
             x.addcmul_(ctx.coef("noise", k), ctx.noise(k))
         return x
 
+    def fused_step(self):
+        """The fused CUDA kernel of this step (:mod:`solvers.kernels`), noise drawn in the kernel."""
+        from .kernels import KernelUnsupported, MultistepStep
+
+        if self.hooks.active:
+            raise KernelUnsupported("thresholding/correct_x0 act on the whole x0 estimate: no fused kernel")
+        return MultistepStep(self.solver_order, "dpm_sde_m", noise=self.stochastic)
+
     def __repr__(self):
         extra = "" if self.lower_order_final else ", lower_order_final=False"
         return (f"{type(self).__name__}(order={self.solver_order}, solver_type={self.solver_type!r}, "

@@ -59,6 +59,12 @@ class EulerMaruyama(Solver):
             x.addcmul_(ctx.coef("noise", k), ctx.noise(k))
         return x
 
+    def fused_step(self):
+        """The fused CUDA kernel of this step (:mod:`solvers.kernels`)."""
+        from .kernels import LinearStep
+
+        return LinearStep(noise=self.stochastic)
+
     def __repr__(self):
         return f"{type(self).__name__}(eta={self.eta:g})"
 
@@ -120,6 +126,12 @@ class Heun(Solver):
         if self.stochastic:
             x.addcmul_(ctx.coef("next_noise", k), z)
         return x
+
+    def fused_step(self):
+        """The fused CUDA kernels of this step (:mod:`solvers.kernels`)."""
+        from .kernels import HeunStep
+
+        return HeunStep(noise=self.stochastic)
 
     def __repr__(self):
         return f"Heun(eta={self.eta:g})"

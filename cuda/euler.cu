@@ -1,0 +1,64 @@
+// Fused steps of the one-step linear updates:
+//   euler_step:    x <- a x + b out (+ c z)            EulerMaruyama, Euler, and the order-1
+//                                                      steps of DPMSolver, DPMSolverSDE, ERSDE
+//   heun_predict:  pred <- a x + b out (+ c z)          Heun's first stage (pred = aux0)
+//   heun_correct:  x <- x/2 + a pred + b out' (+ c z)   Heun's second stage, the same z
+// coef rows (a, b, c) per sample; the _noise kernels draw z in-kernel (philox.cuh), the others
+// read no noise row.  Heun's two stages draw the same z from the same key, so it is never stored.
+#include "step_common.cuh"
+
+namespace samplers {
+
+template <class T, class O, bool NOISE, int MODE>  // MODE 0: euler, 1: heun_predict, 2: heun_correct
+SAMPLERS_HD void linear_thread(long long t, T* x, const O* out, T* aux0, const T*, const T*, const float* coef,
+                               const u64* seeds, const u32* index, u32 counter, u32 stream, long long per_sample,
+                               long long batch) {
+    Slot slot;
+    if (!slot_of(t, per_sample, batch, slot)) return;
+    const long long s = slot.sample;
+    const float a = coef[s], b = coef[batch + s];
+    float c = 0.0f, z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (NOISE) {
+        c = coef[2 * batch + s];
+        const NoiseKey key = {seeds, index, counter, stream};
+        normals4(key, s, slot.call, z);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int w = q * slot.calls + slot.n;
+        if (w >= slot.len) break;
+        const long long i = slot.base + w;
+        float v;
+        if (MODE == 2) {
+            v = fmaf(b, load(out, i), fmaf(a, load(aux0, i), 0.5f * load(x, i)));
+        } else {
+            v = fmaf(b, load(out, i), a * load(x, i));
+        }
+        if (NOISE) v = fmaf(c, z[q], v);
+        store(MODE == 1 ? aux0 : x, i, v);
+    }
+}
+
+#define SAMPLERS_LINEAR_VARIANT(NAME, NOISE, MODE)                                                        \
+    template <class T, class O>                                                                        \
+    SAMPLERS_HD void NAME(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,       \
+                          const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream, \
+                          long long per_sample, long long batch) {                                     \
+        linear_thread<T, O, NOISE, MODE>(t, x, out, aux0, aux1, aux2, coef, seeds, index, counter, stream, \
+                                         per_sample, batch);                                          \
+    }
+SAMPLERS_LINEAR_VARIANT(euler_thread, false, 0)
+SAMPLERS_LINEAR_VARIANT(euler_noise_thread, true, 0)
+SAMPLERS_LINEAR_VARIANT(heun_predict_thread, false, 1)
+SAMPLERS_LINEAR_VARIANT(heun_predict_noise_thread, true, 1)
+SAMPLERS_LINEAR_VARIANT(heun_correct_thread, false, 2)
+SAMPLERS_LINEAR_VARIANT(heun_correct_noise_thread, true, 2)
+
+}  // namespace samplers
+
+SAMPLERS_STEP_KERNELS(euler_step, samplers::euler_thread)
+SAMPLERS_STEP_KERNELS(euler_step_noise, samplers::euler_noise_thread)
+SAMPLERS_STEP_KERNELS(heun_predict, samplers::heun_predict_thread)
+SAMPLERS_STEP_KERNELS(heun_predict_noise, samplers::heun_predict_noise_thread)
+SAMPLERS_STEP_KERNELS(heun_correct, samplers::heun_correct_thread)
+SAMPLERS_STEP_KERNELS(heun_correct_noise, samplers::heun_correct_noise_thread)

@@ -1,0 +1,70 @@
+// Fused step of the exponential multistep solvers (solvers/multistep.py history_step):
+// DPM-Solver++ / DPM-Solver 2M and 3M (no noise), SDE-DPM-Solver++ 2M/3M and ER-SDE 2/3 (noise).
+//
+//   m      = px x + pout out                   the converted output (x0 or eps estimate, or m/p)
+//   aux0  <- m                                 this step's ring buffer
+//   x     <- cx x + w0 m + w1 aux1 + w2 aux2 (+ noise z)
+//
+// coef rows: px, pout, cx, w0, w1, w2, noise.  HIST (0, 1 or 2) is the number of earlier ring
+// buffers the step reads (min(order, k + 1) - 1, as history_step adds them, weight 0 included).
+// The new m is rounded to the ring's storage type before it is used, as the torch path's ring
+// buffer rounds it.  Order-1 steps without hooks fold m into x and use euler_step (euler.cu).
+#include "step_common.cuh"
+
+namespace samplers {
+
+template <class T, class O, int HIST, bool NOISE>
+SAMPLERS_HD void multistep_thread(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,
+                                  const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream,
+                                  long long per_sample, long long batch) {
+    Slot slot;
+    if (!slot_of(t, per_sample, batch, slot)) return;
+    const long long s = slot.sample;
+    const float px = coef[s], pout = coef[batch + s], cx = coef[2 * batch + s], w0 = coef[3 * batch + s];
+    const float w1 = HIST >= 1 ? coef[4 * batch + s] : 0.0f;
+    const float w2 = HIST >= 2 ? coef[5 * batch + s] : 0.0f;
+    float c = 0.0f, z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (NOISE) {
+        c = coef[6 * batch + s];
+        const NoiseKey key = {seeds, index, counter, stream};
+        normals4(key, s, slot.call, z);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int w = q * slot.calls + slot.n;
+        if (w >= slot.len) break;
+        const long long i = slot.base + w;
+        const float xi = load(x, i);
+        const float m = rounded(aux0, fmaf(pout, load(out, i), px * xi));
+        store(aux0, i, m);
+        float v = fmaf(w0, m, cx * xi);
+        if (HIST >= 1) v = fmaf(w1, load(aux1, i), v);
+        if (HIST >= 2) v = fmaf(w2, load(aux2, i), v);
+        if (NOISE) v = fmaf(c, z[q], v);
+        store(x, i, v);
+    }
+}
+
+#define SAMPLERS_MULTISTEP_VARIANT(NAME, HIST, NOISE)                                                     \
+    template <class T, class O>                                                                        \
+    SAMPLERS_HD void NAME(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,       \
+                          const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream, \
+                          long long per_sample, long long batch) {                                     \
+        multistep_thread<T, O, HIST, NOISE>(t, x, out, aux0, aux1, aux2, coef, seeds, index, counter, stream, \
+                                            per_sample, batch);                                       \
+    }
+SAMPLERS_MULTISTEP_VARIANT(multistep_h0_thread, 0, false)
+SAMPLERS_MULTISTEP_VARIANT(multistep_h1_thread, 1, false)
+SAMPLERS_MULTISTEP_VARIANT(multistep_h2_thread, 2, false)
+SAMPLERS_MULTISTEP_VARIANT(multistep_h0_noise_thread, 0, true)
+SAMPLERS_MULTISTEP_VARIANT(multistep_h1_noise_thread, 1, true)
+SAMPLERS_MULTISTEP_VARIANT(multistep_h2_noise_thread, 2, true)
+
+}  // namespace samplers
+
+SAMPLERS_STEP_KERNELS(multistep_h0, samplers::multistep_h0_thread)
+SAMPLERS_STEP_KERNELS(multistep_h1, samplers::multistep_h1_thread)
+SAMPLERS_STEP_KERNELS(multistep_h2, samplers::multistep_h2_thread)
+SAMPLERS_STEP_KERNELS(multistep_h0_noise, samplers::multistep_h0_noise_thread)
+SAMPLERS_STEP_KERNELS(multistep_h1_noise, samplers::multistep_h1_noise_thread)
+SAMPLERS_STEP_KERNELS(multistep_h2_noise, samplers::multistep_h2_noise_thread)

@@ -1,0 +1,201 @@
+"""``python -m samplers bench kernels``: the fused CUDA step kernels against the torch path, on a GPU.
+
+For each batch shape and solver: GPU time per step of the fused kernel(s) and of the solver's torch
+step (network replaced by a fixed output tensor, so only the step's own work is timed), the fused
+step's achieved memory bandwidth (bytes read + written per step / time) and its ratio to the
+device's copy bandwidth (``dst.copy_(src)`` of 1 GiB, measured in the same run), the speed-up over
+torch, and the largest difference between the two paths after a few steps when the torch path is
+fed the kernels' own noise (``solvers.kernels.keyed_normal``): float32 rounding, or a bug.
+
+Timing: CUDA events around a batch of steps queued behind a ``torch.cuda._sleep`` kernel, so the
+host's launch cost is hidden and the events measure the GPU's work only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bench_kernels", "copy_bandwidth", "print_kernel_bench", "KERNEL_BENCH_SOLVERS"]
+
+SHAPES = ((256, 3, 64, 64), (64, 4, 128, 128))
+
+#: full-batch tensors each kernel reads + writes (state, network output, stage/ring buffers)
+_PASSES = {"euler_step": 3, "heun_predict": 3, "heun_correct": 4, "multistep_h0": 4, "multistep_h1": 5,
+           "multistep_h2": 6}
+
+
+def KERNEL_BENCH_SOLVERS():  # noqa: N802 - a table, built on call so importing this module stays cheap
+    from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama, Heun
+
+    return [EulerMaruyama(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)]
+
+
+class _BenchContext:
+    """A StepContext whose network returns a fixed tensor; noise from NoiseSource (the torch path) or
+    from the kernels' noise-only kernel (to feed the torch path the fused kernels' numbers)."""
+
+    def __init__(self, tables, plans, out, noise, like, kernel_noise=False):
+        self.tables, self.plans, self.out, self.noise_source = tables, plans, out, noise
+        self.like, self.kernel_noise = like, kernel_noise
+        self._scratch, self._noise = {}, {}
+
+    def output(self, x, time_index, stage=None):
+        return self.out
+
+    def noise(self, step, draw=0):
+        from .noise import step_stream
+
+        key = (step, draw)
+        if key not in self._noise:
+            self._noise.clear()
+            if self.kernel_noise:
+                from solvers import kernels
+
+                self._noise[key] = kernels.keyed_normal(self.noise_source, self.like.shape[1:], counter=step,
+                                                        stream=step_stream(draw), dtype=self.like.dtype,
+                                                        device=self.like.device)
+            else:
+                self._noise[key] = self.noise_source.normal(self.like.shape[1:], counter=step, stream=step_stream(draw),
+                                                            dtype=self.like.dtype, device=self.like.device)
+        return self._noise[key]
+
+    def coef(self, name, step):
+        return self.tables[name][step]
+
+    def plan(self, name):
+        return self.plans[name]
+
+    def scratch(self, name):
+        if name not in self._scratch:
+            self._scratch[name] = torch.empty_like(self.like)
+        return self._scratch[name]
+
+
+def _context(model, solver, x, out, noise, steps, kernel_noise=False):
+    from .grid import grid as make_grid
+    from .sample import _broadcast_table
+
+    times = make_grid(model.sde, steps)[:, None]
+    raw = solver.prepare(model, times)
+    plans = {k: v for k, v in raw.items() if isinstance(v, list)}
+    tables = {k: _broadcast_table(k, v, times, solver, x.dim(), x.device, x.dtype)
+              for k, v in raw.items() if k not in plans}
+    return _BenchContext(tables, plans, out, noise, x, kernel_noise)
+
+
+def _gpu_time(fn, rounds: int) -> float:
+    """Seconds of GPU time per call of fn (which queues work on the current stream)."""
+    fn()  # warm-up: compilation, allocation
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU work: the host queues everything behind it
+    start.record()
+    for _ in range(rounds):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / rounds
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, rounds: int = 20) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on the current device (read + write counted)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").fill_(1.0)
+    dst = torch.empty_like(src)
+    seconds = _gpu_time(lambda: dst.copy_(src), rounds)
+    return 2 * nbytes / seconds
+
+
+def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3, check_steps: int = 4,
+                  log=print) -> dict:
+    """The measurements of ``bench kernels`` (see the module): a dict with the copy bandwidth and rows."""
+    from sde import VPSDE
+    from solvers import kernels
+
+    from .model import Model
+    from .noise import NoiseSource
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench kernels needs a CUDA GPU: torch.cuda.is_available() is False")
+    reason = kernels.cupy_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"bench kernels needs CuPy: {reason}")
+    solvers = KERNEL_BENCH_SOLVERS() if solvers is None else solvers
+    copy_bw = copy_bandwidth()
+    log(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for shape in shapes:
+        batch = shape[0]
+        x0 = torch.randn(shape, device="cuda", generator=gen)
+        out = 0.5 * torch.randn(shape, device="cuda", generator=gen)
+        noise = NoiseSource(0, batch)
+        model = Model(lambda x, t: out, VPSDE(), predicts="eps")
+        for solver in solvers:
+            fused = solver.fused_step()
+            timed = range(solver.order + 2, steps)  # steady-state steps (history filled)
+
+            x_t = x0.clone()
+            ctx_t = _context(model, solver, x_t, out, noise, steps)
+            for k in range(solver.order + 2):
+                solver.step(k, x_t, ctx_t)
+
+            def torch_round():
+                for k in timed:
+                    solver.step(k, x_t, ctx_t)
+
+            x_f = x0.clone()
+            ctx_f = _context(model, solver, x_f, out, noise, steps)
+            runner = kernels.make_runner(x_f, noise)
+            fused.bind(ctx_f, x_f, runner)
+            launched = []
+            record = runner.launch
+
+            def counting_launch(source, kernel, *args, **kw):
+                launched.append(kernel.removesuffix("_noise"))
+                return record(source, kernel, *args, **kw)
+
+            runner.launch = counting_launch
+            for k in range(solver.order + 2):
+                fused.step(k, x_f, ctx_f)
+            launched.clear()
+            fused.step(timed[0], x_f, ctx_f)
+            passes = sum(_PASSES[name] for name in launched)
+            runner.launch = record
+
+            def fused_round():
+                for k in timed:
+                    fused.step(k, x_f, ctx_f)
+
+            t_torch = _gpu_time(torch_round, rounds) / len(timed)
+            t_fused = _gpu_time(fused_round, rounds) / len(timed)
+            nbytes = passes * x0.numel() * x0.element_size()
+
+            # agreement: both paths from the same state, the torch path fed the kernels' noise
+            x_a, x_b = x0.clone(), x0.clone()
+            ctx_a = _context(model, solver, x_a, out, noise, steps, kernel_noise=True)
+            ctx_b = _context(model, solver, x_b, out, noise, steps)
+            fused_b = solver.fused_step()
+            fused_b.bind(ctx_b, x_b, kernels.make_runner(x_b, noise))
+            for k in range(check_steps):
+                solver.step(k, x_a, ctx_a)
+                fused_b.step(k, x_b, ctx_b)
+            diff = float((x_a - x_b).abs().max() / x_a.abs().max())
+
+            row = {"shape": list(shape), "solver": repr(solver), "torch_us": t_torch * 1e6,
+                   "fused_us": t_fused * 1e6, "speedup": t_torch / t_fused, "bytes": nbytes,
+                   "bandwidth_GBs": nbytes / t_fused / 1e9, "copy_ratio": nbytes / t_fused / copy_bw,
+                   "max_rel_diff": diff}
+            rows.append(row)
+            log(f"{'x'.join(map(str, shape))} {row['solver']}: torch {row['torch_us']:.1f} us, fused "
+                f"{row['fused_us']:.1f} us ({row['speedup']:.1f}x), {row['bandwidth_GBs']:.0f} GB/s = "
+                f"{100 * row['copy_ratio']:.0f}% of copy, max rel diff {diff:.1e}")
+    return {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBs": copy_bw / 1e9, "rows": rows}
+
+
+def print_kernel_bench(result: dict) -> None:
+    print(f"\n{result['device']}, copy bandwidth {result['copy_bandwidth_GBs']:.0f} GB/s\n")
+    print("| batch | solver | torch us/step | fused us/step | speed-up | fused GB/s | % of copy | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {'x'.join(map(str, r['shape']))} | {r['solver']} | {r['torch_us']:.1f} | {r['fused_us']:.1f} | "
+              f"{r['speedup']:.1f}x | {r['bandwidth_GBs']:.0f} | {100 * r['copy_ratio']:.0f}% | {r['max_rel_diff']:.1e} |")

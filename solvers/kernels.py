@@ -1,0 +1,394 @@
+"""Fused CUDA step kernels (``cuda/*.cu``), compiled at run time with CuPy and launched on torch's stream.
+
+A fused kernel does a solver's whole step update in one pass over the batch: it reads the state,
+the network output and (multistep solvers) the history, draws the step's Gaussian noise inside
+the kernel from the same keyed counter-based generator as :class:`samplers.NoiseSource`
+(Philox4x32-10 keyed by seed, sample index, step and stream; ``cuda/philox.cuh``), and writes the
+new state in place.  No noise tensor is read or written and the host never waits for the device.
+
+Each supported solver declares its kernel with ``fused_step()``, which returns one of the
+:class:`FusedStep` classes below (or raises :class:`KernelUnsupported` with the reason).  The
+kernels take the solver's own per-step coefficient tables (``prepare``), packed as one float32
+row per coefficient and sample, so the fused step computes what ``Solver.step`` computes, in
+float32 arithmetic for float32, float16 and bfloat16 states.
+
+The sampling driver chooses with ``sample(..., backend="auto" | "torch" | "cupy")``: see
+:func:`resolve_backend`.  The CuPy side (:class:`CupyRunner`) compiles each ``.cu`` file once per
+process with NVRTC (``cupy.RawModule``; CuPy also caches the binary on disk), views torch tensors
+through DLPack without copying, and launches on ``torch.cuda.current_stream()``.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
+           "MultistepStep", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
+           "keyed_normal", "cupy_unavailable_reason", "storage_suffix", "kernel_names"]
+
+BACKENDS = ("auto", "torch", "cupy")
+#: the kernel sources, each compiled as one module
+KERNEL_FILES = ("euler.cu", "multistep.cu", "noise.cu")
+HEADER_FILES = ("philox.cuh", "step_common.cuh")
+#: threads per block; a thread runs one Philox call and updates 4 elements
+BLOCK = 256
+_ITEM_CALLS, _ITEM_SIZE = 1024, 4096  # must equal SAMPLERS_ITEM_CALLS in cuda/philox.cuh
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+class KernelUnsupported(ValueError):
+    """No fused kernel for this solver configuration, dtype or device; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def cuda_source_dir() -> Path:
+    """The directory holding the ``.cu``/``.cuh`` files: ``solvers/_cuda`` in an installed wheel,
+    ``cuda/`` at the top of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_cuda", here.parent / "cuda"):
+        if all((candidate / name).is_file() for name in KERNEL_FILES + HEADER_FILES):
+            return candidate
+    raise FileNotFoundError(
+        f"the CUDA kernel sources ({', '.join(KERNEL_FILES)}) are missing: looked in {here / '_cuda'} "
+        f"and {here.parent / 'cuda'}; reinstall the package"
+    )
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def kernel_source(name: str) -> str:
+    """The text of kernel file ``name`` with its local ``#include "..."`` headers inlined (each once),
+    so NVRTC needs no include path and CuPy's cache key covers the headers too."""
+    if name not in KERNEL_FILES:
+        raise ValueError(f"name must be one of {KERNEL_FILES}, got {name!r}")
+    root = cuda_source_dir()
+    seen: set[str] = set()
+
+    def expand(file: str) -> str:
+        if file in seen:
+            return ""
+        seen.add(file)
+        text = (root / file).read_text()
+        text = text.replace("#pragma once", "")
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(name)
+
+
+def kernel_names(name: str) -> list[str]:
+    """The kernels file ``name`` defines (step kernels: one per state and output storage type)."""
+    suffixes = list(_SUFFIX.values())
+    if name == "noise.cu":
+        return [f"normal_{s}" for s in suffixes]
+    if name == "euler.cu":
+        bases = [f"{stage}{noise}" for stage in ("euler_step", "heun_predict", "heun_correct")
+                 for noise in ("", "_noise")]
+    elif name == "multistep.cu":
+        bases = [f"multistep_h{h}{noise}" for h in range(3) for noise in ("", "_noise")]
+    else:
+        raise ValueError(f"name must be one of {KERNEL_FILES}, got {name!r}")
+    return [f"{base}_{a}_{b}" for base in bases for a in suffixes for b in suffixes]
+
+
+def storage_suffix(dtype: torch.dtype) -> str:
+    """The kernel name suffix of a storage dtype (f32, f16, bf16)."""
+    try:
+        return _SUFFIX[dtype]
+    except KeyError:
+        raise KernelUnsupported(f"the fused kernels store float32, float16 or bfloat16, not {dtype}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused steps each solver declares
+
+
+class FusedStep:
+    """A solver step as fused kernel launches.  ``bind`` packs the coefficient tables once per run;
+    ``step`` calls the network through the driver's context and launches the kernels."""
+
+    #: the .cu file holding the kernels
+    source = "euler.cu"
+
+    def bind(self, ctx, x: torch.Tensor, runner) -> None:
+        self.runner = runner
+        self.tables = {}
+
+    def step(self, k: int, x: torch.Tensor, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    # the coefficient table: (N, len(columns), B) float32, row k is the (ncoef, B) table of step k
+    @staticmethod
+    def _pack(ctx, x: torch.Tensor, columns) -> torch.Tensor:
+        batch = x.shape[0]
+        rows = []
+        for col in columns:
+            if isinstance(col, str):
+                tab = ctx.tables[col]
+                rows.append(tab.reshape(tab.shape[0], -1).to(torch.float32).expand(-1, batch))
+            else:
+                rows.append(None)
+        n_steps = next(r.shape[0] for r in rows if r is not None)
+        rows = [torch.full((n_steps, batch), float(c), dtype=torch.float32, device=x.device) if r is None else r
+                for r, c in zip(rows, columns)]
+        return torch.stack(rows, dim=1).contiguous()
+
+    def _output(self, x, k, ctx, stage=None):
+        out = ctx.output(x, k) if stage is None else ctx.output(x, k, stage=stage)
+        if out.dtype not in _SUFFIX:
+            out = out.to(x.dtype)
+        return out if out.is_contiguous() else out.contiguous()
+
+    def __repr__(self):
+        return f"{type(self).__name__}(noise={self.noise})"
+
+
+class LinearStep(FusedStep):
+    """x <- a x + b out (+ c z): EulerMaruyama/Euler (tables x, out, noise) and the order-1 steps of
+    the exponential multistep solvers."""
+
+    def __init__(self, noise: bool):
+        self.noise = bool(noise)
+
+    def bind(self, ctx, x, runner):
+        super().bind(ctx, x, runner)
+        self.coef = runner.keep(self._pack(ctx, x, ["x", "out"] + (["noise"] if self.noise else [])))
+        self.kernel = "euler_step_noise" if self.noise else "euler_step"
+
+    def step(self, k, x, ctx):
+        out = self._output(x, k, ctx)
+        self.runner.launch(self.source, self.kernel, x, out, x, x, x, self.coef, k)
+        return x
+
+
+class HeunStep(FusedStep):
+    """Heun's two stages, each one kernel; both draw the step's noise from the same key."""
+
+    def __init__(self, noise: bool):
+        self.noise = bool(noise)
+
+    def bind(self, ctx, x, runner):
+        super().bind(ctx, x, runner)
+        extra = ["pred_noise"] if self.noise else []
+        self.predict = runner.keep(self._pack(ctx, x, ["pred_x", "pred_out"] + extra))
+        extra = ["next_noise"] if self.noise else []
+        self.correct = runner.keep(self._pack(ctx, x, ["next_pred", "next_out"] + extra))
+        self.pred = runner.keep(ctx.scratch("heun_pred"))
+        self.suffix = "_noise" if self.noise else ""
+
+    def step(self, k, x, ctx):
+        out = self._output(x, k, ctx)
+        self.runner.launch(self.source, "heun_predict" + self.suffix, x, out, self.pred, x, x, self.predict, k)
+        out = self._output(self.pred, k + 1, ctx)
+        self.runner.launch(self.source, "heun_correct" + self.suffix, x, out, self.pred, x, x, self.correct, k)
+        return x
+
+
+class MultistepStep(FusedStep):
+    """The exponential multistep update of :func:`solvers.multistep.history_step` (DPMSolver,
+    DPMSolverSDE, ERSDE), plus the step's noise when ``noise``: one kernel a step, writing this
+    step's converted output into the ring buffer ``ring_name + str(k % order)``."""
+
+    source = "multistep.cu"
+
+    def __init__(self, order: int, ring_name: str, noise: bool):
+        self.order, self.ring_name, self.noise = int(order), ring_name, bool(noise)
+
+    def bind(self, ctx, x, runner):
+        super().bind(ctx, x, runner)
+        noise = ["noise"] if self.noise else []
+        if "history" not in ctx.plans:  # order 1 without hooks: history_tables folded m into x
+            self.linear = LinearStep(self.noise)
+            self.linear.bind(ctx, x, runner)
+            return
+        self.linear = None
+        modes = set(ctx.plan("history"))
+        if len(modes) != 1:
+            raise KernelUnsupported(f"history modes change between steps ({sorted(modes)}); no fused kernel")
+        mode = modes.pop()
+        px, pout = {"scaled": (1.0, "conv_ratio"), "direct": (0.0, "conv_out"),
+                    "general": ("conv_x", "conv_out")}[mode]
+        weights = [f"m{j}" if f"m{j}" in ctx.tables else 0.0 for j in range(3)]
+        self.coef = runner.keep(self._pack(ctx, x, [px, pout, "x", *weights, *(noise or [0.0])]))
+        self.ring = [runner.keep(ctx.scratch(f"{self.ring_name}{j}")) for j in range(self.order)]
+
+    def step(self, k, x, ctx):
+        if self.linear is not None:
+            return self.linear.step(k, x, ctx)
+        out = self._output(x, k, ctx)
+        hist = min(self.order, k + 1) - 1
+        ring = [self.ring[(k - j) % self.order] for j in range(3)]
+        kernel = f"multistep_h{hist}" + ("_noise" if self.noise else "")
+        self.runner.launch(self.source, kernel, x, out, ring[0], ring[1] if hist >= 1 else x,
+                           ring[2] if hist >= 2 else x, self.coef, k)
+        return x
+
+    def __repr__(self):
+        return f"MultistepStep(order={self.order}, noise={self.noise})"
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy
+
+
+def _import_cupy():
+    import cupy  # noqa: PLC0415 - optional dependency, imported on first use
+
+    return cupy
+
+
+def cupy_unavailable_reason() -> str | None:
+    """None if CuPy imports and sees a CUDA device; else why not."""
+    try:
+        cupy = _import_cupy()
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return f"CuPy is not importable ({type(exc).__name__}: {exc}); install the 'cupy' extra"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no CUDA device"
+    except Exception as exc:
+        return f"CuPy cannot query CUDA devices ({type(exc).__name__}: {exc})"
+    return None
+
+
+_modules: dict[str, object] = {}
+_modules_lock = threading.Lock()
+
+
+def _module(cupy, source: str):
+    """The compiled RawModule of one .cu file (compiled once per process)."""
+    mod = _modules.get(source)
+    if mod is None:
+        with _modules_lock:
+            mod = _modules.get(source)
+            if mod is None:
+                mod = cupy.RawModule(code=kernel_source(source), options=("--std=c++14",))
+                _modules[source] = mod
+    return mod
+
+
+def _dlpack_view(cupy, t: torch.Tensor):
+    """A zero-copy CuPy view of a contiguous CUDA tensor; 2-byte floats travel as int16 (CuPy has no
+    bfloat16), which the kernels read as their bits."""
+    if t.element_size() == 2 and t.is_floating_point():
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t)
+
+
+class CupyRunner:
+    """Launches fused kernels for one run: the batch's noise key on the device, views of the
+    run's persistent buffers, torch's current stream."""
+
+    def __init__(self, x: torch.Tensor, noise_source):
+        self.cupy = cupy = _import_cupy()
+        self.device = x.device
+        self.batch = x.shape[0]
+        self.per_sample = x[0].numel()
+        self.suffix_x = storage_suffix(x.dtype)
+        threads = self.batch * (-(-self.per_sample // _ITEM_SIZE)) * _ITEM_CALLS
+        self.blocks = -(-threads // BLOCK)
+        self._views: dict[int, object] = {}
+        self._kept: list[torch.Tensor] = []
+        with cupy.cuda.Device(self.device.index):
+            self.seeds = self.keep(noise_source.seeds.to(self.device))
+            self.index = self.keep(noise_source._index32.to(self.device))
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """Register a tensor that lives for the whole run: its DLPack view is made once."""
+        if not t.is_contiguous():
+            raise ValueError("fused kernels need contiguous buffers")
+        self._kept.append(t)
+        self._views[id(t)] = None
+        return t
+
+    def _view(self, t):
+        key = id(t)
+        if key in self._views:
+            view = self._views[key]
+            if view is None:
+                view = self._views[key] = _dlpack_view(self.cupy, t)
+            return view
+        return _dlpack_view(self.cupy, t)
+
+    def launch(self, source, kernel, x, out, aux0, aux1, aux2, coef, k, stream_tag=0):
+        cupy = self.cupy
+        name = f"{kernel}_{self.suffix_x}_{storage_suffix(out.dtype)}"
+        torch_stream = torch.cuda.current_stream(self.device)
+        with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(torch_stream.cuda_stream):
+            fn = _module(cupy, source).get_function(name)
+            args = (self._view(x), self._view(out), self._view(aux0), self._view(aux1), self._view(aux2),
+                    self._view(coef)[k], self._view(self.seeds), self._view(self.index),
+                    cupy.uint32(k), cupy.uint32(stream_tag), cupy.int64(self.per_sample), cupy.int64(self.batch))
+            fn((self.blocks,), (BLOCK,), args)
+
+
+def make_runner(x: torch.Tensor, noise_source):
+    """The kernel launcher of a run (tests replace it with a host emulation)."""
+    return CupyRunner(x, noise_source)
+
+
+def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtype=torch.float32,
+                 device="cuda") -> torch.Tensor:
+    """The standard normals a fused step kernel with key (counter, stream) draws, written out by the
+    noise-only kernel (``cuda/noise.cu``): shape (B, *shape) on a CUDA ``device``.  Feed them to the
+    torch path to compare it with the fused kernels exactly."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {device}")
+    reason = cupy_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"keyed_normal needs CuPy: {reason}")
+    out = torch.empty((noise_source.batch_size, *tuple(shape)), dtype=dtype, device=device)
+    runner = CupyRunner(out, noise_source)
+    cupy = runner.cupy
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+        fn = _module(cupy, "noise.cu").get_function(f"normal_{storage_suffix(dtype)}")
+        fn((runner.blocks,), (BLOCK,), (_dlpack_view(cupy, out), runner._view(runner.seeds),
+                                        runner._view(runner.index), cupy.uint32(counter), cupy.uint32(stream),
+                                        cupy.int64(runner.per_sample), cupy.int64(runner.batch)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# backend choice
+
+
+def _fused_step_of(solver) -> FusedStep:
+    declare = getattr(solver, "fused_step", None)
+    if declare is None:
+        raise KernelUnsupported(f"{type(solver).__name__} has no fused kernel")
+    return declare()
+
+
+def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[str, FusedStep | None, str]:
+    """(backend used, the fused step or None, why) for ``sample(..., backend=...)``.
+
+    ``"torch"``: the solver's torch step.  ``"cupy"``: the fused kernels, or a clear error when they
+    cannot run (CPU tensors, float64, a solver configuration without a kernel, CuPy missing).
+    ``"auto"``: the fused kernels where they can run, else torch, with the reason.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch", None, "backend='torch' was asked for"
+    device = torch.device(device)
+    try:
+        if device.type != "cuda":
+            raise KernelUnsupported(f"the state is on {device}; the fused kernels need a CUDA device")
+        storage_suffix(dtype)
+        fused = _fused_step_of(solver)
+        reason = cupy_unavailable_reason()
+        if reason is not None:
+            raise KernelUnsupported(reason)
+    except KernelUnsupported as exc:
+        if backend == "cupy":
+            raise KernelUnsupported(f"backend='cupy' cannot run: {exc}") from None
+        return "torch", None, f"auto chose torch: {exc}"
+    return "cupy", fused, "fused CUDA kernels (CuPy)"
