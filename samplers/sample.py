@@ -241,6 +241,25 @@ def _check_solver_state(solver: Solver, state, x: torch.Tensor) -> dict | None:
     return out
 
 
+def _state_offset(sde, cond: dict, x: torch.Tensor) -> torch.Tensor | None:
+    """The offset mu of an SDE that is integrated in y = x - mu (:class:`sde.MeanRevertingSDE`, from
+    ``cond``), on x's device and dtype; None for every other SDE.  The run starts from x_T - mu and
+    returns y + mu; the model hands the network y + mu."""
+    if not callable(getattr(sde, "state_offset", None)):
+        return None
+    mu = sde.state_offset(cond)
+    try:
+        fits = torch.broadcast_shapes(mu.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"cond[{getattr(sde, 'mean_key', 'mu')!r}] (the mean state of {sde!r}) has shape "
+                         f"{tuple(mu.shape)}; expected the state's shape {tuple(x.shape)} or one broadcastable to it")
+    if not bool(torch.isfinite(mu).all()):
+        raise ValueError(f"cond[{getattr(sde, 'mean_key', 'mu')!r}] (the mean state of {sde!r}) contains NaN or Inf")
+    return mu.to(device=x.device, dtype=x.dtype)
+
+
 def _progress_bar(progress, steps):
     if progress is None:
         progress = steps >= 200 and sys.stderr.isatty()
@@ -365,10 +384,13 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         x = sde.prior_sample(shape, normal=z)
     else:
         x = x_T.detach().to(device=device, dtype=compute).clone()  # the run owns (and updates) its state
+    offset = _state_offset(sde, cond, x)
+    if offset is not None and x_T is not None:
+        x.sub_(offset)  # the prior draw already is one of y = x - mu
 
     if adaptive:
         result = _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
-                                  seed, noise, return_info, start_time)
+                                  seed, noise, return_info, start_time, offset)
         if return_info:
             result[1].backend_reason = backend_reason
         return result
@@ -405,8 +427,10 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
             denoised = (p_den[k].to(device, compute).reshape(shape_c) * x_before
                         + q_den[k].to(device, compute).reshape(shape_c) * ctx.first_output)
             ctx.record = False
-            callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1], x=x,
-                              denoised=denoised, nfe=ctx.nfe))
+            if offset is not None:
+                x_seen, denoised = x + offset, denoised + offset
+            callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1],
+                              x=x if offset is None else x_seen, denoised=denoised, nfe=ctx.nfe))
     if bar is not None:
         bar.close()
     if final_denoise:
@@ -425,6 +449,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
             f"the state became NaN or Inf {where} with {solver!r} on {sde!r}; check the network's output "
             f"there, or use more steps / a higher precision dtype"
         )
+    if offset is not None:
+        x = x.add_(offset)
     result = x if x.dtype == dtype else x.to(dtype)
     if not return_info:
         return result
@@ -444,7 +470,7 @@ def _final_hooks(solver, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device, seed,
-                     noise, return_info, start_time):
+                     noise, return_info, start_time, offset=None):
     batch = x.shape[0]
     t_start = table_times[0].expand(batch).clone()
     t_end = table_times[-1].expand(batch).clone()
@@ -460,6 +486,8 @@ def _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, 
             f"the state of sample {int(torch.nonzero(bad)[0])} became NaN or Inf with {solver!r} on {model.sde!r}"
             f"{' (in the final denoising step)' if final_denoise else ''}; check the network's output"
         )
+    if offset is not None:
+        x = x + offset
     result = x if x.dtype == dtype else x.to(dtype)
     if not return_info:
         return result
