@@ -4,7 +4,8 @@
     python examples/inversion.py --quick    # fewer samples and a smaller state
 
 Round trip: x_T -> sample (50 steps, no final denoising) -> invert -> x_T', max |x_T - x_T'| and
-the same relative to max |x_T|, for Reversible ODE/SDE (noise and data forms) and, for contrast,
+the same relative to max |x_T|, for Reversible ODE (noise and data forms) and SDE (data form) and,
+for contrast,
 DDIM inversion (DPMSolver(order=1) run backwards), float64 and float32, VP and VE, on the exact
 2-D mixture.  Memory: peak resident memory of one forward+backward of sample_grad in a fresh
 process, 10 vs 100 steps, plain backprop vs the memory-constant reversible mode.
@@ -34,8 +35,9 @@ SOLVERS = {
     "Rex euler ODE (noise)": lambda: Reversible("euler", predict="noise"),
     "Rex heun ODE (noise)": lambda: Reversible("heun", predict="noise"),
     "Rex euler ODE (data)": lambda: Reversible("euler", predict="data"),
-    "Rex euler SDE (noise)": lambda: Reversible("euler", predict="noise", stochastic=True),
-    "Rex euler SDE (data)": lambda: Reversible("euler", predict="data", stochastic=True),
+    "Rex heun ODE (data)": lambda: Reversible("heun", predict="data"),
+    "Rex euler SDE (data)": lambda: Reversible("euler", stochastic=True),
+    "Rex heun SDE (data)": lambda: Reversible("heun", stochastic=True),
     "DDIM inversion": lambda: DPMSolver(order=1),
 }
 SDES = {"VP": VPSDE, "VE": VESDE}

@@ -27,9 +27,65 @@ from .invert import _run_setup
 from .model import Model
 from .sample import _check_solver_state, fixed_grid_context
 
-__all__ = ["sample_grad", "GRAD_MODES"]
+__all__ = ["sample_grad", "GRAD_MODES", "SavedTensorMeter"]
 
 GRAD_MODES = ("backprop", "reversible", "adjoint")
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd holds for backward while active: ``peak`` (bytes) and ``live``.
+
+    A context manager over :func:`torch.autograd.graph.saved_tensors_hooks`: each tensor saved for
+    backward is counted once per storage until the graph that saved it is freed.  This is the memory
+    that grows with the number of steps under plain backprop (activations of every network call) and
+    stays at one step's worth in the memory-constant mode; it leaves out the few state-sized tensors
+    every mode holds.
+    """
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[tuple[int, int], int] = {}
+        self._hooks = None
+
+    def _pack(self, tensor):
+        meter = self
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+
+        class Holder:
+            __slots__ = ("tensor",)
+
+            def __init__(self, t):
+                self.tensor = t
+                refs = meter._refs.get(key, 0)
+                if refs == 0:
+                    meter.live += key[1]
+                    meter.peak = max(meter.peak, meter.live)
+                meter._refs[key] = refs + 1
+
+            def __del__(self):
+                refs = meter._refs.get(key, 0) - 1
+                if refs <= 0:
+                    meter._refs.pop(key, None)
+                    meter.live -= key[1]
+                else:
+                    meter._refs[key] = refs
+
+        return Holder(tensor)
+
+    @staticmethod
+    def _unpack(holder):
+        return holder.tensor
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
 
 
 def _leaves(model: Model, cond: dict, params):

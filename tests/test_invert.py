@@ -1,0 +1,128 @@
+"""samplers.invert: the x_T -> sample -> invert round trip (Reversible: exact; DDIM: approximate),
+regenerating given data from its inversion, keyed SDE noise in the inverse, and errors.  Prints the
+round-trip table of examples/inversion.py (pytest -s to see it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import F64, fitted_order
+from samplers import Inversion, Model, invert, problems, sample
+from sde import VESDE, VPSDE
+from solvers import AdaptiveODE, DPMSolver, Euler, EulerMaruyama, Reversible
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import inversion as example  # noqa: E402
+
+
+def _model(sde_name):
+    sde = VPSDE() if sde_name == "VP" else VESDE()
+    return Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
+
+
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+@pytest.mark.parametrize("base", ["euler", "heun"])
+def test_ode_round_trip_is_exact(sde_name, base):
+    """50 steps, noise form (the ODE's default): measured 4e-15 / 8e-13 (VP / VE, float64, absolute) and
+    5e-7 / 1e-6 relative in float32."""
+    sde = _model(sde_name).sde
+    for dtype, bound, relative in ((F64, 1e-9, False), (torch.float32, 1e-4, True)):
+        err, rel = example.round_trip_error(sde, Reversible(base), dtype, steps=50, batch=32)
+        assert (rel if relative else err) < bound, (dtype, err, rel)
+
+
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+def test_data_form_and_sde_round_trips(sde_name):
+    """The data forms lose about w_0/w_N to rounding (see solvers.reversible): measured relative errors
+    in float64 are 2e-12 / 1e-11 (ODE, VP / VE) and 4e-6 / 7e-7 (SDE).  The float32 SDE round trip has no
+    correct digits; these bounds record what holds."""
+    sde = _model(sde_name).sde
+    _, rel_ode = example.round_trip_error(sde, Reversible(predict="data"), F64, steps=50, batch=32)
+    _, rel_sde = example.round_trip_error(sde, Reversible(stochastic=True), F64, steps=50, batch=32)
+    assert rel_ode < 1e-9, rel_ode
+    assert rel_sde < 1e-4, rel_sde
+
+
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+def test_ddim_inversion_is_approximate_and_first_order(sde_name):
+    """DDIM inversion (DPMSolver(order=1) run backwards) of a DDIM sample: the error is the method's,
+    not rounding: 0.19 / 0.087 relative at 50 steps (VP / VE), falling with order 1."""
+    sde = _model(sde_name).sde
+    steps = [50, 100, 200]
+    errors = [example.round_trip_error(sde, DPMSolver(order=1), F64, steps=n, batch=32)[1] for n in steps]
+    assert errors[0] > 1e-2, errors
+    assert 0.7 < fitted_order(steps, errors) < 1.4, errors
+
+
+@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(stochastic=True)], ids=repr)
+def test_inverting_data_regenerates_it(solver):
+    """Data that no run produced: its inversion (x_hat_0 = x0) regenerates it through sample(solver_state=)."""
+    model = _model("VP")
+    x0 = problems.mixture_2d().sample(16, generator=torch.Generator().manual_seed(2))
+    inv = invert(model, solver, x0, steps=30, seed=11)
+    assert isinstance(inv, Inversion) and inv.exact and inv.nfe == 30 * solver.nfe_per_step
+    again = sample(model, solver, x_T=inv.x_T, solver_state=inv.solver_state, grid=inv.times, seed=inv.seed,
+                   final_denoise=False)
+    scale = 1e-9 if not solver.stochastic else 1e-5  # the SDE loses more to rounding (see the module)
+    assert float((again - x0).abs().max()) < scale
+    if solver.stochastic:  # another seed is another Brownian path: no longer the same data
+        other = sample(model, solver, x_T=inv.x_T, solver_state=inv.solver_state, grid=inv.times, seed=12,
+                       final_denoise=False)
+        assert float((other - x0).abs().max()) > 1e-2
+
+
+@settings(max_examples=8, deadline=None)
+@given(rows=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), stochastic=st.booleans())
+def test_inversion_is_batch_invariant(rows, stochastic):
+    model = _model("VE")
+    solver = Reversible(stochastic=stochastic)
+    x0 = problems.mixture_2d().sample(6, generator=torch.Generator().manual_seed(3))
+    seeds = [10, 11, 12, 13, 14, 15]
+    full = invert(model, solver, x0, steps=6, seed=seeds)
+    part = invert(model, solver, x0[rows], steps=6, seed=[seeds[r] for r in rows], sample_index=rows)
+    torch.testing.assert_close(part.x_T, full.x_T[rows], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part.solver_state["x_hat"], full.solver_state["x_hat"][rows], rtol=1e-12, atol=1e-12)
+
+
+def test_non_reversible_inversion_says_it_is_approximate():
+    model = _model("VP")
+    x0 = torch.zeros(3, 2, dtype=F64)
+    inv = invert(model, Euler(), x0, steps=5)
+    assert not inv.exact and inv.solver_state is None and inv.nfe == 5
+
+
+def test_errors():
+    model = _model("VP")
+    x0 = torch.zeros(3, 2, dtype=F64)
+    with pytest.raises(ValueError, match="draws noise that x0 does not determine"):
+        invert(model, EulerMaruyama(), x0, steps=5)
+    with pytest.raises(ValueError, match="x0_hat is the second state of solvers.Reversible"):
+        invert(model, Euler(), x0, steps=5, x0_hat=x0)
+    with pytest.raises(ValueError, match="needs a fixed-grid solver"):
+        invert(model, AdaptiveODE(), x0, steps=5)
+    with pytest.raises(ValueError, match=r"solver_state\['x_hat'\] must be a tensor shaped like"):
+        invert(model, Reversible(), x0, steps=5, x0_hat=x0[:1])
+    with pytest.raises(ValueError, match="floating tensor of shape"):
+        invert(model, Reversible(), torch.zeros(3, 2, dtype=torch.long), steps=5)
+    with pytest.raises(ValueError, match="pass exactly one of steps"):
+        invert(model, Reversible(), x0)
+    with pytest.raises(TypeError, match="solver must be a solvers.Solver"):
+        invert(model, "ddim", x0, steps=5)
+
+
+def test_round_trip_table_prints(capsys):
+    rows = example.round_trip_table(steps=50, batch=16)
+    assert len(rows) == 2 * len(example.SOLVERS) * 2
+    with capsys.disabled():
+        print("\nround trip x_T -> 50 steps -> invert, 2-D mixture, batch 16 (max |x_T - x_T'|, relative):")
+        for r in rows:
+            print(f"  {r['sde']:3} {r['solver']:24} {r['dtype']:8} {r['max_abs']:10.3g} {r['max_rel']:10.3g}")
+    exact = [r for r in rows if "ODE (noise)" in r["solver"]]
+    assert all(r["max_abs"] < 1e-9 for r in exact if r["dtype"] == "float64")
+    assert all(r["max_rel"] < 1e-4 for r in exact if r["dtype"] == "float32")
