@@ -150,14 +150,14 @@ SAMPLERS_HD float rounded(const bf16_t*, float v) { return bf16_bits_to_float(fl
     }
 #endif
 
-// A step kernel for every pair of storage types: NAME_<state>_<output>, e.g. euler_step_f32_f16.
-#define SAMPLERS_STEP_FOR_OUT(NAME, FN, TN, T)                                                    \
-    SAMPLERS_ENTRY(NAME##_##TN##_f32, (FN<T, float>), SAMPLERS_STEP_PARAMS(T, float), SAMPLERS_STEP_ARGS) \
-    SAMPLERS_ENTRY(NAME##_##TN##_f16, (FN<T, samplers::half_t>), SAMPLERS_STEP_PARAMS(T, samplers::half_t), \
-                   SAMPLERS_STEP_ARGS)                                                            \
-    SAMPLERS_ENTRY(NAME##_##TN##_bf16, (FN<T, samplers::bf16_t>), SAMPLERS_STEP_PARAMS(T, samplers::bf16_t), \
-                   SAMPLERS_STEP_ARGS)
-#define SAMPLERS_STEP_KERNELS(NAME, FN)                                                           \
-    SAMPLERS_STEP_FOR_OUT(NAME, FN, f32, float)                                                   \
-    SAMPLERS_STEP_FOR_OUT(NAME, FN, f16, samplers::half_t)                                        \
-    SAMPLERS_STEP_FOR_OUT(NAME, FN, bf16, samplers::bf16_t)
+// A step kernel for each pair of storage types the driver needs, NAME_<state>_<output>: a float32
+// state with a float32, float16 or bfloat16 network output (the driver keeps half-precision runs'
+// state in float32), and float16/bfloat16 states with an output of their own type.
+#define SAMPLERS_STEP_KERNEL(NAME, FN, TN, T, ON, O)                                                 \
+    SAMPLERS_ENTRY(NAME##_##TN##_##ON, (FN<T, O>), SAMPLERS_STEP_PARAMS(T, O), SAMPLERS_STEP_ARGS)
+#define SAMPLERS_STEP_KERNELS(NAME, FN)                                                            \
+    SAMPLERS_STEP_KERNEL(NAME, FN, f32, float, f32, float)                                         \
+    SAMPLERS_STEP_KERNEL(NAME, FN, f32, float, f16, samplers::half_t)                              \
+    SAMPLERS_STEP_KERNEL(NAME, FN, f32, float, bf16, samplers::bf16_t)                             \
+    SAMPLERS_STEP_KERNEL(NAME, FN, f16, samplers::half_t, f16, samplers::half_t)                   \
+    SAMPLERS_STEP_KERNEL(NAME, FN, bf16, samplers::bf16_t, bf16, samplers::bf16_t)

@@ -106,28 +106,32 @@ def copy_bandwidth(nbytes: int = 1 << 30, rounds: int = 20) -> float:
 
 
 def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3, check_steps: int = 4,
-                  log=print) -> dict:
-    """The measurements of ``bench kernels`` (see the module): a dict with the copy bandwidth and rows."""
+                  log=print, device="cuda") -> dict:
+    """The measurements of ``bench kernels`` (see the module): a dict with the copy bandwidth and rows.
+    ``device`` other than CUDA is for tests that replace the timers and the kernel launcher."""
     from sde import VPSDE
     from solvers import kernels
 
     from .model import Model
     from .noise import NoiseSource
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("bench kernels needs a CUDA GPU: torch.cuda.is_available() is False")
-    reason = kernels.cupy_unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"bench kernels needs CuPy: {reason}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("bench kernels needs a CUDA GPU: torch.cuda.is_available() is False")
+        reason = kernels.cupy_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"bench kernels needs CuPy: {reason}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     solvers = KERNEL_BENCH_SOLVERS() if solvers is None else solvers
     copy_bw = copy_bandwidth()
-    log(f"{torch.cuda.get_device_name()}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    log(f"{name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     for shape in shapes:
         batch = shape[0]
-        x0 = torch.randn(shape, device="cuda", generator=gen)
-        out = 0.5 * torch.randn(shape, device="cuda", generator=gen)
+        x0 = torch.randn(shape, device=device, generator=gen)
+        out = 0.5 * torch.randn(shape, device=device, generator=gen)
         noise = NoiseSource(0, batch)
         model = Model(lambda x, t: out, VPSDE(), predicts="eps")
         for solver in solvers:
@@ -189,7 +193,7 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
             log(f"{'x'.join(map(str, shape))} {row['solver']}: torch {row['torch_us']:.1f} us, fused "
                 f"{row['fused_us']:.1f} us ({row['speedup']:.1f}x), {row['bandwidth_GBs']:.0f} GB/s = "
                 f"{100 * row['copy_ratio']:.0f}% of copy, max rel diff {diff:.1e}")
-    return {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBs": copy_bw / 1e9, "rows": rows}
+    return {"device": name, "copy_bandwidth_GBs": copy_bw / 1e9, "rows": rows}
 
 
 def print_kernel_bench(result: dict) -> None:

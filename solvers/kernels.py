@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
            "MultistepStep", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
-           "keyed_normal", "cupy_unavailable_reason", "storage_suffix", "kernel_names"]
+           "keyed_normal", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
 
 BACKENDS = ("auto", "torch", "cupy")
 #: the kernel sources, each compiled as one module
@@ -38,6 +38,9 @@ HEADER_FILES = ("philox.cuh", "step_common.cuh")
 BLOCK = 256
 _ITEM_CALLS, _ITEM_SIZE = 1024, 4096  # must equal SAMPLERS_ITEM_CALLS in cuda/philox.cuh
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+#: (state, network output) storage of the step kernels: float32 states with any output, half states
+#: with an output of their own type (cuda/step_common.cuh)
+STORAGE_PAIRS = ("f32_f32", "f32_f16", "f32_bf16", "f16_f16", "bf16_bf16")
 
 
 class KernelUnsupported(ValueError):
@@ -85,9 +88,8 @@ def kernel_source(name: str) -> str:
 
 def kernel_names(name: str) -> list[str]:
     """The kernels file ``name`` defines (step kernels: one per state and output storage type)."""
-    suffixes = list(_SUFFIX.values())
     if name == "noise.cu":
-        return [f"normal_{s}" for s in suffixes]
+        return [f"normal_{s}" for s in _SUFFIX.values()]
     if name == "euler.cu":
         bases = [f"{stage}{noise}" for stage in ("euler_step", "heun_predict", "heun_correct")
                  for noise in ("", "_noise")]
@@ -95,7 +97,7 @@ def kernel_names(name: str) -> list[str]:
         bases = [f"multistep_h{h}{noise}" for h in range(3) for noise in ("", "_noise")]
     else:
         raise ValueError(f"name must be one of {KERNEL_FILES}, got {name!r}")
-    return [f"{base}_{a}_{b}" for base in bases for a in suffixes for b in suffixes]
+    return [f"{base}_{pair}" for base in bases for pair in STORAGE_PAIRS]
 
 
 def storage_suffix(dtype: torch.dtype) -> str:
@@ -142,8 +144,8 @@ class FusedStep:
 
     def _output(self, x, k, ctx, stage=None):
         out = ctx.output(x, k) if stage is None else ctx.output(x, k, stage=stage)
-        if out.dtype not in _SUFFIX:
-            out = out.to(x.dtype)
+        if out.dtype not in _SUFFIX or (x.dtype != torch.float32 and out.dtype != x.dtype):
+            out = out.to(x.dtype)  # a pair without a kernel (see STORAGE_PAIRS)
         return out if out.is_contiguous() else out.contiguous()
 
     def __repr__(self):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +88,47 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
         binary = path.with_suffix(".fatbin").read_bytes()
         missing = [k for k in kernels.kernel_names(name) if binary.count(b"\0" + k.encode() + b"\0") < 2]
         assert not missing, f"{name}: kernels missing from the sm_80/sm_90 code: {missing}"
+
+
+def _nvrtc_library():
+    try:
+        import nvidia.cuda_nvrtc  # the pip wheel CuPy uses (nvidia-cuda-nvrtc-cu12)
+
+        found = sorted(Path(next(iter(nvidia.cuda_nvrtc.__path__))).glob("lib/libnvrtc.so*"))
+        if found:
+            return str(found[0])
+    except ImportError:
+        pass
+    import ctypes.util
+
+    return ctypes.util.find_library("nvrtc")
+
+
+def test_every_kernel_compiles_with_nvrtc():
+    """What CuPy's RawModule does at run time: NVRTC (no system headers, no include path) on the
+    inlined sources, for compute_80 and compute_90; every kernel name appears in the PTX."""
+    path = _nvrtc_library()
+    if path is None:
+        pytest.skip("no NVRTC library (pip install nvidia-cuda-nvrtc-cu12); the nvcc test covers compilation")
+    lib = ctypes.CDLL(path)
+    for name in kernels.KERNEL_FILES:
+        for arch in ("80", "90"):
+            prog = ctypes.c_void_p()
+            assert lib.nvrtcCreateProgram(ctypes.byref(prog), kernels.kernel_source(name).encode(), name.encode(),
+                                          0, None, None) == 0
+            opts = (ctypes.c_char_p * 2)(b"--std=c++14", f"-arch=compute_{arch}".encode())
+            status = lib.nvrtcCompileProgram(prog, 2, opts)
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            assert status == 0, f"{name} compute_{arch}: {log.value.decode()}"
+            lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+            ptx = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetPTX(prog, ptx)
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+            entries = set(re.findall(r"\.entry\s+(\w+)", ptx.value.decode()))
+            assert entries == set(kernels.kernel_names(name)), name
 
 
 def test_kernel_sources_inline_headers_once():
@@ -438,6 +480,30 @@ def test_bench_kernels_refuses_without_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["kernels"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_kernels_logic_with_host_kernels(harness, monkeypatch):
+    """The benchmark's bookkeeping on the CPU (timers replaced, kernels on the host): counted bytes per
+    step, and the torch path fed the kernels' noise agrees with the fused steps."""
+    from samplers import bench_kernels as bk
+
+    monkeypatch.setattr(kernels, "make_runner", lambda x, noise: HostRunner(harness, x, noise))
+    monkeypatch.setattr(kernels, "keyed_normal", lambda source, shape, *, counter=0, stream=0, dtype=torch.float32,
+                        device="cpu": _host_normal(harness, source, math.prod(shape), counter, stream)
+                        .reshape(source.batch_size, *shape).to(dtype))
+    monkeypatch.setattr(bk, "copy_bandwidth", lambda: 1e10)
+    monkeypatch.setattr(bk, "_gpu_time", lambda fn, rounds: (fn(), 1e-3)[1])
+    result = bk.bench_kernels(shapes=((2, 3, 40, 40),), steps=8, rounds=1, log=lambda *a: None, device="cpu")
+    rows = {r["solver"]: r for r in result["rows"]}
+    assert set(rows) == {repr(s) for s in bk.KERNEL_BENCH_SOLVERS()}
+    elements = 2 * 3 * 40 * 40
+    # bytes: state-sized float32 passes read + written by the launched kernels
+    assert rows["EulerMaruyama(eta=1)"]["bytes"] == 3 * 4 * elements
+    assert rows["Heun(eta=1)"]["bytes"] == 7 * 4 * elements
+    assert rows["DPMSolver(order=3, predict='data')"]["bytes"] == 6 * 4 * elements
+    assert rows["DPMSolverSDE(order=2, solver_type='midpoint', eta=1)"]["bytes"] == 5 * 4 * elements
+    for r in result["rows"]:
+        assert r["max_rel_diff"] < 1e-5, r
 
 
 # ---------------------------------------------------------------------------------------------
