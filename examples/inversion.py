@@ -1,24 +1,21 @@
 """Exact inversion and memory-constant gradients with solvers.Reversible, measured.
 
     python examples/inversion.py            # round-trip table and peak-memory table
-    python examples/inversion.py --quick    # fewer samples and a smaller state
+    python examples/inversion.py --quick    # 20 steps, fewer samples, a smaller state (a few seconds)
 
 Round trip: x_T -> sample (50 steps, no final denoising) -> invert -> x_T', max |x_T - x_T'| and
 the same relative to max |x_T|, for Reversible ODE (noise and data forms) and SDE (data form) and,
 for contrast,
 DDIM inversion (DPMSolver(order=1) run backwards), float64 and float32, VP and VE, on the exact
 2-D mixture.  Memory: one forward+backward of sample_grad, 10 vs 100 steps, plain backprop vs the
-memory-constant reversible mode: the peak of the bytes autograd saves for backward (an exact count)
-and the peak resident-memory growth of a fresh process (includes allocator fragmentation).
+memory-constant reversible mode: the peak of the bytes autograd saves for backward (an exact count
+by samplers.gradients.SavedTensorMeter; process RSS was tried and is dominated by the allocator).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -67,31 +64,6 @@ def round_trip_table(steps=50, batch=64):
     return rows
 
 
-def _measure_child(mode, steps, batch, dim):
-    """Run in a fresh process: peak RSS growth (bytes) of one forward+backward."""
-    sde = VPSDE()
-    model = Model(problems.mixture_64d().net(sde, "eps"), sde, "eps") if dim == 64 else \
-        Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
-    x_T = sde.prior_sample((batch, dim), generator=torch.Generator().manual_seed(0)).double()
-    # warm up allocations that do not depend on the number of steps (imports, first calls)
-    x = x_T.clone().requires_grad_(True)
-    sample_grad(model, Reversible(predict="noise"), x, steps=2, mode=mode, final_denoise=False).sum().backward()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    x = x_T.clone().requires_grad_(True)
-    sample_grad(model, Reversible(predict="noise"), x, steps=steps, mode=mode, final_denoise=False).sum().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) * 1024  # ru_maxrss is in KiB on Linux
-
-
-def peak_memory(mode, steps, batch=1024, dim=64):
-    """Peak resident-memory growth (bytes) of sample_grad(mode, steps) + backward, in a fresh process."""
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'examples')!r}); "
-            f"import inversion; print(inversion._measure_child({mode!r}, {steps}, {batch}, {dim}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return int(out.stdout.strip().splitlines()[-1])
-
-
 def saved_bytes(mode, steps, batch=1024, dim=64):
     """Peak bytes autograd holds for backward (samplers.gradients.SavedTensorMeter) in one forward+backward."""
     sde = VPSDE()
@@ -105,16 +77,9 @@ def saved_bytes(mode, steps, batch=1024, dim=64):
 
 
 def memory_table(batch=1024, dim=64, steps=(10, 100)):
-    """Per mode: saved-for-backward peak (exact count) and peak RSS growth (fresh process; includes the
-    allocator's fragmentation) for each number of steps."""
-    rows = []
-    for mode in ("backprop", "reversible"):
-        row = {"mode": mode}
-        for n in steps:
-            row[f"saved {n}"] = saved_bytes(mode, n, batch, dim) / 2**20
-            row[f"rss {n}"] = peak_memory(mode, n, batch, dim) / 2**20
-        rows.append(row)
-    return rows
+    """Per mode: the peak bytes saved for backward (an exact count) for each number of steps."""
+    return [{"mode": mode, **{f"saved {n}": saved_bytes(mode, n, batch, dim) / 2**20 for n in steps}}
+            for mode in ("backprop", "reversible")]
 
 
 def main(argv=None):
@@ -122,17 +87,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    trips = round_trip_table(batch=16 if args.quick else 64)
+    trips = round_trip_table(steps=20 if args.quick else 50, batch=8 if args.quick else 64)
     print(f"{'sde':4} {'solver':24} {'dtype':8} {'max |dx_T|':>12} {'relative':>10}")
     for r in trips:
         print(f"{r['sde']:4} {r['solver']:24} {r['dtype']:8} {r['max_abs']:12.3g} {r['max_rel']:10.3g}")
-    memory = memory_table(batch=256 if args.quick else 1024)
+    batch, dim = (64, 2) if args.quick else (1024, 64)
+    memory = memory_table(batch=batch, dim=dim)
     print()
-    print("peak memory of sample_grad + backward, VP, 64-D mixture (MiB): saved for backward / RSS growth")
-    print(f"{'mode':12} {'saved 10':>9} {'saved 100':>10} {'ratio':>6} {'RSS 10':>8} {'RSS 100':>8} {'ratio':>6}")
+    print(f"bytes autograd holds for backward in sample_grad + backward, VP, {dim}-D mixture, batch {batch} (MiB)")
+    print(f"{'mode':12} {'10 steps':>10} {'100 steps':>10} {'100/10':>7}")
     for r in memory:
-        print(f"{r['mode']:12} {r['saved 10']:9.2f} {r['saved 100']:10.2f} {r['saved 100'] / r['saved 10']:6.2f} "
-              f"{r['rss 10']:8.1f} {r['rss 100']:8.1f} {r['rss 100'] / max(r['rss 10'], 1e-9):6.2f}")
+        print(f"{r['mode']:12} {r['saved 10']:10.3f} {r['saved 100']:10.3f} {r['saved 100'] / r['saved 10']:7.2f}")
     if args.json:
         args.json.write_text(json.dumps({"round_trip": trips, "memory": memory}, indent=1))
 

@@ -121,7 +121,7 @@ class _ReversibleSolve(torch.autograd.Function):
     def backward(fctx, grad_x, grad_x_hat):
         solver, ctx, n_steps = fctx.run
         x, x_hat = fctx.saved_tensors
-        leaves = [leaf for leaf in _leaves_of(ctx)]
+        leaves = ctx.grad_leaves
         grad_leaves = [torch.zeros_like(leaf) for leaf in leaves]
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         grad_x_hat = torch.zeros_like(x_hat) if grad_x_hat is None else grad_x_hat
@@ -157,7 +157,7 @@ class _AdjointSolve(torch.autograd.Function):
     def backward(fctx, grad_x):
         solver, ctx, n_steps, model, table_times = fctx.run
         sde = model.sde
-        leaves = _leaves_of(ctx)
+        leaves = ctx.grad_leaves
         grad_leaves = [torch.zeros_like(leaf) for leaf in leaves]
         x_like = fctx.trajectory[0]
         shape = (-1,) + (1,) * (x_like.dim() - 1)
@@ -179,18 +179,11 @@ class _AdjointSolve(torch.autograd.Function):
             integral = torch.exp(-lam[t]) - torch.exp(-lam[s])
             a_x = (column(alpha[t] / alpha[s]) * a_x
                    + column(alpha[t] ** 2 / alpha[s] * integral) * grads[0])
-            for j, (acc, g) in enumerate(zip(grad_leaves, grads[1:])):
-                # a parameter shared by the batch gets the per-sample weights summed over the batch
-                weight = alpha[t] * integral
-                if weight.numel() == 1:
-                    acc.add_(g, alpha=float(weight))
-                else:  # per-sample grids: weight each sample's contribution (needs per-sample v)
-                    raise ValueError("adjoint mode needs one grid shared by the batch (grid of shape (N+1,))")
+            # one weight for the batch: sample_grad refuses per-sample grids when there are leaves
+            weight = float(alpha[t, 0] * integral[0])
+            for acc, g in zip(grad_leaves, grads[1:]):
+                acc.add_(g, alpha=weight)
         return (None, a_x, *grad_leaves)
-
-
-def _leaves_of(ctx):
-    return ctx.grad_leaves
 
 
 def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int | None = None, grid=None,
@@ -228,9 +221,11 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     ctx = fixed_grid_context(model, solver, x_T.detach(), table_times, cond, noise, dtype)
     ctx.grad_leaves = _leaves(model, cond, params)
     if reversible:
-        x_hat = x_T if x_hat_T is None else _check_solver_state(solver, {"x_hat": x_hat_T.detach()}, x_T)["x_hat"]
-        if x_hat_T is not None and x_hat_T.requires_grad:
-            x_hat = x_hat_T
+        if x_hat_T is None:
+            x_hat = x_T
+        else:
+            _check_solver_state(solver, {"x_hat": x_hat_T}, x_T)  # the checks; x_hat_T keeps its graph
+            x_hat = x_hat_T.to(device=x_T.device, dtype=x_T.dtype)
         if mode == "backprop":
             x = x_T
             for k in range(n_steps):
