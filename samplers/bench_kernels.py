@@ -8,7 +8,9 @@ torch, and the largest difference between the two paths after a few steps when t
 fed the kernels' own noise (``solvers.kernels.keyed_normal``): float32 rounding, or a bug.
 
 Timing: CUDA events around a batch of steps queued behind a ``torch.cuda._sleep`` kernel, so the
-host's launch cost is hidden and the events measure the GPU's work only.
+host's launch cost is hidden and the events measure the GPU's work; a path that makes the host wait
+for the device within a step (the torch port of the keyed noise copies its keys to the device) is
+charged the idle time that causes, as it would be in a real run.
 """
 
 from __future__ import annotations

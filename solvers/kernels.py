@@ -121,7 +121,7 @@ class FusedStep:
 
     def bind(self, ctx, x: torch.Tensor, runner) -> None:
         self.runner = runner
-        self.tables = {}
+        runner.keep(x)  # updated in place: the same tensor every step
 
     def step(self, k: int, x: torch.Tensor, ctx) -> torch.Tensor:
         raise NotImplementedError
@@ -298,6 +298,7 @@ class CupyRunner:
         self.blocks = -(-threads // BLOCK)
         self._views: dict[int, object] = {}
         self._kept: list[torch.Tensor] = []
+        self._functions: dict[str, object] = {}
         with cupy.cuda.Device(self.device.index):
             self.seeds = self.keep(noise_source.seeds.to(self.device))
             self.index = self.keep(noise_source._index32.to(self.device))
@@ -306,8 +307,9 @@ class CupyRunner:
         """Register a tensor that lives for the whole run: its DLPack view is made once."""
         if not t.is_contiguous():
             raise ValueError("fused kernels need contiguous buffers")
-        self._kept.append(t)
-        self._views[id(t)] = None
+        if id(t) not in self._views:
+            self._kept.append(t)
+            self._views[id(t)] = None
         return t
 
     def _view(self, t):
@@ -324,7 +326,9 @@ class CupyRunner:
         name = f"{kernel}_{self.suffix_x}_{storage_suffix(out.dtype)}"
         torch_stream = torch.cuda.current_stream(self.device)
         with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(torch_stream.cuda_stream):
-            fn = _module(cupy, source).get_function(name)
+            fn = self._functions.get(name)
+            if fn is None:
+                fn = self._functions[name] = _module(cupy, source).get_function(name)
             args = (self._view(x), self._view(out), self._view(aux0), self._view(aux1), self._view(aux2),
                     self._view(coef)[k], self._view(self.seeds), self._view(self.index),
                     cupy.uint32(k), cupy.uint32(stream_tag), cupy.int64(self.per_sample), cupy.int64(self.batch))

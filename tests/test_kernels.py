@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from samplers import Model, NoiseSource, sample
 from samplers.noise import STREAM_PRIOR, STREAM_STEP, step_stream
@@ -254,6 +256,18 @@ def kernels_torch_port(source, per_sample, counter, stream):
     return _torch_normals(per_sample, torch.float32, "cpu", source.seeds, source.sample_index, counter64, stream)
 
 
+@settings(max_examples=25, deadline=None)
+@given(per_sample=st.integers(1, 9000), rows=st.lists(st.integers(0, 3), min_size=1, max_size=4),
+       counter=st.integers(0, 2**32 - 1), draw=st.integers(0, 3))
+def test_kernel_noise_layout_property(harness, per_sample, rows, counter, draw):
+    """Any size, any subset of a batch (repeats allowed), any key: the kernels' noise is the noise of
+    NoiseSource's rows, so it depends on neither the batch nor the launch."""
+    source = NoiseSource([1, 2**40, 3, 2**64 - 5], 4, sample_index=[9, 8, 7, 2**32 - 1]).subset(rows)
+    got = _host_normal(harness, source, per_sample, counter, step_stream(draw))
+    ref = source.normal((per_sample,), counter=counter, stream=step_stream(draw))
+    torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+
+
 def test_kernel_noise_does_not_depend_on_the_batch(harness):
     full = NoiseSource(KEYS["seed"], 3, sample_index=KEYS["sample_index"])
     together = _host_normal(harness, full, 5000, 9, STREAM_STEP)
@@ -410,6 +424,99 @@ def test_half_state_kernels(harness, storage):
     ref = (col(2) * x32.to(storage).float() + col(3) * m.float() + col(4) * ring[1].float() + col(5) * ring[2].float()
            + col(6) * z).to(storage)
     assert float((x.float() - ref.float()).abs().max()) <= 2 * float(ref.float().abs().max()) * 2.0**-7
+
+
+class _FakeCupy:
+    """Enough of CuPy for CupyRunner, with every launched kernel run by the host harness: checks the
+    Python side's launch (argument order and types against the kernel signature, grid size, DLPack
+    views of every tensor, 2-byte floats as int16, torch's stream, one compile per file)."""
+
+    uint32, int64 = np.uint32, np.int64
+
+    def __init__(self, lib):
+        self.lib, self.compiled, self.streams, self.views = lib, [], [], 0
+        fake = self
+
+        class Array:
+            def __init__(self, t):
+                self.t = t
+
+            def __getitem__(self, k):
+                return Array(self.t[k])
+
+        class Module:
+            def __init__(self, code, options=()):
+                assert '#include "' not in code and "--std=c++14" in options
+                fake.compiled.append(code)
+
+            def get_function(self, name):
+                return lambda grid, block, args: fake.run(name, grid, block, args)
+
+        class Context:
+            def __init__(self, value=None):
+                if value is not None:
+                    fake.streams.append(value)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        self.Array = Array
+        self.RawModule = Module
+        self.cuda = type("cuda", (), {"Device": Context, "ExternalStream": Context})
+
+    def from_dlpack(self, t):
+        assert t.dtype in (torch.float32, torch.int16, torch.int32, torch.int64), t.dtype
+        self.views += 1
+        return self.Array(t)
+
+    def run(self, name, grid, block, args):
+        per_sample, batch = int(args[-2]), int(args[-1])
+        assert grid[0] * block[0] >= batch * -(-per_sample // 4096) * 1024
+        cargs = []
+        for a in args:
+            if isinstance(a, self.Array):
+                cargs.append(_ptr(a.t))
+            elif isinstance(a, np.uint32):
+                cargs.append(ctypes.c_uint32(int(a)))
+            else:
+                assert isinstance(a, np.int64), type(a)
+                cargs.append(ctypes.c_longlong(int(a)))
+        getattr(self.lib, name)(*cargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("solver", [EulerMaruyama(), Heun(eta=1.0), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)],
+                         ids=repr)
+def test_cupy_runner_launches(harness, monkeypatch, solver, dtype):
+    """sample(backend="cupy") through the real CupyRunner (CuPy faked, kernels on the host) equals the
+    torch path."""
+    import types
+
+    fake = _FakeCupy(harness)
+    monkeypatch.setattr(kernels, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=4242))
+    monkeypatch.setattr(kernels, "resolve_backend", lambda backend, solver, device, dtype: (
+        ("cupy", solver.fused_step(), "fake") if backend == "cupy" else ("torch", None, "torch")))
+    runners = []
+    real_make_runner = kernels.make_runner
+    monkeypatch.setattr(kernels, "make_runner", lambda x, noise: runners.append(real_make_runner(x, noise))
+                        or runners[-1])
+    model = Model(_net, VPSDE(), predicts="eps")
+    kwargs = dict(shape=(2, 3, 40, 50), steps=6, seed=[1, 2], dtype=dtype)
+    ref = sample(model, solver, backend="torch", **kwargs)
+    got = sample(model, solver, backend="cupy", **kwargs)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=2e-5 if dtype == torch.float32 else 1e-2)
+    (runner,) = runners
+    assert isinstance(runner, kernels.CupyRunner)
+    assert len(fake.compiled) == 1 and set(fake.streams) == {4242}
+    # the run's buffers (state, coefficient tables, key, stage/ring) are viewed once each, the
+    # network output once a call
+    assert fake.views == len(runner._kept) + 6 * solver.nfe_per_step
 
 
 # ---------------------------------------------------------------------------------------------
