@@ -9,11 +9,13 @@ Three modes of :func:`sample_grad`:
   pair before each step with the solver's exact inverse step, and backpropagates through that one
   recomputed step at a time: memory independent of the number of steps, the gradient of the discrete
   scheme (to rounding of the reconstruction), at about 2x the network calls of backprop.
-* ``"adjoint"`` (any deterministic fixed-grid solver): AdjointDEIS-1 (Blasingame & Liu 2024), the
-  continuous adjoint of the probability-flow ODE integrated from the data end back to the noise end
-  with the first-order exponential rule; it keeps the forward trajectory (states only, no graph).
-  The gradient is that of the exact ODE flow up to an O(h) discretisation error, not the gradient of
-  the solver's discrete map.
+* ``"adjoint"`` (any deterministic fixed-grid solver, and EulerMaruyama / Heun / DPMSolverSDE):
+  AdjointDEIS-1 (Blasingame & Liu 2024), the continuous adjoint integrated from the data end back to
+  the noise end with the first-order exponential rule; it keeps the forward trajectory (states only,
+  no graph).  For an SDE solver it is the adjoint along the sampled Brownian path (the diffusion term
+  drops out; the score term is doubled for the reverse SDE, 1 + eta^2 in general).  The gradient is
+  that of the exact flow (pathwise) up to an O(h) discretisation error, not the gradient of the
+  solver's discrete map.
 """
 
 from __future__ import annotations
@@ -98,6 +100,21 @@ def _leaves(model: Model, cond: dict, params):
     return params + cond_tensors
 
 
+def _score_weight(solver) -> float | None:
+    """How many times the probability-flow ODE's score term the solver's drift carries: 1 for an ODE
+    solver, 1 + eta^2 for the reverse-SDE family of solvers.euler (diffusion eta g), 1 + eta for
+    DPMSolverSDE (k-diffusion's eta: diffusion sqrt(eta) g); None where not known."""
+    from solvers import DPMSolverSDE, EulerMaruyama, Heun
+
+    if not solver.stochastic:
+        return 1.0
+    if isinstance(solver, (EulerMaruyama, Heun)):
+        return 1.0 + solver.eta**2
+    if isinstance(solver, DPMSolverSDE):
+        return 1.0 + solver.eta
+    return None
+
+
 def _grads_to(outputs, grad_outputs, inputs):
     grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
     return [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
@@ -143,7 +160,7 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, run, x, *leaves):
-        solver, ctx, n_steps, model, table_times = run
+        solver, ctx, n_steps, model, table_times, _ = run
         trajectory = [x.detach().clone()]
         with torch.no_grad():
             x = x.detach().clone()
@@ -155,7 +172,7 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, grad_x):
-        solver, ctx, n_steps, model, table_times = fctx.run
+        solver, ctx, n_steps, model, table_times, score_weight = fctx.run
         sde = model.sde
         leaves = ctx.grad_leaves
         grad_leaves = [torch.zeros_like(leaf) for leaf in leaves]
@@ -176,7 +193,8 @@ class _AdjointSolve(torch.autograd.Function):
                 grads = _grads_to(eps, a_x, [x_t, *leaves])
             # a_x(s) = (alpha_t/alpha_s) a_x(t) + (alpha_t^2/alpha_s) (e^{-lambda_t} - e^{-lambda_s}) v_x,
             # a_theta(s) = a_theta(t) + alpha_t (e^{-lambda_t} - e^{-lambda_s}) v_theta
-            integral = torch.exp(-lam[t]) - torch.exp(-lam[s])
+            # the SDE's drift carries the score term score_weight times (2 for the reverse SDE)
+            integral = score_weight * (torch.exp(-lam[t]) - torch.exp(-lam[s]))
             a_x = (column(alpha[t] / alpha[s]) * a_x
                    + column(alpha[t] ** 2 / alpha[s] * integral) * grads[0])
             # one weight for the batch: sample_grad refuses per-sample grids when there are leaves
@@ -195,7 +213,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
 
     ``mode``: ``"backprop"``, ``"reversible"`` (memory independent of the number of steps; the default
     for :class:`solvers.Reversible`) or ``"adjoint"`` (AdjointDEIS-1, any deterministic solver; the
-    default for other solvers); see the module.  ``params``: the tensors the network depends on
+    default for other solvers; ODE and SDE solvers); see the module.  ``params``: the tensors the network depends on
     (default: ``model.net.parameters()`` when it is an ``nn.Module``); the memory-constant and adjoint
     modes route gradients only to these, to ``x_T`` and to ``cond``.  ``x_hat_T``: Reversible's
     second state at x_T (default x_T).  ``return_state``: also return Reversible's final ``x_hat``
@@ -213,8 +231,10 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if mode in ("backprop", "reversible") and not reversible:
         raise ValueError(f"mode={mode!r} differentiates through solvers.Reversible steps; {solver!r} updates its "
                          "state in place: use mode='adjoint' (the continuous adjoint) or a Reversible solver")
-    if mode == "adjoint" and solver.stochastic:
-        raise ValueError(f"mode='adjoint' is the probability-flow ODE's adjoint; {solver!r} draws noise")
+    score_weight = _score_weight(solver)
+    if mode == "adjoint" and score_weight is None:
+        raise ValueError(f"mode='adjoint' knows the drift of the ODE solvers, EulerMaruyama/Heun and DPMSolverSDE; "
+                         f"{solver!r} is none of them")
     if (x_hat_T is not None or return_state) and not reversible:
         raise ValueError(f"x_hat_T/return_state concern solvers.Reversible's second state; {solver!r} has none")
     n_steps = table_times.shape[0] - 1
@@ -235,7 +255,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     else:
         if times.dim() == 2 and times.shape[1] > 1 and ctx.grad_leaves:
             raise ValueError("mode='adjoint' with parameters or cond needs one grid shared by the batch")
-        x = _AdjointSolve.apply((solver, ctx, n_steps, model, table_times), x_T, *ctx.grad_leaves)
+        x = _AdjointSolve.apply((solver, ctx, n_steps, model, table_times, score_weight), x_T, *ctx.grad_leaves)
     if final_denoise:
         x = model.predict("x0", x, table_times[-1].expand(x.shape[0]), **cond)
     if not return_state:

@@ -13,7 +13,7 @@ from conftest import F64, GaussianNet, fitted_order, gaussian_marginal
 from samplers import Model, grid, problems, sample_grad
 from samplers.gradients import SavedTensorMeter
 from sde import VESDE, VPSDE
-from solvers import DPMSolver, Euler, EulerMaruyama, Reversible
+from solvers import DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Reversible
 
 
 class ScaledNet(torch.nn.Module):
@@ -136,6 +136,31 @@ def test_adjoint_converges_to_the_exact_flow_gradient(solver):
     assert 0.8 < fitted_order(steps, errors) < 1.3, errors
 
 
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+@pytest.mark.parametrize("solver", [EulerMaruyama(), DPMSolverSDE(order=1, eta=0.25)], ids=repr)
+def test_sde_adjoint_converges_to_the_pathwise_gradient(sde_name, solver):
+    """Along a sampled Brownian path of the reverse-time family dx = [f x - (1 + e)/2 g^2 score] dt + ...
+    (e = eta^2 for EulerMaruyama, eta for DPMSolverSDE) on Gaussian data, dx_0/dx_T does not depend on the
+    path: (alpha_T/alpha_0)^e (var_0/var_T)^((1+e)/2).  The adjoint (score term weighted 1 + e)
+    converges to it with order 1 (measured 0.24, 0.13 relative at 400, 800 steps for eta = 1)."""
+    sde = VPSDE() if sde_name == "VP" else VESDE()
+    model = Model(GaussianNet(sde, "eps"), sde, "eps")
+    e = solver.eta**2 if isinstance(solver, EulerMaruyama) else solver.eta
+    x_T = torch.tensor([[0.3], [-1.2]], dtype=F64)
+    steps, errors = [200, 400, 800], []
+    for n in steps:
+        times = grid(sde, n)
+        a0, a1 = float(sde.alpha(times[-1])), float(sde.alpha(times[0]))
+        v0 = gaussian_marginal(sde, 0.7, 0.5, float(times[-1]))[1]
+        v1 = gaussian_marginal(sde, 0.7, 0.5, float(times[0]))[1]
+        exact = (a1 / a0) ** e * (v0 / v1) ** ((1 + e) / 2)
+        x = x_T.clone().requires_grad_(True)
+        sample_grad(model, solver, x, grid=times, mode="adjoint", final_denoise=False, seed=3).sum().backward()
+        errors.append(float((x.grad - exact).abs().max()) / exact)
+    assert errors[-1] < 0.15, errors
+    assert 0.75 < fitted_order(steps, errors) < 1.3, errors
+
+
 def test_adjoint_parameter_gradient_converges():
     """The adjoint's parameter gradient approaches the exact flow's (finite differences of a
     200-step DPM-Solver-3 solve, error < 1e-5) with order 1."""
@@ -166,8 +191,8 @@ def test_errors():
         sample_grad(model, Reversible(), x_T, steps=3, mode="checkpoint")
     with pytest.raises(ValueError, match="mode='backprop' differentiates through solvers.Reversible"):
         sample_grad(model, Euler(), x_T, steps=3, mode="backprop")
-    with pytest.raises(ValueError, match="mode='adjoint' is the probability-flow ODE's adjoint"):
-        sample_grad(model, EulerMaruyama(), x_T, steps=3, mode="adjoint")
+    with pytest.raises(ValueError, match="mode='adjoint' knows the drift of"):
+        sample_grad(model, Reversible(stochastic=True), x_T, steps=3, mode="adjoint")
     with pytest.raises(ValueError, match="x_hat_T/return_state concern solvers.Reversible"):
         sample_grad(model, Euler(), x_T, steps=3, x_hat_T=x_T)
     with pytest.raises(ValueError, match="x_T must be float32 or float64"):
