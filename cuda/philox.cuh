@@ -107,14 +107,22 @@ SAMPLERS_HD long long thread_count(long long per_sample, long long batch) {
 
 SAMPLERS_HD bool slot_of(long long t, long long per_sample, long long batch, Slot& slot) {
     const long long items = items_per_sample(per_sample);
-    const long long item = t / SAMPLERS_ITEM_CALLS;  // s * items + b
+    const long long item = (long long)((u64)t >> 10);  // s * items + b (t >= 0; ITEM_CALLS = 2^10)
     if (item >= batch * items) return false;
-    const long long s = item / items, b = item % items;
+    long long s, b;
+    if (item <= 0xFFFFFFFFll && items <= 0xFFFFFFFFll) {  // 32-bit division: a 64-bit one costs several times more on a GPU
+        const u32 q = (u32)item / (u32)items;
+        s = q;
+        b = item - (long long)q * items;
+    } else {
+        s = item / items;
+        b = item % items;
+    }
     const long long start = b * SAMPLERS_ITEM_SIZE;
     const long long rest = per_sample - start;
     slot.len = (int)(rest < SAMPLERS_ITEM_SIZE ? rest : SAMPLERS_ITEM_SIZE);
     slot.calls = (slot.len + 3) / 4;
-    slot.n = (int)(t % SAMPLERS_ITEM_CALLS);
+    slot.n = (int)(t & (SAMPLERS_ITEM_CALLS - 1));
     if (slot.n >= slot.calls) return false;
     slot.sample = s;
     slot.base = s * per_sample + start;
