@@ -204,6 +204,24 @@ def test_reverse_sampling_with_the_stationary_score_keeps_the_beta_laws():
         assert stats.kstest(v[:, i].numpy(), beta_law(sde, i).cdf).pvalue > 0.01
 
 
+def test_euler_maruyama_has_weak_order_one():
+    """The stationary second moment after a reverse run with the exact (Beta) score: its error shrinks
+    like h (Euler-Maruyama's weak order; the noise-free last step also costs O(h))."""
+    sde = DirichletSDE(3)
+    model = Model(lambda v, t: sde.beta_score(v), sde, predicts="score")
+    a, b = sde.alpha, sde.beta
+    second = a * (a + 1) / ((a + b) * (a + b + 1))
+    counts = [10, 20, 40]
+    errors = []
+    for steps in counts:
+        v = sample(model, JacobiEulerMaruyama(), shape=(100000, 2), steps=steps, seed=13, final_denoise=False,
+                   dtype=F64)
+        errors.append(((v * v).mean(0) - second).abs())
+    errors = torch.stack(errors)  # (3, 2); Monte-Carlo error about 7e-4
+    slopes = -torch.diff(torch.log(errors), dim=0) / math.log(2)
+    assert bool((slopes > 0.7).all()) and bool((slopes < 1.3).all()), (errors, slopes)
+
+
 def test_reverse_sampling_with_the_exact_score_recovers_category_frequencies():
     sde = DirichletSDE(3, t_max=8.0)
     probs = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
