@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import F64, GaussianNet, fitted_order, gaussian_flow
+from conftest import ALL_SDE_NAMES, F64, GaussianNet, fitted_order, gaussian_flow, make_sde
 from samplers import Model, NoiseSource, grid, problems, sample
 from samplers.sample import fixed_grid_context
 from sde import VESDE, VPSDE
@@ -94,6 +94,26 @@ def test_sde_moments_match_the_data(sde_name):
     assert abs(var - 0.25) < 0.015, var
 
 
+@pytest.mark.parametrize("sde_name", ALL_SDE_NAMES)
+def test_default_form_samples_every_gaussian_sde(sde_name):
+    """The data forms (the default) keep the coupled pair stable on every schedule, including the
+    cosine ones where alpha(t_max) is nearly 0 (the noise form diverges there, see the module):
+    N(0.7, 0.5^2) data, 80 steps, 4000 samples (standard error of the variance 0.006)."""
+    sde = make_sde(sde_name)
+    predicts = "velocity" if sde_name == "RectifiedFlow" else "eps"
+    model = Model(GaussianNet(sde, predicts), sde, predicts)
+    solvers = [Reversible("heun")]
+    if sde_name != "RectifiedFlow":  # w = sigma^2/alpha is infinite where alpha = 0: refused with a clear error
+        solvers.append(Reversible(stochastic=True))
+    else:
+        with pytest.raises(ValueError, match="non-finite coefficient"):
+            sample(model, Reversible(stochastic=True), shape=(4, 1), steps=8, dtype=F64)
+    for solver in solvers:
+        x = sample(model, solver, shape=(4000, 1), steps=80, seed=2, dtype=F64)
+        assert abs(float(x.mean()) - 0.7) < 0.03, (solver, float(x.mean()))
+        assert abs(float(x.var()) - 0.25) < 0.03, (solver, float(x.var()))
+
+
 def test_sde_noise_is_keyed_per_sample():
     sde = VPSDE()
     model = Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
@@ -147,6 +167,7 @@ def test_errors():
 
 def test_repr_and_declarations():
     s = Reversible("rk4", 0.9, predict="data", stochastic=True)
-    assert repr(s) == "Reversible(base='rk4', coupling=0.9, predict='data', stochastic=True)"
+    assert repr(s) == "Reversible(base='rk4', coupling=0.9, stochastic=True)"
+    assert repr(Reversible(predict="noise")) == "Reversible(base='euler', coupling=0.999, predict='noise')"
     assert s.nfe_per_step == 8 and s.order == 1 and s.stochastic
     assert Reversible("heun").order == 2 and not Reversible().stochastic
