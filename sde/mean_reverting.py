@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .base import GaussianSDE, _as_time, broadcast_to_state, check_eta
+from .base import GaussianSDE, _as_time, broadcast_to_state
 
 __all__ = ["MeanRevertingSDE", "THETA_SCHEDULES"]
 
@@ -216,10 +216,8 @@ class MeanRevertingSDE(GaussianSDE):
 
     def marginal_sample(self, x0: torch.Tensor, t, noise: torch.Tensor | None = None,
                         mu: torch.Tensor | None = None) -> torch.Tensor:
-        mean, std = self.marginal(x0, t, mu)
-        if noise is None:
-            noise = torch.randn_like(mean)
-        return mean + std * noise
+        m = self._shift(mu, x0)
+        return super().marginal_sample(x0 - m, t, noise) + m
 
     def drift(self, x: torch.Tensor, t, mu: torch.Tensor | None = None) -> torch.Tensor:
         """theta(t) (mu - x)."""
@@ -228,9 +226,7 @@ class MeanRevertingSDE(GaussianSDE):
 
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor, eta: float = 1.0,
                       mu: torch.Tensor | None = None) -> torch.Tensor:
-        eta = check_eta(eta)
-        t = _as_time(t, x)
-        return self.drift(x, t, mu) - 0.5 * (1.0 + eta**2) * self.diffusion(x, t) ** 2 * score
+        return super().reverse_drift(x - self._shift(mu, x), t, score, eta)
 
     def prior_sample(self, shape, *, normal: torch.Tensor | None = None, generator=None, dtype=None, device=None,
                      mu: torch.Tensor | None = None) -> torch.Tensor:
