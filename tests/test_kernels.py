@@ -469,6 +469,7 @@ class _FakeCupy:
 
     def from_dlpack(self, t):
         assert t.dtype in (torch.float32, torch.int16, torch.int32, torch.int64), t.dtype
+        assert not t.requires_grad, "DLPack refuses tensors that require grad"
         self.views += 1
         return self.Array(t)
 
@@ -517,6 +518,26 @@ def test_cupy_runner_launches(harness, monkeypatch, solver, dtype):
     # the run's buffers (state, coefficient tables, key, stage/ring) are viewed once each, the
     # network output once a call
     assert fake.views == len(runner._kept) + 6 * solver.nfe_per_step
+
+
+def test_cupy_runner_with_a_network_that_requires_grad(harness, monkeypatch):
+    """A network with trainable parameters (its output requires grad): the fused steps detach it
+    (the kernels record no graph) and give the torch path's numbers."""
+    import types
+
+    fake = _FakeCupy(harness)
+    monkeypatch.setattr(kernels, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1))
+    monkeypatch.setattr(kernels, "resolve_backend", lambda backend, solver, device, dtype: (
+        ("cupy", solver.fused_step(), "fake") if backend == "cupy" else ("torch", None, "torch")))
+    scale = torch.nn.Parameter(torch.tensor(0.7))
+    model = Model(lambda x, t: scale * torch.tanh(x), VPSDE(), predicts="eps")
+    kwargs = dict(shape=(2, 5000), steps=4, seed=3)
+    got = sample(model, DPMSolverSDE(2), backend="cupy", **kwargs)
+    with torch.no_grad():
+        ref = sample(model, DPMSolverSDE(2), backend="torch", **kwargs)
+    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
