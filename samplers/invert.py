@@ -22,7 +22,7 @@ from .grid import grid as make_grid
 from .grid import validate_grid
 from .model import Model, compute_dtype
 from .noise import NoiseSource
-from .sample import _check_solver_state, fixed_grid_context
+from .sample import NonFiniteError, _check_solver_state, fixed_grid_context
 
 __all__ = ["invert", "Inversion"]
 
@@ -41,8 +41,8 @@ class Inversion:
 
 
 def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, cond, dtype, what):
-    """Shared argument checks of invert/sample_grad: (state in the compute dtype, grid (N+1, C), times,
-    noise, cond, dtype)."""
+    """Shared argument checks of invert/sample_grad; returns (grid (N+1, C) float64, the grid as given,
+    the keyed noise source, cond, dtype, compute dtype)."""
     if not isinstance(model, Model):
         raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
     if not isinstance(solver, Solver):
@@ -50,6 +50,9 @@ def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, con
     if getattr(solver, "adaptive", False):
         raise ValueError(f"{what} needs a fixed-grid solver; {solver!r} chooses its own steps")
     solver.check_sde(model.sde)
+    if callable(getattr(model.sde, "state_offset", None)):
+        raise ValueError(f"{what} does not support {model.sde!r}, which is integrated around a mean state from "
+                         "cond; use sample() for it")
     if cond is None:
         cond = {}
     elif not isinstance(cond, dict):
@@ -117,5 +120,6 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
                 x = solver.step(k, x, ctx)
             state, exact = None, False
     if not bool(torch.isfinite(x).all()):
-        raise FloatingPointError(f"invert: the latent became NaN or Inf with {solver!r} on {model.sde!r}")
+        raise NonFiniteError(f"invert: the latent became NaN or Inf with {solver!r} on {model.sde!r}; use more steps, "
+                             "float64, or (for Reversible) predict='data'")
     return Inversion(x_T=x.to(dtype), solver_state=state, exact=exact, times=times, seed=seed, nfe=ctx.nfe)
