@@ -212,9 +212,10 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     ``cond`` that require grad, and the network's parameters.
 
     ``mode``: ``"backprop"``, ``"reversible"`` (memory independent of the number of steps; the default
-    for :class:`solvers.Reversible`) or ``"adjoint"`` (AdjointDEIS-1, any deterministic solver; the
-    default for other solvers; ODE and SDE solvers); see the module.  ``params``: the tensors the network depends on
-    (default: ``model.net.parameters()`` when it is an ``nn.Module``); the memory-constant and adjoint
+    for :class:`solvers.Reversible`) or ``"adjoint"`` (AdjointDEIS-1: any deterministic solver and
+    EulerMaruyama/Heun/DPMSolverSDE; the default for other solvers); see the module.  ``params``: the
+    tensors the network depends on (default: ``model.net.parameters()`` when it is an ``nn.Module``);
+    the memory-constant and adjoint
     modes route gradients only to these, to ``x_T`` and to ``cond``.  ``x_hat_T``: Reversible's
     second state at x_T (default x_T).  ``return_state``: also return Reversible's final ``x_hat``
     (before final denoising).  The state is updated in x_T's dtype (float32 or float64).

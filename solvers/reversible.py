@@ -225,7 +225,8 @@ class Reversible(Solver):
         x_hat_next = x_hat * ctx.coef("r", k) - self._increment(k, x_next, ctx, "b")
         return x_next, x_hat_next
 
-    def inverse_step(self, k: int, x_next: torch.Tensor, x_hat_next: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse_step(self, k: int, x_next: torch.Tensor, x_hat_next: torch.Tensor,
+                     ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_k, x_hat_k) from the pair at grid time k+1: the exact algebraic inverse of :meth:`forward_step`."""
         x_hat = (x_hat_next + self._increment(k, x_next, ctx, "b")) * ctx.coef("inv_r", k)
         x = (x_next - x_hat * ctx.coef("x_hat", k) - self._increment(k, x_hat, ctx, "f")) * ctx.coef("inv_x_x", k)
