@@ -94,9 +94,14 @@ def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
     """(label, factory) for every solver the demo runs.
 
     Every :class:`solvers.Solver` subclass exported by ``solvers.__all__`` that constructs with
-    no arguments (its defaults), then :data:`EXTRA_SOLVERS`; labels are the solvers' reprs
-    (``Heun(eta=0)``), and duplicates are dropped.
+    no arguments (its defaults) and accepts the Gaussian-marginal SDEs the demo samples (a
+    solver made for one other SDE family, such as the Dirichlet one, is left out), then
+    :data:`EXTRA_SOLVERS`; labels are the solvers' reprs (``Heun(eta=0)``), and duplicates are
+    dropped.
     """
+    from sde import VPSDE
+
+    gaussian = VPSDE()
     candidates: list[tuple[str | None, Callable[[], Solver]]] = []
     for name in getattr(solvers, "__all__", []):
         if name in _BASE_NAMES:
@@ -114,6 +119,10 @@ def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
         try:
             solver = factory()
         except Exception:  # a solver that cannot be built with its defaults is not part of the demo
+            continue
+        try:
+            solver.check_sde(gaussian)
+        except ValueError:
             continue
         label = label or repr(solver)
         if label in seen:
