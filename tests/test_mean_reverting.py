@@ -192,7 +192,7 @@ def test_forward_samples_match_the_closed_form_marginal(schedule):
 EM_SHAPE = (500, 1000)
 
 
-@pytest.mark.parametrize("predicts", ["x0", "eps", "score"])
+@pytest.mark.parametrize("predicts", ["x0", "eps"])
 def test_euler_maruyama_recovers_the_data_moments(predicts):
     sde = MeanRevertingSDE("cosine", lam=LAM)
     mu = make_mu(EM_SHAPE, 5)
@@ -242,8 +242,8 @@ def test_ode_solvers_follow_the_exact_flow(name):
     mean_T, var_T = y_moments(sde, sde.t_max)
     y_T = mean_T + math.sqrt(var_T) * make_mu(shape, 9)
     reference = gaussian_flow(sde, M, S, y_T, sde.t_max, sde.t_min)
-    model = Model(ExactNet(sde, "eps" if name == "DPM2-noise" else "x0"), sde,
-                  predicts="eps" if name == "DPM2-noise" else "x0")
+    predicts = {"DPM2-noise": "eps", "Heun": "score"}.get(name, "x0")
+    model = Model(ExactNet(sde, predicts), sde, predicts=predicts)
     kw = {} if steps is None else {"grid": grid(sde, steps, "log_snr")}
     y = sample(model, solver, x_T=y_T + mu, cond={"mu": mu}, final_denoise=False, **kw) - mu
     assert (y - reference).pow(2).mean().sqrt().item() < 1e-3, (y - reference).pow(2).mean().sqrt().item()
@@ -273,9 +273,8 @@ def optimal_reverse_recurrence(sde, times, mean, var, variance="posterior"):
     return mean, var
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_optimal_reverse_recovers_the_data_moments(schedule):
-    sde = MeanRevertingSDE(schedule, lam=LAM)
+def test_optimal_reverse_recovers_the_data_moments():
+    sde = MeanRevertingSDE("cosine", lam=LAM)
     mu = make_mu(EM_SHAPE, 10)
     n = EM_SHAPE[0] * EM_SHAPE[1]
     mean_T, var_T = y_moments(sde, sde.t_max)
@@ -293,8 +292,21 @@ def test_optimal_reverse_recovers_the_data_moments(schedule):
     # the posterior-variance step is first order in the variance: ~4% low at 200 steps here (13% at 50)
     mean_0, var_0 = y_moments(sde, sde.t_min)
     assert abs(m_hat - mean_0) < 0.01 and abs(v_hat / var_0 - 1) < 0.05, (m_hat, mean_0, v_hat, var_0)
+
+
+@pytest.mark.parametrize("schedule", THETA_SCHEDULES)
+def test_optimal_reverse_variance_error_is_first_order(schedule):
+    """The exact moment recurrence of the posterior step (checked against sampling above): its
+    variance error falls with slope 1 and the mean error is negligible."""
+    sde = MeanRevertingSDE(schedule, lam=LAM)
+    mean_T, var_T = y_moments(sde, sde.t_max)
+    mean_0, var_0 = y_moments(sde, sde.t_min)
     steps = [100, 200, 400, 800]
-    errors = [abs(optimal_reverse_recurrence(sde, grid(sde, n), mean_T, var_T)[1] / var_0 - 1) for n in steps]
+    # log-SNR grids: on uniform-t grids the constant schedule's sqrt(t) noise near t = 0 keeps the
+    # error preasymptotic (slope 0.8 over 100-800 steps)
+    moments = [optimal_reverse_recurrence(sde, grid(sde, n, "log_snr"), mean_T, var_T) for n in steps]
+    assert all(abs(m - mean_0) < 1e-8 for m, _ in moments), moments
+    errors = [abs(v / var_0 - 1) for _, v in moments]
     assert abs(fitted_order(steps, errors) - 1.0) <= 0.15, errors
 
 
