@@ -30,9 +30,11 @@ inverse divides by r zeta every step, so rounding grows by about w_0/w_N = prod 
 the noise form w = alpha (r = 1 on VE), and the ODE round trip is exact to 1e-15 (float64) and
 5e-7 (float32) relative.  In the data forms w = sigma (ODE; sigma_max/sigma_min = 5000 on VE) or
 sigma^2/alpha (SDE; 1e4 to 2.5e7) and the round trip loses that factor: ODE 1e-11 (float64),
-1e-3 to 1e-2 (float32) relative; SDE 1e-6 (float64) and no digits in float32.  (The reverse SDE
-also forgets x_T by itself: its x_T -> x_0 map contracts by about (s_data/sigma_max)^2, which bounds
-any exact inverse's accuracy.)
+1e-3 to 1e-2 (float32) relative; SDE 4e-7 to 9e-6 (float64) and no digits in float32.  The
+SDE loses more than the w ratio: its x_hat row's damped parasitic mode grows again in the inverse, by
+about the SDE's own expansion in y.  This is the coupling's limit, not the problem's: the reverse SDE's
+map x_T -> x_0 contracts by about alpha_T (s_data/sigma_max)^2 in y, which alone would cost some
+1e3-1e4 x the rounding (float64 1e-13, float32 1e-4).
 
 Stability while sampling, measured: the McCallum-Foster pair has a parasitic mode (x - x_hat) that
 grows by the inverse of the physical contraction of the integrated variable y.  In the data forms y
@@ -174,11 +176,13 @@ class Reversible(Solver):
                     share = (self._time_variable(sde, t_i) ** self._brownian_power - v0) / (v1 - v0)
                     # W(stage) - W(start): share of the increment going forward, share - 1 going back
                     tables[f"{d}{i}_z"] = w_i * (share if d == "f" else share - 1.0) * root_dv
+            # what the increment adds to its row: +w_{n+1} Psi_h to x, -w_{n+1} Psi_{-h} to x_hat (Psi_{-h}
+            # carries -W, so both rows gain +w_{n+1} W)
             for i, b_i in enumerate(self.b):
                 if b_i != 0.0:
-                    tables[f"{d}_b{i}"] = w1 * step * b_i
+                    tables[f"{d}_b{i}"] = sign * w1 * step * b_i
             if self.stochastic:
-                tables[f"{d}_z"] = sign * w1 * root_dv
+                tables[f"{d}_z"] = w1 * root_dv
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
@@ -190,9 +194,9 @@ class Reversible(Solver):
             return (k + 1,)
         return (k, self._stage_names[frac])
 
-    def _increment(self, k, x, ctx, d: str) -> torch.Tensor:
-        """w_{n+1} Psi_{+-h}: the forward (d='f', from x_hat_n at s_n) or backward (d='b', from x_{n+1}
-        at s_{n+1}) Runge-Kutta increment, scaled to x units."""
+    def _slopes(self, k, x, ctx, d: str):
+        """The Runge-Kutta slopes of the forward (d='f', from x_hat_n at s_n) or backward (d='b', from
+        x_{n+1} at s_{n+1}) increment, and the step's standard normal draw (None for the ODE)."""
         start, sign = (0.0, 1.0) if d == "f" else (1.0, -1.0)
         z = ctx.noise(k) if self.stochastic else None
         slopes = []
@@ -203,43 +207,59 @@ class Reversible(Solver):
                 x_i = x * ctx.coef(f"{d}{i}_x", k)
                 for j, a_ij in enumerate(self.a[i - 1]):
                     if a_ij != 0.0:
-                        x_i = x_i + ctx.coef(f"{d}{i}_k{j}", k) * slopes[j]
+                        x_i = torch.addcmul(x_i, ctx.coef(f"{d}{i}_k{j}", k), slopes[j])
                 if z is not None:
-                    x_i = x_i + ctx.coef(f"{d}{i}_z", k) * z
+                    x_i = torch.addcmul(x_i, ctx.coef(f"{d}{i}_z", k), z)
             out = ctx.output(x_i, *self._where(k, start + sign * c))
             if out.dtype != x_i.dtype:
                 out = out.to(x_i.dtype)
-            slopes.append(ctx.coef(f"{d}{i}_p", k) * x_i + ctx.coef(f"{d}{i}_q", k) * out)
-        total = None
+            slopes.append(torch.addcmul(x_i * ctx.coef(f"{d}{i}_p", k), ctx.coef(f"{d}{i}_q", k), out))
+        return slopes, z
+
+    def _add_increment(self, row, k, slopes, z, ctx, d: str, value: float = 1.0, inplace: bool = False):
+        """row + value * (the increment d adds to its row: w_{n+1} Psi_h to x, -w_{n+1} Psi_{-h} to
+        x_hat); in place on ``row`` for the sampling driver, out of place (recorded by autograd) otherwise."""
         for i, b_i in enumerate(self.b):
             if b_i != 0.0:
-                term = ctx.coef(f"{d}_b{i}", k) * slopes[i]
-                total = term if total is None else total + term
+                coef = ctx.coef(f"{d}_b{i}", k)
+                row = row.addcmul_(coef, slopes[i], value=value) if inplace else \
+                    torch.addcmul(row, coef, slopes[i], value=value)
         if z is not None:
-            total = total + ctx.coef(f"{d}_z", k) * z
-        return total
+            coef = ctx.coef(f"{d}_z", k)
+            row = row.addcmul_(coef, z, value=value) if inplace else torch.addcmul(row, coef, z, value=value)
+        return row
 
     def forward_step(self, k: int, x: torch.Tensor, x_hat: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_{k+1}, x_hat_{k+1}) from the pair at grid time k; new tensors (autograd records them)."""
-        x_next = x * ctx.coef("x_x", k) + x_hat * ctx.coef("x_hat", k) + self._increment(k, x_hat, ctx, "f")
-        x_hat_next = x_hat * ctx.coef("r", k) - self._increment(k, x_next, ctx, "b")
+        slopes, z = self._slopes(k, x_hat, ctx, "f")
+        x_next = self._add_increment(torch.addcmul(x * ctx.coef("x_x", k), ctx.coef("x_hat", k), x_hat),
+                                     k, slopes, z, ctx, "f")
+        slopes, z = self._slopes(k, x_next, ctx, "b")
+        x_hat_next = self._add_increment(x_hat * ctx.coef("r", k), k, slopes, z, ctx, "b")
         return x_next, x_hat_next
 
     def inverse_step(self, k: int, x_next: torch.Tensor, x_hat_next: torch.Tensor,
                      ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_k, x_hat_k) from the pair at grid time k+1: the exact algebraic inverse of :meth:`forward_step`."""
-        x_hat = (x_hat_next + self._increment(k, x_next, ctx, "b")) * ctx.coef("inv_r", k)
-        x = (x_next - x_hat * ctx.coef("x_hat", k) - self._increment(k, x_hat, ctx, "f")) * ctx.coef("inv_x_x", k)
+        slopes, z = self._slopes(k, x_next, ctx, "b")
+        x_hat = self._add_increment(x_hat_next, k, slopes, z, ctx, "b", value=-1.0) * ctx.coef("inv_r", k)
+        slopes, z = self._slopes(k, x_hat, ctx, "f")
+        x = self._add_increment(torch.addcmul(x_next, ctx.coef("x_hat", k), x_hat, value=-1.0),
+                                k, slopes, z, ctx, "f", value=-1.0) * ctx.coef("inv_x_x", k)
         return x, x_hat
 
     def step(self, k, x, ctx):
+        """The sampling driver's step: :meth:`forward_step` updating x and the x_hat buffer in place."""
         x_hat = ctx.scratch("reversible_x_hat")
         if k == 0:
             state = getattr(ctx, "solver_state", None)
             x_hat.copy_(state["x_hat"] if state else x)
-        x_next, x_hat_next = self.forward_step(k, x, x_hat, ctx)
-        x_hat.copy_(x_hat_next)
-        return x.copy_(x_next)
+        slopes, z = self._slopes(k, x_hat, ctx, "f")
+        x = self._add_increment(x.mul_(ctx.coef("x_x", k)).addcmul_(ctx.coef("x_hat", k), x_hat),
+                                k, slopes, z, ctx, "f", inplace=True)
+        slopes, z = self._slopes(k, x, ctx, "b")
+        self._add_increment(x_hat.mul_(ctx.coef("r", k)), k, slopes, z, ctx, "b", inplace=True)
+        return x
 
     def read_state(self, ctx, dtype=None) -> dict:
         """The driver's copy of the state besides x after the last step (``SampleInfo.solver_state``)."""
