@@ -66,10 +66,8 @@ TABLEAUX = {
              (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0), 4),
 }
 
-#: per (predict, stochastic): exponent e of s = e^{e lambda}, the quantity integrated, its factor in dy/ds,
-#: and the power of s that is the Brownian motion's time
-_FORMS = {("data", False): (1.0, "x0", 1.0, None), ("noise", False): (-1.0, "eps", 1.0, None),
-          ("data", True): (2.0, "x0", 1.0, 1)}
+#: per (predict, stochastic): exponent e of the time variable s = e^{e lambda}, the quantity integrated
+_FORMS = {("data", False): (1.0, "x0"), ("noise", False): (-1.0, "eps"), ("data", True): (2.0, "x0")}
 
 
 class Reversible(Solver):
@@ -116,7 +114,7 @@ class Reversible(Solver):
         self.stages = len(self.b)
         self.order = 1 if stochastic else order  # weak order 1 for the SDE
         self.nfe_per_step = 2 * self.stages
-        self._exponent, self._quantity, self._slope_factor, self._brownian_power = _FORMS[(predict, stochastic)]
+        self._exponent, self._quantity = _FORMS[(predict, stochastic)]
         # the fractions of a step (in s) where a stage is taken: c_i going forward, 1 - c_i back
         fractions = sorted({float(c) for c in self.c} | {1.0 - float(c) for c in self.c})
         self._stage_names = {f: f"rex{j}" for j, f in enumerate(fractions) if f not in (0.0, 1.0)}
@@ -154,9 +152,7 @@ class Reversible(Solver):
         zeta = self.coupling
         tables = {"x_x": r * zeta, "x_hat": r * (1.0 - zeta), "r": r, "inv_r": 1.0 / r, "inv_x_x": 1.0 / (r * zeta)}
         if self.stochastic:
-            # W runs in v = s^power; a stage at s_n + c h sees the increment's share (v - v_n)/(v_{n+1} - v_n)
-            v0, v1 = s0 ** self._brownian_power, s1 ** self._brownian_power
-            root_dv = torch.sqrt((v1 - v0).abs())
+            root_h = torch.sqrt(h)  # W runs in s = alpha^2/sigma^2, increasing towards the data
         # forward Psi_h from (s_n, x_hat_n) and backward Psi_{-h} from (s_{n+1}, x_{n+1}), in x units
         for d, start_w, step, start in (("f", w0, h, 0.0), ("b", w1, -h, 1.0)):
             sign = 1.0 if d == "f" else -1.0
@@ -164,8 +160,7 @@ class Reversible(Solver):
                 frac = start + sign * c
                 t_i = self._fraction_times(sde, times, frac)
                 w_i = self._weight(sde, t_i)
-                p_i, q_i = model.coefficients(self._quantity, t_i)
-                tables[f"{d}{i}_p"], tables[f"{d}{i}_q"] = self._slope_factor * p_i, self._slope_factor * q_i
+                tables[f"{d}{i}_p"], tables[f"{d}{i}_q"] = model.coefficients(self._quantity, t_i)
                 if i == 0:
                     continue
                 tables[f"{d}{i}_x"] = w_i / start_w
@@ -173,16 +168,15 @@ class Reversible(Solver):
                     if a_ij != 0.0:
                         tables[f"{d}{i}_k{j}"] = w_i * step * a_ij
                 if self.stochastic:
-                    share = (self._time_variable(sde, t_i) ** self._brownian_power - v0) / (v1 - v0)
-                    # W(stage) - W(start): share of the increment going forward, share - 1 going back
-                    tables[f"{d}{i}_z"] = w_i * (share if d == "f" else share - 1.0) * root_dv
+                    # W(stage) - W(start), linear in s: c W going forward, -c W going back
+                    tables[f"{d}{i}_z"] = sign * w_i * c * root_h
             # what the increment adds to its row: +w_{n+1} Psi_h to x, -w_{n+1} Psi_{-h} to x_hat (Psi_{-h}
             # carries -W, so both rows gain +w_{n+1} W)
             for i, b_i in enumerate(self.b):
                 if b_i != 0.0:
                     tables[f"{d}_b{i}"] = sign * w1 * step * b_i
             if self.stochastic:
-                tables[f"{d}_z"] = w1 * root_dv
+                tables[f"{d}_z"] = w1 * root_h
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
