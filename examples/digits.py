@@ -171,7 +171,7 @@ def image_grid(x, nrow):
     """(B, 1, 8, 8) in [-1, 1] -> one (rows*9, nrow*9) array with 1-pixel gaps."""
     x = ((x.clamp(-1, 1) + 1) / 2).detach().cpu()
     rows = math.ceil(x.shape[0] / nrow)
-    canvas = torch.ones(rows * 9 + 1, nrow * 9 + 1)
+    canvas = torch.full((rows * 9 + 1, nrow * 9 + 1), 0.3)  # light grey gaps between digits
     for i in range(x.shape[0]):
         r, c = divmod(i, nrow)
         canvas[1 + r * 9:1 + r * 9 + 8, 1 + c * 9:1 + c * 9 + 8] = x[i, 0]
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
             return x0 * (1 - mask) + known * mask
 
         nfe = 20 if not args.quick else 6
-        rows = [known, known * mask - (1 - mask)]
+        rows = [known, known * mask]  # unknown pixels shown as mid-grey
         names = ["original", "observed (left half)"]
         for name, solver in (("DPM-Solver++(2M)", DPMSolver(2, correct_x0=replace)),
                              ("ER-SDE-Solver-3", ERSDE(3, correct_x0=replace))):
