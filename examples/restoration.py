@@ -1,7 +1,7 @@
 """Image restoration with the mean-reverting SDE (IR-SDE) on scikit-learn's 8x8 digits, on a CPU.
 
-    python examples/restoration.py                       # noise removal: a few CPU minutes
-    python examples/restoration.py --degradation blur    # deblurring
+    python examples/restoration.py                       # deblurring: a few CPU minutes
+    python examples/restoration.py --degradation noise   # noise removal
     python examples/restoration.py --quick               # seconds: for tests
 
 The 1797 digits ship with scikit-learn (no download); pixels 0..16 are mapped to [0, 1].  A
@@ -12,7 +12,15 @@ eps(x_t, t, mu) is trained by denoising score matching on its closed-form margin
 x_t = mu + (x0 - mu) e^{-thetabar} + sigma(t) z, and restoration integrates the reverse process from
 x_T = mu + lam z.  The script prints the PSNR of the degraded and the restored held-out images for
 several solvers (IR-SDE's OptimalReverse posterior sampler, Euler-Maruyama, DPM-Solver++ on the
-probability-flow ODE) and, with ``--out``, saves a figure of clean / degraded / restored digits.
+probability-flow ODE), and of the mean of a few posterior draws (closer to the MMSE estimate: a
+single draw's squared error is about twice the MMSE's); with ``--out`` it saves a figure of clean /
+degraded / restored digits.
+
+Measured (3000 training steps, 300 held-out digits, lam = 0.1, seed 0; PSNR in dB):
+
+    degradation   degraded   OptimalReverse 100   EM 100   DPM-Solver++(2M) ODE 20   mean of 4 draws
+    blur            14.56          22.81           22.62           22.11                  24.75
+    noise           18.44          19.39           19.22           18.90                  21.26
 """
 
 from __future__ import annotations
@@ -105,7 +113,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--degradation", choices=("noise", "blur"), default="noise")
+    parser.add_argument("--degradation", choices=("blur", "noise"), default="blur")
     parser.add_argument("--train-steps", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=100, help="sampling steps (IR-SDE uses 100)")
     parser.add_argument("--lam", type=float, default=0.1, help="the stationary std lambda of the SDE")
@@ -160,10 +168,6 @@ def main(argv=None):
             sample(model, OptimalReverse(), shape=tuple(mu.shape), cond={"mu": mu}, seed=args.seed + i,
                    steps=args.steps) for i in range(1, args.average)]
         print(f"  {f'mean of {args.average} OptimalReverse draws':36s} {psnr(torch.stack(draws).mean(0), clean):6.2f}")
-        # the network's own x0 estimate at t = T from x_T = mu + lam z (Model.predict works on y = x - mu)
-        y_T = sde.prior_sample(tuple(mu.shape), generator=gen)
-        one_call = mu + model.predict("x0", y_T, torch.full((mu.shape[0],), sde.t_max), mu=mu)
-        print(f"  {'x0 estimate at T (one call)':36s} {psnr(one_call, clean):6.2f}")
 
     if args.out:
         import matplotlib
