@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality", "quality_solvers", "QUALITY_VARIANTS",
-           "best_by_budget", "plot_quality"]
+           "best_by_budget", "plot_quality", "plot_best_by_library", "replot"]
 
 
 def _variants():
@@ -155,8 +155,8 @@ def plot_quality(res: dict, path: str) -> str:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), layout="constrained")
-    markers = {"ours": "o", "k-diffusion": "s", "diffusers": "^", "torchsde": "D"}
+    fig, axes = plt.subplots(1, 2, figsize=(19, 7), layout="constrained")
+    markers = _MARKERS
     by_solver: dict[str, list[dict]] = {}
     for rec in res["records"] + res.get("peer_records", []):
         if math.isfinite(rec["sw"]):
@@ -185,7 +185,7 @@ def plot_quality(res: dict, path: str) -> str:
                       fontsize=10)
     axes[1].set_title("error vs time (N = %d samples, CPU)" % res["n"], fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=6.5, ncols=1)
+    fig.legend(handles, labels, loc="outside right center", fontsize=6, ncols=2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -476,7 +476,11 @@ def _quality_command(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         paths.append(os.path.join(args.out, "quality.json"))
         for res in results:
-            print("wrote", plot_quality(res, os.path.join(args.out, f"quality_{res['problem']}_{res['sde_name']}.png")))
+            name = f"{res['problem']}_{res['sde_name']}"
+            print("wrote", plot_quality(res, os.path.join(args.out, f"quality_{name}.png")))
+            print("wrote", plot_best_by_library(res["records"] + res["peer_records"], res["floor_range"],
+                                                f"{res['problem']} mixture, {res['sde_name'].upper()}",
+                                                os.path.join(args.out, f"best_{name}.png")))
     for path in paths:
         with open(path, "w") as fh:
             json.dump({"records": records,
@@ -485,6 +489,7 @@ def _quality_command(args) -> int:
                                                     for lib, r in row["best"].items()}}
                                           for res in results for row in best_by_budget(res)],
                        "floors": {f"{res['problem']}_{res['sde_name']}": res["floor"] for res in results},
+                       "floor_ranges": {f"{res['problem']}_{res['sde_name']}": list(res["floor_range"]) for res in results},
                        "peer_skipped": [list(s) for res in results for s in res["peer_skipped"]]}, fh, indent=2)
         print("wrote", path)
     if args.plots:
@@ -494,6 +499,82 @@ def _quality_command(args) -> int:
             plot(res, f"{args.plots}/quality_{res['problem']}_{res['sde_name']}.png")
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0
+
+
+_MARKERS = {"ours": "o", "k-diffusion": "s", "diffusers": "^", "torchsde": "D"}
+
+
+def plot_best_by_library(records: list[dict], floor_range, title: str, path: str) -> str:
+    """Per library, the best error at each NFE (left) and the best error reached within each wall
+    time (right: the running minimum over runs sorted by time), with the exact-vs-exact floor range;
+    the best solver's name is written at each point of our curve."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    libraries = list(dict.fromkeys(r.get("library", "ours") for r in records))
+    for lib in libraries:
+        recs = [r for r in records if r.get("library", "ours") == lib and math.isfinite(r["sw"])]
+        best: dict[int, dict] = {}
+        for r in recs:
+            if r["budget"] not in best or r["sw"] < best[r["budget"]]["sw"]:
+                best[r["budget"]] = r
+        budgets = sorted(best)
+        style = dict(marker=_MARKERS.get(lib, "x"), lw=2.2 if lib == "ours" else 1.3, label=lib,
+                     ls="-" if lib == "ours" else "--")
+        line, = axes[0].plot(budgets, [best[b]["sw"] for b in budgets], **style)
+        if lib == "ours":
+            for b in budgets:
+                axes[0].annotate(best[b]["solver"].split("(")[0], (b, best[b]["sw"]), fontsize=6.5,
+                                 xytext=(3, 4), textcoords="offset points", color=line.get_color())
+        recs = sorted(recs, key=lambda r: r["time_ms"])
+        front, running = [], float("inf")
+        for r in recs:
+            if r["sw"] < running:
+                running = r["sw"]
+                front.append(r)
+        axes[1].step([r["time_ms"] for r in front], [r["sw"] for r in front], where="post", **style)
+    lo, hi = floor_range
+    for ax, xlabel in zip(axes, ("NFE budget", "wall time per run (ms)")):
+        ax.axhspan(lo, hi, color="gray", alpha=0.2, lw=0, label="exact vs exact (floor range)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(0.7 * lo, min(ax.get_ylim()[1], 5.0))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("best sliced Wasserstein error")
+    axes[0].set_title(f"{title}: best solver of each library per NFE", fontsize=10)
+    axes[1].set_title("best error reached within a wall time", fontsize=10)
+    axes[0].legend(fontsize=8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def replot(json_path: str, out: str) -> list[str]:
+    """The best-by-library plots of a ``bench quality --out`` JSON file, one per (problem, SDE)."""
+    import os
+
+    with open(json_path) as fh:
+        data = json.load(fh)
+    groups: dict[tuple, list] = {}
+    for rec in data["records"]:
+        groups.setdefault((rec["problem"], rec["sde"]), []).append(rec)
+    paths = []
+    for (problem, sde), recs in groups.items():
+        key = f"{problem}_{sde}"
+        floor = data["floors"][key]
+        floor_range = data.get("floor_ranges", {}).get(key, (floor, floor))
+        paths.append(plot_best_by_library(recs, floor_range, f"{problem} mixture, {sde.upper()}",
+                                          os.path.join(out, f"best_{key}.png")))
+    return paths
 
 
 def main(argv=None) -> int:
@@ -528,6 +609,9 @@ def main(argv=None) -> int:
     q.add_argument("--no-peers", action="store_true", help="our solvers only")
     q.add_argument("--solvers", nargs="+", default=None, metavar="LABEL",
                    help="only these of our solvers (labels as printed, e.g. 'Heun(eta=0)')")
+    r = sub.add_parser("replot", help="best-by-library plots from a 'bench quality --out' JSON file")
+    r.add_argument("json", help="quality.json written by 'bench quality --out'")
+    r.add_argument("--out", required=True, help="directory for best_PROBLEM_SDE.png")
     v = sub.add_parser("convergence", help="measured order of every fixed-step solver beside the theoretical one")
     v.add_argument("--sdes", nargs="+", default=["edm", "vp"])
     v.add_argument("--weak-samples", type=int, default=1_000_000, help="scalar samples for the weak errors")
@@ -554,6 +638,10 @@ def main(argv=None) -> int:
         return 0
     if args.what == "quality":
         return _quality_command(args)
+    if args.what == "replot":
+        for path in replot(args.json, args.out):
+            print("wrote", path)
+        return 0
     if args.what == "convergence":
         from .convergence import measure_orders
 

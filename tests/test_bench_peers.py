@@ -85,6 +85,9 @@ def test_quality_cli_writes_json_and_plots(tmp_path, capsys):
     for lib in missing_peers():
         assert f"peer {lib} is not installed" in out
     assert {row["budget"] for row in data["best_by_budget"]} == {5, 12}
+    assert (tmp_path / "best_2d_vp.png").exists() and data["floor_ranges"]["2d_vp"][0] <= data["floors"]["2d_vp"]
+    replotted = bench.replot(str(tmp_path / "quality.json"), str(tmp_path / "again"))
+    assert [p.split("/")[-1] for p in replotted] == ["best_2d_vp.png"]
 
 
 def test_quality_cli_refuses_unknown_solver_labels():
