@@ -1,7 +1,7 @@
 """Measured convergence orders: the slope of log error against log steps, beside the theory.
 
 ``fitted_order`` is the one order fit of the project (the tests use it too).  ``measure_orders``
-runs every fixed-step solver of the demo's list:
+runs every fixed-step solver of ``bench quality`` (the demo's list and the parametrised variants):
 
 - deterministic solvers (the probability-flow ODE): pathwise RMS error at t_min against a tight
   DOP853 solution from the same x_T, on a smooth three-component 2-D mixture (well separated
@@ -99,9 +99,10 @@ def measure_orders(sdes=("edm", "vp"), solver_list=None, ode_steps=DEFAULT_ODE_S
     Adaptive solvers have no fixed steps and are left out.  ``sdes`` are names of
     :data:`samplers.demo.SDES`; each SDE uses its default grid.
     """
-    from .demo import SDES, solver_factories
+    from .bench import quality_solvers
+    from .demo import SDES
 
-    solver_list = solver_factories() if solver_list is None else solver_list
+    solver_list = quality_solvers() if solver_list is None else solver_list
     rows = []
     for sde_name in sdes:
         if sde_name not in SDES:
