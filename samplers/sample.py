@@ -60,7 +60,7 @@ class StepInfo:
     t: torch.Tensor  #: time at the start of the step, (C,) with C = 1 or B
     t_next: torch.Tensor  #: time reached
     x: torch.Tensor  #: the state at t_next (do not modify)
-    denoised: torch.Tensor  #: the x0 estimate at the start of the step
+    denoised: torch.Tensor | None  #: the x0 estimate at the start of the step (None off Gaussian SDEs)
     nfe: int  #: network calls so far
     extra: dict = field(default_factory=dict)
 
@@ -274,7 +274,7 @@ def _progress_bar(progress, steps):
 
 def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None = None, steps: int | None = None,
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
-           final_denoise: bool = True, progress: bool | None = None,
+           final_denoise: bool | None = None, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
            return_info: bool = False, solver_state: dict | None = None, backend: str = "auto"):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
@@ -297,7 +297,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         keyword arguments handed to the network on every call (class labels, ...).
     final_denoise:
         after the last step, replace x by the model's x0 estimate at t_min (one more call; a
-        solver's x0 hooks, such as thresholding, apply to it).
+        solver's x0 hooks, such as thresholding, apply to it).  Default (``None``): on for a
+        Gaussian-marginal SDE, off otherwise (an x0 estimate needs alpha and sigma).
     progress:
         show a progress bar (default: on for runs of 200+ steps on a terminal).
     callback:
@@ -325,6 +326,12 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
     sde = model.sde
     solver.check_sde(sde)
+    gaussian = bool(getattr(sde, "gaussian", False))
+    if final_denoise is None:
+        final_denoise = gaussian
+    elif final_denoise and not gaussian:
+        raise ValueError(f"final_denoise=True needs a Gaussian-marginal SDE (an x0 estimate from alpha and sigma); "
+                         f"{sde!r} is not one: pass final_denoise=False or None")
     if cond is None:
         cond = {}
     elif not isinstance(cond, dict):
@@ -410,12 +417,14 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     sums = torch.empty(n_steps + 1, dtype=compute, device=device)
     bar = _progress_bar(progress, n_steps)
     record = callback is not None
-    if record:
+    # off a Gaussian-marginal SDE there is no x0 estimate: callbacks get denoised=None
+    record_denoised = record and gaussian
+    if record_denoised:
         p_den, q_den = model.coefficients("x0", table_times[:-1])
     for k in range(n_steps):
         if record:
             ctx.record, ctx.first_output = True, None
-            x_before = x.clone()
+            x_before = x.clone() if record_denoised else None
         x = solver.step(k, x, ctx) if fused is None else fused.step(k, x, ctx)
         # a reduction per step, kept on the device: NaN/Inf anywhere shows up in the sum
         # without a host sync; the sums are checked once, after the loop
@@ -423,9 +432,12 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         if bar is not None:
             bar.update(1)
         if record:
-            shape_c = (-1,) + (1,) * (x.dim() - 1)
-            denoised = (p_den[k].to(device, compute).reshape(shape_c) * x_before
-                        + q_den[k].to(device, compute).reshape(shape_c) * ctx.first_output)
+            if record_denoised:
+                shape_c = (-1,) + (1,) * (x.dim() - 1)
+                denoised = (p_den[k].to(device, compute).reshape(shape_c) * x_before
+                            + q_den[k].to(device, compute).reshape(shape_c) * ctx.first_output)
+            else:
+                denoised = None
             ctx.record = False
             if offset is not None:
                 x_seen, denoised = x + offset, denoised + offset

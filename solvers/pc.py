@@ -172,6 +172,9 @@ class Corrector:
     def check_sde(self, sde) -> None:
         if self.gaussian_only and not getattr(sde, "gaussian", False):
             raise ValueError(f"{type(self).__name__} needs a Gaussian-marginal SDE (sigma(t)); {sde!r} is not one")
+        if getattr(sde, "constrained_state", False):
+            raise ValueError(f"{type(self).__name__} does not keep states inside the domain of {sde!r} (its "
+                             "Langevin steps would leave it); use that SDE's own solver without a corrector")
 
     def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tables (N, C) for the corrector at the grid times ``times[:-1]``."""

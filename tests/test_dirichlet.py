@@ -350,3 +350,25 @@ def test_example_runs_quick(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "valid sequences" in proc.stdout
+
+
+def test_driver_defaults_off_gaussian_sdes():
+    """final_denoise defaults off (no x0 estimate without alpha/sigma), True is refused by name, callbacks get
+    denoised=None, and a Langevin corrector (which would leave the simplex) is refused."""
+    from solvers import AnnealedLangevin, Langevin
+
+    sde = DirichletSDE(3)
+    model = Model(lambda v, t: sde.beta_score(v), sde, predicts="score")
+    seen = []
+    x, info = sample(model, JacobiEulerMaruyama(), shape=(4, 2), steps=5, seed=3, dtype=F64, return_info=True,
+                     callback=seen.append)
+    assert not info.final_denoise and info.nfe == 5
+    assert len(seen) == 5 and all(s.denoised is None for s in seen)
+    assert torch.equal(x, sample(model, JacobiEulerMaruyama(), shape=(4, 2), steps=5, seed=3, dtype=F64,
+                                 final_denoise=False))
+    with pytest.raises(ValueError, match="final_denoise=True needs a Gaussian-marginal SDE"):
+        sample(model, JacobiEulerMaruyama(), shape=(4, 2), steps=5, final_denoise=True)
+    for corrector, message in ((Langevin(), "does not keep states inside"),
+                               (AnnealedLangevin(), "Gaussian-marginal SDE")):
+        with pytest.raises(ValueError, match=message):
+            sample(model, PredictorCorrector(JacobiEulerMaruyama(), corrector), shape=(4, 2), steps=5)
