@@ -25,16 +25,31 @@ noise), and Psi_{-h} adds -W: the same keyed draw ``ctx.noise(k)`` serves the st
 With Euler the SDE step is SDE-DPM-Solver++(1) on x_hat.  The SDE's order is weak order 1 (Rex's
 order-1.5 ShARK needs the space-time Levy area, which this solver does not draw).
 
-Rounding, measured (x_T -> 50 steps -> inverse, exact 2-D mixture, examples/inversion.py): the
-inverse divides by r zeta every step, so rounding grows by about w_0/w_N = prod 1/r over a run.  In
-the noise form w = alpha (r = 1 on VE), and the ODE round trip is exact to 1e-15 (float64) and
-5e-7 (float32) relative.  In the data forms w = sigma (ODE; sigma_max/sigma_min = 5000 on VE) or
-sigma^2/alpha (SDE; 1e4 to 2.5e7) and the round trip loses that factor: ODE 1e-11 (float64),
-1e-3 to 1e-2 (float32) relative; SDE 4e-7 to 9e-6 (float64) and no digits in float32.  The
-SDE loses more than the w ratio: its x_hat row's damped parasitic mode grows again in the inverse, by
-about the SDE's own expansion in y.  This is the coupling's limit, not the problem's: the reverse SDE's
-map x_T -> x_0 contracts by about alpha_T (s_data/sigma_max)^2 in y, which alone would cost some
-1e3-1e4 x the rounding (float64 1e-13, float32 1e-4).
+Rounding.  One step is undone to 1e-16; over a run the inverse is limited by the pair's conditioning,
+not by a defect: perturbing the final pair by one rounding unit moves the recovered x_T by up to
+sigma_max(d x_T / d(x_N, x_hat_N)) ulp, measured 3.6e3 (ODE, VP) and 5e11 (SDE, VP) with Rex's
+weights, which is the measured round trip (float64 2e-11 and 2e-5).  The reason: the pair map keeps
+the volume in y up to zeta^N, so the parasitic mode shrinks going forward by the factor G by which
+the physical solution in y grows, and grows by G again in the inverse.  In x units its inverse
+amplification is G^2 / S, S = |d x_0 / d x_T| of the flow itself.  Rex's data-form weights make G
+large (y = x/sigma grows like alpha s_data / sigma, y = x alpha/sigma^2 like alpha^2 s_data^2/sigma^2:
+some 1e2 and 1e4 on VP), which is what keeps the explicit step and the pair stable while sampling.
+
+``data_std = c > 0`` moves the weight to the Gaussian N(0, c^2) (the data forms only):
+
+    ODE:  w = sqrt(sigma^2 + c^2 alpha^2),  s = asinh(c alpha/sigma)/c,           dy/ds = x0_hat - K x
+    SDE:  w = (sigma^2 + c^2 alpha^2)/alpha, s = log(1 + c^2 alpha^2/sigma^2)/c^2, dy = (x0_hat - K x) ds + dW_v
+
+with K = c^2 alpha/(sigma^2 + c^2 alpha^2) (x0_hat = K x for that Gaussian, which the step then
+integrates exactly) and v = (1 - e^{-c^2 s})/c^2 the Brownian clock (Var dy = (g/w)^2 dt); c -> 0 gives
+Rex's weights.  For data of scale near c, y barely grows (G ~ 1) and the round trip is limited by the
+flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 1, heun: float64 1e-14
+(ODE) and 1e-12 (SDE) absolute on VP, float32 1e-6 relative (ODE).  Where the data is narrower than c
+the integrated variable contracts and the explicit step sees it: with euler the samples are worse
+(sliced W2 0.12-0.34 against 0.05 for c = 0 on that mixture); heun samples as well as c = 0.
+Float32 SDE round trips stay above 1e-4: even a float64 run whose final pair is rounded to float32 and
+inverted in float64 is off by 6e-5 (VP) to 3e-4 relative (c = 1 and c = 0.5), the flow itself
+contracting x_T by some 1e-4 on the way to the data.
 
 Stability while sampling, measured: the McCallum-Foster pair has a parasitic mode (x - x_hat) that
 grows by the inverse of the physical contraction of the integrated variable y.  In the data forms y
@@ -78,7 +93,10 @@ class Reversible(Solver):
     the drift between x and x_hat); ``predict`` ``"data"`` (x0 form, the default: stable on every
     schedule) or ``"noise"`` (eps form, ODE only: the most precise inverse, for VP/VE-like schedules
     where sigma/alpha stays moderate; see the module); ``stochastic=True``
-    integrates the reverse SDE with keyed Brownian increments.  ``order`` is the tableau's (weak
+    integrates the reverse SDE with keyed Brownian increments.  ``data_std`` (data forms, default 0:
+    Rex's weights) is the scale c of the Gaussian N(0, c^2) the weight integrates exactly: set near the
+    data's standard deviation, with a second-order base (``"heun"``), it makes the inverse precise to
+    about the flow's own conditioning (see the module).  ``order`` is the tableau's (weak
     order 1 for the SDE); ``nfe_per_step`` is 2 x stages.
 
     The solver's state besides x is ``x_hat`` (``state_names``): :func:`samplers.sample` starts it
@@ -91,7 +109,7 @@ class Reversible(Solver):
     state_names = ("x_hat",)
 
     def __init__(self, base: str = "euler", coupling: float = 0.999, *, predict: str = "data",
-                 stochastic: bool = False):
+                 stochastic: bool = False, data_std: float = 0.0):
         if base not in TABLEAUX:
             raise ValueError(f"base must be one of {sorted(TABLEAUX)}, got {base!r}")
         if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not (0.0 < coupling <= 1.0):
@@ -106,6 +124,11 @@ class Reversible(Solver):
                 "makes the coupled pair's parasitic mode grow by about (sigma_max/s_data)^2 over a run, and x_hat "
                 "diverges (measured: variance off by 1e12 at 50 steps); use predict='data'"
             )
+        if isinstance(data_std, bool) or not isinstance(data_std, (int, float)) or not (0.0 <= data_std < float("inf")):
+            raise ValueError(f"data_std must be a finite number >= 0 (the data scale the weight is exact for), got {data_std!r}")
+        if data_std > 0.0 and predict == "noise":
+            raise ValueError("data_std applies to the data forms (predict='data'); the noise form has no such weight")
+        self.data_std = float(data_std)
         self.base = base
         self.coupling = float(coupling)
         self.predict = predict
@@ -124,12 +147,39 @@ class Reversible(Solver):
     def _weight(self, sde, t):
         if self.predict == "noise":
             return sde.alpha(t)
-        if self.stochastic:
-            return sde.sigma(t) * torch.exp(-sde.log_snr(t))  # sigma^2/alpha, finite where sigma is small
-        return sde.sigma(t)
+        c2 = self.data_std ** 2
+        if self.stochastic:  # (sigma^2 + c^2 alpha^2)/alpha, finite where sigma is small
+            return sde.sigma(t) * torch.exp(-sde.log_snr(t)) + c2 * sde.alpha(t)
+        return sde.sigma(t) * torch.sqrt(1.0 + c2 * torch.exp(2.0 * sde.log_snr(t)))
 
     def _time_variable(self, sde, t):
-        return torch.exp(self._exponent * sde.log_snr(t))
+        snr = torch.exp(self._exponent * sde.log_snr(t))  # sigma/alpha, alpha/sigma or alpha^2/sigma^2
+        c = self.data_std
+        if self.predict == "noise" or c == 0.0:
+            return snr
+        if self.stochastic:
+            return torch.log1p(c * c * snr) / (c * c)
+        return torch.asinh(c * snr) / c
+
+    def _log_snr_at(self, s):
+        """The log-SNR where the time variable equals ``s`` (the inverse of :meth:`_time_variable`)."""
+        c = self.data_std
+        if self.predict == "data" and c > 0.0:
+            s = torch.expm1(c * c * s) / (c * c) if self.stochastic else torch.sinh(c * s) / c
+        return torch.log(s) / self._exponent
+
+    def _brownian_variance(self, s):
+        """v(s) with the SDE's Brownian increment over a step of variance v(s_{n+1}) - v(s_n): the
+        noise of dy is g/w dW, so v = alpha^2/(sigma^2 + c^2 alpha^2) = (1 - e^{-c^2 s})/c^2 (s itself at c = 0)."""
+        c2 = self.data_std ** 2
+        return s if c2 == 0.0 else -torch.expm1(-c2 * s) / c2
+
+    def _linear_part(self, sde, t):
+        """K with x0_hat = K x for Gaussian data N(0, c^2): what the weight already integrates exactly,
+        so the slope is x0_hat - K x (zero for that Gaussian)."""
+        c2 = self.data_std ** 2
+        alpha = sde.alpha(t)
+        return c2 * alpha / (c2 * alpha * alpha + sde.sigma(t) ** 2)
 
     def _fraction_times(self, sde, times, fraction):
         """SDE times at s_n + fraction h, (N, C)."""
@@ -138,7 +188,7 @@ class Reversible(Solver):
         if fraction == 1.0:
             return times[1:]
         s0, s1 = self._time_variable(sde, times[:-1]), self._time_variable(sde, times[1:])
-        return sde.t_from_log_snr(torch.log(s0 + fraction * (s1 - s0)) / self._exponent)
+        return sde.t_from_log_snr(self._log_snr_at(s0 + fraction * (s1 - s0)))
 
     def stage_times(self, model, times):
         return {name: self._fraction_times(model.sde, times, f) for f, name in self._stage_names.items()}
@@ -151,8 +201,8 @@ class Reversible(Solver):
         r = w1 / w0
         zeta = self.coupling
         tables = {"x_x": r * zeta, "x_hat": r * (1.0 - zeta), "r": r, "inv_r": 1.0 / r, "inv_x_x": 1.0 / (r * zeta)}
-        if self.stochastic:
-            root_h = torch.sqrt(h)  # W runs in s = alpha^2/sigma^2, increasing towards the data
+        if self.stochastic:  # W(s_{n+1}) - W(s_n) = root_h z
+            root_h = torch.sqrt(self._brownian_variance(s1) - self._brownian_variance(s0))
         # forward Psi_h from (s_n, x_hat_n) and backward Psi_{-h} from (s_{n+1}, x_{n+1}), in x units
         for d, start_w, step, start in (("f", w0, h, 0.0), ("b", w1, -h, 1.0)):
             sign = 1.0 if d == "f" else -1.0
@@ -160,7 +210,8 @@ class Reversible(Solver):
                 frac = start + sign * c
                 t_i = self._fraction_times(sde, times, frac)
                 w_i = self._weight(sde, t_i)
-                tables[f"{d}{i}_p"], tables[f"{d}{i}_q"] = model.coefficients(self._quantity, t_i)
+                p, tables[f"{d}{i}_q"] = model.coefficients(self._quantity, t_i)
+                tables[f"{d}{i}_p"] = p - self._linear_part(sde, t_i) if self.data_std > 0.0 else p
                 if i == 0:
                     continue
                 tables[f"{d}{i}_x"] = w_i / start_w
@@ -263,4 +314,5 @@ class Reversible(Solver):
     def __repr__(self):
         extra = "" if self.predict == "data" else f", predict={self.predict!r}"
         extra += ", stochastic=True" if self.stochastic else ""
+        extra += f", data_std={self.data_std:g}" if self.data_std > 0.0 else ""
         return f"Reversible(base={self.base!r}, coupling={self.coupling:g}{extra})"

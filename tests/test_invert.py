@@ -38,10 +38,25 @@ def test_ode_round_trip_is_exact(sde_name, base):
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["ODE", "SDE"])
+def test_data_std_round_trip_meets_the_targets(sde_name, stochastic):
+    """Rex heun with the Gaussian-reference weight data_std=1 (the mixture's per-coordinate std is 1.4),
+    50 steps.  Measured (batch 64, examples/inversion.py): float64 absolute 1.5e-14 / 3.7e-13 (ODE, VP / VE)
+    and 1.1e-12 / 2.3e-10 (SDE); float32 relative 1.1e-6 / 9.6e-7 (ODE) and 2.4e-3 / 2.8e-4 (SDE, which
+    misses 1e-4: see solvers.reversible).  Rex's own weights: 2e-5 / 3e-4 (SDE, float64)."""
+    sde = _model(sde_name).sde
+    solver = Reversible("heun", stochastic=stochastic, data_std=1.0)
+    err, _ = example.round_trip_error(sde, solver, F64, steps=50, batch=32)
+    _, rel32 = example.round_trip_error(sde, solver, torch.float32, steps=50, batch=32)
+    assert err < 1e-9, err
+    assert rel32 < (1e-2 if stochastic else 1e-4), rel32
+
+
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
 def test_data_form_and_sde_round_trips(sde_name):
-    """The data forms lose about w_0/w_N to rounding (see solvers.reversible): measured relative errors
-    in float64 are 9e-12 / 2.5e-11 (ODE, VP / VE) and 9e-6 / 4e-7 (SDE).  The float32 SDE round trip has no
-    correct digits; these bounds record what holds."""
+    """Rex's own data-form weights (data_std=0): the pair's inverse is ill-conditioned (see
+    solvers.reversible), measured relative errors in float64 are 9e-12 / 2.5e-11 (ODE, VP / VE) and
+    9e-6 / 4e-7 (SDE).  The float32 SDE round trip has no correct digits; these bounds record what holds."""
     sde = _model(sde_name).sde
     _, rel_ode = example.round_trip_error(sde, Reversible(predict="data"), F64, steps=50, batch=32)
     _, rel_sde = example.round_trip_error(sde, Reversible(stochastic=True), F64, steps=50, batch=32)
@@ -123,6 +138,6 @@ def test_round_trip_table_prints(capsys):
         print("\nround trip x_T -> 50 steps -> invert, 2-D mixture, batch 16 (max |x_T - x_T'|, relative):")
         for r in rows:
             print(f"  {r['sde']:3} {r['solver']:24} {r['dtype']:8} {r['max_abs']:10.3g} {r['max_rel']:10.3g}")
-    exact = [r for r in rows if "ODE (noise)" in r["solver"]]
+    exact = [r for r in rows if "ODE (noise)" in r["solver"] or "data_std" in r["solver"]]
     assert all(r["max_abs"] < 1e-9 for r in exact if r["dtype"] == "float64")
-    assert all(r["max_rel"] < 1e-4 for r in exact if r["dtype"] == "float32")
+    assert all(r["max_rel"] < 1e-4 for r in exact if r["dtype"] == "float32" and "SDE" not in r["solver"])

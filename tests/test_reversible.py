@@ -38,12 +38,13 @@ def _context(model, solver, x, steps, seed=0):
 @settings(max_examples=25, deadline=None)
 @given(base=st.sampled_from(sorted(TABLEAUX)), coupling=st.sampled_from([1.0, 0.999, 0.9, 0.5]),
        form=st.sampled_from([("data", False), ("noise", False), ("data", True)]), sde=st.sampled_from(["VP", "VE"]),
-       seed=st.integers(0, 1000))
-def test_inverse_step_undoes_step_for_any_network(base, coupling, form, sde, seed):
+       data_std=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 1000))
+def test_inverse_step_undoes_step_for_any_network(base, coupling, form, sde, data_std, seed):
     predict, stochastic = form
     sde = VPSDE() if sde == "VP" else VESDE()
     model = Model(RandomNet(seed=seed), sde, "eps")
-    solver = Reversible(base, coupling, predict=predict, stochastic=stochastic)
+    solver = Reversible(base, coupling, predict=predict, stochastic=stochastic,
+                        data_std=data_std if predict == "data" else 0.0)
     g = torch.Generator().manual_seed(seed)
     x, x_hat = torch.randn(5, 3, generator=g, dtype=F64), torch.randn(5, 3, generator=g, dtype=F64)
     ctx, n = _context(model, solver, x, 8, seed)
@@ -81,6 +82,40 @@ def test_order_against_exact_affine_flow(base, predict):
     assert order > TABLEAUX[base][3] - 0.2, (base, predict, errors, order)
 
 
+@pytest.mark.parametrize("sde_name", ["VP", "VE", "CosineVP"])
+@pytest.mark.parametrize("base", ["euler", "heun"])
+def test_data_std_weight_is_exact_for_its_gaussian(sde_name, base):
+    """With data_std = c the weight integrates N(0, c^2) data exactly: the ODE maps x_T to the exact
+    flow's x_0 in 5 steps (to rounding), and in the SDE y is a Brownian motion, so 5 steps already give
+    the data's variance (20000 samples: standard error 1%); Rex's weights (c = 0) are off by 10-70% there."""
+    sde = make_sde(sde_name)
+    c = 0.6
+    model = Model(GaussianNet(sde, "eps", mu=0.0, s=c), sde, "eps")
+    times = grid(sde, 5)
+    x_T = torch.linspace(-2.0, 2.0, 7, dtype=F64)[:, None] * float(sde.sigma(times[:1]))
+    exact = gaussian_flow(sde, 0.0, c, x_T, float(times[0]), float(times[-1]))
+    x0 = sample(model, Reversible(base, data_std=c), x_T=x_T, grid=times, final_denoise=False)
+    assert float((x0 - exact).abs().max()) < 1e-12
+    rex = sample(model, Reversible(base), x_T=x_T, grid=times, final_denoise=False)
+    assert float((rex - exact).abs().max()) > 1e-2
+    x = sample(model, Reversible(base, stochastic=True, data_std=c), shape=(20000, 1), steps=5, seed=4, dtype=F64,
+               final_denoise=False)
+    assert abs(float(x.std()) / c - 1.0) < 0.03, float(x.std())
+
+
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+def test_small_data_std_tends_to_rex(sde_name):
+    """The weights, clocks and slopes of data_std = c are continuous at c = 0 (Rex's)."""
+    sde = VPSDE() if sde_name == "VP" else VESDE()
+    model = Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
+    x_T = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0)).double()
+    for stochastic in (False, True):
+        rex = sample(model, Reversible("heun", stochastic=stochastic), x_T=x_T, steps=10, seed=1)
+        near = sample(model, Reversible("heun", stochastic=stochastic, data_std=1e-5), x_T=x_T, steps=10, seed=1)
+        far = sample(model, Reversible("heun", stochastic=stochastic, data_std=0.3), x_T=x_T, steps=10, seed=1)
+        assert float((near - rex).abs().max()) < 1e-5 < float((far - rex).abs().max())
+
+
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
 def test_sde_moments_match_the_data(sde_name):
     """Reverse-SDE samples of N(0.7, 0.5^2) data: mean and variance within the Monte Carlo error plus
@@ -102,9 +137,9 @@ def test_default_form_samples_every_gaussian_sde(sde_name):
     sde = make_sde(sde_name)
     predicts = "velocity" if sde_name == "RectifiedFlow" else "eps"
     model = Model(GaussianNet(sde, predicts), sde, predicts)
-    solvers = [Reversible("heun")]
+    solvers = [Reversible("heun"), Reversible("heun", data_std=1.0)]
     if sde_name != "RectifiedFlow":  # w = sigma^2/alpha is infinite where alpha = 0: refused with a clear error
-        solvers.append(Reversible(stochastic=True))
+        solvers += [Reversible(stochastic=True), Reversible("heun", stochastic=True, data_std=1.0)]
     else:
         with pytest.raises(ValueError, match="non-finite coefficient"):
             sample(model, Reversible(stochastic=True), shape=(4, 1), steps=8, dtype=F64)
@@ -152,6 +187,11 @@ def test_errors():
         Reversible(predict="noise", stochastic=True)
     with pytest.raises(TypeError, match="stochastic must be a bool"):
         Reversible(stochastic=1)
+    for bad in (-0.5, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="data_std must be a finite number >= 0"):
+            Reversible(data_std=bad)
+    with pytest.raises(ValueError, match="data_std applies to the data forms"):
+        Reversible(predict="noise", data_std=1.0)
     sde = VPSDE()
     model = Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
     x_T = torch.zeros(3, 2, dtype=F64)
@@ -171,3 +211,4 @@ def test_repr_and_declarations():
     assert repr(Reversible(predict="noise")) == "Reversible(base='euler', coupling=0.999, predict='noise')"
     assert s.nfe_per_step == 8 and s.order == 1 and s.stochastic
     assert Reversible("heun").order == 2 and not Reversible().stochastic
+    assert repr(Reversible("heun", data_std=0.5)) == "Reversible(base='heun', coupling=0.999, data_std=0.5)"
