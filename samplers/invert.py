@@ -102,8 +102,11 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
         if isinstance(solver, Reversible):
             ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
             x_hat = x.clone() if x0_hat is None else _check_solver_state(solver, {"x_hat": x0_hat}, x)["x_hat"]
+            # sample() carries the pair of a float32 run in float64; so does the inverse
+            steps = solver.float64_context(ctx, x)
+            x, x_hat = x.to(torch.float64), x_hat.to(torch.float64)
             for k in reversed(range(n_steps)):
-                x, x_hat = solver.inverse_step(k, x, x_hat, ctx)
+                x, x_hat = solver.inverse_step(k, x, x_hat, steps)
             state, exact = {"x_hat": x_hat.to(dtype)}, True
         else:
             if solver.stochastic:

@@ -47,9 +47,12 @@ flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 1, 
 (ODE) and 1e-12 (SDE) absolute on VP, float32 1e-6 relative (ODE).  Where the data is narrower than c
 the integrated variable contracts and the explicit step sees it: with euler the samples are worse
 (sliced W2 0.12-0.34 against 0.05 for c = 0 on that mixture); heun samples as well as c = 0.
-Float32 SDE round trips stay above 1e-4: even a float64 run whose final pair is rounded to float32 and
-inverted in float64 is off by 6e-5 (VP) to 3e-4 relative (c = 1 and c = 0.5), the flow itself
-contracting x_T by some 1e-4 on the way to the data.
+Float32 (and half) runs carry the pair and do its algebra in float64, with the float64 tables and the
+run's own noise cast (:meth:`Reversible.float64_context`); only the network sees the run's dtype, and
+:func:`samplers.invert` does the same.  What float32 still costs is handing the final pair over in
+float32: with c = 1, x0 rounded to float32 alone moves the recovered x_T by up to 1e-4 (VP) and 2e-5
+(VE) relative for the worst of 256 samples (90% below 3e-5), the reverse SDE itself contracting x_T
+by some 1e-4 on the way to the data; with Rex's weights the same rounding costs 1e2-1e3 relative.
 
 Stability while sampling, measured: the McCallum-Foster pair has a parasitic mode (x - x_hat) that
 grows by the inverse of the physical contraction of the integrated variable y.  In the data forms y
@@ -81,8 +84,34 @@ TABLEAUX = {
              (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0), 4),
 }
 
+_FLOAT64_PLAN = "reversible_float64_tables"
+
 #: per (predict, stochastic): exponent e of the time variable s = e^{e lambda}, the quantity integrated
 _FORMS = {("data", False): (1.0, "x0"), ("noise", False): (-1.0, "eps"), ("data", True): (2.0, "x0")}
+
+
+class _Float64Steps:
+    """A step context whose coefficients and noise are float64, for a run whose states are float32 (or
+    half): the pair is carried and updated in float64 (its inverse is too ill-conditioned for float32
+    rounding, see the module) while the network keeps its dtype.  The noise is the run's own keyed draw,
+    cast, so the forward run and the inverse see the same increments."""
+
+    def __init__(self, ctx, tables64: dict, ndim: int, device):
+        self._ctx, self._raw, self._ndim, self._device = ctx, tables64, ndim, device
+        self._tables: dict = {}
+
+    def coef(self, name, step):
+        table = self._tables.get(name)
+        if table is None:
+            raw = self._raw[name]
+            table = self._tables[name] = raw.reshape(raw.shape + (1,) * (self._ndim - 1)).to(self._device)
+        return table[step]
+
+    def noise(self, step, draw=0):
+        return self._ctx.noise(step, draw).to(torch.float64)
+
+    def output(self, x, *where):
+        return self._ctx.output(x, *where)
 
 
 class Reversible(Solver):
@@ -228,6 +257,9 @@ class Reversible(Solver):
                     tables[f"{d}_b{i}"] = sign * w1 * step * b_i
             if self.stochastic:
                 tables[f"{d}_z"] = w1 * root_h
+        # the driver casts tables to the states' dtype; a list is handed through untouched (a "plan"),
+        # so float32 runs find the float64 originals here (see float64_context)
+        tables[_FLOAT64_PLAN] = [dict(tables)]
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
@@ -293,8 +325,24 @@ class Reversible(Solver):
                                 k, slopes, z, ctx, "f", value=-1.0) * ctx.coef("inv_x_x", k)
         return x, x_hat
 
+    def float64_context(self, ctx, like: torch.Tensor):
+        """``ctx`` itself for float64 states; for others, a context with float64 coefficients and the
+        run's noise cast to float64, in which :meth:`forward_step`/:meth:`inverse_step` update a float64
+        pair (the network still sees the run's dtype).  :func:`samplers.sample` (through :meth:`step`)
+        and :func:`samplers.invert` both use it, so a float32 run and its inverse do the same arithmetic."""
+        if like.dtype == torch.float64:
+            return ctx
+        wide = getattr(ctx, "_reversible_float64", None)
+        if wide is None:
+            wide = _Float64Steps(ctx, ctx.plan(_FLOAT64_PLAN)[0], like.dim(), like.device)
+            ctx._reversible_float64 = wide
+        return wide
+
     def step(self, k, x, ctx):
-        """The sampling driver's step: :meth:`forward_step` updating x and the x_hat buffer in place."""
+        """The sampling driver's step: :meth:`forward_step` updating x and the x_hat buffer in place
+        (float64 states), or a float64 pair kept beside the run's state (other dtypes)."""
+        if x.dtype != torch.float64:
+            return self._step_float64(k, x, ctx)
         x_hat = ctx.scratch("reversible_x_hat")
         if k == 0:
             state = getattr(ctx, "solver_state", None)
@@ -306,9 +354,19 @@ class Reversible(Solver):
         self._add_increment(x_hat.mul_(ctx.coef("r", k)), k, slopes, z, ctx, "b", inplace=True)
         return x
 
+    def _step_float64(self, k, x, ctx):
+        wide = self.float64_context(ctx, x)
+        if k == 0:
+            state = getattr(ctx, "solver_state", None)
+            ctx._reversible_pair = (x.to(torch.float64), (state["x_hat"] if state else x).to(torch.float64))
+        pair = self.forward_step(k, *ctx._reversible_pair, wide)
+        ctx._reversible_pair = pair
+        return x.copy_(pair[0])
+
     def read_state(self, ctx, dtype=None) -> dict:
         """The driver's copy of the state besides x after the last step (``SampleInfo.solver_state``)."""
-        x_hat = ctx.scratch("reversible_x_hat")
+        pair = getattr(ctx, "_reversible_pair", None)
+        x_hat = ctx.scratch("reversible_x_hat") if pair is None else pair[1]
         return {"x_hat": x_hat.clone() if dtype is None else x_hat.to(dtype, copy=True)}
 
     def __repr__(self):

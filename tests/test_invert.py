@@ -29,8 +29,8 @@ def _model(sde_name):
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
 @pytest.mark.parametrize("base", ["euler", "heun"])
 def test_ode_round_trip_is_exact(sde_name, base):
-    """50 steps, noise form: measured 4e-15 / 8e-13 (VP / VE, float64, absolute) and
-    5e-7 / 1e-6 relative in float32."""
+    """50 steps, noise form: measured 2e-15 / 5e-13 (VP / VE, float64, absolute) and
+    1e-7 / 2e-7 relative in float32 (whose pair is carried in float64)."""
     sde = _model(sde_name).sde
     for dtype, bound, relative in ((F64, 1e-9, False), (torch.float32, 1e-4, True)):
         err, rel = example.round_trip_error(sde, Reversible(base, predict="noise"), dtype, steps=50, batch=32)
@@ -41,15 +41,16 @@ def test_ode_round_trip_is_exact(sde_name, base):
 @pytest.mark.parametrize("stochastic", [False, True], ids=["ODE", "SDE"])
 def test_data_std_round_trip_meets_the_targets(sde_name, stochastic):
     """Rex heun with the Gaussian-reference weight data_std=1 (the mixture's per-coordinate std is 1.4),
-    50 steps.  Measured (batch 64, examples/inversion.py): float64 absolute 1.5e-14 / 3.7e-13 (ODE, VP / VE)
-    and 1.1e-12 / 2.3e-10 (SDE); float32 relative 1.1e-6 / 9.6e-7 (ODE) and 2.4e-3 / 2.8e-4 (SDE, which
-    misses 1e-4: see solvers.reversible).  Rex's own weights: 2e-5 / 3e-4 (SDE, float64)."""
+    50 steps, batch 32.  Measured: float64 absolute 1.1e-14 / 3.7e-13 (ODE, VP / VE) and 1.1e-12 / 2.3e-10
+    (SDE); float32 relative 1.7e-7 / 2.7e-7 (ODE) and 2.2e-4 / 2.1e-5 (SDE).  The float32 SDE on VP sits at
+    the floor of handing x0 over in float32 (see solvers.reversible): 1e-4 to 3e-4 for the worst sample.
+    Rex's own weights: 2e-5 / 5e-5 (SDE, float64), no digits in float32."""
     sde = _model(sde_name).sde
     solver = Reversible("heun", stochastic=stochastic, data_std=1.0)
     err, _ = example.round_trip_error(sde, solver, F64, steps=50, batch=32)
     _, rel32 = example.round_trip_error(sde, solver, torch.float32, steps=50, batch=32)
     assert err < 1e-9, err
-    assert rel32 < (1e-2 if stochastic else 1e-4), rel32
+    assert rel32 < (1e-3 if stochastic and sde_name == "VP" else 1e-4), rel32
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
