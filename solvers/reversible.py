@@ -96,9 +96,9 @@ class _Float64Steps:
     rounding, see the module) while the network keeps its dtype.  The noise is the run's own keyed draw,
     cast, so the forward run and the inverse see the same increments."""
 
-    def __init__(self, ctx, tables64: dict, ndim: int, device):
+    def __init__(self, ctx, tables64: dict, cache: dict, ndim: int, device):
         self._ctx, self._raw, self._ndim, self._device = ctx, tables64, ndim, device
-        self._tables: dict = {}
+        self._tables = cache
 
     def coef(self, name, step):
         table = self._tables.get(name)
@@ -332,11 +332,19 @@ class Reversible(Solver):
         and :func:`samplers.invert` both use it, so a float32 run and its inverse do the same arithmetic."""
         if like.dtype == torch.float64:
             return ctx
-        wide = getattr(ctx, "_reversible_float64", None)
-        if wide is None:
-            wide = _Float64Steps(ctx, ctx.plan(_FLOAT64_PLAN)[0], like.dim(), like.device)
-            ctx._reversible_float64 = wide
-        return wide
+        raw = ctx.plan(_FLOAT64_PLAN)[0]
+        cache = self._float64_run(ctx).setdefault(id(raw), {})
+        return _Float64Steps(ctx, raw, cache, like.dim(), like.device)
+
+    @staticmethod
+    def _float64_run(ctx) -> dict:
+        """The float64 pair and device tables of a float32 (or half) run, kept on the run's scratch buffer
+        "reversible_x_hat" (a context may be a per-step wrapper, e.g. Restart's, so it cannot hold them)."""
+        anchor = ctx.scratch("reversible_x_hat")
+        run = getattr(anchor, "_reversible_float64", None)
+        if run is None:
+            run = anchor._reversible_float64 = {}
+        return run
 
     def step(self, k, x, ctx):
         """The sampling driver's step: :meth:`forward_step` updating x and the x_hat buffer in place
@@ -355,18 +363,17 @@ class Reversible(Solver):
         return x
 
     def _step_float64(self, k, x, ctx):
-        wide = self.float64_context(ctx, x)
+        run = self._float64_run(ctx)
         if k == 0:
             state = getattr(ctx, "solver_state", None)
-            ctx._reversible_pair = (x.to(torch.float64), (state["x_hat"] if state else x).to(torch.float64))
-        pair = self.forward_step(k, *ctx._reversible_pair, wide)
-        ctx._reversible_pair = pair
-        return x.copy_(pair[0])
+            run["pair"] = (x.to(torch.float64), (state["x_hat"] if state else x).to(torch.float64))
+        run["pair"] = self.forward_step(k, *run["pair"], self.float64_context(ctx, x))
+        ctx.scratch("reversible_x_hat").copy_(run["pair"][1])  # the run's dtype, for read_state
+        return x.copy_(run["pair"][0])
 
     def read_state(self, ctx, dtype=None) -> dict:
         """The driver's copy of the state besides x after the last step (``SampleInfo.solver_state``)."""
-        pair = getattr(ctx, "_reversible_pair", None)
-        x_hat = ctx.scratch("reversible_x_hat") if pair is None else pair[1]
+        x_hat = ctx.scratch("reversible_x_hat")
         return {"x_hat": x_hat.clone() if dtype is None else x_hat.to(dtype, copy=True)}
 
     def __repr__(self):
