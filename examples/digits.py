@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short run (tests)")
     parser.add_argument("--iters", type=int, default=None, help="training steps (default 3000, 10 with --quick)")
     parser.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    parser.add_argument("--train-only", action="store_true", help="stop after training (and the checkpoint)")
     parser.add_argument("--nfe", type=int, nargs="+", default=None, help="NFE budgets (default 10 20 50)")
     parser.add_argument("--out", default=os.path.join("runs", "digits"))
     parser.add_argument("--seed", type=int, default=0)
@@ -195,12 +196,6 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.linear_model import LogisticRegression
-
     images, labels = load_digits_tensor()
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
     test_idx, train_idx = perm[:200], perm[200:]
@@ -209,6 +204,14 @@ def main(argv=None) -> int:
     path = train(images[train_idx], labels[train_idx], sde, iters, args.out, resume=args.resume, seed=args.seed)
     train_time = time.perf_counter() - start
     print(f"trained in {train_time:.1f} s")
+    if args.train_only:
+        return 0
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.linear_model import LogisticRegression
 
     # reload the checkpoint into fresh networks: the sampler sees exactly what was saved
     _, ema, state = load_checkpoint(path)
