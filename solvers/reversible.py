@@ -46,7 +46,7 @@ Rex's weights.  For data of scale near c, y barely grows (G ~ 1) and the round t
 flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 1, heun: float64 1e-14
 (ODE) and 1e-12 (SDE) absolute on VP, float32 1e-6 relative (ODE).  Where the data is narrower than c
 the integrated variable contracts and the explicit step sees it: with euler the samples are worse
-(sliced W2 0.12-0.34 against 0.05 for c = 0 on that mixture); heun samples as well as c = 0.
+(sliced W2 0.08-0.34 against 0.05 for c = 0 on that mixture); heun samples as well as c = 0.
 Float32 (and half) runs carry the pair and do its algebra in float64, with the float64 tables and the
 run's own noise cast (:meth:`Reversible.float64_context`); only the network sees the run's dtype, and
 :func:`samplers.invert` does the same.  What float32 still costs is handing the final pair over in
