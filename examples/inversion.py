@@ -5,7 +5,7 @@
 
 Round trip: x_T -> sample (50 steps, no final denoising) -> invert -> x_T', max |x_T - x_T'| and
 the same relative to max |x_T|, for Reversible ODE (noise and data forms) and SDE (data form), both
-also with the Gaussian-reference weight data_std=1 (near the mixture's per-coordinate std 1.4), and,
+also with the Gaussian-reference weight data_std=2 (the mixture's per-coordinate std is 1.4), and,
 for contrast,
 DDIM inversion (DPMSolver(order=1) run backwards), float64 and float32, VP and VE, on the exact
 2-D mixture.  Memory: one forward+backward of sample_grad, 10 vs 100 steps, plain backprop vs the
@@ -38,8 +38,8 @@ SOLVERS = {
     "Rex heun ODE (data)": lambda: Reversible("heun", predict="data"),
     "Rex euler SDE (data)": lambda: Reversible("euler", stochastic=True),
     "Rex heun SDE (data)": lambda: Reversible("heun", stochastic=True),
-    "Rex heun ODE (data_std=1)": lambda: Reversible("heun", data_std=1.0),
-    "Rex heun SDE (data_std=1)": lambda: Reversible("heun", stochastic=True, data_std=1.0),
+    "Rex heun ODE (data_std=2)": lambda: Reversible("heun", data_std=2.0),
+    "Rex heun SDE (data_std=2)": lambda: Reversible("heun", stochastic=True, data_std=2.0),
     "DDIM inversion": lambda: DPMSolver(order=1),
 }
 SDES = {"VP": VPSDE, "VE": VESDE}

@@ -42,9 +42,9 @@ some 1e2 and 1e4 on VP), which is what keeps the explicit step and the pair stab
 
 with K = c^2 alpha/(sigma^2 + c^2 alpha^2) (x0_hat = K x for that Gaussian, which the step then
 integrates exactly) and v = (1 - e^{-c^2 s})/c^2 the Brownian clock (Var dy = (g/w)^2 dt); c -> 0 gives
-Rex's weights.  For data of scale near c, y barely grows (G ~ 1) and the round trip is limited by the
-flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 1, heun: float64 1e-14
-(ODE) and 1e-12 (SDE) absolute on VP, float32 1e-6 relative (ODE).  Where the data is narrower than c
+Rex's weights.  For data of scale up to about c, y barely grows (G <~ 1) and the round trip is limited
+by the flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 2, heun: float64
+3e-15 (ODE) and 4e-13 (SDE) absolute on VP, float32 2e-7 (ODE) and 5e-5 (SDE) relative.  Where the data is narrower than c
 the integrated variable contracts and the explicit step sees it: with euler the samples are worse
 (sliced W2 0.08-0.34 against 0.05 for c = 0 on that mixture); heun samples as well as c = 0.
 Float32 (and half) runs carry the pair and do its algebra in float64, with the float64 tables and the
@@ -52,7 +52,8 @@ run's own noise cast (:meth:`Reversible.float64_context`); only the network sees
 :func:`samplers.invert` does the same.  What float32 still costs is handing the final pair over in
 float32: with c = 1, x0 rounded to float32 alone moves the recovered x_T by up to 1e-4 (VP) and 2e-5
 (VE) relative for the worst of 256 samples (90% below 3e-5), the reverse SDE itself contracting x_T
-by some 1e-4 on the way to the data; with Rex's weights the same rounding costs 1e2-1e3 relative.
+by some 1e-4 on the way to the data (c = 2: worst 6e-5 on VP); with Rex's weights the same rounding
+costs 1e2-1e3 relative.
 
 Stability while sampling, measured: the McCallum-Foster pair has a parasitic mode (x - x_hat) that
 grows by the inverse of the physical contraction of the integrated variable y.  In the data forms y
@@ -123,9 +124,9 @@ class Reversible(Solver):
     schedule) or ``"noise"`` (eps form, ODE only: the most precise inverse, for VP/VE-like schedules
     where sigma/alpha stays moderate; see the module); ``stochastic=True``
     integrates the reverse SDE with keyed Brownian increments.  ``data_std`` (data forms, default 0:
-    Rex's weights) is the scale c of the Gaussian N(0, c^2) the weight integrates exactly: set near the
-    data's standard deviation, with a second-order base (``"heun"``), it makes the inverse precise to
-    about the flow's own conditioning (see the module).  ``order`` is the tableau's (weak
+    Rex's weights) is the scale c of the Gaussian N(0, c^2) the weight integrates exactly: set at or a
+    little above the data's standard deviation, with a second-order base (``"heun"``), it makes the
+    inverse precise to about the flow's own conditioning (see the module).  ``order`` is the tableau's (weak
     order 1 for the SDE); ``nfe_per_step`` is 2 x stages.
 
     The solver's state besides x is ``x_hat`` (``state_names``): :func:`samplers.sample` starts it

@@ -40,17 +40,17 @@ def test_ode_round_trip_is_exact(sde_name, base):
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["ODE", "SDE"])
 def test_data_std_round_trip_meets_the_targets(sde_name, stochastic):
-    """Rex heun with the Gaussian-reference weight data_std=1 (the mixture's per-coordinate std is 1.4),
-    50 steps, batch 32.  Measured: float64 absolute 1.1e-14 / 3.7e-13 (ODE, VP / VE) and 1.1e-12 / 2.3e-10
-    (SDE); float32 relative 1.7e-7 / 2.7e-7 (ODE) and 2.2e-4 / 2.1e-5 (SDE).  The float32 SDE on VP sits at
-    the floor of handing x0 over in float32 (see solvers.reversible): 1e-4 to 3e-4 for the worst sample.
-    Rex's own weights: 2e-5 / 5e-5 (SDE, float64), no digits in float32."""
+    """The issue's targets (1e-9 absolute in float64, 1e-4 relative in float32, 50 steps): Rex heun with
+    the Gaussian-reference weight data_std=2 (the mixture's per-coordinate std is 1.4).  Measured at
+    batch 32: float64 absolute 2.7e-15 / 3.0e-13 (ODE, VP / VE) and 1.3e-12 / 3.5e-11 (SDE); float32
+    relative 1.1e-7 / 9.2e-8 (ODE) and 3.1e-5 / 9.9e-6 (SDE).  Rex's own weights (data_std=0): 2e-5 /
+    5e-5 (SDE, float64) and no digits in float32; data_std=1: float32 SDE 2.2e-4 on VP (see the docs)."""
     sde = _model(sde_name).sde
-    solver = Reversible("heun", stochastic=stochastic, data_std=1.0)
+    solver = Reversible("heun", stochastic=stochastic, data_std=2.0)
     err, _ = example.round_trip_error(sde, solver, F64, steps=50, batch=32)
     _, rel32 = example.round_trip_error(sde, solver, torch.float32, steps=50, batch=32)
     assert err < 1e-9, err
-    assert rel32 < (1e-3 if stochastic and sde_name == "VP" else 1e-4), rel32
+    assert rel32 < 1e-4, rel32
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
@@ -141,4 +141,4 @@ def test_round_trip_table_prints(capsys):
             print(f"  {r['sde']:3} {r['solver']:24} {r['dtype']:8} {r['max_abs']:10.3g} {r['max_rel']:10.3g}")
     exact = [r for r in rows if "ODE (noise)" in r["solver"] or "data_std" in r["solver"]]
     assert all(r["max_abs"] < 1e-9 for r in exact if r["dtype"] == "float64")
-    assert all(r["max_rel"] < 1e-4 for r in exact if r["dtype"] == "float32" and "SDE" not in r["solver"])
+    assert all(r["max_rel"] < 1e-4 for r in exact if r["dtype"] == "float32")
