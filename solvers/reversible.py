@@ -44,9 +44,10 @@ with K = c^2 alpha/(sigma^2 + c^2 alpha^2) (x0_hat = K x for that Gaussian, whic
 integrates exactly) and v = (1 - e^{-c^2 s})/c^2 the Brownian clock (Var dy = (g/w)^2 dt); c -> 0 gives
 Rex's weights.  For data of scale up to about c, y barely grows (G <~ 1) and the round trip is limited
 by the flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 2, heun: float64
-3e-15 (ODE) and 4e-13 (SDE) absolute on VP, float32 2e-7 (ODE) and 5e-5 (SDE) relative.  Where the data is narrower than c
-the integrated variable contracts and the explicit step sees it: with euler the samples are worse
-(sliced W2 0.08-0.34 against 0.05 for c = 0 on that mixture); heun samples as well as c = 0.
+3e-15 (ODE) and 4e-13 (SDE) absolute on VP, float32 2e-7 (ODE) and 5e-5 (SDE) relative.  Where the
+data is narrower than c the integrated variable contracts and the explicit step sees it: with euler
+the samples are worse (sliced W2 0.08-0.34 against 0.05 for c = 0 on that mixture); heun samples
+about as well as c = 0 (0.049-0.060 against 0.041-0.055).
 Float32 (and half) runs carry the pair and do its algebra in float64, with the float64 tables and the
 run's own noise cast (:meth:`Reversible.float64_context`); only the network sees the run's dtype, and
 :func:`samplers.invert` does the same.  What float32 still costs is handing the final pair over in
@@ -155,7 +156,8 @@ class Reversible(Solver):
                 "diverges (measured: variance off by 1e12 at 50 steps); use predict='data'"
             )
         if isinstance(data_std, bool) or not isinstance(data_std, (int, float)) or not (0.0 <= data_std < float("inf")):
-            raise ValueError(f"data_std must be a finite number >= 0 (the data scale the weight is exact for), got {data_std!r}")
+            raise ValueError(f"data_std must be a finite number >= 0 (the data scale the weight is exact for), "
+                             f"got {data_std!r}")
         if data_std > 0.0 and predict == "noise":
             raise ValueError("data_std applies to the data forms (predict='data'); the noise form has no such weight")
         self.data_std = float(data_std)
