@@ -32,7 +32,7 @@ import torch
 from solvers import AdaptiveODE
 
 from .model import Model, compute_dtype
-from .noise import NoiseSource
+from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
 from .sample import _AdaptiveContext
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
@@ -42,10 +42,6 @@ DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_NOISES = ("rademacher", "gaussian")
 #: divergence="auto" computes the trace exactly up to this many dimensions (one backward pass each)
 EXACT_DIVERGENCE_MAX_DIM = 16
-#: keyed-noise streams of the likelihood (samplers.noise uses 0-2 and 2^16+ for sampling); counter =
-#: the probe number for probes, 0 for the dequantisation draw
-STREAM_PROBE = 3
-STREAM_DEQUANTIZE = 4
 
 
 @dataclass

@@ -26,12 +26,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "STREAM_STEP_DRAWS", "step_stream",
-           "native_available"]
+__all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "STREAM_PROBE", "STREAM_DEQUANTIZE",
+           "STREAM_STEP_DRAWS", "step_stream", "native_available"]
 
+# every purpose of keyed noise has its own stream, listed here so no two purposes share one
 STREAM_STEP = 0
 STREAM_PRIOR = 1
 STREAM_TREE = 2
+#: the likelihood's Hutchinson probes (counter = probe number) and its dequantisation draw (counter 0)
+STREAM_PROBE = 3
+STREAM_DEQUANTIZE = 4
 #: further independent draws within one step (a corrector, restart jumps): draw j >= 1 of step k is
 #: keyed (counter k, stream STREAM_STEP_DRAWS + j)
 STREAM_STEP_DRAWS = 1 << 16
