@@ -250,8 +250,12 @@ class DirichletSDE(SDE):
         a, b = self.alpha.numpy(), self.beta.numpy()
         lower = betaincinv(a, b, ndtr(z))
         upper = 1.0 - betaincinv(b, a, ndtr(-z))
-        v = torch.from_numpy(np.where(z <= 0, lower, upper))
-        return v.to(device=normal.device, dtype=normal.dtype)
+        v = torch.from_numpy(np.where(z <= 0, lower, upper)).to(device=normal.device, dtype=normal.dtype)
+        # a draw within half a unit of rounding of 0 or 1 rounds onto the boundary (float32: about 3e-8 of
+        # Beta(1, 1) draws), where the score is infinite: the nearest representable point inside is the
+        # correctly rounded value in the open interval the Beta law lives on
+        info = torch.finfo(v.dtype)
+        return v.clamp(info.tiny, 1.0 - info.eps / 2)
 
     def beta_logpdf(self, v: torch.Tensor) -> torch.Tensor:
         """Elementwise log Beta(v_i; a_i, b_i)."""

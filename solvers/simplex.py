@@ -80,14 +80,17 @@ class JacobiEulerMaruyama(Solver):
         return {"h": h, "noise": noise, "noisy": [self.stochastic] * (h.shape[0] - 1) + [False]}
 
     def step(self, k, v, ctx):
+        if k == 0:
+            # a state on or outside the boundary (x_T = a vertex, a NaN) would reach the network and turn
+            # into a NaN far from its cause; the clamp below is for overshoots of the steps, not for inputs
+            self._sde._check_open_unit(v, "x_T")
         score = ctx.output(v, k)
         if score.dtype != v.dtype:
             score = score.to(v.dtype)
         sde = self._sde
-        _, _, speed = sde.coefficients_like(v)
         drift = sde.reverse_drift(v, None, score, self.eta)
         if ctx.plan("noisy")[k]:
-            spread = ctx.coef("noise", k) * torch.sqrt(speed * v * (1.0 - v))
+            spread = ctx.coef("noise", k) * sde.diffusion(v, None)
             v = v.sub_(ctx.coef("h", k) * drift).addcmul_(spread, ctx.noise(k))
         else:
             v = v.sub_(ctx.coef("h", k) * drift)

@@ -73,6 +73,19 @@ def test_prior_tails_stay_inside_and_prior_logp():
     torch.testing.assert_close(sde.prior_logp(v), torch.from_numpy(expected))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prior_draws_that_round_onto_the_boundary_stay_inside(dtype):
+    """Beta(1, 1) draws within half a unit of rounding of 1 (z = 6 in float32, z = 9 in float64) and draws
+    below the smallest normal number (z = -40) land inside, and the sampler runs from them."""
+    sde = DirichletSDE(4)
+    z = torch.tensor([[6.0, 6.0, 6.0], [9.0, 9.0, 9.0], [-40.0, -40.0, -40.0]], dtype=dtype)
+    v = sde.prior_sample((3, 3), normal=z)
+    assert v.dtype == dtype and bool(((v > 0) & (v < 1)).all()), v
+    model = Model(lambda v, t: sde.beta_score(v), sde, predicts="score")
+    out = sample(model, JacobiEulerMaruyama(), x_T=v, steps=3, final_denoise=False)
+    assert bool(((out > 0) & (out < 1)).all())
+
+
 # -- the transition-density series -------------------------------------------------------------------------------
 STARTS = [0.0, 1.0, 0.3, 0.999]
 
@@ -341,6 +354,12 @@ def test_argument_errors():
         JacobiEulerMaruyama(boundary_eps=0.0)
     with pytest.raises(ValueError, match="eta"):
         JacobiEulerMaruyama(eta=2.0)
+    model = Model(lambda v, t: sde.beta_score(v), sde, predicts="score")
+    for x_T in (torch.tensor([[1.0, 0.5]]), torch.tensor([[0.5, float("nan")]]), torch.tensor([[-0.1, 0.5]])):
+        with pytest.raises(ValueError, match=r"x_T must lie in the open interval \(0, 1\)"):
+            sample(model, JacobiEulerMaruyama(), x_T=x_T, steps=3)
+    with pytest.raises(ValueError, match="x_T must have a last dimension of K - 1 = 2"):
+        sample(model, JacobiEulerMaruyama(), x_T=torch.full((2, 3), 0.5), steps=3)
 
 
 # -- the example --------------------------------------------------------------------------------------------------------
