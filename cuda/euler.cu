@@ -17,12 +17,8 @@ SAMPLERS_HD void linear_thread(long long t, T* x, const O* out, T* aux0, const T
     if (!slot_of(t, per_sample, batch, slot)) return;
     const long long s = slot.sample;
     const float a = coef[s], b = coef[batch + s];
-    float c = 0.0f, z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (NOISE) {
-        c = coef[2 * batch + s];
-        const NoiseKey key = {seeds, index, counter, stream};
-        normals4(key, s, slot.call, z);
-    }
+    float z[4];
+    const float c = step_noise<NOISE>(slot, coef, 2, batch, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int w = q * slot.calls + slot.n;
@@ -39,20 +35,12 @@ SAMPLERS_HD void linear_thread(long long t, T* x, const O* out, T* aux0, const T
     }
 }
 
-#define SAMPLERS_LINEAR_VARIANT(NAME, NOISE, MODE)                                                        \
-    template <class T, class O>                                                                        \
-    SAMPLERS_HD void NAME(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,       \
-                          const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream, \
-                          long long per_sample, long long batch) {                                     \
-        linear_thread<T, O, NOISE, MODE>(t, x, out, aux0, aux1, aux2, coef, seeds, index, counter, stream, \
-                                         per_sample, batch);                                          \
-    }
-SAMPLERS_LINEAR_VARIANT(euler_thread, false, 0)
-SAMPLERS_LINEAR_VARIANT(euler_noise_thread, true, 0)
-SAMPLERS_LINEAR_VARIANT(heun_predict_thread, false, 1)
-SAMPLERS_LINEAR_VARIANT(heun_predict_noise_thread, true, 1)
-SAMPLERS_LINEAR_VARIANT(heun_correct_thread, false, 2)
-SAMPLERS_LINEAR_VARIANT(heun_correct_noise_thread, true, 2)
+SAMPLERS_THREAD_VARIANT(euler_thread, linear_thread, false, 0)
+SAMPLERS_THREAD_VARIANT(euler_noise_thread, linear_thread, true, 0)
+SAMPLERS_THREAD_VARIANT(heun_predict_thread, linear_thread, false, 1)
+SAMPLERS_THREAD_VARIANT(heun_predict_noise_thread, linear_thread, true, 1)
+SAMPLERS_THREAD_VARIANT(heun_correct_thread, linear_thread, false, 2)
+SAMPLERS_THREAD_VARIANT(heun_correct_noise_thread, linear_thread, true, 2)
 
 }  // namespace samplers
 

@@ -23,12 +23,8 @@ SAMPLERS_HD void multistep_thread(long long t, T* x, const O* out, T* aux0, cons
     const float px = coef[s], pout = coef[batch + s], cx = coef[2 * batch + s], w0 = coef[3 * batch + s];
     const float w1 = HIST >= 1 ? coef[4 * batch + s] : 0.0f;
     const float w2 = HIST >= 2 ? coef[5 * batch + s] : 0.0f;
-    float c = 0.0f, z[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (NOISE) {
-        c = coef[6 * batch + s];
-        const NoiseKey key = {seeds, index, counter, stream};
-        normals4(key, s, slot.call, z);
-    }
+    float z[4];
+    const float c = step_noise<NOISE>(slot, coef, 6, batch, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int w = q * slot.calls + slot.n;
@@ -45,20 +41,12 @@ SAMPLERS_HD void multistep_thread(long long t, T* x, const O* out, T* aux0, cons
     }
 }
 
-#define SAMPLERS_MULTISTEP_VARIANT(NAME, HIST, NOISE)                                                     \
-    template <class T, class O>                                                                        \
-    SAMPLERS_HD void NAME(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,       \
-                          const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream, \
-                          long long per_sample, long long batch) {                                     \
-        multistep_thread<T, O, HIST, NOISE>(t, x, out, aux0, aux1, aux2, coef, seeds, index, counter, stream, \
-                                            per_sample, batch);                                       \
-    }
-SAMPLERS_MULTISTEP_VARIANT(multistep_h0_thread, 0, false)
-SAMPLERS_MULTISTEP_VARIANT(multistep_h1_thread, 1, false)
-SAMPLERS_MULTISTEP_VARIANT(multistep_h2_thread, 2, false)
-SAMPLERS_MULTISTEP_VARIANT(multistep_h0_noise_thread, 0, true)
-SAMPLERS_MULTISTEP_VARIANT(multistep_h1_noise_thread, 1, true)
-SAMPLERS_MULTISTEP_VARIANT(multistep_h2_noise_thread, 2, true)
+SAMPLERS_THREAD_VARIANT(multistep_h0_thread, multistep_thread, 0, false)
+SAMPLERS_THREAD_VARIANT(multistep_h1_thread, multistep_thread, 1, false)
+SAMPLERS_THREAD_VARIANT(multistep_h2_thread, multistep_thread, 2, false)
+SAMPLERS_THREAD_VARIANT(multistep_h0_noise_thread, multistep_thread, 0, true)
+SAMPLERS_THREAD_VARIANT(multistep_h1_noise_thread, multistep_thread, 1, true)
+SAMPLERS_THREAD_VARIANT(multistep_h2_noise_thread, multistep_thread, 2, true)
 
 }  // namespace samplers
 

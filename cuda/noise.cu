@@ -11,8 +11,7 @@ SAMPLERS_HD void normal_thread(long long t, T* out, const u64* seeds, const u32*
     Slot slot;
     if (!slot_of(t, per_sample, batch, slot)) return;
     float z[4];
-    const NoiseKey key = {seeds, index, counter, stream};
-    normals4(key, slot.sample, slot.call, z);
+    slot_normals(slot, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int w = q * slot.calls + slot.n;

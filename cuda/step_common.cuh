@@ -125,6 +125,37 @@ SAMPLERS_HD float rounded(const float*, float v) { return v; }
 SAMPLERS_HD float rounded(const half_t*, float v) { return half_bits_to_float(float_to_half_bits(v)); }
 SAMPLERS_HD float rounded(const bf16_t*, float v) { return bf16_bits_to_float(float_to_bf16_bits(v)); }
 
+// The 4 keyed standard normals of one thread's Philox call (its 4 elements, philox.cuh).
+SAMPLERS_HD void slot_normals(const Slot& slot, const u64* seeds, const u32* index, u32 counter, u32 stream,
+                              float z[4]) {
+    const NoiseKey key = {seeds, index, counter, stream};
+    normals4(key, slot.sample, slot.call, z);
+}
+
+// A step kernel's noise: z gets the thread's normals and the result is the sample's noise
+// coefficient, coef row `row`; without NOISE, zeros and no key is read.
+template <bool NOISE>
+SAMPLERS_HD float step_noise(const Slot& slot, const float* coef, int row, long long batch, const u64* seeds,
+                             const u32* index, u32 counter, u32 stream, float z[4]) {
+    if (!NOISE) {
+        z[0] = z[1] = z[2] = z[3] = 0.0f;
+        return 0.0f;
+    }
+    slot_normals(slot, seeds, index, counter, stream, z);
+    return coef[row * batch + slot.sample];
+}
+
+// NAME<T, O>, a thread function with the step-kernel signature (the form SAMPLERS_STEP_KERNELS
+// instantiates), running IMPL<T, O, ...> with the extra template arguments given.
+#define SAMPLERS_THREAD_VARIANT(NAME, IMPL, ...)                                                          \
+    template <class T, class O>                                                                        \
+    SAMPLERS_HD void NAME(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,       \
+                          const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream, \
+                          long long per_sample, long long batch) {                                     \
+        IMPL<T, O, __VA_ARGS__>(t, x, out, aux0, aux1, aux2, coef, seeds, index, counter, stream, per_sample, \
+                                batch);                                                                \
+    }
+
 }  // namespace samplers
 
 #define SAMPLERS_STEP_PARAMS(T, O)                                                                 \
