@@ -501,6 +501,17 @@ def _quality_command(args) -> int:
     return 0
 
 
+def _batch_shape(text: str) -> tuple[int, ...]:
+    """``bench kernels --shapes``: positive sizes joined by 'x' (batch first)."""
+    try:
+        shape = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(size < 1 for size in shape):
+        raise argparse.ArgumentTypeError(f"a shape is positive sizes joined by 'x', e.g. 256x3x64x64; got {text!r}")
+    return shape
+
+
 _MARKERS = {"ours": "o", "k-diffusion": "s", "diffusers": "^", "torchsde": "D"}
 
 
@@ -618,7 +629,8 @@ def main(argv=None) -> int:
     v.add_argument("--json", help="also write the rows to this JSON file")
     kb = sub.add_parser("kernels", help="fused CUDA step kernels vs the torch path: GPU time per step, bandwidth "
                                         "(needs a GPU and CuPy)")
-    kb.add_argument("--shapes", nargs="+", default=["256x3x64x64", "64x4x128x128"], help="batch shapes, e.g. 256x3x64x64")
+    kb.add_argument("--shapes", nargs="+", type=_batch_shape, default=["256x3x64x64", "64x4x128x128"],
+                    help="batch shapes, e.g. 256x3x64x64")
     kb.add_argument("--json", help="also write the result to this JSON file")
     args = parser.parse_args(argv)
     if args.what == "kernels":
@@ -627,7 +639,7 @@ def main(argv=None) -> int:
         from .bench_kernels import bench_kernels, print_kernel_bench
 
         try:
-            result = bench_kernels(tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes))
+            result = bench_kernels(tuple(args.shapes))
         except RuntimeError as exc:
             print(exc, file=sys.stderr)
             return 2

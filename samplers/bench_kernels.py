@@ -117,6 +117,14 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
     from .model import Model
     from .noise import NoiseSource
 
+    solvers = KERNEL_BENCH_SOLVERS() if solvers is None else solvers
+    warm = max(solver.order for solver in solvers) + 2  # steps run before the timed ones (history filled)
+    if steps <= warm:
+        raise ValueError(f"steps must exceed {warm} (the untimed warm-up steps of these solvers), got {steps}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not 1 <= check_steps <= steps:
+        raise ValueError(f"check_steps must be in [1, steps={steps}], got {check_steps}")
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -125,7 +133,6 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
         if reason is not None:
             raise RuntimeError(f"bench kernels needs CuPy: {reason}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    solvers = KERNEL_BENCH_SOLVERS() if solvers is None else solvers
     copy_bw = copy_bandwidth()
     log(f"{name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows = []
@@ -183,8 +190,8 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
             fused_b = solver.fused_step()
             fused_b.bind(ctx_b, x_b, kernels.make_runner(x_b, noise))
             for k in range(check_steps):
-                solver.step(k, x_a, ctx_a)
-                fused_b.step(k, x_b, ctx_b)
+                x_a = solver.step(k, x_a, ctx_a)
+                x_b = fused_b.step(k, x_b, ctx_b)
             diff = float((x_a - x_b).abs().max() / x_a.abs().max())
 
             row = {"shape": list(shape), "solver": repr(solver), "torch_us": t_torch * 1e6,

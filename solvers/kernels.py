@@ -349,6 +349,9 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device must be a CUDA device, got {device}")
+    for name, value in (("counter", counter), ("stream", stream)):  # the kernels' 32-bit counter words
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+            raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
     reason = cupy_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"keyed_normal needs CuPy: {reason}")

@@ -476,12 +476,9 @@ class _FakeCupy:
         getattr(self.lib, name)(*cargs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("solver", [EulerMaruyama(), Heun(eta=1.0), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)],
-                         ids=repr)
-def test_cupy_runner_launches(harness, monkeypatch, solver, dtype):
-    """sample(backend="cupy") through the real CupyRunner (CuPy faked, kernels on the host) equals the
-    torch path."""
+@pytest.fixture
+def fake_cupy(harness, monkeypatch):
+    """CuPy faked (kernels on the host, torch's stream 4242); sample(backend="cupy") uses the fused steps."""
     import types
 
     fake = _FakeCupy(harness)
@@ -490,6 +487,16 @@ def test_cupy_runner_launches(harness, monkeypatch, solver, dtype):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=4242))
     monkeypatch.setattr(kernels, "resolve_backend", lambda backend, solver, device, dtype: (
         ("cupy", solver.fused_step(), "fake") if backend == "cupy" else ("torch", None, "torch")))
+    return fake
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("solver", [EulerMaruyama(), Heun(eta=1.0), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)],
+                         ids=repr)
+def test_cupy_runner_launches(fake_cupy, monkeypatch, solver, dtype):
+    """sample(backend="cupy") through the real CupyRunner (CuPy faked, kernels on the host) equals the
+    torch path."""
+    fake = fake_cupy
     runners = []
     real_make_runner = kernels.make_runner
     monkeypatch.setattr(kernels, "make_runner", lambda x, noise: runners.append(real_make_runner(x, noise))
@@ -508,17 +515,9 @@ def test_cupy_runner_launches(harness, monkeypatch, solver, dtype):
     assert fake.views == len(runner._kept) + 6 * solver.nfe_per_step
 
 
-def test_cupy_runner_with_a_network_that_requires_grad(harness, monkeypatch):
+def test_cupy_runner_with_a_network_that_requires_grad(fake_cupy):
     """A network with trainable parameters (its output requires grad): the fused steps detach it
     (the kernels record no graph) and give the torch path's numbers."""
-    import types
-
-    fake = _FakeCupy(harness)
-    monkeypatch.setattr(kernels, "_import_cupy", lambda: fake)
-    monkeypatch.setattr(kernels, "_modules", {})
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=1))
-    monkeypatch.setattr(kernels, "resolve_backend", lambda backend, solver, device, dtype: (
-        ("cupy", solver.fused_step(), "fake") if backend == "cupy" else ("torch", None, "torch")))
     scale = torch.nn.Parameter(torch.tensor(0.7))
     model = Model(lambda x, t: scale * torch.tanh(x), VPSDE(), predicts="eps")
     kwargs = dict(shape=(2, 5000), steps=4, seed=3)
@@ -588,6 +587,27 @@ def test_sample_backend_argument(no_cupy):
 def test_keyed_normal_refuses_cpu():
     with pytest.raises(ValueError, match="CUDA device"):
         kernels.keyed_normal(NoiseSource(0, 2), (3,), device="cpu")
+    for bad in (-1, 2**32, 1.5):
+        with pytest.raises(ValueError, match="counter must be an int in"):
+            kernels.keyed_normal(NoiseSource(0, 2), (3,), counter=bad, device="cuda")
+    with pytest.raises(ValueError, match="stream must be an int in"):
+        kernels.keyed_normal(NoiseSource(0, 2), (3,), stream=-2, device="cuda")
+
+
+def test_bench_kernels_refuses_bad_arguments(capsys):
+    from samplers import bench
+    from samplers.bench_kernels import bench_kernels
+
+    with pytest.raises(ValueError, match="steps must exceed 5"):
+        bench_kernels(steps=5, device="cpu")
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench_kernels(rounds=0, device="cpu")
+    with pytest.raises(ValueError, match="check_steps must be in"):
+        bench_kernels(check_steps=0, device="cpu")
+    for bad in ("2x0", "abc", "4x"):
+        with pytest.raises(SystemExit):
+            bench.main(["kernels", "--shapes", bad])
+        assert "argument --shapes: a shape is positive sizes" in capsys.readouterr().err
 
 
 def test_bench_kernels_refuses_without_gpu(capsys, monkeypatch):
