@@ -8,7 +8,8 @@ Three modes of :func:`sample_grad`:
   recording them and keeps only the final pair.  Its backward walks the grid back, rebuilding the
   pair before each step with the solver's exact inverse step, and backpropagates through that one
   recomputed step at a time: memory independent of the number of steps, the gradient of the discrete
-  scheme (to rounding of the reconstruction), at about 2x the network calls of backprop.
+  scheme (to rounding of the reconstruction), at about 3x the network calls of backprop (each step is
+  run forward, inverted and run again).
 * ``"adjoint"`` (any deterministic fixed-grid solver, and EulerMaruyama / Heun / DPMSolverSDE):
   AdjointDEIS-1 (Blasingame & Liu 2024), the continuous adjoint integrated from the data end back to
   the noise end with the first-order exponential rule; it keeps the forward trajectory (states only,
@@ -236,6 +237,18 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if mode == "adjoint" and score_weight is None:
         raise ValueError(f"mode='adjoint' knows the drift of the ODE solvers, EulerMaruyama/Heun and DPMSolverSDE; "
                          f"{solver!r} is none of them")
+    if mode == "adjoint":
+        # the AdjointDEIS-1 rule divides by alpha and weights by e^-lambda = sigma/alpha: a grid time
+        # where alpha = 0 (rectified flow at t = 1) would turn the gradient into NaN
+        alpha = model.sde.alpha(table_times)
+        singular = ~(alpha > 0) | ~torch.isfinite(model.sde.log_snr(table_times))
+        if bool(singular.any()):
+            k = int(torch.nonzero(singular.any(dim=1))[0])
+            raise ValueError(f"mode='adjoint' needs alpha > 0 at every grid time; {model.sde!r} has alpha = 0 at "
+                             f"t={float(table_times[k].max()):g} (grid index {k}): end the grid below that time or "
+                             "use a Reversible solver (mode='reversible')")
+    if not bool(torch.isfinite(x_T.detach()).all()):
+        raise ValueError("x_T must be finite (it has NaN or Inf entries)")
     if (x_hat_T is not None or return_state) and not reversible:
         raise ValueError(f"x_hat_T/return_state concern solvers.Reversible's second state; {solver!r} has none")
     n_steps = table_times.shape[0] - 1

@@ -96,6 +96,8 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
     """
     table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x0, steps, grid, grid_kind, seed,
                                                                  sample_index, cond, dtype, "invert")
+    if not bool(torch.isfinite(x0).all()):
+        raise ValueError("x0 must be finite (it has NaN or Inf entries)")
     x = x0.detach().to(dtype=compute)
     n_steps = table_times.shape[0] - 1
     with torch.no_grad():

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import F64, GaussianNet, fitted_order, gaussian_marginal
+from conftest import F64, GaussianNet, fitted_order, gaussian_marginal, make_sde
 from samplers import Model, grid, problems, sample_grad
 from samplers.gradients import SavedTensorMeter
 from sde import VESDE, VPSDE
@@ -46,7 +46,7 @@ def _central_difference(f, eps):
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
-@pytest.mark.parametrize("solver", [Reversible("heun"), Reversible("euler", predict="data"),
+@pytest.mark.parametrize("solver", [Reversible("heun", predict="noise"), Reversible("euler", predict="data"),
                                     Reversible(stochastic=True)], ids=repr)
 def test_gradients_match_finite_differences(sde_name, solver):
     sde, net, model, x_T, weights, direction = _setup(sde_name)
@@ -226,6 +226,18 @@ def test_errors():
         sample_grad(net, Reversible(), x_T, steps=3)
     with pytest.raises(ValueError, match=r"solver_state\['x_hat'\] must be a tensor shaped like"):
         sample_grad(model, Reversible(), x_T, steps=3, x_hat_T=x_T[:2])
+    with pytest.raises(ValueError, match="x_T must be finite"):
+        sample_grad(model, Reversible(), torch.full_like(x_T, float("nan")), steps=3)
+    # rectified flow reaches alpha = 0 at t = 1, where the AdjointDEIS-1 rule has no finite coefficients:
+    # refused rather than a NaN gradient; a grid ending below t = 1 works
+    rf = make_sde("RectifiedFlow")
+    rf_model = Model(GaussianNet(rf, "velocity"), rf, "velocity")
+    x = torch.tensor([[0.3], [-1.2]], dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="mode='adjoint' needs alpha > 0 at every grid time.*t=1 "):
+        sample_grad(rf_model, Euler(), x, steps=10, final_denoise=False)
+    sample_grad(rf_model, Euler(), x, grid=torch.linspace(0.99, rf.t_min, 11, dtype=F64),
+                final_denoise=False).sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
 
 
 def test_default_modes_and_float32():

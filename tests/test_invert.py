@@ -128,6 +128,8 @@ def test_errors():
         invert(model, Reversible(), torch.zeros(3, 2, dtype=torch.long), steps=5)
     with pytest.raises(ValueError, match="pass exactly one of steps"):
         invert(model, Reversible(), x0)
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        invert(model, Reversible(), torch.full_like(x0, float("inf")), steps=5)
     with pytest.raises(TypeError, match="solver must be a solvers.Solver"):
         invert(model, "ddim", x0, steps=5)
 
