@@ -396,6 +396,12 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         x.sub_(offset)  # the prior draw already is one of y = x - mu
 
     if adaptive:
+        if offset is not None:
+            # the adaptive context hands the network the rows of per-sample conditions (tensors whose first
+            # dimension is the batch): a mu shaped like one sample whose first dimension equals the batch
+            # size must not be taken for one, so it travels expanded to the state's shape (a view)
+            key = getattr(sde, "mean_key", "mu")
+            cond = {**cond, key: cond[key].expand(x.shape)}
         result = _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
                                   seed, noise, return_info, start_time, offset)
         if return_info:

@@ -440,6 +440,20 @@ def test_batch_invariance_with_per_sample_mu():
     assert f32.dtype == torch.float32 and torch.allclose(f32.double(), f64, atol=1e-4)
 
 
+def test_adaptive_solver_with_a_shared_mu_whose_first_dimension_equals_the_batch():
+    """A mu shaped like one sample, (3, 5) for states (3, 3, 5), is shared, not taken for per-sample rows
+    when the adaptive solver calls the network on a subset of the batch."""
+    sde = MeanRevertingSDE("cosine", lam=LAM)
+    mu = make_mu((3, 5), 25)
+    model = Model(ExactNet(sde), sde, predicts="x0")
+    y_T = LAM * make_mu((3, 3, 5), 26) * torch.tensor([0.1, 1.0, 10.0], dtype=F64)[:, None, None]  # unequal steps
+    kw = dict(x_T=y_T + mu, final_denoise=False, return_info=True)
+    shared, info = sample(model, AdaptiveODE(rtol=1e-7, atol=1e-7), cond={"mu": mu}, **kw)
+    assert len(set(info.nfe_per_sample.tolist())) > 1  # the network saw subsets of the batch
+    expanded, _ = sample(model, AdaptiveODE(rtol=1e-7, atol=1e-7), cond={"mu": mu.expand(3, 3, 5)}, **kw)
+    torch.testing.assert_close(shared, expanded, rtol=0, atol=0)
+
+
 # -- errors ---------------------------------------------------------------------------------------------------
 
 
