@@ -248,6 +248,11 @@ class MeanRevertingSDE(GaussianSDE):
         the target of IR-SDE's training loss.  :class:`solvers.OptimalReverse` takes this step with
         the network's x_0 estimate."""
         t, s = _as_time(t, x_t), _as_time(s, x_t)
+        if not bool(((s >= 0) & (s <= t) & (t > 0) & torch.isfinite(t)).all()):
+            # t = 0 divides by 1 - e^{0}; s > t is no reverse step (its coefficients are not a posterior)
+            raise ValueError(f"optimal_reverse_state needs times 0 <= s <= t with t > 0 (a reverse step from t to s), "
+                             f"got t in [{float(t.min()):g}, {float(t.max()):g}], s in [{float(s.min()):g}, "
+                             f"{float(s.max()):g}]")
         tb_t, tb_s = self.theta_bar(t), self.theta_bar(s)
         tb_ts = tb_t - tb_s
         denominator = -torch.expm1(-2.0 * tb_t)

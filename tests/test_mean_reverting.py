@@ -489,6 +489,10 @@ def test_bad_mean_state():
             Model(ExactNet(sde), sde, predicts=predicts)
     with pytest.raises(ValueError, match="noise must be"):
         OptimalReverse(noise=1)
+    x = make_mu((2, 3), 27)
+    for t, s in ((0.3, 0.5), (0.0, 0.0), (float("nan"), 0.1), (0.5, -0.1)):  # s > t, t = 0 (0/0), NaN, s < 0
+        with pytest.raises(ValueError, match="0 <= s <= t with t > 0"):
+            sde.optimal_reverse_state(x, x, torch.full((2,), t, dtype=F64), torch.full((2,), s, dtype=F64), mu=x)
 
 
 # -- the example ---------------------------------------------------------------------------------------------
