@@ -278,19 +278,22 @@ def test_half_and_bfloat16_conversions_round_like_torch(harness):
                         torch.rand(20000, generator=torch.Generator().manual_seed(1)) * 2.0**-13,
                         (torch.randint(0, 2**31 - 1, (20000,), generator=torch.Generator().manual_seed(2))
                          .to(torch.int32).view(torch.float32))])
-    values = values[torch.isfinite(values) | torch.isinf(values)]
+    values = torch.cat([values, torch.tensor([float("nan"), -float("nan")])])  # and the random bits hold NaNs
     n = values.numel()
     bits = torch.empty(n, dtype=torch.int16)
     harness.to_half(_ptr(values), _ptr(bits), ctypes.c_longlong(n))
     ref = values.half()
     finite = ~torch.isnan(values)
+    assert int((~finite).sum()) > 2
     assert torch.equal(bits[finite], ref.view(torch.int16)[finite])
     assert bool(torch.isnan(bits.view(torch.float16)[~finite]).all())
     back = torch.empty(n, dtype=torch.float32)
     harness.from_half(_ptr(ref), _ptr(back), ctypes.c_longlong(n))
     assert torch.equal(back[finite], ref.float()[finite])
+    assert bool(torch.isnan(back[~finite]).all())
     harness.to_bf16(_ptr(values), _ptr(bits), ctypes.c_longlong(n))
     assert torch.equal(bits[finite], values.bfloat16().view(torch.int16)[finite])
+    assert bool(torch.isnan(bits.view(torch.bfloat16)[~finite]).all())
 
 
 # ---------------------------------------------------------------------------------------------
