@@ -126,7 +126,7 @@ class _ReversibleSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, run, x, x_hat, *leaves):
-        solver, ctx, n_steps = run
+        solver, ctx, n_steps, _ = run
         with torch.no_grad():
             for k in range(n_steps):
                 x, x_hat = solver.forward_step(k, x, x_hat, ctx)
@@ -137,9 +137,8 @@ class _ReversibleSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, grad_x, grad_x_hat):
-        solver, ctx, n_steps = fctx.run
+        solver, ctx, n_steps, leaves = fctx.run
         x, x_hat = fctx.saved_tensors
-        leaves = ctx.grad_leaves
         grad_leaves = [torch.zeros_like(leaf) for leaf in leaves]
         grad_x = torch.zeros_like(x) if grad_x is None else grad_x
         grad_x_hat = torch.zeros_like(x_hat) if grad_x_hat is None else grad_x_hat
@@ -219,7 +218,9 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     the memory-constant and adjoint
     modes route gradients only to these, to ``x_T`` and to ``cond``.  ``x_hat_T``: Reversible's
     second state at x_T (default x_T).  ``return_state``: also return Reversible's final ``x_hat``
-    (before final denoising).  The state is updated in x_T's dtype (float32 or float64).
+    (before final denoising).  x_T is float32 or float64; a float32 run carries Reversible's pair in
+    float64, as :func:`samplers.sample` does (the memory-constant mode rebuilds the pair by inverse steps,
+    which float32 arithmetic cannot do for Rex's SDE).
     """
     if mode is None:
         mode = "reversible" if isinstance(solver, Reversible) else "adjoint"
@@ -260,12 +261,16 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
         else:
             _check_solver_state(solver, {"x_hat": x_hat_T}, x_T)  # the checks; x_hat_T keeps its graph
             x_hat = x_hat_T.to(device=x_T.device, dtype=x_T.dtype)
+        # the pair in float64 (casts are no-ops for float64 runs), with float64 tables and the run's noise
+        steps_ctx = solver.float64_context(ctx, x_T)
+        x, x_hat = x_T.to(torch.float64), x_hat.to(torch.float64)
         if mode == "backprop":
-            x = x_T
             for k in range(n_steps):
-                x, x_hat = solver.forward_step(k, x, x_hat, ctx)
+                x, x_hat = solver.forward_step(k, x, x_hat, steps_ctx)
         else:
-            x, x_hat = _ReversibleSolve.apply((solver, ctx, n_steps), x_T, x_hat, *ctx.grad_leaves)
+            x, x_hat = _ReversibleSolve.apply((solver, steps_ctx, n_steps, ctx.grad_leaves), x, x_hat,
+                                              *ctx.grad_leaves)
+        x, x_hat = x.to(x_T.dtype), x_hat.to(x_T.dtype)
     else:
         if times.dim() == 2 and times.shape[1] > 1 and ctx.grad_leaves:
             raise ValueError("mode='adjoint' with parameters or cond needs one grid shared by the batch")

@@ -50,11 +50,11 @@ the samples are worse (sliced W2 0.08-0.34 against 0.05 for c = 0 on that mixtur
 about as well as c = 0 (0.049-0.060 against 0.041-0.055).
 Float32 (and half) runs carry the pair and do its algebra in float64, with the float64 tables and the
 run's own noise cast (:meth:`Reversible.float64_context`); only the network sees the run's dtype, and
-:func:`samplers.invert` does the same.  What float32 still costs is handing the final pair over in
-float32: with c = 1, x0 rounded to float32 alone moves the recovered x_T by up to 1e-4 (VP) and 2e-5
-(VE) relative for the worst of 256 samples (90% below 3e-5), the reverse SDE itself contracting x_T
-by some 1e-4 on the way to the data (c = 2: worst 6e-5 on VP); with Rex's weights the same rounding
-costs 1e2-1e3 relative.
+:func:`samplers.invert` and :func:`samplers.sample_grad` do the same.  What float32 still costs is
+handing the final pair over in float32: with c = 1, x0 rounded to float32 alone moves the recovered
+x_T by up to 1e-4 (VP) and 2e-5 (VE) relative for the worst of 256 samples (90% below 3e-5), the
+reverse SDE itself contracting x_T by some 1e-4 on the way to the data (c = 2: worst 6e-5 on VP); with
+Rex's weights the same rounding costs 1e2-1e3 relative.
 
 Stability while sampling, measured: the McCallum-Foster pair has a parasitic mode (x - x_hat) that
 grows by the inverse of the physical contraction of the integrated variable y.  In the data forms y
@@ -331,8 +331,9 @@ class Reversible(Solver):
     def float64_context(self, ctx, like: torch.Tensor):
         """``ctx`` itself for float64 states; for others, a context with float64 coefficients and the
         run's noise cast to float64, in which :meth:`forward_step`/:meth:`inverse_step` update a float64
-        pair (the network still sees the run's dtype).  :func:`samplers.sample` (through :meth:`step`)
-        and :func:`samplers.invert` both use it, so a float32 run and its inverse do the same arithmetic."""
+        pair (the network still sees the run's dtype).  :func:`samplers.sample` (through :meth:`step`),
+        :func:`samplers.invert` and :func:`samplers.sample_grad` use it, so a float32 run, its inverse
+        and its gradient do the same arithmetic."""
         if like.dtype == torch.float64:
             return ctx
         raw = ctx.plan(_FLOAT64_PLAN)[0]

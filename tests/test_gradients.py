@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import F64, GaussianNet, fitted_order, gaussian_marginal, make_sde
-from samplers import Model, grid, problems, sample_grad
+from samplers import Model, grid, problems, sample, sample_grad
 from samplers.gradients import SavedTensorMeter
 from sde import VESDE, VPSDE
 from solvers import DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Reversible
@@ -238,6 +238,27 @@ def test_errors():
     sample_grad(rf_model, Euler(), x, grid=torch.linspace(0.99, rf.t_min, 11, dtype=F64),
                 final_denoise=False).sum().backward()
     assert bool(torch.isfinite(x.grad).all())
+
+
+@pytest.mark.parametrize("sde_name", ["VP", "VE"])
+def test_float32_runs_carry_the_pair_in_float64(sde_name):
+    """A float32 run carries the pair in float64, as sample() does: the same samples as sample(), and the
+    memory-constant mode's rebuilt pair still gives backprop's gradient for Rex's SDE, whose inverse has no
+    float32 digits (with the pair in float32 the two gradients differed by 100%)."""
+    sde, net, model, x_T, weights, _ = _setup(sde_name)
+    solver = Reversible(stochastic=True)
+    x32 = x_T.float()
+    out = sample_grad(model, solver, x32, steps=30, seed=3, final_denoise=False)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, sample(model, solver, x_T=x32, steps=30, seed=3, final_denoise=False),
+                               rtol=0, atol=0)
+    grads = {}
+    for mode in ("backprop", "reversible"):
+        x = x32.clone().requires_grad_(True)
+        (weights.float() * sample_grad(model, solver, x, steps=30, mode=mode, seed=3)).sum().backward()
+        grads[mode] = x.grad
+    assert grads["reversible"].dtype == torch.float32 and float(grads["backprop"].abs().max()) > 0
+    torch.testing.assert_close(grads["reversible"], grads["backprop"], rtol=1e-4, atol=1e-6)
 
 
 def test_default_modes_and_float32():
