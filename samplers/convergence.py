@@ -28,6 +28,7 @@ _F64 = torch.float64
 
 DEFAULT_ODE_STEPS = (16, 32, 64, 128)
 DEFAULT_SDE_STEPS = (16, 32, 64, 128)
+_WEAK_WIDTH = 1000  # scalar samples per row of the weak-error runs (one row is one sample of dimension 1000)
 
 
 def fitted_order(steps, errors) -> float:
@@ -78,8 +79,8 @@ def _weak_errors(solver, sde, steps, samples: int, seed: int = 0, mu: float = 1.
     a, sg = sde.alpha(t), sde.sigma(t)
     mean_T, var_T = float(a[0]) * mu, float(a[0] ** 2 * s * s + sg[0] ** 2)
     mean_0, var_0 = float(a[1]) * mu, float(a[1] ** 2 * s * s + sg[1] ** 2)
-    width = 1000
-    rows = max(samples // width, 1)
+    width = _WEAK_WIDTH
+    rows = samples // width
     gen = torch.Generator().manual_seed(seed + 3)
     x_T = mean_T + math.sqrt(var_T) * torch.randn(rows, width, generator=gen, dtype=_F64)
     model = Model(gaussian(mu, s, dim=width).net(sde, "x0"), sde, predicts="x0")
@@ -102,6 +103,13 @@ def measure_orders(sdes=("edm", "vp"), solver_list=None, ode_steps=DEFAULT_ODE_S
     from .bench import quality_solvers
     from .demo import SDES
 
+    for name, steps in (("ode_steps", ode_steps), ("sde_steps", sde_steps)):
+        if len(steps) < 2 or len(set(steps)) < 2 or any(int(n) != n or n < 1 for n in steps):
+            raise ValueError(f"{name} must hold at least 2 different positive step counts (a slope needs 2 "
+                             f"points), got {tuple(steps)}")
+    if weak_samples < _WEAK_WIDTH:
+        raise ValueError(f"weak_samples must be >= {_WEAK_WIDTH} (samples are drawn in rows of {_WEAK_WIDTH}), "
+                         f"got {weak_samples}")
     solver_list = quality_solvers() if solver_list is None else solver_list
     rows = []
     for sde_name in sdes:

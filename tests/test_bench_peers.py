@@ -34,9 +34,16 @@ def test_measured_orders_match_theory_for_euler_heun_and_em():
     assert abs(em["measured"] - 1.0) <= 0.25, em
 
 
-def test_unknown_sde_is_refused():
+def test_unknown_sde_and_bad_step_lists_are_refused():
     with pytest.raises(ValueError, match="sdes must be among"):
         measure_orders(("nope",), solver_list=[("Euler", Euler)])
+    for bad in ((16,), (16, 16), (0, 16), (8.5, 16)):
+        with pytest.raises(ValueError, match="ode_steps must hold at least 2 different positive"):
+            measure_orders(("edm",), solver_list=[("Euler", Euler)], ode_steps=bad)
+    with pytest.raises(ValueError, match="sde_steps must hold"):
+        measure_orders(("edm",), solver_list=[("EM", EulerMaruyama)], sde_steps=(32,))
+    with pytest.raises(ValueError, match="weak_samples must be >= 1000"):
+        measure_orders(("vp",), solver_list=[("EM", EulerMaruyama)], weak_samples=999)
 
 
 def test_peer_bookkeeping():
