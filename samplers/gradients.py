@@ -239,6 +239,9 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
         raise ValueError(f"mode='adjoint' knows the drift of the ODE solvers, EulerMaruyama/Heun and DPMSolverSDE; "
                          f"{solver!r} is none of them")
     if mode == "adjoint":
+        if not getattr(model.sde, "gaussian", False):
+            raise ValueError(f"mode='adjoint' (AdjointDEIS-1, in alpha and the log-SNR) needs a Gaussian-marginal "
+                             f"SDE; {model.sde!r} is not one")
         # the AdjointDEIS-1 rule divides by alpha and weights by e^-lambda = sigma/alpha: a grid time
         # where alpha = 0 (rectified flow at t = 1) would turn the gradient into NaN
         alpha = model.sde.alpha(table_times)

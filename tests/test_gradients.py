@@ -226,6 +226,12 @@ def test_errors():
         sample_grad(net, Reversible(), x_T, steps=3)
     with pytest.raises(ValueError, match=r"solver_state\['x_hat'\] must be a tensor shaped like"):
         sample_grad(model, Reversible(), x_T, steps=3, x_hat_T=x_T[:2])
+    from sde.dirichlet import DirichletSDE
+    from solvers.simplex import JacobiEulerMaruyama
+
+    simplex = Model(lambda x, t: torch.zeros_like(x), DirichletSDE(3), "score")
+    with pytest.raises(ValueError, match="mode='adjoint' .* needs a Gaussian-marginal SDE"):
+        sample_grad(simplex, JacobiEulerMaruyama(eta=0.0), torch.full((2, 2), 0.3, dtype=F64), steps=4)
     with pytest.raises(ValueError, match="x_T must be finite"):
         sample_grad(model, Reversible(), torch.full_like(x_T, float("nan")), steps=3)
     # rectified flow reaches alpha = 0 at t = 1, where the AdjointDEIS-1 rule has no finite coefficients:
