@@ -121,6 +121,16 @@ def test_every_kernel_compiles_with_nvrtc():
             assert entries == set(kernels.kernel_names(name)), name
 
 
+def test_work_item_size_is_one_constant_everywhere():
+    """The launch size (kernels.py), the kernels' layout (philox.cuh, whose slot_of divides by shifting
+    10 bits) and the CPU generator (samplers/_native/philox.c) use the same 1024 calls per work item."""
+    cuh = (kernels.cuda_source_dir() / "philox.cuh").read_text()
+    native = (ROOT / "samplers" / "_native" / "philox.c").read_text()
+    calls = {int(re.search(r"#define SAMPLERS_ITEM_CALLS (\d+)", cuh).group(1)),
+             int(re.search(r"#define ITEM_CALLS (\d+)", native).group(1)), kernels._ITEM_CALLS}
+    assert calls == {1024} and kernels._ITEM_SIZE == 4 * 1024 and ">> 10" in cuh
+
+
 def test_kernel_sources_inline_headers_once():
     src = kernels.kernel_source("multistep.cu")
     assert '#include "' not in src
