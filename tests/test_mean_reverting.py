@@ -408,8 +408,11 @@ def test_network_sees_x_and_mu_and_results_are_in_x():
 
     steps_seen = []
     x_T = mu + LAM * make_mu((5, 3), 22)
+    x_T_before, mu_before = x_T.clone(), mu.clone()
     x = sample(Model(net, sde, predicts="eps"), Euler(), x_T=x_T, steps=4, cond={"mu": mu}, final_denoise=False,
                callback=steps_seen.append)
+    # the run shifts its own copy: the caller's x_T and mu are untouched (same dtype and device: no cast copies)
+    assert torch.equal(x_T, x_T_before) and torch.equal(mu, mu_before)
     assert torch.allclose(seen[0], x_T)  # the first call sees x_T itself, not x_T - mu
     # eps = 0 on the ODE: dy/dt = alpha'/alpha y exactly, Euler: y *= 1 + dt f
     times = grid(sde, 4)
