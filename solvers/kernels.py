@@ -118,6 +118,8 @@ class FusedStep:
 
     #: the .cu file holding the kernels
     source = "euler.cu"
+    #: every .cu file the step may launch from (compiled before ``auto`` commits to the kernels)
+    sources = ("euler.cu",)
 
     def bind(self, ctx, x: torch.Tensor, runner) -> None:
         self.runner = runner
@@ -200,6 +202,7 @@ class MultistepStep(FusedStep):
     step's converted output into the ring buffer ``ring_name + str(k % order)``."""
 
     source = "multistep.cu"
+    sources = ("multistep.cu", "euler.cu")  # order-1 runs launch the linear step
 
     def __init__(self, order: int, ring_name: str, noise: bool):
         self.order, self.ring_name, self.noise = int(order), ring_name, bool(noise)
@@ -275,6 +278,19 @@ def _module(cupy, source: str):
                 mod = cupy.RawModule(code=kernel_source(source), options=("--std=c++14",))
                 _modules[source] = mod
     return mod
+
+
+def kernel_compile_reason(sources) -> str | None:
+    """None when every .cu file in ``sources`` compiles with CuPy (NVRTC), else why not: a missing
+    NVRTC library or a compile error then makes ``auto`` fall back to torch instead of failing at the
+    first launch."""
+    cupy = _import_cupy()
+    for source in sources:
+        try:
+            _module(cupy, source).compile()
+        except Exception as exc:  # NVRTC raises its own types (CompileException, RuntimeError, OSError)
+            return f"the fused kernels of {source} did not compile ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _dlpack_view(cupy, t: torch.Tensor):
@@ -382,7 +398,8 @@ def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[s
 
     ``"torch"``: the solver's torch step.  ``"cupy"``: the fused kernels, or a clear error when they
     cannot run (CPU tensors, float64, a solver configuration without a kernel, CuPy missing).
-    ``"auto"``: the fused kernels where they can run, else torch, with the reason.
+    ``"auto"``: the fused kernels where they can run (their sources compile), else torch, with the
+    reason.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -395,6 +412,8 @@ def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[s
         storage_suffix(dtype)
         fused = _fused_step_of(solver)
         reason = cupy_unavailable_reason()
+        if reason is None:
+            reason = kernel_compile_reason(fused.sources)
         if reason is not None:
             raise KernelUnsupported(reason)
     except KernelUnsupported as exc:

@@ -575,6 +575,7 @@ def test_backend_choice_reasons(solver, device, dtype, why):
 
 def test_backend_choice_kernels_declared(monkeypatch):
     monkeypatch.setattr(kernels, "cupy_unavailable_reason", lambda: None)  # as if CuPy saw a GPU
+    monkeypatch.setattr(kernels, "kernel_compile_reason", lambda sources: None)  # ... and NVRTC compiled
     for solver, kind in [(EulerMaruyama(), kernels.LinearStep), (Heun(), kernels.HeunStep),
                          (DPMSolver(3), kernels.MultistepStep), (DPMSolverSDE(2), kernels.MultistepStep),
                          (ERSDE(3), kernels.MultistepStep)]:
@@ -583,6 +584,32 @@ def test_backend_choice_kernels_declared(monkeypatch):
     assert kernels.resolve_backend("torch", EulerMaruyama(), "cuda", torch.float32)[:2] == ("torch", None)
     with pytest.raises(ValueError, match="backend must be one of"):
         kernels.resolve_backend("cuda", EulerMaruyama(), "cuda", torch.float32)
+
+
+def test_auto_falls_back_when_the_kernels_do_not_compile(monkeypatch):
+    """CuPy imports and sees a GPU, but NVRTC fails: auto runs torch and says why; cupy raises; the
+    sources compiled are exactly the ones the step may launch from."""
+    compiled = []
+
+    class Module:
+        def __init__(self, code, options=()):
+            self.code = code
+
+        def compile(self):
+            compiled.append(self.code)
+            raise RuntimeError("nvrtc: error: failed to open libnvrtc-builtins.so")
+
+    fake = type("cupy", (), {"RawModule": Module})
+    monkeypatch.setattr(kernels, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "cupy_unavailable_reason", lambda: None)
+    name, fused, why = kernels.resolve_backend("auto", DPMSolver(2), "cuda:0", torch.float32)
+    assert (name, fused) == ("torch", None)
+    assert "multistep.cu did not compile" in why and "libnvrtc-builtins" in why
+    with pytest.raises(kernels.KernelUnsupported, match="backend='cupy'.*euler.cu did not compile"):
+        kernels.resolve_backend("cupy", EulerMaruyama(), "cuda:0", torch.float32)
+    assert compiled == [kernels.kernel_source("multistep.cu"), kernels.kernel_source("euler.cu")]
+    assert kernels.MultistepStep.sources == ("multistep.cu", "euler.cu") and kernels.LinearStep.sources == ("euler.cu",)
 
 
 def test_sample_backend_argument(no_cupy):
