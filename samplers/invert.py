@@ -20,9 +20,9 @@ from solvers.reversible import Reversible
 
 from .grid import grid as make_grid
 from .grid import validate_grid
-from .model import Model, compute_dtype
+from .model import Model
 from .noise import NoiseSource
-from .sample import NonFiniteError, _check_solver_state, fixed_grid_context
+from .sample import NonFiniteError, _check_solver_state, _resolve_dtypes, fixed_grid_context
 
 __all__ = ["invert", "Inversion"]
 
@@ -59,10 +59,7 @@ def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, con
         raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1 or not x.is_floating_point():
         raise ValueError(f"{what}: the state must be a floating tensor of shape (B, ...) with B >= 1")
-    if dtype is None:
-        dtype = x.dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    dtype, compute = _resolve_dtypes(dtype, x)
     batch = x.shape[0]
     if (steps is None) == (grid is None):
         raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
@@ -75,7 +72,7 @@ def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, con
     times = times.detach().to("cpu", torch.float64)
     table_times = times if times.dim() == 2 else times[:, None]
     noise = NoiseSource(seed, batch, sample_index=sample_index)
-    return table_times, times, noise, cond, dtype, compute_dtype(dtype)
+    return table_times, times, noise, cond, dtype, compute
 
 
 def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None = None, grid=None,

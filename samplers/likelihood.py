@@ -31,9 +31,9 @@ import torch
 
 from solvers import AdaptiveODE
 
-from .model import Model, compute_dtype
+from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .sample import _AdaptiveContext
+from .sample import _AdaptiveContext, _resolve_dtypes
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -216,11 +216,7 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     elif not dequantize_data:
         raise ValueError("dequantize_data=False applies only with bins (quantised data)")
 
-    if dtype is None:
-        dtype = x.dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    compute = compute_dtype(dtype)
+    dtype, compute = _resolve_dtypes(dtype, x)
     device = x.device if device is None else torch.device(device)
     noise = NoiseSource(seed, batch, sample_index=sample_index)
     ctx = _AdaptiveContext(model, cond, batch, device, compute, dtype, noise, t_start, t_end)
