@@ -116,8 +116,8 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
             if x0_hat is not None:
                 raise ValueError(f"x0_hat is the second state of solvers.Reversible; {solver!r} carries none")
             backward = table_times.flip(0)
-            ctx = fixed_grid_context(model, solver, x.clone(), backward, cond, noise, dtype)
-            x = x.clone()
+            x = x.clone()  # the solver steps in place; x may be the caller's x0
+            ctx = fixed_grid_context(model, solver, x, backward, cond, noise, dtype)
             for k in range(n_steps):
                 x = solver.step(k, x, ctx)
             state, exact = None, False
