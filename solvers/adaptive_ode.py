@@ -226,7 +226,7 @@ class AdaptiveODE(AdaptiveSolver):
     def solve(self, model, x, t_start, t_end, ctx):
         sde = model.sde
 
-        def rhs(y_rows, t_rows, index, variable=self.variable):
+        def rhs(y_rows, t_rows, index, variable):
             a_, b_, c_ = self.flow_coefficients(model, t_rows, variable, index)
             out = ctx.output(y_rows / ctx.column(c_, y_rows), t_rows, index)
             return y_rows * ctx.column(a_, y_rows) + out * ctx.column(b_, y_rows)
