@@ -54,7 +54,6 @@ _FORMATS = ("pt", "npz")
 _INDEX_VERSION = 1
 #: test hook: after writing this many shard files (before recording the last in the index), exit
 _EXIT_HOOK = "SAMPLERS_TEST_EXIT_AFTER_SHARDS"
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
