@@ -35,18 +35,11 @@ SAMPLERS_HD void linear_thread(long long t, T* x, const O* out, T* aux0, const T
     }
 }
 
-SAMPLERS_THREAD_VARIANT(euler_thread, linear_thread, false, 0)
-SAMPLERS_THREAD_VARIANT(euler_noise_thread, linear_thread, true, 0)
-SAMPLERS_THREAD_VARIANT(heun_predict_thread, linear_thread, false, 1)
-SAMPLERS_THREAD_VARIANT(heun_predict_noise_thread, linear_thread, true, 1)
-SAMPLERS_THREAD_VARIANT(heun_correct_thread, linear_thread, false, 2)
-SAMPLERS_THREAD_VARIANT(heun_correct_noise_thread, linear_thread, true, 2)
-
 }  // namespace samplers
 
-SAMPLERS_STEP_KERNELS(euler_step, samplers::euler_thread)
-SAMPLERS_STEP_KERNELS(euler_step_noise, samplers::euler_noise_thread)
-SAMPLERS_STEP_KERNELS(heun_predict, samplers::heun_predict_thread)
-SAMPLERS_STEP_KERNELS(heun_predict_noise, samplers::heun_predict_noise_thread)
-SAMPLERS_STEP_KERNELS(heun_correct, samplers::heun_correct_thread)
-SAMPLERS_STEP_KERNELS(heun_correct_noise, samplers::heun_correct_noise_thread)
+SAMPLERS_STEP_KERNELS(euler_step, samplers::linear_thread, false, 0)
+SAMPLERS_STEP_KERNELS(euler_step_noise, samplers::linear_thread, true, 0)
+SAMPLERS_STEP_KERNELS(heun_predict, samplers::linear_thread, false, 1)
+SAMPLERS_STEP_KERNELS(heun_predict_noise, samplers::linear_thread, true, 1)
+SAMPLERS_STEP_KERNELS(heun_correct, samplers::linear_thread, false, 2)
+SAMPLERS_STEP_KERNELS(heun_correct_noise, samplers::linear_thread, true, 2)

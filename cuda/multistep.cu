@@ -41,18 +41,11 @@ SAMPLERS_HD void multistep_thread(long long t, T* x, const O* out, T* aux0, cons
     }
 }
 
-SAMPLERS_THREAD_VARIANT(multistep_h0_thread, multistep_thread, 0, false)
-SAMPLERS_THREAD_VARIANT(multistep_h1_thread, multistep_thread, 1, false)
-SAMPLERS_THREAD_VARIANT(multistep_h2_thread, multistep_thread, 2, false)
-SAMPLERS_THREAD_VARIANT(multistep_h0_noise_thread, multistep_thread, 0, true)
-SAMPLERS_THREAD_VARIANT(multistep_h1_noise_thread, multistep_thread, 1, true)
-SAMPLERS_THREAD_VARIANT(multistep_h2_noise_thread, multistep_thread, 2, true)
-
 }  // namespace samplers
 
-SAMPLERS_STEP_KERNELS(multistep_h0, samplers::multistep_h0_thread)
-SAMPLERS_STEP_KERNELS(multistep_h1, samplers::multistep_h1_thread)
-SAMPLERS_STEP_KERNELS(multistep_h2, samplers::multistep_h2_thread)
-SAMPLERS_STEP_KERNELS(multistep_h0_noise, samplers::multistep_h0_noise_thread)
-SAMPLERS_STEP_KERNELS(multistep_h1_noise, samplers::multistep_h1_noise_thread)
-SAMPLERS_STEP_KERNELS(multistep_h2_noise, samplers::multistep_h2_noise_thread)
+SAMPLERS_STEP_KERNELS(multistep_h0, samplers::multistep_thread, 0, false)
+SAMPLERS_STEP_KERNELS(multistep_h1, samplers::multistep_thread, 1, false)
+SAMPLERS_STEP_KERNELS(multistep_h2, samplers::multistep_thread, 2, false)
+SAMPLERS_STEP_KERNELS(multistep_h0_noise, samplers::multistep_thread, 0, true)
+SAMPLERS_STEP_KERNELS(multistep_h1_noise, samplers::multistep_thread, 1, true)
+SAMPLERS_STEP_KERNELS(multistep_h2_noise, samplers::multistep_thread, 2, true)

@@ -145,17 +145,6 @@ SAMPLERS_HD float step_noise(const Slot& slot, const float* coef, int row, long 
     return coef[row * batch + slot.sample];
 }
 
-// NAME<T, O>, a thread function with the step-kernel signature (the form SAMPLERS_STEP_KERNELS
-// instantiates), running IMPL<T, O, ...> with the extra template arguments given.
-#define SAMPLERS_THREAD_VARIANT(NAME, IMPL, ...)                                                          \
-    template <class T, class O>                                                                        \
-    SAMPLERS_HD void NAME(long long t, T* x, const O* out, T* aux0, const T* aux1, const T* aux2,       \
-                          const float* coef, const u64* seeds, const u32* index, u32 counter, u32 stream, \
-                          long long per_sample, long long batch) {                                     \
-        IMPL<T, O, __VA_ARGS__>(t, x, out, aux0, aux1, aux2, coef, seeds, index, counter, stream, per_sample, \
-                                batch);                                                                \
-    }
-
 }  // namespace samplers
 
 #define SAMPLERS_STEP_PARAMS(T, O)                                                                 \
@@ -183,12 +172,13 @@ SAMPLERS_HD float step_noise(const Slot& slot, const float* coef, int row, long 
 
 // A step kernel for each pair of storage types the driver needs, NAME_<state>_<output>: a float32
 // state with a float32, float16 or bfloat16 network output (the driver keeps half-precision runs'
-// state in float32), and float16/bfloat16 states with an output of their own type.
-#define SAMPLERS_STEP_KERNEL(NAME, FN, TN, T, ON, O)                                                 \
-    SAMPLERS_ENTRY(NAME##_##TN##_##ON, (FN<T, O>), SAMPLERS_STEP_PARAMS(T, O), SAMPLERS_STEP_ARGS)
-#define SAMPLERS_STEP_KERNELS(NAME, FN)                                                            \
-    SAMPLERS_STEP_KERNEL(NAME, FN, f32, float, f32, float)                                         \
-    SAMPLERS_STEP_KERNEL(NAME, FN, f32, float, f16, samplers::half_t)                              \
-    SAMPLERS_STEP_KERNEL(NAME, FN, f32, float, bf16, samplers::bf16_t)                             \
-    SAMPLERS_STEP_KERNEL(NAME, FN, f16, samplers::half_t, f16, samplers::half_t)                   \
-    SAMPLERS_STEP_KERNEL(NAME, FN, bf16, samplers::bf16_t, bf16, samplers::bf16_t)
+// state in float32), and float16/bfloat16 states with an output of their own type.  Each runs the
+// thread function FN<T, O, ...> with the step-kernel signature, the extra template arguments given.
+#define SAMPLERS_STEP_KERNEL(NAME, TN, T, ON, O, FN, ...)                                            \
+    SAMPLERS_ENTRY(NAME##_##TN##_##ON, (FN<T, O, __VA_ARGS__>), SAMPLERS_STEP_PARAMS(T, O), SAMPLERS_STEP_ARGS)
+#define SAMPLERS_STEP_KERNELS(NAME, FN, ...)                                                       \
+    SAMPLERS_STEP_KERNEL(NAME, f32, float, f32, float, FN, __VA_ARGS__)                            \
+    SAMPLERS_STEP_KERNEL(NAME, f32, float, f16, samplers::half_t, FN, __VA_ARGS__)                 \
+    SAMPLERS_STEP_KERNEL(NAME, f32, float, bf16, samplers::bf16_t, FN, __VA_ARGS__)                \
+    SAMPLERS_STEP_KERNEL(NAME, f16, samplers::half_t, f16, samplers::half_t, FN, __VA_ARGS__)      \
+    SAMPLERS_STEP_KERNEL(NAME, bf16, samplers::bf16_t, bf16, samplers::bf16_t, FN, __VA_ARGS__)
