@@ -32,57 +32,21 @@ def KERNEL_BENCH_SOLVERS():  # noqa: N802 - a table, built on call so importing 
     return [EulerMaruyama(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)]
 
 
-class _BenchContext:
-    """A StepContext whose network returns a fixed tensor; noise from NoiseSource (the torch path) or
-    from the kernels' noise-only kernel (to feed the torch path the fused kernels' numbers)."""
+def _context(model, solver, x, noise, steps, kernel_noise=False):
+    """The run's StepContext on ``steps`` steps of the default grid; with ``kernel_noise`` its noise is
+    the fused kernels' own numbers (the noise-only kernel), to feed the torch path."""
+    from solvers import kernels
 
-    def __init__(self, tables, plans, out, noise, like, kernel_noise=False):
-        self.tables, self.plans, self.out, self.noise_source = tables, plans, out, noise
-        self.like, self.kernel_noise = like, kernel_noise
-        self._scratch, self._noise = {}, {}
-
-    def output(self, x, time_index, stage=None):
-        return self.out
-
-    def noise(self, step, draw=0):
-        from .noise import step_stream
-
-        key = (step, draw)
-        if key not in self._noise:
-            self._noise.clear()
-            if self.kernel_noise:
-                from solvers import kernels
-
-                self._noise[key] = kernels.keyed_normal(self.noise_source, self.like.shape[1:], counter=step,
-                                                        stream=step_stream(draw), dtype=self.like.dtype,
-                                                        device=self.like.device)
-            else:
-                self._noise[key] = self.noise_source.normal(self.like.shape[1:], counter=step, stream=step_stream(draw),
-                                                            dtype=self.like.dtype, device=self.like.device)
-        return self._noise[key]
-
-    def coef(self, name, step):
-        return self.tables[name][step]
-
-    def plan(self, name):
-        return self.plans[name]
-
-    def scratch(self, name):
-        if name not in self._scratch:
-            self._scratch[name] = torch.empty_like(self.like)
-        return self._scratch[name]
-
-
-def _context(model, solver, x, out, noise, steps, kernel_noise=False):
     from .grid import grid as make_grid
-    from .sample import _broadcast_table
+    from .noise import step_stream
+    from .sample import fixed_grid_context
 
-    times = make_grid(model.sde, steps)[:, None]
-    raw = solver.prepare(model, times)
-    plans = {k: v for k, v in raw.items() if isinstance(v, list)}
-    tables = {k: _broadcast_table(k, v, times, solver, x.dim(), x.device, x.dtype)
-              for k, v in raw.items() if k not in plans}
-    return _BenchContext(tables, plans, out, noise, x, kernel_noise)
+    ctx = fixed_grid_context(model, solver, x, make_grid(model.sde, steps)[:, None], {}, noise, x.dtype)
+    if kernel_noise:
+        ctx.noise = lambda step, draw=0: kernels.keyed_normal(noise, x.shape[1:], counter=step,
+                                                              stream=step_stream(draw), dtype=x.dtype,
+                                                              device=x.device)
+    return ctx
 
 
 def _gpu_time(fn, rounds: int) -> float:
@@ -148,7 +112,7 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
             timed = range(solver.order + 2, steps)  # steady-state steps (history filled)
 
             x_t = x0.clone()
-            ctx_t = _context(model, solver, x_t, out, noise, steps)
+            ctx_t = _context(model, solver, x_t, noise, steps)
             for k in range(solver.order + 2):
                 solver.step(k, x_t, ctx_t)
 
@@ -157,7 +121,7 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
                     solver.step(k, x_t, ctx_t)
 
             x_f = x0.clone()
-            ctx_f = _context(model, solver, x_f, out, noise, steps)
+            ctx_f = _context(model, solver, x_f, noise, steps)
             runner = kernels.make_runner(x_f, noise)
             fused.bind(ctx_f, x_f, runner)
             launched = []
@@ -185,8 +149,8 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
 
             # agreement: both paths from the same state, the torch path fed the kernels' noise
             x_a, x_b = x0.clone(), x0.clone()
-            ctx_a = _context(model, solver, x_a, out, noise, steps, kernel_noise=True)
-            ctx_b = _context(model, solver, x_b, out, noise, steps)
+            ctx_a = _context(model, solver, x_a, noise, steps, kernel_noise=True)
+            ctx_b = _context(model, solver, x_b, noise, steps)
             fused_b = solver.fused_step()
             fused_b.bind(ctx_b, x_b, kernels.make_runner(x_b, noise))
             for k in range(check_steps):
