@@ -33,6 +33,8 @@ from typing import Callable
 
 import torch
 
+from sde import broadcast_to_state
+
 from .grid import grid
 from .noise import STREAM_STEP, NoiseSource
 
@@ -59,7 +61,7 @@ class PeerProblem:
     def denoise(self, x_scaled: torch.Tensor, s) -> torch.Tensor:
         s = torch.as_tensor(s, dtype=_F64).reshape(-1).expand(x_scaled.shape[0])
         t = self.time_of(s)
-        alpha = self.sde.alpha(t).reshape(-1, *([1] * (x_scaled.dim() - 1))).to(x_scaled.dtype)
+        alpha = broadcast_to_state(self.sde.alpha(t), x_scaled).to(x_scaled.dtype)
         self.nfe += 1
         return self.model.denoise(alpha * x_scaled, t.to(x_scaled.dtype) if x_scaled.dtype != _F64 else t)
 
