@@ -481,16 +481,18 @@ def _quality_command(args) -> int:
             print("wrote", plot_best_by_library(res["records"] + res["peer_records"], res["floor_range"],
                                                 f"{res['problem']} mixture, {res['sde_name'].upper()}",
                                                 os.path.join(args.out, f"best_{name}.png")))
+    if paths:
+        summary = {"records": records,
+                   "best_by_budget": [{"problem": res["problem"], "sde": res["sde_name"], "budget": row["budget"],
+                                       "best": {lib: {"solver": r["solver"], "sw": r["sw"]}
+                                                for lib, r in row["best"].items()}}
+                                      for res in results for row in best_by_budget(res)],
+                   "floors": {f"{res['problem']}_{res['sde_name']}": res["floor"] for res in results},
+                   "floor_ranges": {f"{res['problem']}_{res['sde_name']}": list(res["floor_range"]) for res in results},
+                   "peer_skipped": [list(s) for res in results for s in res["peer_skipped"]]}
     for path in paths:
         with open(path, "w") as fh:
-            json.dump({"records": records,
-                       "best_by_budget": [{"problem": res["problem"], "sde": res["sde_name"], "budget": row["budget"],
-                                           "best": {lib: {"solver": r["solver"], "sw": r["sw"]}
-                                                    for lib, r in row["best"].items()}}
-                                          for res in results for row in best_by_budget(res)],
-                       "floors": {f"{res['problem']}_{res['sde_name']}": res["floor"] for res in results},
-                       "floor_ranges": {f"{res['problem']}_{res['sde_name']}": list(res["floor_range"]) for res in results},
-                       "peer_skipped": [list(s) for res in results for s in res["peer_skipped"]]}, fh, indent=2)
+            json.dump(summary, fh, indent=2)
         print("wrote", path)
     if args.plots:
         from .demo import plot
