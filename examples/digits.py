@@ -149,8 +149,7 @@ def train(images, labels, sde, iters, out, resume=False, batch=64, lr=2e-3, seed
         y[torch.rand(batch, generator=gen) < label_dropout] = NULL_CLASS
         t = sde.t_min + (sde.t_max - sde.t_min) * torch.rand(batch, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a, s = sde.alpha(t)[:, None, None, None], sde.sigma(t)[:, None, None, None]
-        loss = (net(a * x0 + s * eps, t, y) - eps).pow(2).mean()
+        loss = (net(sde.marginal_sample(x0, t, eps), t, y) - eps).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

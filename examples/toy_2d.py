@@ -88,8 +88,7 @@ def train(net: nn.Module, sde, data: torch.Tensor, iters: int, batch: int = 512,
         x0 = data[torch.randint(len(data), (batch,), generator=gen)]
         t = sde.t_min + (sde.t_max - sde.t_min) * torch.rand(batch, generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        a, s = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
-        loss = (net(a * x0 + s * eps, t) - eps).pow(2).mean()
+        loss = (net(sde.marginal_sample(x0, t, eps), t) - eps).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
