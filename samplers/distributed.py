@@ -141,16 +141,15 @@ def _slice_cond(cond, n, start, end):
 def _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_kwargs, dtype, device):
     """Samples start ... end-1 (global indices) in chunks of batch_size; returns (x, nfe)."""
     pieces, nfe = [], 0
-    cond = sample_kwargs.pop("cond", None)
+    cond = sample_kwargs.get("cond")
+    rest = {k: v for k, v in sample_kwargs.items() if k != "cond"}
     for a in range(start, end, batch_size):
         b = min(a + batch_size, end)
         chunk_seed = seed[a:b] if isinstance(seed, list) else seed
         x, info = sample(model, solver, shape=(b - a,) + shape, seed=chunk_seed, sample_index=range(a, b),
-                         cond=_slice_cond(cond, n, a, b), dtype=dtype, device=device, return_info=True,
-                         **sample_kwargs)
+                         cond=_slice_cond(cond, n, a, b), dtype=dtype, device=device, return_info=True, **rest)
         pieces.append(x)
         nfe += info.nfe
-    sample_kwargs["cond"] = cond
     if not pieces:
         return torch.empty((0,) + shape, dtype=dtype or torch.get_default_dtype(), device=device), 0
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0], nfe
@@ -485,7 +484,6 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                   if world > 1 and _uses_nccl(group) else torch.device("cpu"))
     device = torch.device(device)
-    sample_kwargs = dict(sample_kwargs)
 
     if out_dir is not None:
         config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
