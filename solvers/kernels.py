@@ -144,8 +144,8 @@ class FusedStep:
                 for r, c in zip(rows, columns)]
         return torch.stack(rows, dim=1).contiguous()
 
-    def _output(self, x, k, ctx, stage=None):
-        out = ctx.output(x, k) if stage is None else ctx.output(x, k, stage=stage)
+    def _output(self, x, k, ctx):
+        out = ctx.output(x, k)
         out = out.detach()  # the kernels record no autograd graph (DLPack refuses tensors that require grad)
         if out.dtype not in _SUFFIX or (x.dtype != torch.float32 and out.dtype != x.dtype):
             out = out.to(x.dtype)  # a pair without a kernel (see STORAGE_PAIRS)
