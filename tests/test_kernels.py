@@ -210,7 +210,7 @@ KEYS = dict(seed=[3, 2**63 + 12345, 2**64 - 1], sample_index=[0, 7, 2**32 - 1])
 def test_philox_words_match_numpy_and_native(harness):
     from samplers import noise as noise_module
 
-    calls, seed, c = 300, 2**63 + 977, (5, 2**32 - 2, STREAM_STEP_OF(3))
+    calls, seed, c = 300, 2**63 + 977, (5, 2**32 - 2, step_stream(3))
     words = np.empty((calls, 4), dtype=np.uint32)
     harness.philox_words(words.ctypes.data_as(ctypes.c_void_p), calls, ctypes.c_uint64(seed), *map(ctypes.c_uint32, c))
     ref = np.stack(numpy_philox(np.arange(calls), *c, seed & _MASK, seed >> 32), axis=1).astype(np.uint32)
@@ -224,10 +224,6 @@ def test_philox_words_match_numpy_and_native(harness):
     harness.philox_words(kat.ctypes.data_as(ctypes.c_void_p), 1, ctypes.c_uint64(0),
                          *map(ctypes.c_uint32, (0, 0, 0)))
     np.testing.assert_array_equal(kat[0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8])
-
-
-def STREAM_STEP_OF(draw):  # noqa: N802 - reads as the constant it computes
-    return step_stream(draw)
 
 
 @pytest.mark.parametrize("per_sample", [1, 7, 4096, 4097, 9001])
