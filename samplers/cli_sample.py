@@ -113,24 +113,22 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_arg(expected: str, accepts):
+    """An argparse type: an integer that ``accepts``, else "expected <expected>, got <text>"."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or not accepts(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^64), got {text!r}") from None
-    if not 0 <= v < 2**64:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2^64), got {text!r}")
-    return v
+_positive = _int_arg("a positive integer", lambda v: v >= 1)
+_seed = _int_arg("an integer in [0, 2^64)", lambda v: 0 <= v < 2**64)
 
 
 def build_parser(prog: str = "python -m samplers sample") -> argparse.ArgumentParser:
