@@ -131,9 +131,14 @@ class DirichletSDE(SDE):
     def to_simplex(self, v: torch.Tensor) -> torch.Tensor:
         """Stick-breaking coordinates (..., K-1) -> points of the simplex (..., K)."""
         self._check_state(v)
+        return self._break_stick(v)[0]
+
+    @staticmethod
+    def _break_stick(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, before): the simplex point of v and the stick left before each coordinate (x_k = v_k before_k)."""
         remaining = torch.cumprod(1.0 - v, dim=-1)
         before = torch.cat([torch.ones_like(v[..., :1]), remaining[..., :-1]], dim=-1)
-        return torch.cat([v * before, remaining[..., -1:]], dim=-1)
+        return torch.cat([v * before, remaining[..., -1:]], dim=-1), before
 
     def from_simplex(self, x: torch.Tensor) -> torch.Tensor:
         """Points of the simplex (..., K) -> stick-breaking coordinates v_k = x_k / sum_{j>=k} x_j.
@@ -178,14 +183,13 @@ class DirichletSDE(SDE):
             raise ValueError(f"score_x must have shape {tuple(v.shape[:-1]) + (self.categories,)}, got "
                              f"{tuple(score_x.shape)}")
         score_x = score_x - score_x.mean(-1, keepdim=True)
-        x = self.to_simplex(v)
+        x, before = self._break_stick(v)
         # dx_j/dv_k = x_j / v_k for j = k, -x_j / (1 - v_k) for j > k, 0 for j < k
         tail_sum = torch.flip(torch.cumsum(torch.flip(x * score_x, [-1]), dim=-1), [-1])  # sum_{j>=k}
         own = x[..., :-1] * score_x[..., :-1]
         later = tail_sum[..., 1:]
         safe_v = torch.where(v > 0, v, torch.ones_like(v))
         # x_k / v_k is the stick left before k; written as such it stays finite at v_k = 0
-        before = torch.cat([torch.ones_like(v[..., :1]), torch.cumprod(1.0 - v, dim=-1)[..., :-1]], dim=-1)
         jt_s = torch.where(v > 0, own / safe_v, before * score_x[..., :-1]) - later / (1.0 - v)
         weights = torch.arange(self.categories - 2, -1, -1, dtype=v.dtype, device=v.device)
         return jt_s - weights / (1.0 - v)
