@@ -18,11 +18,10 @@ import torch
 from solvers import Solver
 from solvers.reversible import Reversible
 
-from .grid import grid as make_grid
-from .grid import validate_grid
 from .model import Model
 from .noise import NoiseSource
-from .sample import NonFiniteError, _check_solver_state, _resolve_dtypes, fixed_grid_context
+from .sample import (NonFiniteError, _check_solver_state, _resolve_dtypes, check_run_arguments, fixed_grid_context,
+                     run_grid)
 
 __all__ = ["invert", "Inversion"]
 
@@ -43,34 +42,17 @@ class Inversion:
 def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, cond, dtype, what):
     """Shared argument checks of invert/sample_grad; returns (grid (N+1, C) float64, the grid as given,
     the keyed noise source, cond, dtype, compute dtype)."""
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
+    cond = check_run_arguments(model, solver, cond)
     if getattr(solver, "adaptive", False):
         raise ValueError(f"{what} needs a fixed-grid solver; {solver!r} chooses its own steps")
-    solver.check_sde(model.sde)
     if callable(getattr(model.sde, "state_offset", None)):
         raise ValueError(f"{what} does not support {model.sde!r}, which is integrated around a mean state from "
                          "cond; use sample() for it")
-    if cond is None:
-        cond = {}
-    elif not isinstance(cond, dict):
-        raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1 or not x.is_floating_point():
         raise ValueError(f"{what}: the state must be a floating tensor of shape (B, ...) with B >= 1")
     dtype, compute = _resolve_dtypes(dtype, x)
     batch = x.shape[0]
-    if (steps is None) == (grid is None):
-        raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
-    if grid is None:
-        times = make_grid(model.sde, steps, grid_kind)
-    else:
-        if grid_kind is not None:
-            raise ValueError("grid_kind applies only with steps; an explicit grid already fixes the times")
-        times = validate_grid(model.sde, grid, batch)
-    times = times.detach().to("cpu", torch.float64)
-    table_times = times if times.dim() == 2 else times[:, None]
+    times, table_times = run_grid(model.sde, steps, grid, grid_kind, batch)
     noise = NoiseSource(seed, batch, sample_index=sample_index)
     return table_times, times, noise, cond, dtype, compute
 

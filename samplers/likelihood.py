@@ -33,7 +33,7 @@ from solvers import AdaptiveODE
 
 from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .sample import _AdaptiveContext, _resolve_dtypes
+from .sample import _AdaptiveContext, _resolve_dtypes, check_run_arguments
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -165,24 +165,18 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     Returns a :class:`LikelihoodResult`.
     """
     start_time = time.perf_counter()
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
-    sde = model.sde
     if solver is None:
         solver = AdaptiveODE("dopri5", rtol=1e-5, atol=1e-5)
     elif not isinstance(solver, AdaptiveODE):
         raise TypeError(f"solver must be a solvers.AdaptiveODE (the likelihood's ODE engine), got {type(solver).__name__}")
-    solver.check_sde(sde)
+    cond = check_run_arguments(model, solver, cond)
+    sde = model.sde
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError("x must be a floating tensor of shape (B, ...) with B >= 1")
     if x[0].numel() < 1:
         raise ValueError(f"x must have at least one dimension per sample, got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite (it has NaN or Inf entries)")
-    if cond is None:
-        cond = {}
-    elif not isinstance(cond, dict):
-        raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
     if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not isinstance(probe_noise, str) or probe_noise not in PROBE_NOISES:

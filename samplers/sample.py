@@ -260,6 +260,35 @@ def _state_offset(sde, cond: dict, x: torch.Tensor) -> torch.Tensor | None:
     return mu.to(device=x.device, dtype=x.dtype)
 
 
+def check_run_arguments(model: Model, solver: Solver, cond) -> dict:
+    """The checks every run makes of its model, solver and ``cond``; returns ``cond`` (``{}`` for None)."""
+    if not isinstance(model, Model):
+        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
+    solver.check_sde(model.sde)
+    if cond is None:
+        return {}
+    if not isinstance(cond, dict):
+        raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
+    return cond
+
+
+def run_grid(sde, steps, grid, grid_kind, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the run's grid, float64 on the CPU as given (N+1,) or (N+1, B); the same as (N+1, C) tables)
+    from exactly one of ``steps`` (with an optional ``grid_kind``) or an explicit ``grid``."""
+    if (steps is None) == (grid is None):
+        raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
+    if grid is None:
+        times = make_grid(sde, steps, grid_kind)
+    else:
+        if grid_kind is not None:
+            raise ValueError("grid_kind applies only with steps; an explicit grid already fixes the times")
+        times = validate_grid(sde, grid, batch)
+    times = times.detach().to("cpu", torch.float64)
+    return times, (times if times.dim() == 2 else times[:, None])
+
+
 def _progress_bar(progress, steps):
     if progress is None:
         progress = steps >= 200 and sys.stderr.isatty()
@@ -320,22 +349,14 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         ``info.backend_reason`` say which ran and why.  See docs/gpu.md.
     """
     start_time = time.perf_counter()
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
-    if not isinstance(solver, Solver):
-        raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
+    cond = check_run_arguments(model, solver, cond)
     sde = model.sde
-    solver.check_sde(sde)
     gaussian = bool(getattr(sde, "gaussian", False))
     if final_denoise is None:
         final_denoise = gaussian
     elif final_denoise and not gaussian:
         raise ValueError(f"final_denoise=True needs a Gaussian-marginal SDE (an x0 estimate from alpha and sigma); "
                          f"{sde!r} is not one: pass final_denoise=False or None")
-    if cond is None:
-        cond = {}
-    elif not isinstance(cond, dict):
-        raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
 
     if (shape is None) == (x_T is None):
         raise ValueError("pass exactly one of shape (to start from the prior) or x_T (the starting state)")
@@ -365,16 +386,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         if torch.as_tensor(grid).shape[0] != 2:
             raise ValueError(f"an adaptive solver takes grid=(t_start, t_end) (2 times, or (2, B)), got shape "
                              f"{tuple(torch.as_tensor(grid).shape)}")
-    if (steps is None) == (grid is None):
-        raise ValueError("pass exactly one of steps (a number of steps) or grid (a tensor of times)")
-    if grid is None:
-        times = make_grid(sde, steps, grid_kind)
-    else:
-        if grid_kind is not None:
-            raise ValueError("grid_kind applies only with steps; an explicit grid already fixes the times")
-        times = validate_grid(sde, grid, batch)
-    times = times.detach().to("cpu", torch.float64)
-    table_times = times if times.dim() == 2 else times[:, None]  # (N+1, C)
+    times, table_times = run_grid(sde, steps, grid, grid_kind, batch)
     n_steps = table_times.shape[0] - 1
 
     if seed is None:
