@@ -74,11 +74,8 @@ def make_mu(shape, seed=0):
 
 
 @pytest.fixture(autouse=True)
-def single_thread():
-    n = torch.get_num_threads()
+def single_thread(restore_threads):
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- the schedule ---------------------------------------------------------------------------------------
