@@ -214,13 +214,11 @@ class DPMSolver(Solver):
 
     def fused_step(self):
         """The fused CUDA kernel of this step (:mod:`solvers.kernels`): multistep without x0 hooks."""
-        from .kernels import KernelUnsupported, MultistepStep
+        from .kernels import KernelUnsupported, multistep_kernel
 
         if self.method != "multistep":
             raise KernelUnsupported("DPMSolver(method='singlestep') has no fused kernel")
-        if self.hooks.active:
-            raise KernelUnsupported("thresholding/correct_x0 act on the whole x0 estimate: no fused kernel")
-        return MultistepStep(self.order, "dpm_m", noise=False)
+        return multistep_kernel(self.hooks, self.order, "dpm_m", noise=False)
 
     def _singlestep(self, k, x, ctx):
         order = ctx.plan("orders")[k]

@@ -151,11 +151,9 @@ class DPMSolverSDE(Solver):
 
     def fused_step(self):
         """The fused CUDA kernel of this step (:mod:`solvers.kernels`), noise drawn in the kernel."""
-        from .kernels import KernelUnsupported, MultistepStep
+        from .kernels import multistep_kernel
 
-        if self.hooks.active:
-            raise KernelUnsupported("thresholding/correct_x0 act on the whole x0 estimate: no fused kernel")
-        return MultistepStep(self.solver_order, "dpm_sde_m", noise=self.stochastic)
+        return multistep_kernel(self.hooks, self.solver_order, "dpm_sde_m", noise=self.stochastic)
 
     def __repr__(self):
         extra = "" if self.lower_order_final else ", lower_order_final=False"

@@ -345,11 +345,9 @@ class ERSDE(Solver):
 
     def fused_step(self):
         """The fused CUDA kernel of this step (:mod:`solvers.kernels`), noise drawn in the kernel."""
-        from .kernels import KernelUnsupported, MultistepStep
+        from .kernels import multistep_kernel
 
-        if self.hooks.active:
-            raise KernelUnsupported("thresholding/correct_x0 act on the whole x0 estimate: no fused kernel")
-        return MultistepStep(self.solver_order, "ersde_m", noise=self.stochastic)
+        return multistep_kernel(self.hooks, self.solver_order, "ersde_m", noise=self.stochastic)
 
     def __repr__(self):
         scale = repr(self.noise_scale_name) if self.noise_scale_name else getattr(self._phi, "__name__",

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
-           "MultistepStep", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
+           "MultistepStep", "multistep_kernel", "kernel_compile_reason", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
            "keyed_normal", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
 
 BACKENDS = ("auto", "torch", "cupy")
@@ -238,6 +238,14 @@ class MultistepStep(FusedStep):
 
     def __repr__(self):
         return f"MultistepStep(order={self.order}, noise={self.noise})"
+
+
+def multistep_kernel(hooks, order: int, ring_name: str, noise: bool) -> MultistepStep:
+    """The fused step of an exponential multistep solver (DPMSolver, DPMSolverSDE, ERSDE), which has
+    none while its x0 hooks are active: thresholding/correct_x0 act on the whole x0 estimate."""
+    if hooks.active:
+        raise KernelUnsupported("thresholding/correct_x0 act on the whole x0 estimate: no fused kernel")
+    return MultistepStep(order, ring_name, noise=noise)
 
 
 # ---------------------------------------------------------------------------------------------
