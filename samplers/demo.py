@@ -141,6 +141,15 @@ def steps_for_nfe(solver: Solver, nfe: int, final_denoise: bool = True) -> int:
     return max((int(nfe) - int(bool(final_denoise))) // per_step, 0)
 
 
+def exact_problem(problem: str, sde: str):
+    """(SDE, mixture, Model of its exact x0 network) of a built-in problem name and SDE name."""
+    from . import problems
+
+    sde_obj = SDES[sde]()
+    mixture = getattr(problems, PROBLEMS[problem])()
+    return sde_obj, mixture, Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
+
+
 def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(seed))
     return mixture.sample(n, generator=gen).to(device)
@@ -174,9 +183,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
 
     if problem not in PROBLEMS:
         raise ValueError(f"problem must be one of {sorted(PROBLEMS)}, got {problem!r}")
-    sde_obj = SDES[sde]()
-    mixture = getattr(problems, PROBLEMS[problem])()
-    model = Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
+    sde_obj, mixture, model = exact_problem(problem, sde)
 
     # the reference set, and independent exact sets of the same size for the floor: the distance
     # a perfect sampler would still show.  It is itself random (the component counts fluctuate),

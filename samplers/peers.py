@@ -375,12 +375,9 @@ def run_peers(*, sde: str, problem: str, exact: torch.Tensor, budgets, samples: 
     import time
 
     from . import problems
-    from .demo import PROBLEMS, SDES
-    from .model import Model
+    from .demo import exact_problem
 
-    sde_obj = SDES[sde]()
-    mixture = getattr(problems, PROBLEMS[problem])()
-    model = Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
+    sde_obj, mixture, model = exact_problem(problem, sde)
     gen = torch.Generator().manual_seed(int(seed) + 7)
     x_T = (torch.randn(samples, mixture.dim, generator=gen, dtype=_F64) * sde_obj.prior_std).to(dtype)
     peers = peer_list() if peers is None else peers
@@ -423,18 +420,14 @@ def agreement(peer: Peer, sde: str = "edm", steps: int = 20, batch: int = 64, se
               kind: str | None = None) -> float:
     """max |ours - peer| / max |peer| in float64 for a peer with a ``same_as`` solver, from the same
     x_T on the same grid (``kind``, default the SDE's own) with the same keyed step noise."""
-    from . import problems
-    from .demo import PROBLEMS, SDES
-    from .model import Model
+    from .demo import exact_problem
     from .sample import sample
 
     if peer.same_as is None:
         raise ValueError(f"{peer.label} has no counterpart among our solvers (same_as is None)")
     if peer.same_on and sde not in peer.same_on:
         raise ValueError(f"{peer.label} is the same algorithm as ours only on {peer.same_on}, got sde={sde!r}")
-    sde_obj = SDES[sde]()
-    mixture = getattr(problems, PROBLEMS[problem])()
-    model = Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
+    sde_obj, mixture, model = exact_problem(problem, sde)
     gen = torch.Generator().manual_seed(int(seed) + 11)
     x_T = torch.randn(batch, mixture.dim, generator=gen, dtype=_F64) * sde_obj.prior_std
     ours = sample(model, peer.same_as(), x_T=x_T, grid=grid(sde_obj, steps, kind), seed=seed, dtype=_F64)
