@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .model import Model
-from .sample import sample
+from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
            "throughput", "INDEX_NAME", "main"]
@@ -130,10 +130,12 @@ def _all_gather_object(obj, group, world):
 # sampling one range
 
 
-def _slice_cond(cond, n, start, end):
-    """Per-sample conditioning (tensors with N rows) follows the samples; the rest is shared."""
+def _slice_cond(sde, cond, n, shape, start, end):
+    """Per-sample conditioning (tensors with N rows, see :func:`samplers.sample.per_sample_cond`)
+    follows the samples; the rest is shared."""
     if not cond:
         return cond
+    cond = per_sample_cond(sde, cond, (n,) + tuple(shape))
     return {k: v[start:end] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n else v
             for k, v in cond.items()}
 
@@ -147,7 +149,7 @@ def _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_
         b = min(a + batch_size, end)
         chunk_seed = seed[a:b] if isinstance(seed, list) else seed
         x, info = sample(model, solver, shape=(b - a,) + shape, seed=chunk_seed, sample_index=range(a, b),
-                         cond=_slice_cond(cond, n, a, b), dtype=dtype, device=device, return_info=True, **rest)
+                         cond=_slice_cond(model.sde, cond, n, shape, a, b), dtype=dtype, device=device, return_info=True, **rest)
         pieces.append(x)
         nfe += info.nfe
     if not pieces:

@@ -289,6 +289,22 @@ def run_grid(sde, steps, grid, grid_kind, batch: int) -> tuple[torch.Tensor, tor
     return times, (times if times.dim() == 2 else times[:, None])
 
 
+def per_sample_cond(sde, cond: dict, state_shape) -> dict:
+    """``cond`` in the form where a tensor is per-sample exactly when its first dimension is the
+    batch (the rule by which batches are split into rows): the mean state of an SDE integrated
+    around one (:class:`sde.MeanRevertingSDE`), which may be shaped like one sample, is expanded
+    to the whole state's shape (a view).  A mean state that does not broadcast is left as it is,
+    for the run's own check to name."""
+    key = getattr(sde, "mean_key", None)
+    mu = cond.get(key) if key is not None and callable(getattr(sde, "state_offset", None)) else None
+    if not isinstance(mu, torch.Tensor):
+        return cond
+    try:
+        return {**cond, key: mu.expand(tuple(state_shape))}
+    except RuntimeError:
+        return cond
+
+
 def _progress_bar(progress, steps):
     if progress is None:
         progress = steps >= 200 and sys.stderr.isatty()
@@ -408,12 +424,7 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         x.sub_(offset)  # the prior draw already is one of y = x - mu
 
     if adaptive:
-        if offset is not None:
-            # the adaptive context hands the network the rows of per-sample conditions (tensors whose first
-            # dimension is the batch): a mu shaped like one sample whose first dimension equals the batch
-            # size must not be taken for one, so it travels expanded to the state's shape (a view)
-            key = getattr(sde, "mean_key", "mu")
-            cond = {**cond, key: cond[key].expand(x.shape)}
+        cond = per_sample_cond(sde, cond, x.shape)  # the adaptive context hands the network rows of it
         result = _sample_adaptive(model, solver, x, table_times, times, cond, final_denoise, dtype, compute, device,
                                   seed, noise, return_info, start_time, offset)
         if return_info:

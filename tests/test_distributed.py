@@ -282,3 +282,23 @@ def test_torchrun_two_processes_killed_then_resumed_with_one(tmp_path):
     assert two.returncode == 0, two.stderr
     assert "(2 processes): 5 shards written" in two.stdout
     assert torch.equal(load_shards(fresh), ref)
+
+
+@pytest.mark.parametrize("solver", [EulerMaruyama(), AdaptiveEM(rtol=0.2)], ids=["em", "adaptive-em"])
+def test_shared_mean_state_shaped_like_one_sample_is_not_split(solver):
+    """On the mean-reverting SDE a mu shaped like one sample whose first dimension equals n is shared, not
+    per-sample rows: chunks of 1 give what one sample() call gives (it once differed by 3.5)."""
+    from sde import MeanRevertingSDE
+
+    sde = MeanRevertingSDE("cosine", lam=0.5)
+    model = Model(lambda x, t, mu: 0.3 * (x - mu), sde, predicts="eps")
+    n, shape = 3, (3, 5)
+    mu = torch.linspace(-1.0, 1.0, 15, dtype=F64).reshape(shape)  # first dimension == n
+    kw = {} if getattr(solver, "adaptive", False) else {"steps": 5}
+    ref = sample(model, solver, shape=(n,) + shape, seed=4, dtype=F64, cond={"mu": mu}, **kw)
+    got = sample_distributed(model, solver, n, shape, seed=4, dtype=F64, batch_size=1, cond={"mu": mu}, **kw)
+    assert torch.equal(got, ref)
+    per_sample = mu.expand((n,) + shape) + torch.arange(n, dtype=F64)[:, None, None]  # rows do follow samples
+    ref = sample(model, solver, shape=(n,) + shape, seed=4, dtype=F64, cond={"mu": per_sample}, **kw)
+    got = sample_distributed(model, solver, n, shape, seed=4, dtype=F64, batch_size=2, cond={"mu": per_sample}, **kw)
+    assert torch.equal(got, ref)
