@@ -302,3 +302,14 @@ def test_shared_mean_state_shaped_like_one_sample_is_not_split(solver):
     ref = sample(model, solver, shape=(n,) + shape, seed=4, dtype=F64, cond={"mu": per_sample}, **kw)
     got = sample_distributed(model, solver, n, shape, seed=4, dtype=F64, batch_size=2, cond={"mu": per_sample}, **kw)
     assert torch.equal(got, ref)
+
+
+def test_throughput_reports_each_process_count():
+    from samplers.distributed import throughput
+
+    rows = throughput(n=64, world_sizes=(1, 2), dim=4, hidden=8, steps=2, batch_size=16, repeats=1)
+    assert [r["processes"] for r in rows] == [1, 2] and all(r["n"] == 64 for r in rows)
+    for r in rows:
+        assert r["seconds"] > 0 and r["samples_per_s"] == pytest.approx(64 / r["seconds"])
+        assert r["speedup"] == pytest.approx(r["samples_per_s"] / rows[0]["samples_per_s"])
+    assert rows[0]["speedup"] == 1.0
