@@ -17,21 +17,30 @@ SAMPLERS_HD void linear_thread(long long t, T* x, const O* out, T* aux0, const T
     if (!slot_of(t, per_sample, batch, slot)) return;
     const long long s = slot.sample;
     const float a = coef[s], b = coef[batch + s];
+    // every load is issued before any store (and before the noise arithmetic): the buffers may
+    // alias (unused aux pointers are x), so the compiler cannot reorder them itself, and one
+    // element's loads at a time leave the memory system mostly idle
+    float xv[4], ov[4], av[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int w = q * slot.calls + slot.n;
+        if (w < slot.len) {
+            const long long i = slot.base + w;
+            xv[q] = load(x, i);
+            ov[q] = load(out, i);
+            if (MODE == 2) av[q] = load(aux0, i);
+        }
+    }
     float z[4];
     const float c = step_noise<NOISE>(slot, coef, 2, batch, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int w = q * slot.calls + slot.n;
-        if (w >= slot.len) break;
-        const long long i = slot.base + w;
-        float v;
-        if (MODE == 2) {
-            v = fmaf(b, load(out, i), fmaf(a, load(aux0, i), 0.5f * load(x, i)));
-        } else {
-            v = fmaf(b, load(out, i), a * load(x, i));
+        if (w < slot.len) {
+            float v = MODE == 2 ? fmaf(b, ov[q], fmaf(a, av[q], 0.5f * xv[q])) : fmaf(b, ov[q], a * xv[q]);
+            if (NOISE) v = fmaf(c, z[q], v);
+            store(MODE == 1 ? aux0 : x, slot.base + w, v);
         }
-        if (NOISE) v = fmaf(c, z[q], v);
-        store(MODE == 1 ? aux0 : x, i, v);
     }
 }
 

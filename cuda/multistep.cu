@@ -23,21 +23,34 @@ SAMPLERS_HD void multistep_thread(long long t, T* x, const O* out, T* aux0, cons
     const float px = coef[s], pout = coef[batch + s], cx = coef[2 * batch + s], w0 = coef[3 * batch + s];
     const float w1 = HIST >= 1 ? coef[4 * batch + s] : 0.0f;
     const float w2 = HIST >= 2 ? coef[5 * batch + s] : 0.0f;
+    // every load is issued before any store (see euler.cu)
+    float xv[4], ov[4], h1[4], h2[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int w = q * slot.calls + slot.n;
+        if (w < slot.len) {
+            const long long i = slot.base + w;
+            xv[q] = load(x, i);
+            ov[q] = load(out, i);
+            if (HIST >= 1) h1[q] = load(aux1, i);
+            if (HIST >= 2) h2[q] = load(aux2, i);
+        }
+    }
     float z[4];
     const float c = step_noise<NOISE>(slot, coef, 6, batch, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int w = q * slot.calls + slot.n;
-        if (w >= slot.len) break;
-        const long long i = slot.base + w;
-        const float xi = load(x, i);
-        const float m = rounded(aux0, fmaf(pout, load(out, i), px * xi));
-        store(aux0, i, m);
-        float v = fmaf(w0, m, cx * xi);
-        if (HIST >= 1) v = fmaf(w1, load(aux1, i), v);
-        if (HIST >= 2) v = fmaf(w2, load(aux2, i), v);
-        if (NOISE) v = fmaf(c, z[q], v);
-        store(x, i, v);
+        if (w < slot.len) {
+            const long long i = slot.base + w;
+            const float m = rounded(aux0, fmaf(pout, ov[q], px * xv[q]));
+            store(aux0, i, m);
+            float v = fmaf(w0, m, cx * xv[q]);
+            if (HIST >= 1) v = fmaf(w1, h1[q], v);
+            if (HIST >= 2) v = fmaf(w2, h2[q], v);
+            if (NOISE) v = fmaf(c, z[q], v);
+            store(x, i, v);
+        }
     }
 }
 

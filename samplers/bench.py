@@ -590,6 +590,12 @@ def replot(json_path: str, out: str) -> list[str]:
     return paths
 
 
+def _gpu_sections():
+    from .bench_gpu import SECTIONS
+
+    return SECTIONS
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samplers bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -634,7 +640,22 @@ def main(argv=None) -> int:
     kb.add_argument("--shapes", nargs="+", type=_batch_shape, default=["256x3x64x64", "64x4x128x128"],
                     help="batch shapes, e.g. 256x3x64x64")
     kb.add_argument("--json", help="also write the result to this JSON file")
+    gb = sub.add_parser("gpu", help="every check of the CUDA path on one GPU (tests, kernels, syncs, graphs, "
+                                    "bandwidth, end to end, NCCL): DIR/gpu.json and DIR/gpu.log")
+    gb.add_argument("--out", required=True, help="directory for gpu.json, gpu.log and gpu_tests.log")
+    gb.add_argument("--sections", nargs="+", default=None, metavar="SECTION",
+                    help="only these sections (default: all), of: " + ", ".join(_gpu_sections()))
+    gb.add_argument("--budget-s", type=float, default=330.0,
+                    help="skip the sections not started within this many seconds (default 330)")
     args = parser.parse_args(argv)
+    if args.what == "gpu":
+        from .bench_gpu import SECTIONS, run_gpu_checks
+
+        sections = SECTIONS if args.sections is None else tuple(args.sections)
+        unknown = sorted(set(sections) - set(SECTIONS))
+        if unknown:
+            parser.error(f"argument --sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+        return run_gpu_checks(args.out, sections=sections, budget_s=args.budget_s)
     if args.what == "kernels":
         import sys
 

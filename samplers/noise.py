@@ -202,8 +202,10 @@ def _torch_normals(per_sample: int, dtype, device, seeds, index, counter, stream
     call = item * _ITEM_CALLS + within % calls_in_item
     col = lambda v: v.to(device=device, dtype=torch.int64).reshape(-1, 1)  # noqa: E731
     seeds = col(seeds)
+    # an int counter (one for the whole batch) stays a Python scalar: no host-to-device copy per step
+    counter = counter & _MASK32 if isinstance(counter, int) else col(counter) & _MASK32
     o0, o1, o2, o3 = philox_torch(call.reshape(1, -1), seeds & _MASK32, (seeds >> 32) & _MASK32,
-                                  col(index) & _MASK32, col(counter) & _MASK32, stream & _MASK32)
+                                  col(index) & _MASK32, counter, stream & _MASK32)
     if dtype == torch.float32:
         f = lambda w: (w >> 8).to(torch.float32)  # noqa: E731
         u1, u2, u3, u4 = (f(o0) + 1.0) * 2.0**-24, f(o1) * 2.0**-24, (f(o2) + 1.0) * 2.0**-24, f(o3) * 2.0**-24
@@ -274,6 +276,7 @@ class NoiseSource:
         self.sample_index = index
         self._index32 = index.to(torch.int32)  # the uint32 bits the C code reads
         self._counter_cache: dict[int, torch.Tensor] = {}
+        self._device_keys: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def subset(self, index) -> "NoiseSource":
         """The source of rows ``index`` (int64; repeats allowed): row j draws what row index[j] of
@@ -287,7 +290,20 @@ class NoiseSource:
         out.sample_index = self.sample_index[index]
         out._index32 = self._index32[index]
         out._counter_cache = {}
+        out._device_keys = {}
         return out
+
+    def keys_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seeds, sample indices) as int64 tensors on ``device``, copied there once: a run calls this
+        before its loop so that drawing a step's noise on a GPU makes no host-to-device copy (each
+        copy from pageable memory waits for the host)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        keys = self._device_keys.get(device)
+        if keys is None:
+            keys = self._device_keys[device] = (self.seeds.to(device), self.sample_index.to(device))
+        return keys
 
     def _counter(self, counter) -> torch.Tensor:
         if isinstance(counter, int):
@@ -326,8 +342,10 @@ class NoiseSource:
                 _native_fill(target, self.seeds, self._index32, counter32, int(stream))
         else:
             per_sample = math.prod(shape)
-            target = _torch_normals(per_sample, gen_dtype, device, self.seeds, self.sample_index,
-                                    counter32.to(torch.int64) & _MASK32, int(stream)).reshape(full)
+            seeds, index = self.keys_on(device)
+            step_counter = counter if isinstance(counter, int) else counter32.to(torch.int64) & _MASK32
+            target = _torch_normals(per_sample, gen_dtype, device, seeds, index, step_counter,
+                                    int(stream)).reshape(full)
         if out is None:
             return target.to(dtype)
         if target is not out:

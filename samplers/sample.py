@@ -87,6 +87,8 @@ class _Context:
         self._noise_bufs: dict[int, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
         self.solver_state: dict | None = None  # a solver's initial state besides x (sample's solver_state=)
+        if like.device.type != "cpu":
+            noise.keys_on(like.device)  # the noise keys reach the device before the loop, not in it
 
     def output(self, x, time_index, stage=None):
         net_x = x if x.dtype == self.net_dtype else x.to(self.net_dtype)

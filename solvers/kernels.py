@@ -14,16 +14,18 @@ float32 arithmetic for float32, float16 and bfloat16 states.
 
 The sampling driver chooses with ``sample(..., backend="auto" | "torch" | "cupy")``: see
 :func:`resolve_backend`.  The CuPy side (:class:`CupyRunner`) compiles each ``.cu`` file once per
-process with NVRTC (``cupy.RawModule``; CuPy also caches the binary on disk), views torch tensors
-through DLPack without copying, and launches on ``torch.cuda.current_stream()``.
+process with NVRTC (``cupy.RawModule``; CuPy also caches the binary on disk), hands the kernels torch
+tensors' device addresses (no copy, no per-launch view) and launches on ``torch.cuda.current_stream()``.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
@@ -146,7 +148,10 @@ class FusedStep:
 
     def _output(self, x, k, ctx):
         out = ctx.output(x, k)
-        out = out.detach()  # the kernels record no autograd graph (DLPack refuses tensors that require grad)
+        if out.device != x.device:  # the kernels read it by address: it must live where the state does
+            raise ValueError(f"the network returned a tensor on {out.device}; the fused kernels need it on the "
+                             f"state's device {x.device}")
+        out = out.detach()  # the kernels record no autograd graph
         if out.dtype not in _SUFFIX or (x.dtype != torch.float32 and out.dtype != x.dtype):
             out = out.to(x.dtype)  # a pair without a kernel (see STORAGE_PAIRS)
         return out if out.is_contiguous() else out.contiguous()
@@ -289,29 +294,49 @@ def _module(cupy, source: str):
 
 
 def kernel_compile_reason(sources) -> str | None:
-    """None when every .cu file in ``sources`` compiles with CuPy (NVRTC), else why not: a missing
-    NVRTC library or a compile error then makes ``auto`` fall back to torch instead of failing at the
-    first launch."""
+    """None when every .cu file in ``sources`` compiles with CuPy (NVRTC) and defines every kernel a
+    step may launch from it (:func:`kernel_names`), else why not: a missing NVRTC library, a compile
+    error or a missing kernel then makes ``auto`` fall back to torch instead of failing at the first
+    launch."""
     cupy = _import_cupy()
     for source in sources:
         try:
-            _module(cupy, source).compile()
+            module = _module(cupy, source)
+            module.compile()
         except Exception as exc:  # NVRTC raises its own types (CompileException, RuntimeError, OSError)
             return f"the fused kernels of {source} did not compile ({type(exc).__name__}: {exc})"
+        for name in kernel_names(source):
+            try:
+                module.get_function(name)
+            except Exception as exc:  # CUDA's "named symbol not found", raised as CuPy's CUDADriverError
+                return f"the kernel {name} is missing from the compiled {source} ({type(exc).__name__}: {exc})"
     return None
 
 
-def _dlpack_view(cupy, t: torch.Tensor):
-    """A zero-copy CuPy view of a contiguous CUDA tensor; 2-byte floats travel as int16 (CuPy has no
-    bfloat16), which the kernels read as their bits."""
-    if t.element_size() == 2 and t.is_floating_point():
-        t = t.view(torch.int16)
-    return cupy.from_dlpack(t)
+def _pointer(t: torch.Tensor) -> np.uint64:
+    """A kernel argument for a tensor: its device address (8 bytes, as a ``T*`` parameter takes it).
+    Kernels run on torch's current stream, so torch's caching allocator orders their use of the
+    memory as it orders its own kernels'; no DLPack view is made per launch."""
+    return np.uint64(t.data_ptr())
+
+
+def _external_stream(cupy, torch_stream):
+    """The CuPy stream object of a torch stream (made once per stream and runner)."""
+    from_external = getattr(getattr(cupy.cuda, "Stream", None), "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(torch_stream)  # CuPy >= 14: the CUDA stream protocol
+        except (TypeError, AttributeError, ValueError):
+            pass  # a torch without __cuda_stream__: the raw handle below
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 deprecates it in favour of the above
+        return cupy.cuda.ExternalStream(torch_stream.cuda_stream)
 
 
 class CupyRunner:
-    """Launches fused kernels for one run: the batch's noise key on the device, views of the
-    run's persistent buffers, torch's current stream."""
+    """Launches fused kernels for one run: the batch's noise key on the device, the run's
+    persistent buffers, torch's current stream.  A launch costs a few microseconds of host time:
+    tensors travel as device addresses, and the CuPy stream and device objects are made once."""
 
     def __init__(self, x: torch.Tensor, noise_source):
         self.cupy = cupy = _import_cupy()
@@ -321,42 +346,44 @@ class CupyRunner:
         self.suffix_x = storage_suffix(x.dtype)
         threads = self.batch * (-(-self.per_sample // _ITEM_SIZE)) * _ITEM_CALLS
         self.blocks = -(-threads // BLOCK)
-        self._views: dict[int, object] = {}
         self._kept: list[torch.Tensor] = []
         self._functions: dict[str, object] = {}
-        with cupy.cuda.Device(self.device.index):
-            self.seeds = self.keep(noise_source.seeds.to(self.device))
-            self.index = self.keep(noise_source._index32.to(self.device))
+        self._streams: dict[int, object] = {}
+        self._cuda_device = cupy.cuda.Device(self.device.index)
+        self._sizes = (np.int64(self.per_sample), np.int64(self.batch))
+        self.seeds = self.keep(noise_source.seeds.to(self.device))
+        self.index = self.keep(noise_source._index32.to(self.device))
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
-        """Register a tensor that lives for the whole run: its DLPack view is made once."""
+        """Register a tensor that lives for the whole run (the runner holds it, so its memory stays
+        the kernels')."""
         if not t.is_contiguous():
             raise ValueError("fused kernels need contiguous buffers")
-        if id(t) not in self._views:
-            self._kept.append(t)
-            self._views[id(t)] = None
+        if t.device != self.device:
+            raise ValueError(f"fused kernels need buffers on the state's device {self.device}, got one on {t.device}")
+        self._kept.append(t)
         return t
 
-    def _view(self, t):
-        key = id(t)
-        if key in self._views:
-            view = self._views[key]
-            if view is None:
-                view = self._views[key] = _dlpack_view(self.cupy, t)
-            return view
-        return _dlpack_view(self.cupy, t)
+    def _stream(self):
+        torch_stream = torch.cuda.current_stream(self.device)
+        stream = self._streams.get(torch_stream.cuda_stream)
+        if stream is None:
+            stream = self._streams[torch_stream.cuda_stream] = _external_stream(self.cupy, torch_stream)
+        return stream
+
+    def function(self, source: str, name: str):
+        fn = self._functions.get(name)
+        if fn is None:
+            with self._cuda_device:
+                fn = self._functions[name] = _module(self.cupy, source).get_function(name)
+        return fn
 
     def launch(self, source, kernel, x, out, aux0, aux1, aux2, coef, k, stream_tag=0):
-        cupy = self.cupy
-        name = f"{kernel}_{self.suffix_x}_{storage_suffix(out.dtype)}"
-        torch_stream = torch.cuda.current_stream(self.device)
-        with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(torch_stream.cuda_stream):
-            fn = self._functions.get(name)
-            if fn is None:
-                fn = self._functions[name] = _module(cupy, source).get_function(name)
-            args = (self._view(x), self._view(out), self._view(aux0), self._view(aux1), self._view(aux2),
-                    self._view(coef)[k], self._view(self.seeds), self._view(self.index),
-                    cupy.uint32(k), cupy.uint32(stream_tag), cupy.int64(self.per_sample), cupy.int64(self.batch))
+        fn = self.function(source, f"{kernel}_{self.suffix_x}_{storage_suffix(out.dtype)}")
+        row = coef[k]  # a view: its address is the row's
+        args = (_pointer(x), _pointer(out), _pointer(aux0), _pointer(aux1), _pointer(aux2), _pointer(row),
+                _pointer(self.seeds), _pointer(self.index), np.uint32(k), np.uint32(stream_tag), *self._sizes)
+        with self._cuda_device, self._stream():
             fn((self.blocks,), (BLOCK,), args)
 
 
@@ -381,12 +408,10 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
         raise RuntimeError(f"keyed_normal needs CuPy: {reason}")
     out = torch.empty((noise_source.batch_size, *tuple(shape)), dtype=dtype, device=device)
     runner = CupyRunner(out, noise_source)
-    cupy = runner.cupy
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-        fn = _module(cupy, "noise.cu").get_function(f"normal_{storage_suffix(dtype)}")
-        fn((runner.blocks,), (BLOCK,), (_dlpack_view(cupy, out), runner._view(runner.seeds),
-                                        runner._view(runner.index), cupy.uint32(counter), cupy.uint32(stream),
-                                        cupy.int64(runner.per_sample), cupy.int64(runner.batch)))
+    fn = runner.function("noise.cu", f"normal_{storage_suffix(dtype)}")
+    with runner._cuda_device, runner._stream():
+        fn((runner.blocks,), (BLOCK,), (_pointer(out), _pointer(runner.seeds), _pointer(runner.index),
+                                        np.uint32(counter), np.uint32(stream), *runner._sizes))
     return out
 
 

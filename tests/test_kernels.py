@@ -425,8 +425,8 @@ def test_half_state_kernels(harness, storage):
 
 class _FakeCupy:
     """Enough of CuPy for CupyRunner, with every launched kernel run by the host harness: checks the
-    Python side's launch (argument order and types against the kernel signature, grid size, DLPack
-    views of every tensor, 2-byte floats as int16, torch's stream, one compile per file)."""
+    Python side's launch (argument order and types against the kernel signature, grid size, tensors
+    as addresses, torch's stream, one compile per file)."""
 
     uint32, int64 = np.uint32, np.int64
 
@@ -477,6 +477,8 @@ class _FakeCupy:
         for a in args:
             if isinstance(a, self.Array):
                 cargs.append(_ptr(a.t))
+            elif isinstance(a, np.uint64):  # a tensor's address (CupyRunner hands the kernels data_ptr())
+                cargs.append(ctypes.c_void_p(int(a)))
             elif isinstance(a, np.uint32):
                 cargs.append(ctypes.c_uint32(int(a)))
             else:
@@ -519,9 +521,8 @@ def test_cupy_runner_launches(fake_cupy, monkeypatch, solver, dtype):
     (runner,) = runners
     assert isinstance(runner, kernels.CupyRunner)
     assert len(fake.compiled) == 1 and set(fake.streams) == {4242}
-    # the run's buffers (state, coefficient tables, key, stage/ring) are viewed once each, the
-    # network output once a call
-    assert fake.views == len(runner._kept) + 6 * solver.nfe_per_step
+    # tensors reach the kernels as addresses: no DLPack view per launch
+    assert fake.views == 0
 
 
 def test_cupy_runner_with_a_network_that_requires_grad(fake_cupy):
@@ -606,6 +607,33 @@ def test_auto_falls_back_when_the_kernels_do_not_compile(monkeypatch):
         kernels.resolve_backend("cupy", EulerMaruyama(), "cuda:0", torch.float32)
     assert compiled == [kernels.kernel_source("multistep.cu"), kernels.kernel_source("euler.cu")]
     assert kernels.MultistepStep.sources == ("multistep.cu", "euler.cu") and kernels.LinearStep.sources == ("euler.cu",)
+
+
+def test_auto_falls_back_when_a_kernel_is_missing(monkeypatch):
+    """The sources compile but a kernel a step launches is not in the module (e.g. a source edited
+    out of step with kernel_names): auto runs torch and names the kernel; cupy raises."""
+
+    class Module:
+        def __init__(self, code, options=()):
+            pass
+
+        def compile(self):
+            pass
+
+        def get_function(self, name):
+            if name == "multistep_h2_noise_f32_bf16":
+                raise RuntimeError("CUDA_ERROR_NOT_FOUND: named symbol not found")
+            return object()
+
+    monkeypatch.setattr(kernels, "_import_cupy", lambda: type("cupy", (), {"RawModule": Module}))
+    monkeypatch.setattr(kernels, "_modules", {})
+    monkeypatch.setattr(kernels, "cupy_unavailable_reason", lambda: None)
+    name, fused, why = kernels.resolve_backend("auto", ERSDE(3), "cuda:0", torch.float32)
+    assert (name, fused) == ("torch", None)
+    assert "multistep_h2_noise_f32_bf16 is missing from the compiled multistep.cu" in why and "named symbol" in why
+    with pytest.raises(kernels.KernelUnsupported, match="backend='cupy'.*multistep_h2_noise_f32_bf16 is missing"):
+        kernels.resolve_backend("cupy", ERSDE(3), "cuda:0", torch.float32)
+    assert kernels.resolve_backend("cupy", EulerMaruyama(), "cuda:0", torch.float32)[0] == "cupy"
 
 
 def test_sample_backend_argument(no_cupy):
@@ -754,3 +782,47 @@ def test_gpu_fused_equals_torch_with_the_same_noise(monkeypatch, solver, dtype):
     assert info.backend == "cupy"
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("pair", kernels.STORAGE_PAIRS)
+def test_bench_gpu_kernel_agreement_with_host_kernels(harness, monkeypatch, pair):
+    """``bench gpu``'s per-kernel agreement on the CPU (kernels on the host): every solver's fused step
+    lies within a few roundings of the stored state of its float64 torch step, and the kernels each
+    solver launches are the ones docs/gpu.md names."""
+    from samplers import bench_gpu
+
+    monkeypatch.setattr(kernels, "make_runner", lambda x, noise: HostRunner(harness, x, noise))
+    monkeypatch.setattr(kernels, "keyed_normal", lambda source, shape, *, counter=0, stream=0, dtype=torch.float32,
+                        device="cpu": _host_normal(harness, source, math.prod(shape), counter, stream)
+                        .reshape(source.batch_size, *shape).to(dtype))
+    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    state, out = (dtypes[s] for s in pair.split("_"))
+    unit = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[state]
+    launched_by = {}
+    for solver in bench_gpu.agreement_solvers():
+        diff, launched = bench_gpu.kernel_agreement(solver, state, out, shape=(2, 3, 8, 9), device="cpu")
+        assert diff <= 16 * unit, (solver, diff)
+        launched_by[repr(solver)] = launched
+    assert launched_by["EulerMaruyama(eta=1)"] == ["euler_step_noise"]
+    assert launched_by["Heun(eta=0)"] == ["heun_correct", "heun_predict"]
+    assert launched_by["DPMSolver(order=3, predict='data')"] == ["multistep_h0", "multistep_h1", "multistep_h2"]
+    assert launched_by["ERSDE(order=3, noise_scale='sde_5')"] == ["multistep_h0_noise", "multistep_h1_noise",
+                                                                   "multistep_h2_noise"]
+
+
+def test_bench_gpu_reports_no_gpu(tmp_path, monkeypatch, capsys):
+    """Without a GPU ``bench gpu`` says so (exit 2, no traceback) and still writes its report."""
+    import json
+
+    from samplers import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["gpu", "--out", str(tmp_path / "run")]) == 2
+    assert "no GPU: torch.cuda.is_available() is False" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "gpu.json").read_text())
+    assert report["gpu"] is False and report["no_gpu_reason"].startswith("no GPU")
+    assert report["environment"]["torch"] == torch.__version__ and report["sections"] == {}
+    assert "no GPU" in (tmp_path / "run" / "gpu.log").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["gpu", "--out", str(tmp_path / "run"), "--sections", "noise", "bandwith"])
+    assert "unknown ['bandwith']" in capsys.readouterr().err

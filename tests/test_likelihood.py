@@ -337,6 +337,7 @@ def test_non_gaussian_sde_is_refused():
         likelihood(model, torch.zeros(2, 3, dtype=F64))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     mix, gen = full_cov_gaussian()
