@@ -47,3 +47,11 @@ def test_torch_port_of_the_noise_on_the_gpu_matches_the_cpu(per_sample):
     cpu = source.normal((per_sample,), counter=5, stream=STREAM_STEP)
     gpu = source.normal((per_sample,), counter=5, stream=STREAM_STEP, device="cuda")
     assert float((gpu.cpu() - cpu).abs().max()) <= 1e-6
+
+
+@pytest.mark.skipif("cupy" not in _backends(), reason="needs CuPy")
+def test_fused_step_refuses_a_network_output_on_another_device():
+    """The kernels read the output by address: one on the CPU is refused, not read as device memory."""
+    model = Model(lambda x, t: 0.1 * x.cpu(), VPSDE(), predicts="eps")
+    with pytest.raises(ValueError, match="network returned a tensor on cpu; the fused kernels need it on"):
+        sample(model, DPMSolver(2), shape=(2, 3, 8, 8), steps=3, device="cuda", backend="cupy")
