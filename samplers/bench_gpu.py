@@ -27,7 +27,8 @@ Sections:
   replayed.
 - ``end_to_end``: a diffusers U-Net (64x64x3, batch 64, random weights), 20 steps of
   DPM-Solver++(2M) and ER-SDE(3): wall time per step for our torch backend, our fused backend and
-  diffusers' scheduler loop on the same network, and the sampler's share of a step.
+  diffusers' scheduler loop on the same network, and the sampler's share of a step (the same loop
+  timed with the network replaced by its cached output, over the loop with the network).
 - ``nccl``: :func:`samplers.distributed.sample_distributed` over NCCL with world size 1 against a
   plain :func:`samplers.sample` (in a subprocess).
 """
@@ -475,7 +476,29 @@ def _bandwidth(report):
     for row in result["rows"]:
         row["target_met"] = row["copy_ratio"] >= BANDWIDTH_TARGET
     result["target"] = BANDWIDTH_TARGET
+    # the floor of a noise kernel: drawing the normals alone (4 bytes written an element)
+    result["noise_only"] = []
+    for shape in BANDWIDTH_SHAPES:
+        seconds = noise_kernel_time(shape)
+        elements = math.prod(shape)
+        row = {"shape": list(shape), "us": seconds * 1e6, "Gnormals_per_s": elements / seconds / 1e9,
+               "write_GBs": 4 * elements / seconds / 1e9}
+        result["noise_only"].append(row)
+        report.log(f"{'x'.join(map(str, shape))} noise kernel alone: {row['us']:.1f} us, "
+                   f"{row['Gnormals_per_s']:.0f} G normals/s ({row['write_GBs']:.0f} GB/s written)")
     return result
+
+
+def noise_kernel_time(shape, rounds: int = 20) -> float:
+    """GPU seconds of the noise-only kernel drawing one float32 normal per element of ``shape``."""
+    from solvers import kernels
+
+    from .bench_kernels import _gpu_time
+    from .noise import NoiseSource
+
+    out = torch.empty(shape, device="cuda")
+    runner = kernels.make_runner(out, NoiseSource(0, shape[0]))
+    return _gpu_time(lambda: runner.draw_normal(out, 7, 0), rounds)
 
 
 def _graph_case(model, solver, backend, shape, steps, rounds=5):
@@ -597,80 +620,76 @@ def _end_to_end(report):
     from .sample import sample
 
     batch, steps = 64, 20
-    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-    sde = DiscreteVPSDE(betas=betas)
+    sde = DiscreteVPSDE(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         unet, why = _unet(dtype)
         if unet is None:
             report.log(f"{why}: the U-Net-shaped stand-in of this module is timed instead, without diffusers' loop")
             net, name = _ConvNet(width=128).to("cuda", dtype).eval(), "stand-in conv net (width 128)"
-            call = net
         else:
+            net = lambda x, t, unet=unet: unet(x, t).sample  # noqa: E731
             name = f"diffusers UNet2DModel 64x64x3 ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params)"
-            call = lambda x, t, unet=unet: unet(x, t).sample  # noqa: E731
-        model = Model(call, sde, predicts="eps", time_input="discrete")
-        x_net = torch.randn(batch, 3, 64, 64, device="cuda", dtype=dtype)
-        t_net = torch.full((batch,), 500.0, device="cuda")
         with torch.no_grad():
-            net_s = _timed(lambda: [call(x_net, t_net) for _ in range(10)]) / 10
+            cached = net(torch.randn(batch, 3, 64, 64, device="cuda", dtype=dtype), torch.full((batch,), 500.0,
+                                                                                           device="cuda"))
+        # the sampler alone: the same loop with the network replaced by its (cached) output
+        networks = {"network": net, "cached output": lambda x, t: cached}
+        net_s = _timed(lambda: [net(cached, torch.full((batch,), 500.0, device="cuda")) for _ in range(10)]) / 10
         report.log(f"{name}, {str(dtype).split('.')[1]}, batch {batch}: network {net_s * 1e3:.2f} ms a call")
         for label, solver in (("DPM-Solver++(2M)", DPMSolver(2)), ("ER-SDE(3)", ERSDE(3))):
             for backend in ("torch", "cupy"):
-                infos = []
+                walls, nfe = {}, None
+                for key, call in networks.items():
+                    model = Model(call, sde, predicts="eps", time_input="discrete")
 
-                def run(solver=solver, backend=backend):
-                    with torch.no_grad():
-                        infos.append(sample(model, solver, shape=(batch, 3, 64, 64), steps=steps, seed=0, device="cuda",
-                                            dtype=dtype, backend=backend, return_info=True)[1])
-                wall = _timed(run)
-                nfe = infos[-1].nfe
-                rows.append(_e2e_row(name, dtype, label, f"ours, {backend}", wall, steps, nfe, net_s))
+                    def run(model=model, solver=solver, backend=backend):
+                        with torch.no_grad():
+                            return sample(model, solver, shape=(batch, 3, 64, 64), steps=steps, seed=0,
+                                          device="cuda", dtype=dtype, backend=backend, return_info=True)[1].nfe
+                    walls[key] = _timed(run)
+                    nfe = run()
+                rows.append(_e2e_row(name, dtype, label, f"ours, {backend}", walls, steps, nfe, net_s))
                 report.log(_e2e_line(rows[-1]))
             if unet is not None:
-                wall, nfe = _diffusers_loop(unet, label, batch, steps, dtype)
-                rows.append(_e2e_row(name, dtype, label, "diffusers scheduler loop", wall, steps, nfe, net_s))
+                walls = {key: _diffusers_loop(call, label, batch, steps, dtype) for key, call in networks.items()}
+                rows.append(_e2e_row(name, dtype, label, "diffusers scheduler loop", walls, steps, steps, net_s))
                 report.log(_e2e_line(rows[-1]))
     return {"rows": rows}
 
 
-def _e2e_row(network, dtype, solver, sampler, wall, steps, nfe, net_s):
+def _e2e_row(network, dtype, solver, sampler, walls, steps, nfe, net_s):
+    wall, alone = walls["network"], walls["cached output"]
     return {"network": network, "dtype": str(dtype).split(".")[1], "solver": solver, "sampler": sampler,
             "wall_s": wall, "ms_per_step": wall / steps * 1e3, "nfe": nfe, "network_ms": net_s * 1e3,
-            "sampler_share_percent": 100.0 * max(0.0, wall - nfe * net_s) / wall}
+            "sampler_alone_ms_per_step": alone / steps * 1e3, "sampler_share_percent": 100.0 * alone / wall}
 
 
 def _e2e_line(r):
-    return (f"  {r['solver']:<17} {r['sampler']:<26} {r['ms_per_step']:8.2f} ms/step ({r['nfe']} calls), "
-            f"sampler share {r['sampler_share_percent']:.1f}%")
+    return (f"  {r['solver']:<17} {r['sampler']:<26} {r['ms_per_step']:8.2f} ms/step ({r['nfe']} calls); "
+            f"without the network {r['sampler_alone_ms_per_step']:.3f} ms/step = {r['sampler_share_percent']:.1f}% "
+            f"of a step")
 
 
-def _diffusers_loop(unet, label, batch, steps, dtype):
-    """diffusers' own loop (set_timesteps, then net + scheduler.step per timestep) on the same
-    network: DPMSolverMultistepScheduler as DPM-Solver++(2M); for ER-SDE(3), which diffusers does not
-    have, its nearest stochastic multistep scheduler, SDE-DPM-Solver++ of order 3."""
+def _diffusers_loop(net, label, batch, steps, dtype) -> float:
+    """Seconds of diffusers' own loop (set_timesteps, then net + scheduler.step per timestep) on the
+    same network: DPMSolverMultistepScheduler as DPM-Solver++(2M); for ER-SDE(3), which diffusers does
+    not have, its nearest stochastic multistep scheduler, SDE-DPM-Solver++ of order 3."""
     from diffusers import DPMSolverMultistepScheduler
 
-    if label.startswith("DPM"):
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", solver_order=2,
-                                            algorithm_type="dpmsolver++")
-    else:
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", solver_order=3,
-                                            algorithm_type="sde-dpmsolver++")
-    calls = []
+    algorithm, order = ("dpmsolver++", 2) if label.startswith("DPM") else ("sde-dpmsolver++", 3)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", solver_order=order,
+                                        algorithm_type=algorithm)
 
     def run():
-        calls.clear()
         sched.set_timesteps(steps, device="cuda")
         x = torch.randn(batch, 3, 64, 64, device="cuda", dtype=dtype)
         with torch.no_grad():
             for t in sched.timesteps:
-                eps = unet(x, t).sample
-                calls.append(1)
-                x = sched.step(eps, t, x).prev_sample
+                x = sched.step(net(x, t.expand(batch)), t, x).prev_sample
         return x
 
-    return _timed(run), len(calls)
+    return _timed(run)
 
 
 _NCCL_SCRIPT = """

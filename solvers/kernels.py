@@ -378,6 +378,13 @@ class CupyRunner:
                 fn = self._functions[name] = _module(self.cupy, source).get_function(name)
         return fn
 
+    def draw_normal(self, out: torch.Tensor, counter: int, stream: int) -> None:
+        """Write the keyed standard normals of (counter, stream) into ``out`` (the noise-only kernel)."""
+        fn = self.function("noise.cu", f"normal_{storage_suffix(out.dtype)}")
+        with self._cuda_device, self._stream():
+            fn((self.blocks,), (BLOCK,), (_pointer(out), _pointer(self.seeds), _pointer(self.index),
+                                          np.uint32(counter), np.uint32(stream), *self._sizes))
+
     def launch(self, source, kernel, x, out, aux0, aux1, aux2, coef, k, stream_tag=0):
         fn = self.function(source, f"{kernel}_{self.suffix_x}_{storage_suffix(out.dtype)}")
         row = coef[k]  # a view: its address is the row's
@@ -407,11 +414,7 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
     if reason is not None:
         raise RuntimeError(f"keyed_normal needs CuPy: {reason}")
     out = torch.empty((noise_source.batch_size, *tuple(shape)), dtype=dtype, device=device)
-    runner = CupyRunner(out, noise_source)
-    fn = runner.function("noise.cu", f"normal_{storage_suffix(dtype)}")
-    with runner._cuda_device, runner._stream():
-        fn((runner.blocks,), (BLOCK,), (_pointer(out), _pointer(runner.seeds), _pointer(runner.index),
-                                        np.uint32(counter), np.uint32(stream), *runner._sizes))
+    CupyRunner(out, noise_source).draw_normal(out, counter, stream)
     return out
 
 
