@@ -202,11 +202,18 @@ def _noise(report):
 
     from .noise import STREAM_STEP, NoiseSource, native_available
 
+    from . import noise as noise_module
+
     rows = []
     source = NoiseSource([11, 2**63 + 5, 7], 3, sample_index=[0, 17, 2**31 + 5])
     for per_sample in (7, 3 * 64 * 64, 4 * 4096 + 5):
         cpu = source.normal((per_sample,), counter=5, stream=STREAM_STEP)  # the CPU generator
-        port = source.normal((per_sample,), counter=5, stream=STREAM_STEP, device="cuda")  # torch port on the GPU
+        drawn = source.normal((per_sample,), counter=5, stream=STREAM_STEP, device="cuda")  # NoiseSource on the GPU
+        rows.append({"per_sample": per_sample, "generator": "NoiseSource on the GPU", "dtype": "float32",
+                     "max_abs_diff": float((drawn.cpu() - cpu).abs().max())})
+        with _torch_port_noise(noise_module):
+            port = NoiseSource([11, 2**63 + 5, 7], 3, sample_index=[0, 17, 2**31 + 5]).normal(
+                (per_sample,), counter=5, stream=STREAM_STEP, device="cuda")
         rows.append({"per_sample": per_sample, "generator": "torch port on the GPU", "dtype": "float32",
                      "max_abs_diff": float((port.cpu() - cpu).abs().max())})
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -215,12 +222,23 @@ def _noise(report):
             rows.append({"per_sample": per_sample, "generator": "noise kernel", "dtype": str(dtype).split(".")[1],
                          "max_abs_diff": diff})
     for r in rows:
-        report.log(f"{r['generator']:<22} {r['dtype']:<9} per sample {r['per_sample']:>6}: max |GPU - CPU| "
+        report.log(f"{r['generator']:<23} {r['dtype']:<9} per sample {r['per_sample']:>6}: max |GPU - CPU| "
                    f"{r['max_abs_diff']:.2e}")
     f32 = max(r["max_abs_diff"] for r in rows if r["dtype"] == "float32")
     report.log(f"float32 target |GPU - CPU| <= 1e-6: {'met' if f32 <= 1e-6 else 'NOT met'} ({f32:.2e})")
     return {"cpu_native_generator": native_available(), "rows": rows, "float32_max_abs_diff": f32,
             "float32_target_met": f32 <= 1e-6}
+
+
+@contextlib.contextmanager
+def _torch_port_noise(noise_module):
+    """NoiseSource draws CUDA noise with its torch port, as it does where CuPy is missing."""
+    ready = noise_module._noise_kernel_ready
+    noise_module._noise_kernel_ready = lambda: False
+    try:
+        yield
+    finally:
+        noise_module._noise_kernel_ready = ready
 
 
 def agreement_solvers():

@@ -246,6 +246,16 @@ def _as_uint64_seeds(seed, batch: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.int64)
 
 
+def _noise_kernel_ready() -> bool:
+    """Whether CUDA noise is drawn by the fused kernels' noise-only kernel (CuPy sees a GPU and
+    ``cuda/noise.cu`` compiles; settled once per process) rather than the torch port, whose ~150
+    tensor ops a draw cost ~2 ms of launches on a GPU whatever the batch.  Both give the generator's
+    numbers: they agree with the CPU's to 1e-6 (the last bits of log/cos)."""
+    from solvers.kernels import noise_kernel_reason  # noqa: PLC0415 - solvers.kernels imports CuPy lazily
+
+    return noise_kernel_reason() is None
+
+
 class NoiseSource:
     """Standard normal draws keyed by (seed, sample index, counter, stream) for a batch.
 
@@ -293,16 +303,20 @@ class NoiseSource:
         out._device_keys = {}
         return out
 
-    def keys_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(seeds, sample indices) as int64 tensors on ``device``, copied there once: a run calls this
-        before its loop so that drawing a step's noise on a GPU makes no host-to-device copy (each
-        copy from pageable memory waits for the host)."""
+    def keys_on(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(seeds int64, sample indices int64, their uint32 bits as int32) on ``device``, copied there
+        once: a run calls this before its loop so that drawing a step's noise on a GPU makes no
+        host-to-device copy (each copy from pageable memory waits for the host).  On a CUDA device
+        it also settles, once per process, whether the noise kernel draws the numbers."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         keys = self._device_keys.get(device)
         if keys is None:
-            keys = self._device_keys[device] = (self.seeds.to(device), self.sample_index.to(device))
+            keys = self._device_keys[device] = (self.seeds.to(device), self.sample_index.to(device),
+                                                self._index32.to(device))
+            if device.type == "cuda":
+                _noise_kernel_ready()
         return keys
 
     def _counter(self, counter) -> torch.Tensor:
@@ -340,9 +354,19 @@ class NoiseSource:
             target = out if direct else torch.empty(full, dtype=gen_dtype)
             if target.numel():
                 _native_fill(target, self.seeds, self._index32, counter32, int(stream))
+        elif (device.type == "cuda" and isinstance(counter, int) and gen_dtype == torch.float32
+              and _noise_kernel_ready()):
+            seeds, _, index32 = self.keys_on(device)
+            kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+            writes_out = out is not None and out.is_contiguous() and out.dtype in kernel_dtypes
+            target = out if writes_out else torch.empty(full, dtype=torch.float32, device=device)
+            if target.numel():
+                from solvers.kernels import fill_keyed_normal  # noqa: PLC0415 - only with CuPy on a GPU
+
+                fill_keyed_normal(target, seeds, index32, counter, int(stream))
         else:
             per_sample = math.prod(shape)
-            seeds, index = self.keys_on(device)
+            seeds, index, _ = self.keys_on(device)
             step_counter = counter if isinstance(counter, int) else counter32.to(torch.int64) & _MASK32
             target = _torch_normals(per_sample, gen_dtype, device, seeds, index, step_counter,
                                     int(stream)).reshape(full)

@@ -30,7 +30,7 @@ import torch
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
            "MultistepStep", "multistep_kernel", "kernel_compile_reason", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
-           "keyed_normal", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
+           "keyed_normal", "fill_keyed_normal", "noise_kernel_reason", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
 
 BACKENDS = ("auto", "torch", "cupy")
 #: the kernel sources, each compiled as one module
@@ -333,10 +333,53 @@ def _external_stream(cupy, torch_stream):
         return cupy.cuda.ExternalStream(torch_stream.cuda_stream)
 
 
+def _blocks(batch: int, per_sample: int) -> int:
+    """Blocks of a launch over a (batch, per_sample) buffer: a thread a Philox call (cuda/philox.cuh)."""
+    threads = batch * (-(-per_sample // _ITEM_SIZE)) * _ITEM_CALLS
+    return -(-threads // BLOCK)
+
+
+class _DeviceLauncher:
+    """CuPy's objects for one CUDA device, made once per process: the device, the stream object of
+    each torch stream, the loaded kernels.  A launch then costs a few microseconds of host time."""
+
+    def __init__(self, cupy, index: int):
+        self.cupy = cupy
+        self.device = cupy.cuda.Device(index)
+        self._streams: dict[int, object] = {}
+        self._functions: dict[str, object] = {}
+
+    def function(self, source: str, name: str):
+        fn = self._functions.get(name)
+        if fn is None:
+            with self.device:
+                fn = self._functions[name] = _module(self.cupy, source).get_function(name)
+        return fn
+
+    def launch(self, fn, blocks: int, args, torch_device) -> None:
+        """Run ``fn`` on torch's current stream of ``torch_device``."""
+        torch_stream = torch.cuda.current_stream(torch_device)
+        stream = self._streams.get(torch_stream.cuda_stream)
+        if stream is None:
+            stream = self._streams[torch_stream.cuda_stream] = _external_stream(self.cupy, torch_stream)
+        with self.device, stream:
+            fn((blocks,), (BLOCK,), args)
+
+
+_launchers: dict[tuple[object, int], _DeviceLauncher] = {}
+
+
+def _launcher(cupy, device: torch.device) -> _DeviceLauncher:
+    key = (cupy, device.index)  # the module itself, not its id: tests swap CuPy for fakes
+    launcher = _launchers.get(key)
+    if launcher is None:
+        launcher = _launchers[key] = _DeviceLauncher(cupy, device.index)
+    return launcher
+
+
 class CupyRunner:
     """Launches fused kernels for one run: the batch's noise key on the device, the run's
-    persistent buffers, torch's current stream.  A launch costs a few microseconds of host time:
-    tensors travel as device addresses, and the CuPy stream and device objects are made once."""
+    persistent buffers, torch's current stream.  Tensors travel as device addresses."""
 
     def __init__(self, x: torch.Tensor, noise_source):
         self.cupy = cupy = _import_cupy()
@@ -344,12 +387,9 @@ class CupyRunner:
         self.batch = x.shape[0]
         self.per_sample = x[0].numel()
         self.suffix_x = storage_suffix(x.dtype)
-        threads = self.batch * (-(-self.per_sample // _ITEM_SIZE)) * _ITEM_CALLS
-        self.blocks = -(-threads // BLOCK)
+        self.blocks = _blocks(self.batch, self.per_sample)
         self._kept: list[torch.Tensor] = []
-        self._functions: dict[str, object] = {}
-        self._streams: dict[int, object] = {}
-        self._cuda_device = cupy.cuda.Device(self.device.index)
+        self._launcher = _launcher(cupy, self.device)
         self._sizes = (np.int64(self.per_sample), np.int64(self.batch))
         self.seeds = self.keep(noise_source.seeds.to(self.device))
         self.index = self.keep(noise_source._index32.to(self.device))
@@ -364,34 +404,46 @@ class CupyRunner:
         self._kept.append(t)
         return t
 
-    def _stream(self):
-        torch_stream = torch.cuda.current_stream(self.device)
-        stream = self._streams.get(torch_stream.cuda_stream)
-        if stream is None:
-            stream = self._streams[torch_stream.cuda_stream] = _external_stream(self.cupy, torch_stream)
-        return stream
-
     def function(self, source: str, name: str):
-        fn = self._functions.get(name)
-        if fn is None:
-            with self._cuda_device:
-                fn = self._functions[name] = _module(self.cupy, source).get_function(name)
-        return fn
+        return self._launcher.function(source, name)
 
     def draw_normal(self, out: torch.Tensor, counter: int, stream: int) -> None:
         """Write the keyed standard normals of (counter, stream) into ``out`` (the noise-only kernel)."""
-        fn = self.function("noise.cu", f"normal_{storage_suffix(out.dtype)}")
-        with self._cuda_device, self._stream():
-            fn((self.blocks,), (BLOCK,), (_pointer(out), _pointer(self.seeds), _pointer(self.index),
-                                          np.uint32(counter), np.uint32(stream), *self._sizes))
+        fill_keyed_normal(out, self.seeds, self.index, counter, stream)
 
     def launch(self, source, kernel, x, out, aux0, aux1, aux2, coef, k, stream_tag=0):
         fn = self.function(source, f"{kernel}_{self.suffix_x}_{storage_suffix(out.dtype)}")
         row = coef[k]  # a view: its address is the row's
         args = (_pointer(x), _pointer(out), _pointer(aux0), _pointer(aux1), _pointer(aux2), _pointer(row),
                 _pointer(self.seeds), _pointer(self.index), np.uint32(k), np.uint32(stream_tag), *self._sizes)
-        with self._cuda_device, self._stream():
-            fn((self.blocks,), (BLOCK,), args)
+        self._launcher.launch(fn, self.blocks, args, self.device)
+
+
+def fill_keyed_normal(out: torch.Tensor, seeds: torch.Tensor, index32: torch.Tensor, counter: int,
+                      stream: int) -> torch.Tensor:
+    """Write the keyed standard normals of (counter, stream) into ``out``, a contiguous (B, ...)
+    float32/float16/bfloat16 CUDA tensor, with the noise-only kernel: ``seeds`` (B,) int64 and
+    ``index32`` (B,) int32 already on out's device, so nothing is copied and the host never waits."""
+    launcher = _launcher(_import_cupy(), out.device)
+    fn = launcher.function("noise.cu", f"normal_{storage_suffix(out.dtype)}")
+    per_sample = out[0].numel()
+    launcher.launch(fn, _blocks(out.shape[0], per_sample),
+                    (_pointer(out), _pointer(seeds), _pointer(index32), np.uint32(counter), np.uint32(stream),
+                     np.int64(per_sample), np.int64(out.shape[0])), out.device)
+    return out
+
+
+_noise_kernel_reason: list[str | None] = []
+
+
+def noise_kernel_reason() -> str | None:
+    """None when the noise-only kernel can run in this process (CuPy sees a GPU and ``noise.cu``
+    compiles), else why not; found out once per process.  :class:`samplers.NoiseSource` then draws
+    its CUDA noise with the kernel instead of its torch port, which costs ~150 tensor ops a draw."""
+    if not _noise_kernel_reason:
+        reason = cupy_unavailable_reason()
+        _noise_kernel_reason.append(reason if reason is not None else kernel_compile_reason(("noise.cu",)))
+    return _noise_kernel_reason[0]
 
 
 def make_runner(x: torch.Tensor, noise_source):

@@ -6,7 +6,7 @@ tests/test_kernels.py; ``python -m samplers bench gpu`` measures the rest."""
 import pytest
 import torch
 
-from samplers import Model, NoiseSource, sample
+from samplers import Model, NoiseSource, noise, sample
 from samplers.bench_gpu import _ConvNet, count_syncs
 from samplers.noise import STREAM_STEP
 from sde import VPSDE
@@ -41,12 +41,30 @@ def test_fixed_grid_loop_makes_no_host_sync(solver, backend):
     assert count_syncs(lambda: run(12)) == count_syncs(lambda: run(6))
 
 
+@pytest.mark.parametrize("generator", ["as installed", "torch port"])
 @pytest.mark.parametrize("per_sample", [7, 3 * 64 * 64, 4 * 4096 + 5])
-def test_torch_port_of_the_noise_on_the_gpu_matches_the_cpu(per_sample):
+def test_noise_on_the_gpu_matches_the_cpu(monkeypatch, per_sample, generator):
+    """NoiseSource on a GPU (the noise kernel where CuPy runs, else the torch port) draws the CPU's
+    numbers to 1e-6."""
+    if generator == "torch port":
+        monkeypatch.setattr(noise, "_noise_kernel_ready", lambda: False)
     source = NoiseSource([11, 2**63 + 5, 7], 3, sample_index=[0, 17, 2**31 + 5])
     cpu = source.normal((per_sample,), counter=5, stream=STREAM_STEP)
     gpu = source.normal((per_sample,), counter=5, stream=STREAM_STEP, device="cuda")
     assert float((gpu.cpu() - cpu).abs().max()) <= 1e-6
+
+
+@pytest.mark.skipif("cupy" not in _backends(), reason="needs CuPy")
+@pytest.mark.parametrize("solver", [EulerMaruyama(), Heun(eta=1.0), DPMSolverSDE(2), ERSDE(3)], ids=repr)
+def test_torch_and_fused_backends_draw_the_same_noise(solver):
+    """With CuPy both backends draw their noise with the noise kernel: the torch step and the fused
+    step give the same float32 samples (to rounding), and the torch step's noise costs one launch."""
+    model = Model(_ConvNet().cuda(), VPSDE(), predicts="eps")
+    kwargs = dict(shape=(4, 3, 16, 16), steps=8, seed=2, device="cuda")
+    with torch.no_grad():
+        ref = sample(model, solver, backend="torch", **kwargs)
+        got = sample(model, solver, backend="cupy", **kwargs)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif("cupy" not in _backends(), reason="needs CuPy")
