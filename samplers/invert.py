@@ -71,7 +71,8 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
       seed=inv.seed, final_denoise=False)``.  SDE variants need the same seed and sample indices.
     * any other deterministic solver: the probability-flow ODE integrated backwards with that solver
       on the reversed grid (``DPMSolver(order=1)``: DDIM inversion).  Approximate: the error is the
-      solver's global error in both directions, not rounding.
+      solver's global error in both directions, not rounding; it falls with the solver's order, best
+      on a log-SNR grid (``grid_kind="log_snr"``, see docs/inversion.md).
     """
     table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x0, steps, grid, grid_kind, seed,
                                                                  sample_index, cond, dtype, "invert")

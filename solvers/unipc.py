@@ -20,6 +20,18 @@ with g_j = j! z phi_{j+1}(z) (phi_1(z) = (e^z - 1)/z, phi_{j+1} = (phi_j - 1/j!)
   The corrector costs no network call: the corrected state is not evaluated again, the output at
   the predicted point is reused by the next predictor (and stored in the history), as in the paper
   and diffusers.  The last step is not corrected (there is no next call to reuse).
+* Steps towards noise (a grid run backwards, as ``samplers.invert`` does: h < 0).  In the noise form
+  such a step has z = h < 0 and bounded weights, the mirror image of the data form while sampling.
+  In the data form it has z = -h > 0: the step multiplies x0 estimates by scale (e^z - 1) =
+  alpha_s sigma_t/sigma_s - alpha_t, and UniC adds the estimate at the *predicted* point, error and
+  all, with weight scale B(z)/2 (bh2: half the first-order weight), or scale g_1(z) if solved; while
+  sampling |B| < 1.  On the first step of an inversion on a grid uniform in t (VP: |h| = 3.5 at 10
+  steps) bh2's weight is 15.9 alpha_t: latents off by 8.3 where DDIM is off by 0.74 (16 samples of
+  the 2-D mixture).  Solving the weight instead (exact for an x0 linear in lambda over the step)
+  still gave 3.9: x0 is far from linear over such a step.  So a data-form step towards noise longer than
+  :data:`MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE` (log 2, where bh2's |B| reaches 1) is not corrected;
+  its output still feeds the next predictor.  Grids with shorter steps (log-SNR grids from ~14 steps
+  on VP) keep every corrector and the order p + 1.
 
 Where rho is solved, B(z) cancels (B rho = R^{-1} g), so bh1 and bh2 differ only in the two
 fixed-1/2 weights.  Orders (pathwise, global): UniP-p is order p; UniPC-p (with UniC-p) is
@@ -61,6 +73,9 @@ __all__ = ["UniPC"]
 _QUANTITY = {"data": "x0", "noise": "eps"}
 _VARIANTS = ("bh1", "bh2")
 _SERIES_TERMS = 24  # phi_k(z) = sum_j z^j/(j+k)! for |z| < 1: 24 terms reach float64 roundoff
+#: the longest data-form step towards noise (|h| in log-SNR; only a grid run backwards has one) that
+#: UniC corrects: past it the correction amplifies the predictor's error (see the module)
+MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE = math.log(2.0)
 
 
 def _phis(z: torch.Tensor, kmax: int) -> list[torch.Tensor]:
@@ -151,6 +166,19 @@ class UniPC(Solver):
         given the steps' lengths ``h`` in log-SNR, order 1 after a jump in step length)."""
         return multistep_orders(self.solver_order, n_steps, self.lower_order_final, h)
 
+    def corrected_steps(self, h: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: whether the corrector of each step, of log-SNR lengths ``h`` ((N,) or (N, C)),
+        is applied: never after the last step (no next call to reuse) and, in the data form, not after
+        a step towards noise longer than :data:`MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE` in any column
+        (see the module)."""
+        n = h.shape[0]
+        corrected = torch.full((n,), self.corrector)
+        corrected[-1] = False
+        if self.predict == "data":
+            long_towards_noise = (h < -MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE).reshape(n, -1).any(dim=1)
+            corrected &= ~long_towards_noise
+        return corrected
+
     @property
     def _history(self) -> int:
         """How many earlier outputs a step reads (the ring holds this many + 1)."""
@@ -217,8 +245,9 @@ class UniPC(Solver):
             # it enters step k multiplied by cx_k.  Rows k >= 1 take row k - 1 of the step-i quantities.
             f = -cx[1:] * scale[:-1]
             prev_order = order_of[:-1]
+            prev_corrected = self.corrected_steps(h)[:-1, None]
             for o in range(1, p + 1):
-                use = prev_order == o
+                use = (prev_order == o) & prev_corrected
                 new = f * c_new[o][:-1]
                 w[0][1:] = torch.where(use, w[0][1:] + new, w[0][1:])
                 w[1][1:] = torch.where(use, w[1][1:] - new, w[1][1:])

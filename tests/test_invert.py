@@ -13,9 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import F64, fitted_order
-from samplers import Inversion, Model, invert, problems, sample
+from samplers import Inversion, Model, grid, invert, problems, sample
+from samplers.convergence import ORDER_MIXTURE
+from samplers.problems import probability_flow_rhs, reference_solution
 from sde import VESDE, VPSDE
-from solvers import AdaptiveODE, DPMSolver, Euler, EulerMaruyama, Reversible
+from solvers import AdaptiveODE, DPMSolver, Euler, EulerMaruyama, Reversible, UniPC
+from solvers.multistep import multistep_orders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import inversion as example  # noqa: E402
@@ -74,6 +77,101 @@ def test_ddim_inversion_is_approximate_and_first_order(sde_name):
     errors = [example.round_trip_error(sde, DPMSolver(order=1), F64, steps=n, batch=32)[1] for n in steps]
     assert errors[0] > 1e-2, errors
     assert 0.7 < fitted_order(steps, errors) < 1.4, errors
+
+
+# -- the ODE run backwards: the solver's order, and no step that amplifies its own error ---------------------------
+
+INVERSION_STEPS = (64, 128, 256, 512)
+INVERSION_SOLVERS = ([DPMSolver(order, predict=predict) for predict in ("data", "noise") for order in (1, 2, 3)]
+                     + [UniPC(order, variant=variant, predict=predict) for predict in ("data", "noise")
+                        for variant in ("bh1", "bh2") for order in (1, 2, 3)])
+
+
+@pytest.fixture(scope="module")
+def exact_latents():
+    """(model, x0, latents): the smooth 2-D mixture of the order measurements on VP, and the
+    probability-flow latents of its samples by DOP853 at rtol 1e-13 (2e-14 from the rtol 1e-14 solve)."""
+    sde, mixture = VPSDE(), ORDER_MIXTURE()
+    x0 = mixture.sample(16, generator=torch.Generator().manual_seed(0))
+    latents = reference_solution(probability_flow_rhs(mixture, sde), x0, sde.t_min, sde.t_max, rtol=1e-13, atol=1e-13)
+    return Model(mixture.net(sde, "x0"), sde, "x0"), x0, latents
+
+
+@pytest.fixture(scope="module")
+def mixture_latents():
+    """(model, x0, latents) as exact_latents for 32 samples of the well-separated 2-D mixture (eps network)."""
+    sde, mixture = VPSDE(), problems.mixture_2d()
+    x0 = mixture.sample(32, generator=torch.Generator().manual_seed(0))
+    latents = reference_solution(probability_flow_rhs(mixture, sde), x0, sde.t_min, sde.t_max, rtol=1e-12, atol=1e-12)
+    return Model(mixture.net(sde, "eps"), sde, "eps"), x0, latents
+
+
+@pytest.mark.parametrize("solver", INVERSION_SOLVERS, ids=repr)
+def test_inversion_converges_with_the_solver_order(solver, exact_latents):
+    """invert (the ODE from x0 to x_T on the reversed log-SNR grid, the solvers' defaults) against the
+    exact latent: the RMS error falls with the solver's order (``order``: p for DPM-Solver, p + 1 for
+    UniPC-p).  Measured slopes over 64-512 steps: DPM-Solver 0.99 / 1.98 / 2.93 (data) and 0.99 / 2.00 /
+    2.98 (noise); UniPC bh1 1.96 / 2.98 / 3.90 (data), 2.02 / 3.04 / 3.99 (noise); bh2 2.00 / 3.02 / 3.88
+    (data), 1.99 / 3.03 / 3.99 (noise).  Before the step-ratio rule measured lengths, every step of a
+    reversed grid (h < 0) counted as a jump and ran first order: DPM-Solver 2 and 3 measured DDIM's 0.99,
+    UniPC-p UniPC-1's 2.  Below ~64 steps the noise forms of order 3 wander (UniPC-3: 3.58 over 16-128);
+    past ~512 the first-order warm-up step at t_min, whose error the flow to t_max amplifies, shows
+    (DPM-Solver 3: 2.6 / 2.1, data / noise, at 1024-2048 steps; 3.0 with that step refined)."""
+    model, x0, latents = exact_latents
+    errors = [(invert(model, solver, x0, steps=n, grid_kind="log_snr").x_T - latents).pow(2).mean().sqrt().item()
+              for n in INVERSION_STEPS]
+    slope = fitted_order(INVERSION_STEPS, errors)
+    assert solver.order - 0.3 <= slope <= solver.order + 0.3, (slope, errors)
+
+
+def test_inverse_multistep_orders_are_those_of_the_forward_grid():
+    """A reversed grid has h < 0: the step-ratio rule compares lengths, so only the warm-up lowers the
+    order (it lowered every step), a real jump is still one, and DPMSolver(3) inverts as with
+    lower_order_final=False on a log-SNR grid of 20 steps (it inverted as DDIM)."""
+    h = torch.full((12,), 0.4, dtype=F64)
+    assert multistep_orders(3, 12, h=-h) == multistep_orders(3, 12, h=h) == [1, 2] + [3] * 10
+    h[6] = 1.0  # 2.5x the step before it
+    assert multistep_orders(3, 12, h=-h) == multistep_orders(3, 12, h=h) == [1, 2, 3, 3, 3, 3, 1, 3, 3, 3, 3, 3]
+    model = _model("VP")
+    x0 = problems.mixture_2d().sample(8, generator=torch.Generator().manual_seed(2))
+    latent = {repr(s): invert(model, s, x0, steps=20, grid_kind="log_snr").x_T
+              for s in (DPMSolver(1), DPMSolver(3), DPMSolver(3, lower_order_final=False))}
+    torch.testing.assert_close(latent["DPMSolver(order=3, predict='data')"],
+                               latent["DPMSolver(order=3, predict='data', lower_order_final=False)"], rtol=0, atol=0)
+    assert float((latent["DPMSolver(order=3, predict='data')"] - latent["DPMSolver(order=1, predict='data')"])
+                 .abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_inversion_is_no_worse_than_ddim_on_long_steps(order, variant, mixture_latents):
+    """UniPC's data form on steps towards noise longer than log 2 in log-SNR (the first step of the
+    default VP grid, uniform in t: 3.5 at 10 steps; every step of a 4-10 step log-SNR grid) is left
+    uncorrected (solvers.unipc).  Measured max |x_T - latent| over 32 samples of the 2-D mixture, as a
+    ratio to DDIM's: 0.50-1.00 (1.00 where no step is corrected: UniPC-1 is then DDIM), latents up to
+    2.7 (the exact ones up to 3.03).  With the corrector on those steps bh2 measured 13.5 / 9.6 (10 / 20
+    default steps) and 3.5-8.1 / 2.1-3.6 (4 / 6 log-SNR steps), latents up to 20.1; bh1 1.05 and
+    1.4-2.8 / 1.1-2.2, latents up to 4.1."""
+    model, x0, latents = mixture_latents
+    solver = UniPC(order, variant=variant)
+    for steps, kind in ((10, None), (20, None), (4, "log_snr"), (6, "log_snr")):
+        ddim = float((invert(model, DPMSolver(1), x0, steps=steps, grid_kind=kind).x_T - latents).abs().max())
+        x_T = invert(model, solver, x0, steps=steps, grid_kind=kind).x_T
+        error = float((x_T - latents).abs().max())
+        assert error <= 1.001 * ddim, (steps, kind, error, ddim)
+        assert float(x_T.abs().max()) <= 1.1 * float(latents.abs().max()), (steps, kind)
+
+
+def test_unipc_corrects_every_step_but_long_data_form_steps_towards_noise():
+    """corrected_steps: never the last step; in the data form not a step with h < -log 2 (only a grid
+    run backwards has h < 0); forward steps and the noise form keep every corrector."""
+    back = torch.tensor([-3.5, -0.5, -0.7, -0.69, -0.6], dtype=F64)
+    assert UniPC().corrected_steps(back).tolist() == [False, True, False, True, False]
+    assert UniPC(variant="bh1").corrected_steps(back[:, None].expand(5, 3)).tolist() == [False, True, False, True,
+                                                                                          False]
+    assert UniPC().corrected_steps(-back).tolist() == [True] * 4 + [False]
+    assert UniPC(predict="noise").corrected_steps(back).tolist() == [True] * 4 + [False]
+    assert UniPC(corrector=False).corrected_steps(-back).tolist() == [False] * 5
 
 
 @pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(stochastic=True)], ids=repr)
