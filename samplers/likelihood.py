@@ -33,7 +33,7 @@ from solvers import AdaptiveODE
 
 from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .sample import _AdaptiveContext, _resolve_dtypes, check_run_arguments
+from .sample import _AdaptiveContext, _resolve_dtypes, builds_no_graph, check_run_arguments
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -120,6 +120,7 @@ def dequantize(x: torch.Tensor, bins: int = 256, data_range=(-1.0, 1.0), *, seed
     return (lo + (hi - lo) * (k + u) / bins).to(x.dtype)
 
 
+@builds_no_graph
 def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probes: int | None = None,
                probe_noise: str = "rademacher", solver: AdaptiveODE | None = None, t_start: float | None = None,
                t_end: float | None = None, prior_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -162,7 +163,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         dtype handed to the network (default x's; float16/bfloat16 states are integrated in
         float32) and device (default x's).
 
-    Returns a :class:`LikelihoodResult`.
+    Returns a :class:`LikelihoodResult`.  The result carries no autograd graph and the network's
+    parameters get no ``.grad``: the trace's vector-Jacobian products are taken with respect to the
+    state only (see :func:`samplers.sample.builds_no_graph`).
     """
     start_time = time.perf_counter()
     if solver is None:

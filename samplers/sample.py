@@ -18,9 +18,19 @@ from .grid import validate_grid
 from .model import Model, compute_dtype
 from .noise import STREAM_PRIOR, NoiseSource, step_stream
 
-__all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
+__all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def builds_no_graph(run: Callable) -> Callable:
+    """``run`` under ``torch.no_grad()``: sampling, inversion and likelihoods record no autograd graph,
+    whatever the caller's grad mode and whether the network's parameters require grad (the solvers
+    update the state in place, which autograd refuses, and a recorded run would keep every step's
+    graph alive); gradients through sampling are :func:`samplers.sample_grad`'s job.  Not
+    ``torch.inference_mode``: its tensors can never enter autograd afterwards, and callers do use
+    samples and latents there (a training target, a latent they optimise)."""
+    return torch.no_grad()(run)
 
 
 class NonFiniteError(FloatingPointError):
@@ -317,12 +327,16 @@ def _progress_bar(progress, steps):
     return tqdm(total=steps, desc="sampling", unit="step")
 
 
+@builds_no_graph
 def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None = None, steps: int | None = None,
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
            final_denoise: bool | None = None, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
            return_info: bool = False, solver_state: dict | None = None, backend: str = "auto"):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
+
+    The run records no autograd graph, in any grad mode (see :func:`builds_no_graph`); to
+    differentiate through sampling use :func:`samplers.sample_grad`.
 
     Parameters
     ----------
