@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .model import Model
+from .model import Model, network_placement
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
@@ -427,8 +427,10 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         takes the contiguous shards :func:`shard_range` (n_shards, r, W).  Shards already done
         (checksum verified) are skipped, so rerunning a killed job finishes it.  Returns ``None``
         (read the result with :func:`load_shards`).
-    device:
-        where to sample (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU).
+    device, dtype:
+        where to sample (default: the network's parameters' device when it is a ``torch.nn.Module``,
+        else ``cuda:LOCAL_RANK`` under NCCL, else the CPU) and the samples' dtype (default: the
+        parameters' dtype, else torch's default), as :func:`samplers.sample` takes them.
     run_config:
         extra settings recorded in the index and compared on a rerun (the CLI records the model).
     return_info:
@@ -468,6 +470,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if dtype is None:  # as sample() does without x_T: a module's parameters decide, else torch's default
+        dtype = network_placement(model, "dtype") or torch.get_default_dtype()
     if out_dir is None:
         if shard_size is not None:
             raise ValueError("shard_size applies only with out_dir")
@@ -483,8 +487,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
             raise ValueError("shard_format='npz' cannot store bfloat16 (numpy has no bfloat16): use 'pt'")
     group, rank, world = _group_rank_world(group)
     if device is None:
-        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                  if world > 1 and _uses_nccl(group) else torch.device("cpu"))
+        device = network_placement(model, "device") or (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if world > 1 and _uses_nccl(group)
+            else torch.device("cpu"))
     device = torch.device(device)
 
     if out_dir is not None:

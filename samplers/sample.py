@@ -15,7 +15,7 @@ from solvers.adaptive import batch_independent
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .grid import grid as make_grid
 from .grid import validate_grid
-from .model import Model, compute_dtype
+from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, step_stream
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph"]
@@ -188,9 +188,14 @@ class _AdaptiveContext:
         self.rejected[index] += (~accepted).long()
 
 
-def _resolve_dtypes(dtype, x_T):
+def _resolve_dtypes(dtype, x_T, model: Model | None = None):
+    """(the dtype handed to the network and returned, the compute dtype): ``dtype``, else x_T's, else
+    (with ``model``) its module's parameters' dtype, else torch's default."""
     if dtype is None:
-        dtype = x_T.dtype if x_T is not None and x_T.is_floating_point() else torch.get_default_dtype()
+        if x_T is not None and x_T.is_floating_point():
+            dtype = x_T.dtype
+        else:
+            dtype = (network_placement(model, "dtype") if model is not None else None) or torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return dtype, compute_dtype(dtype)
@@ -362,9 +367,11 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         show a progress bar (default: on for runs of 200+ steps on a terminal).
     callback:
         called with a :class:`StepInfo` after every step.
-    dtype:
-        dtype of the state handed to the network and returned (default: x_T's, else torch's
-        default).  float16/bfloat16 states are updated in float32; coefficients are always
+    dtype, device:
+        dtype of the state handed to the network and returned, and the device of the run (default:
+        x_T's; without x_T, the parameters' when the network is a ``torch.nn.Module`` (a float16
+        module gets float16 states), else torch's default dtype and the CPU).  float16/bfloat16
+        states are updated in float32 and the network gets float32 times; coefficients are always
         computed in float64.
     return_info:
         also return a :class:`SampleInfo`.
@@ -399,9 +406,11 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         shape = tuple(int(s) for s in shape)
         if len(shape) < 1 or shape[0] < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
-        device = torch.device("cpu") if device is None else torch.device(device)
+        if device is None:
+            device = network_placement(model, "device") or torch.device("cpu")
+        device = torch.device(device)
     batch = shape[0]
-    dtype, compute = _resolve_dtypes(dtype, x_T)
+    dtype, compute = _resolve_dtypes(dtype, x_T, model)
     backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
 
     adaptive = bool(getattr(solver, "adaptive", False))
