@@ -2,11 +2,13 @@
 
 Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
 on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
-(seed, global sample index, counter, stream), so sample i is bit-identical whatever the number of
-ranks, the rank that drew it or the chunk it was drawn in.  The result is either gathered
-(padded ``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard
-files with a checksummed index, for runs that do not fit in one host's memory and that must
-survive being killed (a rerun skips the shards whose checksum verifies).
+(seed, global sample index, counter, stream), so sample i gets the same noise and the same
+arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in:
+bit-identical samples with a batch-invariant network, equal up to the network's rounding with one
+whose matrix multiplies depend on the batch (docs/noise.md, "What is the same in any batch").
+The result is either gathered (padded ``all_gather`` / ``gather``, which gloo and NCCL both
+support) or written as shard files with a checksummed index, for runs that do not fit in one
+host's memory and that must survive being killed (a rerun skips the shards whose checksum verifies).
 
 Output directory layout (``out_dir``):
 
@@ -405,8 +407,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     alone) must call this with the same arguments.  Rank r takes the contiguous global indices
     :func:`shard_range` (n, r, W) and samples them in chunks of ``batch_size`` (default: all at
     once) with :func:`samplers.sample` and ``sample_index`` set to the global indices, so the
-    result is bit-identical to ``sample(model, solver, shape=(n, *shape), seed=seed, ...)`` on one
-    process, whatever W and ``batch_size`` are.
+    result has the noise and arithmetic of ``sample(model, solver, shape=(n, *shape), seed=seed, ...)``
+    on one process, whatever W and ``batch_size`` are: bit-identical to it with a batch-invariant
+    network, equal up to the network's own batch dependence otherwise (docs/noise.md).
 
     Parameters
     ----------

@@ -15,7 +15,8 @@ network's trace is estimated.  Changing variables from x to y shifts every log-d
 
 The trace is exact (one vector-Jacobian product per dimension) or Hutchinson's estimate
 eps^T (d net / d x) eps with ``probes`` fixed probes per sample (Rademacher or Gaussian), keyed
-like all noise here by (seed, sample index), so a sample's result does not depend on the batch.
+like all noise here by (seed, sample index), so a sample's probes do not depend on the batch (nor its
+result, with a batch-invariant network: docs/noise.md, "What is the same in any batch").
 Each probe gets its own integral along the one shared path; the reported log p is their mean and
 the standard error is their spread over sqrt(probes).
 """

@@ -354,7 +354,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         explicit grid from :func:`samplers.grid` / a user tensor of shape (N+1,) or (N+1, B).
     seed:
         an int, or one int per sample.  Sample i's noise is keyed by (seed_i, sample_index_i,
-        step), so it does not depend on the batch it is drawn in.
+        step), so it does not depend on the batch it is drawn in (nor does the sample, with a
+        batch-invariant network: docs/noise.md, "What is the same in any batch").
     sample_index:
         global sample indices (default 0 ... B-1); sharded runs pass their shard's indices.
     cond:
