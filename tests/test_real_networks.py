@@ -373,6 +373,24 @@ def test_defect_14_parameters_of_several_dtypes_or_devices_are_refused_naming_th
         sample(Model(split, VPSDE(), predicts="eps"), DPMSolver(2), shape=VECTOR, steps=STEPS)
 
 
+def test_defect_14_sample_distributed_and_the_cli_default_to_the_parameters_dtype(tmp_path, monkeypatch, capsys):
+    from samplers.cli_sample import main as cli_main
+    from samplers.distributed import load_shards, sample_distributed
+
+    net = real_network(VECTOR, torch.bfloat16)
+    model = Model(net, VPSDE(), predicts="eps")
+    x = sample_distributed(model, DPMSolver(2), 5, VECTOR[1:], steps=STEPS, batch_size=2)
+    assert x.dtype == torch.bfloat16 and torch.equal(x, sample(model, DPMSolver(2), shape=(5, 2), steps=STEPS))
+    (tmp_path / "halfnets.py").write_text("import torch\nfrom real_networks import real_network\n"
+                                          "net = real_network((1, 2), torch.bfloat16)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "o"
+    assert cli_main(["--model", "halfnets:net", "--sde", "vp", "--predicts", "eps", "--solver", "dpm++2m", "--steps",
+                     "3", "-n", "4", "--shape", "2", "--out", str(out)]) == 0
+    assert load_shards(out).dtype == torch.bfloat16
+    assert '"dtype": "torch.bfloat16"' in (out / "index.json").read_text()
+
+
 def test_defect_14_a_module_without_floating_parameters_keeps_the_default():
     class Identity(torch.nn.Module):
         def forward(self, x, t):
