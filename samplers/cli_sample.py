@@ -149,7 +149,8 @@ def build_parser(prog: str = "python -m samplers sample") -> argparse.ArgumentPa
     p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch (default 256)")
     p.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard file (default 1024)")
     p.add_argument("--format", choices=("pt", "npz"), default="pt", help="shard file format (default pt)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="sample dtype (default float32)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="sample dtype (default: the network's parameters' dtype when it is a torch.nn.Module, else float32)")
     p.add_argument("--device", default=None, help="cpu, cuda (= cuda:LOCAL_RANK) or cuda:K (default: cpu)")
     p.add_argument("--out", required=True, help="output directory (created; reused to resume)")
     return p
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v is not None and not v > 0:
             parser.error(f"--{name} must be positive, got {v}")
-    dtype = _DTYPES[args.dtype]
+    dtype = None if args.dtype is None else _DTYPES[args.dtype]
     if args.format == "npz" and dtype == torch.bfloat16:
         parser.error("--format npz cannot store --dtype bfloat16 (numpy has no bfloat16): use --format pt")
     if args.device in (None, "cpu"):

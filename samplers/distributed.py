@@ -2,11 +2,13 @@
 
 Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
 on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
-(seed, global sample index, counter, stream), so sample i is bit-identical whatever the number of
-ranks, the rank that drew it or the chunk it was drawn in.  The result is either gathered
-(padded ``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard
-files with a checksummed index, for runs that do not fit in one host's memory and that must
-survive being killed (a rerun skips the shards whose checksum verifies).
+(seed, global sample index, counter, stream), so sample i gets the same noise and the same
+arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in:
+bit-identical samples with a batch-invariant network, equal up to the network's rounding with one
+whose matrix multiplies depend on the batch (docs/noise.md, "What is the same in any batch").
+The result is either gathered (padded ``all_gather`` / ``gather``, which gloo and NCCL both
+support) or written as shard files with a checksummed index, for runs that do not fit in one
+host's memory and that must survive being killed (a rerun skips the shards whose checksum verifies).
 
 Output directory layout (``out_dir``):
 
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .model import Model
+from .model import Model, network_placement
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
@@ -405,8 +407,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     alone) must call this with the same arguments.  Rank r takes the contiguous global indices
     :func:`shard_range` (n, r, W) and samples them in chunks of ``batch_size`` (default: all at
     once) with :func:`samplers.sample` and ``sample_index`` set to the global indices, so the
-    result is bit-identical to ``sample(model, solver, shape=(n, *shape), seed=seed, ...)`` on one
-    process, whatever W and ``batch_size`` are.
+    result has the noise and arithmetic of ``sample(model, solver, shape=(n, *shape), seed=seed, ...)``
+    on one process, whatever W and ``batch_size`` are: bit-identical to it with a batch-invariant
+    network, equal up to the network's own batch dependence otherwise (docs/noise.md).
 
     Parameters
     ----------
@@ -427,8 +430,10 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         takes the contiguous shards :func:`shard_range` (n_shards, r, W).  Shards already done
         (checksum verified) are skipped, so rerunning a killed job finishes it.  Returns ``None``
         (read the result with :func:`load_shards`).
-    device:
-        where to sample (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU).
+    device, dtype:
+        where to sample (default: the network's parameters' device when it is a ``torch.nn.Module``,
+        else ``cuda:LOCAL_RANK`` under NCCL, else the CPU) and the samples' dtype (default: the
+        parameters' dtype, else torch's default), as :func:`samplers.sample` takes them.
     run_config:
         extra settings recorded in the index and compared on a rerun (the CLI records the model).
     return_info:
@@ -468,6 +473,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if dtype is None:  # as sample() does without x_T: a module's parameters decide, else torch's default
+        dtype = network_placement(model, "dtype") or torch.get_default_dtype()
     if out_dir is None:
         if shard_size is not None:
             raise ValueError("shard_size applies only with out_dir")
@@ -483,8 +490,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
             raise ValueError("shard_format='npz' cannot store bfloat16 (numpy has no bfloat16): use 'pt'")
     group, rank, world = _group_rank_world(group)
     if device is None:
-        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-                  if world > 1 and _uses_nccl(group) else torch.device("cpu"))
+        device = network_placement(model, "device") or (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if world > 1 and _uses_nccl(group)
+            else torch.device("cpu"))
     device = torch.device(device)
 
     if out_dir is not None:

@@ -73,6 +73,9 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
       on the reversed grid (``DPMSolver(order=1)``: DDIM inversion).  Approximate: the error is the
       solver's global error in both directions, not rounding; it falls with the solver's order, best
       on a log-SNR grid (``grid_kind="log_snr"``, see docs/inversion.md).
+
+    Records no autograd graph, in any grad mode (the steps run under ``torch.no_grad()``, as in
+    :func:`samplers.sample.builds_no_graph`).
     """
     table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x0, steps, grid, grid_kind, seed,
                                                                  sample_index, cond, dtype, "invert")

@@ -15,7 +15,8 @@ network's trace is estimated.  Changing variables from x to y shifts every log-d
 
 The trace is exact (one vector-Jacobian product per dimension) or Hutchinson's estimate
 eps^T (d net / d x) eps with ``probes`` fixed probes per sample (Rademacher or Gaussian), keyed
-like all noise here by (seed, sample index), so a sample's result does not depend on the batch.
+like all noise here by (seed, sample index), so a sample's probes do not depend on the batch (nor its
+result, with a batch-invariant network: docs/noise.md, "What is the same in any batch").
 Each probe gets its own integral along the one shared path; the reported log p is their mean and
 the standard error is their spread over sqrt(probes).
 """
@@ -33,7 +34,7 @@ from solvers import AdaptiveODE
 
 from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .sample import _AdaptiveContext, _resolve_dtypes, check_run_arguments
+from .sample import _AdaptiveContext, _resolve_dtypes, builds_no_graph, check_run_arguments
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -120,6 +121,7 @@ def dequantize(x: torch.Tensor, bins: int = 256, data_range=(-1.0, 1.0), *, seed
     return (lo + (hi - lo) * (k + u) / bins).to(x.dtype)
 
 
+@builds_no_graph
 def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probes: int | None = None,
                probe_noise: str = "rademacher", solver: AdaptiveODE | None = None, t_start: float | None = None,
                t_end: float | None = None, prior_logp: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -162,7 +164,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         dtype handed to the network (default x's; float16/bfloat16 states are integrated in
         float32) and device (default x's).
 
-    Returns a :class:`LikelihoodResult`.
+    Returns a :class:`LikelihoodResult`.  The result carries no autograd graph and the network's
+    parameters get no ``.grad``: the trace's vector-Jacobian products are taken with respect to the
+    state only (see :func:`samplers.sample.builds_no_graph`).
     """
     start_time = time.perf_counter()
     if solver is None:

@@ -8,7 +8,7 @@ import torch
 
 from sde import GaussianSDE, PREDICTIONS, SDE, conversion
 
-__all__ = ["Model", "compute_dtype"]
+__all__ = ["Model", "compute_dtype", "network_placement"]
 
 _TIME_INPUTS = ("sde", "discrete")
 _SHIFTABLE = ("eps", "x0", "score")  # what a network may predict on an SDE with a state offset
@@ -18,6 +18,24 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype arithmetic and times use for states of ``dtype``: float64 stays, the rest use float32
     (float16/bfloat16 cannot even represent the timesteps of a 1000-step schedule)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def network_placement(model: "Model", what: str):
+    """The dtype (``what="dtype"``) or device (``what="device"``) of the floating parameters of
+    ``model.net`` when it is a ``torch.nn.Module``: the default of a run that is given neither that
+    argument nor a starting state, since a module computes in its parameters' dtype and on their
+    device (a float16 convolution refuses a float32 input).  None when ``net`` is not a module or has
+    no floating parameters; a ValueError naming the argument to pass when the parameters disagree."""
+    if what not in ("dtype", "device"):
+        raise ValueError(f"what must be 'dtype' or 'device', got {what!r}")
+    net = model.net
+    if not isinstance(net, torch.nn.Module):
+        return None
+    found = {getattr(p, what) for p in net.parameters() if p.is_floating_point()}
+    if len(found) > 1:
+        raise ValueError(f"the network's parameters have the {what}s {sorted(map(str, found))}: pass {what}= "
+                         f"(the {what} of the state handed to the network) or a starting state x_T of that {what}")
+    return found.pop() if found else None
 
 
 class Model:

@@ -15,12 +15,22 @@ from solvers.adaptive import batch_independent
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .grid import grid as make_grid
 from .grid import validate_grid
-from .model import Model, compute_dtype
+from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, step_stream
 
-__all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError"]
+__all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def builds_no_graph(run: Callable) -> Callable:
+    """``run`` under ``torch.no_grad()``: sampling, inversion and likelihoods record no autograd graph,
+    whatever the caller's grad mode and whether the network's parameters require grad (the solvers
+    update the state in place, which autograd refuses, and a recorded run would keep every step's
+    graph alive); gradients through sampling are :func:`samplers.sample_grad`'s job.  Not
+    ``torch.inference_mode``: its tensors can never enter autograd afterwards, and callers do use
+    samples and latents there (a training target, a latent they optimise)."""
+    return torch.no_grad()(run)
 
 
 class NonFiniteError(FloatingPointError):
@@ -180,9 +190,14 @@ class _AdaptiveContext:
         self.rejected[index] += (~accepted).long()
 
 
-def _resolve_dtypes(dtype, x_T):
+def _resolve_dtypes(dtype, x_T, model: Model | None = None):
+    """(the dtype handed to the network and returned, the compute dtype): ``dtype``, else x_T's, else
+    (with ``model``) its module's parameters' dtype, else torch's default."""
     if dtype is None:
-        dtype = x_T.dtype if x_T is not None and x_T.is_floating_point() else torch.get_default_dtype()
+        if x_T is not None and x_T.is_floating_point():
+            dtype = x_T.dtype
+        else:
+            dtype = (network_placement(model, "dtype") if model is not None else None) or torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return dtype, compute_dtype(dtype)
@@ -319,12 +334,16 @@ def _progress_bar(progress, steps):
     return tqdm(total=steps, desc="sampling", unit="step")
 
 
+@builds_no_graph
 def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None = None, steps: int | None = None,
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
            final_denoise: bool | None = None, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
            return_info: bool = False, solver_state: dict | None = None, backend: str = "auto"):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
+
+    The run records no autograd graph, in any grad mode (see :func:`builds_no_graph`); to
+    differentiate through sampling use :func:`samplers.sample_grad`.
 
     Parameters
     ----------
@@ -337,7 +356,8 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         explicit grid from :func:`samplers.grid` / a user tensor of shape (N+1,) or (N+1, B).
     seed:
         an int, or one int per sample.  Sample i's noise is keyed by (seed_i, sample_index_i,
-        step), so it does not depend on the batch it is drawn in.
+        step), so it does not depend on the batch it is drawn in (nor does the sample, with a
+        batch-invariant network: docs/noise.md, "What is the same in any batch").
     sample_index:
         global sample indices (default 0 ... B-1); sharded runs pass their shard's indices.
     cond:
@@ -350,9 +370,11 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         show a progress bar (default: on for runs of 200+ steps on a terminal).
     callback:
         called with a :class:`StepInfo` after every step.
-    dtype:
-        dtype of the state handed to the network and returned (default: x_T's, else torch's
-        default).  float16/bfloat16 states are updated in float32; coefficients are always
+    dtype, device:
+        dtype of the state handed to the network and returned, and the device of the run (default:
+        x_T's; without x_T, the parameters' when the network is a ``torch.nn.Module`` (a float16
+        module gets float16 states), else torch's default dtype and the CPU).  float16/bfloat16
+        states are updated in float32 and the network gets float32 times; coefficients are always
         computed in float64.
     return_info:
         also return a :class:`SampleInfo`.
@@ -387,9 +409,11 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         shape = tuple(int(s) for s in shape)
         if len(shape) < 1 or shape[0] < 1 or any(s < 1 for s in shape):
             raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
-        device = torch.device("cpu") if device is None else torch.device(device)
+        if device is None:
+            device = network_placement(model, "device") or torch.device("cpu")
+        device = torch.device(device)
     batch = shape[0]
-    dtype, compute = _resolve_dtypes(dtype, x_T)
+    dtype, compute = _resolve_dtypes(dtype, x_T, model)
     backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
 
     adaptive = bool(getattr(solver, "adaptive", False))

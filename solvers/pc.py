@@ -210,7 +210,7 @@ class Langevin(Corrector):
 
     The norms are per sample.  SCORE averages them over the batch, which makes every sample's step
     size depend on the whole batch (a sample changes with the batch it is drawn in); per-sample
-    norms keep sample i the same in any batch.  The price: the step size then depends on the sample's
+    norms keep sample i's arithmetic the same in any batch.  The price: the step size then depends on the sample's
     own state and noise, and in the small-step limit the chain samples not p_t but, for a Gaussian
     p_t in d dimensions, a law whose variance is about (1 + 2/d)^2 times too large (per-sample
     ||g|| changes the invariant law to p ||g||^2 and per-sample ||z|| heats it by (d + 2)/d).
