@@ -137,6 +137,22 @@ def test_solver_factories_runs_restart_and_shows_a_broken_solver(monkeypatch):
         demo.solver_factories()
 
 
+def test_run_demo_reports_refusals_and_raises_bugs():
+    """A run the library refuses (ValueError: the reverse SDE at alpha = 0 on rf) is reported as skipped with
+    its reason; any other error (a RuntimeError from inside a step) was reported the same way, and is raised."""
+
+    class BrokenEuler(Euler):
+        def step(self, k, x, ctx):
+            raise RuntimeError("a bug inside the step")
+
+    with pytest.raises(RuntimeError, match="a bug inside the step"):
+        demo.run_demo(samples=16, budgets=[3], projections=4, floor_sets=1, solver_list=[("broken", BrokenEuler)])
+    result = demo.run_demo(sde="rf", samples=16, budgets=[3], projections=4, floor_sets=1,
+                           solver_list=[("EulerMaruyama(eta=1)", lambda: EulerMaruyama(eta=1.0))])
+    ((label, budget, reason),) = result["skipped"]
+    assert label == "EulerMaruyama(eta=1)" and reason.startswith("ValueError: ") and "singular" in reason
+
+
 def test_run_demo_in_process_tiny(tmp_path):
     pairs = [(label, f) for label, f in demo.solver_factories() if label in ("Euler(eta=0)", "Heun(eta=1)")]
     result = demo.run_demo(samples=64, budgets=[1, 3, 7], solver_list=pairs, projections=16, floor_sets=2)
