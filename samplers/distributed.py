@@ -42,11 +42,12 @@ from pathlib import Path
 
 import torch
 
+from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
 from .model import Model
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
-           "throughput", "INDEX_NAME", "main"]
+           "check_run_size", "throughput", "INDEX_NAME", "main"]
 
 INDEX_NAME = "index.json"
 _PROGRESS_PREFIX = "progress-"
@@ -94,6 +95,43 @@ class DistributedInfo:
     shards_skipped: int = 0  #: shards found done (checksum verified) and not recomputed
     index_path: str | None = None
     ranks: list = field(default_factory=list)  #: every rank's fields above, as dicts, by rank
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before any work
+
+
+def check_run_size(n: int, shape, *, batch_size: int, shard_size: int | None = None, steps=None,
+                   dtype: torch.dtype | None = None, device="cpu", world: int = 1, gathered: bool = False,
+                   names: dict | None = None) -> None:
+    """Refuse, before any work, a run of ``n`` samples of ``shape`` that is out of the bounds of
+    :mod:`samplers.limits` or cannot fit in ``device``'s memory (ValueError naming the argument, as
+    ``names`` spells it: the CLI passes its flags).
+
+    Bounds: ``n``, ``batch_size`` and ``shard_size`` at most ``MAX_SAMPLES``, at most ``MAX_SHARDS``
+    shards, ``steps`` at most ``MAX_STEPS``.  Memory: a process holds its samples twice while it
+    assembles them (the chunks, then their concatenation): a shard with ``shard_size``, else its whole
+    range (ceil(n / world) samples), plus twice all ``n`` on a rank the result is ``gathered`` to.  That
+    is a lower bound (the network's own memory comes on top), so a refusal is certain to be right."""
+    names = {"n": "n", "shape": "shape", "batch_size": "batch_size", "shard_size": "shard_size",
+             "steps": "steps", **(names or {})}
+    for key, value in (("n", n), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if value is not None and not value <= MAX_SAMPLES:
+            raise ValueError(f"{names[key]} must be at most {MAX_SAMPLES} (samplers.limits.MAX_SAMPLES), got {value}")
+    if steps is not None:
+        check_steps(steps, names["steps"])
+    if shard_size is not None and -(-n // shard_size) > MAX_SHARDS:
+        raise ValueError(f"{names['n']}={n} in shards of {names['shard_size']}={shard_size} makes "
+                         f"{-(-n // shard_size)} shards, more than {MAX_SHARDS} (samplers.limits.MAX_SHARDS): "
+                         f"use a larger {names['shard_size']}")
+    per_sample = math.prod(shape) * torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    held = -(-n // world) if shard_size is None else min(shard_size, -(-n // world))
+    needed = per_sample * (2 * held + (2 * n if gathered else 0))
+    what = (f"{'a shard' if shard_size is not None else 'the samples'} of {held} x {names['shape']} "
+            f"{tuple(shape)} ({math.prod(shape)} elements each, {dtype or torch.get_default_dtype()})")
+    advice = (f"lower {names['shard_size']} or {names['shape']}" if shard_size is not None else
+              f"lower {names['n']} or {names['shape']}, or write shards (out_dir)")
+    check_memory(needed, device, what, advice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,8 +457,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     gather:
         ``True`` (default without ``out_dir``): every rank returns the full (n, *shape) tensor
         (padded ``all_gather``); an int: only that rank of the group gets it, the others ``None``
-        (``gather``); ``False``: each rank returns its own piece (indices ``info.start ...
-        info.end-1``).  With NCCL the tensors live on this rank's GPU.
+        (``gather``; a rank in [0, W), so 0 without a process group); ``False``: each rank returns
+        its own piece (indices ``info.start ... info.end-1``).  With NCCL the tensors live on this
+        rank's GPU.
     out_dir, shard_size, shard_format:
         write the samples instead, as global shards of ``shard_size`` indices (default 1024) in
         ``.pt`` or ``.npz`` files with a checksummed index (see the module docstring); rank r
@@ -436,6 +475,10 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     sample_kwargs:
         handed to :func:`samplers.sample`: ``steps``, ``grid``, ``grid_kind``, ``final_denoise``,
         ``cond`` (tensors with ``n`` rows are split per sample, the rest shared), ...
+
+    Sizes are checked before any work (:func:`check_run_size`): ``n``, ``batch_size``, ``shard_size``
+    and ``steps`` within :mod:`samplers.limits`, and the samples a process must hold within its
+    device's available memory.
     """
     t0 = time.perf_counter()
     if not isinstance(model, Model):
@@ -472,6 +515,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         if shard_size is not None:
             raise ValueError("shard_size applies only with out_dir")
         gather = True if gather is None else gather
+        if not isinstance(gather, int):  # True, False or a rank (bool is an int)
+            raise ValueError(f"gather must be True, False or a rank (an int), got {gather!r}")
     else:
         if gather not in (None, False):
             raise ValueError("out_dir writes the samples to shard files: pass no gather (read them with load_shards)")
@@ -482,16 +527,22 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         if shard_format == "npz" and dtype == torch.bfloat16:
             raise ValueError("shard_format='npz' cannot store bfloat16 (numpy has no bfloat16): use 'pt'")
     group, rank, world = _group_rank_world(group)
+    if out_dir is None and not isinstance(gather, bool) and not 0 <= gather < world:
+        alone = " (no process group: this process is the only rank, 0)" if world == 1 else ""
+        raise ValueError(f"gather must be True, False or a rank in [0, {world}){alone}, got {gather!r}")
     if device is None:
         device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
                   if world > 1 and _uses_nccl(group) else torch.device("cpu"))
     device = torch.device(device)
+    gathered_here = out_dir is None and world > 1 and (gather is True or (gather is not False and gather == rank))
+    check_run_size(n, shape, batch_size=batch_size, shard_size=shard_size, steps=sample_kwargs.get("steps"),
+                   dtype=dtype, device=device, world=world, gathered=gathered_here)
 
     if out_dir is not None:
         config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
                   "solver": repr(solver), "sde": repr(model.sde), "predicts": model.predicts,
-                  "dtype": str(dtype or torch.get_default_dtype()), "shard_size": shard_size,
-                  "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
+                  "dtype": str(dtype or torch.get_default_dtype()),
+                  "shard_size": shard_size, "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
                   "run": _jsonable(run_config or {})}
         start, end, computed, nfe, written, skipped, index_path = _run_sharded(
             model, solver, n, shape, seed, batch_size, sample_kwargs, dtype, device, out_dir, shard_size,
@@ -501,14 +552,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         start, end = shard_range(n, rank, world)
         x, nfe = _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_kwargs, dtype, device)
         computed, written, skipped, index_path = end - start, 0, 0, None
-        if gather is False:
-            result = x
-        elif world == 1:
+        if gather is False or world == 1:
             result = x
         else:
-            if gather is not True and (isinstance(gather, bool) or not isinstance(gather, int)
-                                       or not 0 <= gather < world):
-                raise ValueError(f"gather must be True, False or a rank in [0, {world}), got {gather!r}")
             result = _gather(x, n, shape, group, rank, world, None if gather is True else gather)
     if not return_info:
         return result

@@ -12,6 +12,7 @@ import torch
 from samplers import Model, problems, sample
 from samplers.cli_sample import main as cli_main
 from samplers.distributed import load_shards, sample_distributed, shard_range, shard_ranges, verify_shards
+from samplers.limits import MAX_SAMPLES, MAX_SHARDS, MAX_STEPS
 from sde import VPSDE
 from solvers import AdaptiveEM, DPMSolver, EulerMaruyama
 
@@ -30,6 +31,9 @@ from sde import VPSDE
 net = problems.mixture_2d().net(VPSDE(), "x0")
 model = Model(net, VPSDE(), "x0")
 not_callable = 3
+
+def never_called(x, t):
+    raise RuntimeError("the network was called")
 """
 
 
@@ -220,6 +224,15 @@ def test_cli_killed_mid_run_resumes_without_loss_duplication_or_corruption(tmp_p
     (["--model", "nets:model", "--shape", "3,a"], "--shape"),
     (["--model", "nets:model", "-n", "0"], "-n"),
     (["--model", "nets:model", "--format", "npz", "--dtype", "bfloat16"], "bfloat16"),
+    # sizes beyond samplers.limits or the memory, refused before the network is loaded or called
+    (["--model", "nets:never_called", "--sde", "vp", "--steps", str(MAX_STEPS + 1)], f"[1, {MAX_STEPS}]"),
+    (["--model", "nets:never_called", "--sde", "vp", "-n", str(10 * MAX_SAMPLES), "--shard-size", str(MAX_SAMPLES)],
+     "-n: expected an integer in [1, 1000000000]"),
+    (["--model", "nets:never_called", "--sde", "vp", "--batch-size", str(10 * MAX_SAMPLES)], "--batch-size: expected"),
+    (["--model", "nets:never_called", "--sde", "vp", "-n", str(2 * MAX_SHARDS), "--shard-size", "1"],
+     "use a larger --shard-size"),
+    (["--model", "nets:never_called", "--sde", "vp", "--shape", "100000,100000,100"],
+     "x --shape (100000, 100000, 100)"),
 ])
 def test_cli_argument_errors(args, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "nets.py").write_text(NETS_MODULE)
@@ -233,6 +246,51 @@ def test_cli_argument_errors(args, message, tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _limited_memory():  # a guard: on a build without the size checks the CLI fails here instead of eating the host
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_cli_absurd_steps_refused_before_any_work(tmp_path):
+    """--steps 1000000000 grew to 24 GB and was killed; now: exit 2, the limit named, nothing created."""
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:never_called", "--sde", "vp", "--solver", "dpm++2m", "--steps", "1000000000", "-n", "4",
+            "--shape", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120, preexec_fn=_limited_memory)
+    assert proc.returncode == 2, proc.stderr
+    assert "--steps: expected an integer in [1, 100000] (samplers.limits.MAX_STEPS), got '1000000000'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_sample_distributed_gather_and_sizes_refused_before_any_work(tmp_path):
+    """gather=5 without a process group was accepted (and ignored); sizes beyond the limits or the memory ran
+    into the allocator.  Both are refused before the network is called."""
+    model = Model(lambda x, t: (_ for _ in ()).throw(RuntimeError("the network was called")), VPSDE(), "x0")
+    solver = DPMSolver(2)
+    for gather in (5, 1, -1):
+        with pytest.raises(ValueError, match=r"gather must be True, False or a rank in \[0, 1\) \(no process group"):
+            sample_distributed(model, solver, 4, (2,), steps=3, gather=gather)
+    for gather in ("yes", 0.0, None if False else 2.5):
+        with pytest.raises(ValueError, match=r"gather must be True, False or a rank \(an int\)"):
+            sample_distributed(model, solver, 4, (2,), steps=3, gather=gather)
+    with pytest.raises(ValueError, match=rf"steps must be an int in \[1, {MAX_STEPS}\]"):
+        sample_distributed(model, solver, 4, (2,), steps=MAX_STEPS + 1)
+    with pytest.raises(ValueError, match=r"4 x shape \(100000, 100000, 100\).* needs at least 29.1 TiB at once"):
+        sample_distributed(model, solver, 4, (100_000, 100_000, 100), steps=3, batch_size=1)
+    with pytest.raises(ValueError, match=rf"n must be at most {MAX_SAMPLES}"):
+        sample_distributed(model, solver, MAX_SAMPLES + 1, (2,), steps=3, out_dir=tmp_path, shard_size=MAX_SAMPLES,
+                           batch_size=4)
+    with pytest.raises(ValueError, match="use a larger shard_size"):
+        sample_distributed(model, solver, 2 * MAX_SHARDS, (2,), steps=3, out_dir=tmp_path, shard_size=1, batch_size=4)
+    assert list(tmp_path.iterdir()) == []
+    ok = Model(problems.mixture_2d().net(VPSDE(), "x0"), VPSDE(), "x0")
+    assert torch.equal(sample_distributed(ok, solver, 4, (2,), steps=3, gather=0),
+                       sample_distributed(ok, solver, 4, (2,), steps=3, gather=True))
 
 
 def test_cli_model_object_and_npz_format(tmp_path, monkeypatch, capsys):
