@@ -267,6 +267,21 @@ def test_cli_absurd_steps_refused_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def test_cli_restart_solver_runs(tmp_path):
+    """'--solver restart' (a listed choice) crashed with Restart()'s TypeError; it samples like Restart()."""
+    from solvers import Restart
+
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:model", "--solver", "restart", "--steps", "17", "-n", "6", "--shape", "2",
+            "--dtype", "float64", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shards written" in proc.stdout
+    assert torch.equal(load_shards(out), sample(_model(), Restart(), shape=(6, 2), seed=0, dtype=F64, steps=17))
+
+
 def test_sample_distributed_gather_and_sizes_refused_before_any_work(tmp_path):
     """gather=5 without a process group was accepted (and ignored); sizes beyond the limits or the memory ran
     into the allocator.  Both are refused before the network is called."""
