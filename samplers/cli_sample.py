@@ -7,7 +7,8 @@
 predicts) or a callable network ``net(x, t)`` (then ``--sde`` and ``--predicts`` build the Model).
 The samples go to ``--out`` as shards with a checksummed index (see :mod:`samplers.distributed`);
 a rerun with the same arguments skips the shards already written and complete.  Sizes beyond
-:mod:`samplers.limits` or the machine's memory stop it before the network is loaded (exit status 2).  Under
+:mod:`samplers.limits` or the machine's memory, and an ``--out`` that cannot be written, stop it
+before the network is loaded (exit status 2).  Under
 ``torchrun`` every process takes its share of the shards (gloo on CPUs, NCCL when ``--device
 cuda``); otherwise one process does all.
 """
@@ -201,16 +202,16 @@ def main(argv=None) -> int:
             parser.error(f"--device: not a device: {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out} exists and is not a directory")
-    from .distributed import check_run_size, sample_distributed
+    from .distributed import check_out_dir, check_run_size, sample_distributed
 
-    # before the network is loaded and before anything is computed: sizes the machine cannot hold
+    # before the network is loaded and before anything is computed: sizes the machine cannot hold and
+    # an output directory that cannot be written (checked by trying: permission bits do not stop root)
     try:
         check_run_size(args.n, args.shape, batch_size=args.batch_size, shard_size=args.shard_size, steps=args.steps,
                        dtype=dtype, device=device, world=max(int(os.environ.get("WORLD_SIZE", "1")), 1),
                        names={"n": "-n", "shape": "--shape", "batch_size": "--batch-size",
                               "shard_size": "--shard-size", "steps": "--steps"})
+        check_out_dir(args.out, "--out")
     except ValueError as exc:
         parser.error(str(exc))
     try:

@@ -47,7 +47,7 @@ from .model import Model
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
-           "check_run_size", "throughput", "INDEX_NAME", "main"]
+           "check_out_dir", "check_run_size", "throughput", "INDEX_NAME", "main"]
 
 INDEX_NAME = "index.json"
 _PROGRESS_PREFIX = "progress-"
@@ -99,6 +99,32 @@ class DistributedInfo:
 
 # ---------------------------------------------------------------------------------------------
 # checks before any work
+
+
+def check_out_dir(out_dir, name: str = "out_dir") -> Path:
+    """``out_dir`` as a Path, after making sure this process can create it and write in it; else a
+    ValueError naming ``name`` and the reason: the path exists and is not a directory, a parent is a
+    file, or creating an entry fails (read-only file system, permissions).  It is tried, not read off
+    the permission bits (which do not stop root): a probe file in the directory, or a probe directory
+    in its nearest existing ancestor, created and removed.  Nothing is left behind."""
+    path = Path(out_dir)
+    probe_dir = path  # where an entry is tried: the directory, or the nearest ancestor that exists
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{name} {path}: exists and is not a directory")
+        while not probe_dir.exists() and probe_dir.parent != probe_dir:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise ValueError(f"{name} {path}: {probe_dir} is not a directory, so {path} cannot be created")
+        if probe_dir == path:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=probe_dir))
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: cannot write in {probe_dir} ({exc.strerror or exc})") from None
+    return path
 
 
 def check_run_size(n: int, shape, *, batch_size: int, shard_size: int | None = None, steps=None,
@@ -465,7 +491,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         ``.pt`` or ``.npz`` files with a checksummed index (see the module docstring); rank r
         takes the contiguous shards :func:`shard_range` (n_shards, r, W).  Shards already done
         (checksum verified) are skipped, so rerunning a killed job finishes it.  Returns ``None``
-        (read the result with :func:`load_shards`).
+        (read the result with :func:`load_shards`).  A directory this process cannot create or write
+        in is refused before any work (:func:`check_out_dir`).
     device:
         where to sample (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU).
     run_config:
@@ -539,6 +566,7 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
                    dtype=dtype, device=device, world=world, gathered=gathered_here)
 
     if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
         config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
                   "solver": repr(solver), "sde": repr(model.sde), "predicts": model.predicts,
                   "dtype": str(dtype or torch.get_default_dtype()),

@@ -11,7 +11,8 @@ import torch
 
 from samplers import Model, problems, sample
 from samplers.cli_sample import main as cli_main
-from samplers.distributed import load_shards, sample_distributed, shard_range, shard_ranges, verify_shards
+from samplers.distributed import (check_out_dir, load_shards, sample_distributed, shard_range,
+                                  shard_ranges, verify_shards)
 from samplers.limits import MAX_SAMPLES, MAX_SHARDS, MAX_STEPS
 from sde import VPSDE
 from solvers import AdaptiveEM, DPMSolver, EulerMaruyama
@@ -280,6 +281,50 @@ def test_cli_restart_solver_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 shards written" in proc.stdout
     assert torch.equal(load_shards(out), sample(_model(), Restart(), shape=(6, 2), seed=0, dtype=F64, steps=17))
+
+
+def _read_only_dir(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permission bits; /proc and a file-as-parent cover root")
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o500)
+    return path
+
+
+@pytest.mark.parametrize("where, reason", [
+    (lambda tmp: tmp / "a-file" / "out", "a-file is not a directory"),
+    (lambda tmp: tmp / "a-file", "exists and is not a directory"),
+    (lambda tmp: Path("/proc"), "cannot write in /proc"),  # exists, a directory, nobody may create files in it
+    (lambda tmp: Path("/proc/samplers-no-such-dir/out"), "cannot write in /proc"),
+    (lambda tmp: _read_only_dir(tmp), "cannot write in"),
+    (lambda tmp: _read_only_dir(tmp) / "out", "cannot write in"),
+], ids=["parent-is-file", "is-a-file", "proc", "under-proc", "read-only-dir", "under-read-only-dir"])
+def test_cli_unwritable_out_refused_before_any_network_call(where, reason, tmp_path):
+    """An --out that cannot be written stopped the CLI with a traceback (exit 1), for /proc after computing a
+    shard; now exit 2 naming --out and the reason, before the network is called (it raises if it is)."""
+    if not Path("/proc").is_dir() and "proc" in reason:
+        pytest.skip("no /proc here")
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    (tmp_path / "a-file").write_text("not a directory")
+    out = where(tmp_path)
+    args = ["--model", "nets:never_called", "--sde", "vp", "--solver", "dpm++2m", "--steps", "3", "-n", "4",
+            "--shape", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--out {out}" in proc.stderr and reason in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "network was called" not in proc.stderr
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+    assert not [p for p in tmp_path.rglob(".write-probe-*")]
+
+
+def test_check_out_dir_creates_nothing(tmp_path):
+    target = tmp_path / "new" / "deeper"
+    assert check_out_dir(target) == target and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"out_dir .*a-file: exists and is not a directory"):
+        (tmp_path / "a-file").write_text("")
+        check_out_dir(tmp_path / "a-file")
 
 
 def test_sample_distributed_gather_and_sizes_refused_before_any_work(tmp_path):
