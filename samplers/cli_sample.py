@@ -6,7 +6,8 @@
 ``--model module:attr`` names a :class:`samplers.Model` (which knows its SDE and what it
 predicts) or a callable network ``net(x, t)`` (then ``--sde`` and ``--predicts`` build the Model).
 The samples go to ``--out`` as shards with a checksummed index (see :mod:`samplers.distributed`);
-a rerun with the same arguments skips the shards already written and complete.  Sizes beyond
+a rerun with the same arguments skips the shards already written and complete (and is refused if the
+network's weights changed: the index records their fingerprint).  Sizes beyond
 :mod:`samplers.limits` or the machine's memory, and an ``--out`` that cannot be written, stop it
 before the network is loaded (exit status 2).  Under
 ``torchrun`` every process takes its share of the shards (gloo on CPUs, NCCL when ``--device

@@ -21,7 +21,8 @@ Output directory layout (``out_dir``):
 
 A shard counts as done only if some index file (``index.json`` or a progress file) records it
 with the SHA-256 of the file on disk; everything else is (re)computed.  Runs with other settings
-(seed, solver, n, ...) are refused in the same directory.  One run at a time per directory.
+(seed, solver, n, ..., the network's weights by :func:`network_fingerprint`) are refused in the same
+directory.  One run at a time per directory.
 
 ``python -m samplers.distributed bench`` measures throughput with 1 and 2 gloo CPU processes.
 """
@@ -47,7 +48,7 @@ from .model import Model
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
-           "check_out_dir", "check_run_size", "throughput", "INDEX_NAME", "main"]
+           "network_fingerprint", "check_out_dir", "check_run_size", "throughput", "INDEX_NAME", "main"]
 
 INDEX_NAME = "index.json"
 _PROGRESS_PREFIX = "progress-"
@@ -99,6 +100,40 @@ class DistributedInfo:
 
 # ---------------------------------------------------------------------------------------------
 # checks before any work
+
+
+def network_fingerprint(net) -> str:
+    """A fingerprint of a network's weights, recorded with a sharded run so that a rerun with other
+    weights is refused instead of mixing the samples of two networks.
+
+    For a ``torch.nn.Module`` (also inside a :class:`samplers.Model`, or a bound method of a module):
+    ``"sha256:<hex>"`` over each tensor's name, dtype, shape and bytes, in ``state_dict`` order (the
+    parameters and persistent buffers), then the non-persistent buffers.  Any change of a weight, a
+    dtype or a shape changes it; moving the network to another device does not.  For any other
+    callable: ``"none: not a torch.nn.Module, no parameters to fingerprint"`` (a function's weights,
+    if it closes over some, cannot be seen).
+    """
+    if isinstance(net, Model):
+        net = net.net
+    owner = getattr(net, "__self__", None)  # net.forward or another bound method of a module
+    if not isinstance(net, torch.nn.Module) and isinstance(owner, torch.nn.Module):
+        net = owner
+    if not isinstance(net, torch.nn.Module):
+        return "none: not a torch.nn.Module, no parameters to fingerprint"
+    state = net.state_dict(keep_vars=True)
+    tensors = list(state.items()) + [(name, buf) for name, buf in net.named_buffers() if name not in state]
+    h = hashlib.sha256()
+    for name, tensor in tensors:
+        if tensor is None:
+            continue
+        if tensor.is_meta:
+            raise ValueError(f"network {name!r} is on the meta device: it has no weights to fingerprint or run")
+        tensor = tensor.detach()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
 
 
 def check_out_dir(out_dir, name: str = "out_dir") -> Path:
@@ -319,7 +354,12 @@ def _check_config(out_dir: Path, old: dict | None, new: dict) -> None:
         return
     diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
              if old.get(k) != new.get(k)]
-    raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
+    network = ""
+    if old.get("network") != new.get("network"):
+        network = ("the network's weights differ from those of the run there (network fingerprint "
+                   f"{old.get('network')!r} there, {new.get('network')!r} now): its shards would mix "
+                   "two models; ")
+    raise ValueError(f"{out_dir} holds a run with other settings ({network}{'; '.join(diffs)}); "
                      "use another output directory, or the same settings to resume")
 
 
@@ -492,7 +532,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         takes the contiguous shards :func:`shard_range` (n_shards, r, W).  Shards already done
         (checksum verified) are skipped, so rerunning a killed job finishes it.  Returns ``None``
         (read the result with :func:`load_shards`).  A directory this process cannot create or write
-        in is refused before any work (:func:`check_out_dir`).
+        in is refused before any work (:func:`check_out_dir`); the run records the network's
+        :func:`network_fingerprint` and a rerun with other weights is refused.
     device:
         where to sample (default: ``cuda:LOCAL_RANK`` under NCCL, else the CPU).
     run_config:
@@ -569,7 +610,7 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         out_dir = check_out_dir(out_dir)
         config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
                   "solver": repr(solver), "sde": repr(model.sde), "predicts": model.predicts,
-                  "dtype": str(dtype or torch.get_default_dtype()),
+                  "network": network_fingerprint(model), "dtype": str(dtype or torch.get_default_dtype()),
                   "shard_size": shard_size, "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
                   "run": _jsonable(run_config or {})}
         start, end, computed, nfe, written, skipped, index_path = _run_sharded(

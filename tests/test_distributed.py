@@ -11,7 +11,7 @@ import torch
 
 from samplers import Model, problems, sample
 from samplers.cli_sample import main as cli_main
-from samplers.distributed import (check_out_dir, load_shards, sample_distributed, shard_range,
+from samplers.distributed import (check_out_dir, load_shards, network_fingerprint, sample_distributed, shard_range,
                                   shard_ranges, verify_shards)
 from samplers.limits import MAX_SAMPLES, MAX_SHARDS, MAX_STEPS
 from sde import VPSDE
@@ -27,6 +27,7 @@ CASES = {  # name -> (solver factory, sample kwargs)
 }
 
 NETS_MODULE = """
+import os, torch
 from samplers import Model, problems
 from sde import VPSDE
 net = problems.mixture_2d().net(VPSDE(), "x0")
@@ -35,6 +36,17 @@ not_callable = 3
 
 def never_called(x, t):
     raise RuntimeError("the network was called")
+
+class Linear(torch.nn.Module):  # an eps-network whose weights the environment sets, as a retrained one
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((2, 2), float(os.environ.get("NET_WEIGHT", "0.1"))))
+        self.register_buffer("bias", torch.zeros(2))
+
+    def forward(self, x, t):
+        return x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)
+
+linear = Linear()
 """
 
 
@@ -325,6 +337,70 @@ def test_check_out_dir_creates_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"out_dir .*a-file: exists and is not a directory"):
         (tmp_path / "a-file").write_text("")
         check_out_dir(tmp_path / "a-file")
+
+
+def test_network_fingerprint():
+    """SHA-256 over names, dtypes, shapes and bytes of parameters and buffers: equal weights give equal
+    fingerprints, any change of a weight, a buffer or a dtype another; a plain function says it has none."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm1d(4))
+    fp = network_fingerprint(net)
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm1d(4))
+    twin.load_state_dict(net.state_dict())
+    assert network_fingerprint(twin) == fp == network_fingerprint(Model(net, VPSDE())) == network_fingerprint(net.forward)
+    with torch.no_grad():
+        twin[0].weight[1, 2] += 1e-6
+    assert network_fingerprint(twin) != fp
+    twin.load_state_dict(net.state_dict())
+    twin[2].running_mean.add_(1.0)  # a buffer, not a parameter
+    assert network_fingerprint(twin) != fp
+    assert network_fingerprint(net.to(torch.float64)) != fp
+    assert network_fingerprint(_model()).startswith("none: not a torch.nn.Module")
+
+
+class _EpsNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+    def forward(self, x, t):
+        return self.linear(x)
+
+
+def test_index_records_the_network_fingerprint(tmp_path):
+    net = _EpsNet().requires_grad_(False)
+    sample_distributed(Model(net.forward, VPSDE(), "eps"), DPMSolver(2), 4, (2,), steps=3, out_dir=tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "index.json").read_text())["config"]["network"] == network_fingerprint(net)
+    model = Model(lambda x, t: net(x, t), VPSDE(), "eps")  # a function hides the module it calls
+    sample_distributed(model, DPMSolver(2), 4, (2,), steps=3, out_dir=tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "index.json").read_text())["config"]
+    assert config["network"] == "none: not a torch.nn.Module, no parameters to fingerprint"
+
+
+def test_cli_resume_with_changed_weights_refused(tmp_path):
+    """A killed run resumed after the network's weights changed kept the old shards and computed the rest with
+    the new weights (exit 0, a run mixing two models); now exit 2 naming both fingerprints, the shards untouched."""
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:linear", "--sde", "vp", "--solver", "dpm++2m", "--steps", "3", "-n", "12", "--shape", "2",
+            "--shard-size", "4", "--out", str(out)]
+
+    def run(weight, **env):
+        return subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT,
+                              env=_env(str(tmp_path), NET_WEIGHT=weight, **env), capture_output=True, text=True,
+                              timeout=120)
+
+    killed = run("0.1", SAMPLERS_TEST_EXIT_AFTER_SHARDS="2")  # one shard recorded, a second written, then dies
+    assert killed.returncode == 1 and len(list(out.glob("shard-*.pt"))) == 2
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    changed = run("0.2")
+    assert changed.returncode == 2, changed.stderr
+    assert "network's weights differ" in changed.stderr and changed.stderr.count("sha256:") >= 2, changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finished = run("0.1")  # the same weights resume
+    assert finished.returncode == 0 and "1 already complete" in finished.stdout, finished.stderr
 
 
 def test_sample_distributed_gather_and_sizes_refused_before_any_work(tmp_path):
