@@ -2,9 +2,10 @@
 
 A step count, a number of samples or a batch the machine cannot hold is refused with a message
 that names the argument, instead of an allocation that grows until the kernel kills the process
-(the CLI with ``--steps 1000000000`` once grew to 24 GB).  Every entry point that takes these sizes
-(``samplers.sample``, ``samplers.distributed.sample_distributed``, ``python -m samplers sample``)
-checks them here, so the limits are defined once.
+(the CLI with ``--steps 1000000000`` once grew to 24 GB and was killed).  The limits are defined
+here once, for every entry point that takes these sizes: ``samplers.distributed.sample_distributed``
+and ``python -m samplers sample`` check them (``samplers.distributed.check_run_size``), before they
+load or call the network.
 """
 
 from __future__ import annotations
