@@ -353,13 +353,11 @@ def _check_config(out_dir: Path, old: dict | None, new: dict) -> None:
     if old is None or old == new:
         return
     diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)]
-    network = ""
+             if old.get(k) != new.get(k) and k != "network"]
     if old.get("network") != new.get("network"):
-        network = ("the network's weights differ from those of the run there (network fingerprint "
-                   f"{old.get('network')!r} there, {new.get('network')!r} now): its shards would mix "
-                   "two models; ")
-    raise ValueError(f"{out_dir} holds a run with other settings ({network}{'; '.join(diffs)}); "
+        diffs.insert(0, "the network's weights differ from those of the run there (network fingerprint "
+                        f"{old.get('network')!r} there, {new.get('network')!r} now): its shards would mix two models")
+    raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
                      "use another output directory, or the same settings to resume")
 
 
