@@ -288,6 +288,25 @@ def _tensors(tree):
 ADD_PASS_TENSOR_MOVES = 3
 
 
+def _diffusers_scheduler(name: str):
+    """diffusers' scheduler class ``name``, or None when diffusers is not installed (the table then
+    says so); an installed diffusers that fails to import raises, it is not taken for a missing one."""
+    try:
+        import diffusers
+    except ModuleNotFoundError as exc:
+        if exc.name != "diffusers":
+            raise
+        return None
+    return getattr(diffusers, name)
+
+
+def _model_calls(solver, steps: int) -> int:
+    """Network calls of ``steps`` steps without the final denoise (Restart adds its restarts' calls)."""
+    if hasattr(solver, "nfe"):
+        return solver.nfe(steps, final_denoise=False)
+    return steps * solver.nfe_per_step
+
+
 def traffic(shape=(8, 3, 16, 16), steps=(6, 18)) -> dict:
     """Per-step memory traffic of each solver, counted (not timed) in add_ passes: full-batch tensor
     reads and writes of every aten op, divided by the 3 of one ``x.add_(y)``. Deterministic, so it
@@ -319,13 +338,12 @@ def traffic(shape=(8, 3, 16, 16), steps=(6, 18)) -> dict:
         short, long = (moves(lambda n=n: sample(model, solver, x_T=x_T, steps=n, final_denoise=False))
                        for n in steps)
         per_step = (long - short) / (steps[1] - steps[0]) / ADD_PASS_TENSOR_MOVES
+        calls = _model_calls(solver, steps[1]) - _model_calls(solver, steps[0])
         rows.append({"solver": label, "passes_per_step": per_step,
-                     "passes_per_model_call": per_step / solver.nfe_per_step, "stochastic": solver.stochastic})
+                     "passes_per_model_call": (long - short) / calls / ADD_PASS_TENSOR_MOVES,
+                     "stochastic": solver.stochastic})
     peers = []
-    try:
-        from diffusers import DPMSolverMultistepScheduler
-    except Exception:  # noqa: BLE001 - any import failure means the peer is not available
-        DPMSolverMultistepScheduler = None
+    DPMSolverMultistepScheduler = _diffusers_scheduler("DPMSolverMultistepScheduler")
     if DPMSolverMultistepScheduler is not None:
         def diffusers_dpm_2m(n):
             sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=2)
@@ -394,7 +412,7 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
 
         short, long = (_best_time(lambda n=n: run(n), repeats, 1) for n in steps)
         per_step = (long - short) / (steps[1] - steps[0])
-        per_call = per_step / solver.nfe_per_step
+        per_call = (long - short) / (_model_calls(solver, steps[1]) - _model_calls(solver, steps[0]))
         rows.append({"solver": label, "ms_per_step": per_step * 1e3, "passes_per_step": per_step / add_pass,
                      "passes_per_model_call": per_call / add_pass, "stochastic": solver.stochastic})
     result = {
@@ -414,10 +432,7 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
 def _peer_overheads(shape, fixed, x_T, add_pass, repeats, steps):
     """The same measurement for peers' Euler samplers, where they are installed."""
     rows = []
-    try:
-        from diffusers import EulerDiscreteScheduler
-    except Exception:  # noqa: BLE001 - any import failure means the peer is not available
-        EulerDiscreteScheduler = None
+    EulerDiscreteScheduler = _diffusers_scheduler("EulerDiscreteScheduler")
     if EulerDiscreteScheduler is not None:
         def diffusers_euler(n):
             sched = EulerDiscreteScheduler(num_train_timesteps=1000)
@@ -443,6 +458,8 @@ def _print_overhead(result: dict) -> None:
               f"{row['passes_per_model_call']:>18.1f}")
     for row in result.get("peers", []):
         print(f"{row['peer']:<40} {row['passes_per_model_call']:>8.1f} passes/model call")
+    if "peers" in result and not result["peers"]:
+        print("no peer row: diffusers is not installed (pip install diffusers)")
 
 
 def _quality_command(args) -> int:

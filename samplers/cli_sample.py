@@ -6,7 +6,10 @@
 ``--model module:attr`` names a :class:`samplers.Model` (which knows its SDE and what it
 predicts) or a callable network ``net(x, t)`` (then ``--sde`` and ``--predicts`` build the Model).
 The samples go to ``--out`` as shards with a checksummed index (see :mod:`samplers.distributed`);
-a rerun with the same arguments skips the shards already written and complete.  Under
+a rerun with the same arguments skips the shards already written and complete (and is refused if the
+network's weights changed: the index records their fingerprint).  Sizes beyond
+:mod:`samplers.limits` or the machine's memory, and an ``--out`` that cannot be written, stop it
+before the network is loaded (exit status 2).  Under
 ``torchrun`` every process takes its share of the shards (gloo on CPUs, NCCL when ``--device
 cuda``); otherwise one process does all.
 """
@@ -19,6 +22,8 @@ import os
 import sys
 
 import torch
+
+from .limits import MAX_SAMPLES, MAX_STEPS
 
 __all__ = ["SOLVERS", "ADAPTIVE", "build_parser", "load_model", "make_solver", "main"]
 
@@ -127,7 +132,8 @@ def _int_arg(expected: str, accepts):
     return parse
 
 
-_positive = _int_arg("a positive integer", lambda v: v >= 1)
+_steps = _int_arg(f"an integer in [1, {MAX_STEPS}] (samplers.limits.MAX_STEPS)", lambda v: 1 <= v <= MAX_STEPS)
+_count = _int_arg(f"an integer in [1, {MAX_SAMPLES}] (samplers.limits.MAX_SAMPLES)", lambda v: 1 <= v <= MAX_SAMPLES)
 _seed = _int_arg("an integer in [0, 2^64)", lambda v: 0 <= v < 2**64)
 
 
@@ -140,14 +146,14 @@ def build_parser(prog: str = "python -m samplers sample") -> argparse.ArgumentPa
     p.add_argument("--predicts", default=None, help="what the network returns: eps (default), x0, v, score, velocity")
     p.add_argument("--solver", required=True, choices=SOLVERS, metavar="SOLVER",
                    help=f"one of {', '.join(SOLVERS)}")
-    p.add_argument("--steps", type=_positive, default=None, help="number of steps (not for adaptive solvers)")
+    p.add_argument("--steps", type=_steps, default=None, help="number of steps (not for adaptive solvers)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (adaptive solvers only)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (adaptive solvers only)")
-    p.add_argument("-n", type=_positive, required=True, help="number of samples")
+    p.add_argument("-n", type=_count, required=True, help="number of samples")
     p.add_argument("--shape", type=_shape, required=True, help="shape of one sample, e.g. 3,32,32")
     p.add_argument("--seed", type=_seed, default=0, help="seed (default 0); sample i's noise is keyed by (seed, i)")
-    p.add_argument("--batch-size", type=_positive, default=256, help="samples per network batch (default 256)")
-    p.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard file (default 1024)")
+    p.add_argument("--batch-size", type=_count, default=256, help="samples per network batch (default 256)")
+    p.add_argument("--shard-size", type=_count, default=1024, help="samples per shard file (default 1024)")
     p.add_argument("--format", choices=("pt", "npz"), default="pt", help="shard file format (default pt)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="sample dtype (default: the network's parameters' dtype when it is a torch.nn.Module, else float32)")
@@ -198,15 +204,23 @@ def main(argv=None) -> int:
             parser.error(f"--device: not a device: {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out} exists and is not a directory")
+    from .distributed import check_out_dir, check_run_size, sample_distributed
+
+    # before the network is loaded and before anything is computed: sizes the machine cannot hold and
+    # an output directory that cannot be written (checked by trying: permission bits do not stop root)
+    try:
+        check_run_size(args.n, args.shape, batch_size=args.batch_size, shard_size=args.shard_size, steps=args.steps,
+                       dtype=dtype, device=device, world=max(int(os.environ.get("WORLD_SIZE", "1")), 1),
+                       names={"n": "-n", "shape": "--shape", "batch_size": "--batch-size",
+                              "shard_size": "--shard-size", "steps": "--steps"})
+        check_out_dir(args.out, "--out")
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         model = load_model(args.model, args.sde, args.predicts)
         solver = make_solver(args.solver, args.rtol, args.atol)
     except ValueError as exc:
         parser.error(str(exc))
-
-    from .distributed import sample_distributed
 
     created, world = _init_group(device)
     try:

@@ -23,7 +23,8 @@ Output directory layout (``out_dir``):
 
 A shard counts as done only if some index file (``index.json`` or a progress file) records it
 with the SHA-256 of the file on disk; everything else is (re)computed.  Runs with other settings
-(seed, solver, n, ...) are refused in the same directory.  One run at a time per directory.
+(seed, solver, n, ..., the network's weights by :func:`network_fingerprint`) are refused in the same
+directory.  One run at a time per directory.
 
 ``python -m samplers.distributed bench`` measures throughput with 1 and 2 gloo CPU processes.
 """
@@ -44,11 +45,12 @@ from pathlib import Path
 
 import torch
 
+from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
 from .model import Model, network_placement
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
-           "throughput", "INDEX_NAME", "main"]
+           "network_fingerprint", "check_out_dir", "check_run_size", "throughput", "INDEX_NAME", "main"]
 
 INDEX_NAME = "index.json"
 _PROGRESS_PREFIX = "progress-"
@@ -96,6 +98,103 @@ class DistributedInfo:
     shards_skipped: int = 0  #: shards found done (checksum verified) and not recomputed
     index_path: str | None = None
     ranks: list = field(default_factory=list)  #: every rank's fields above, as dicts, by rank
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before any work
+
+
+def network_fingerprint(net) -> str:
+    """A fingerprint of a network's weights, recorded with a sharded run so that a rerun with other
+    weights is refused instead of mixing the samples of two networks.
+
+    For a ``torch.nn.Module`` (also inside a :class:`samplers.Model`, or a bound method of a module):
+    ``"sha256:<hex>"`` over each tensor's name, dtype, shape and bytes, in ``state_dict`` order (the
+    parameters and persistent buffers), then the non-persistent buffers.  Any change of a weight, a
+    dtype or a shape changes it; moving the network to another device does not.  For any other
+    callable: ``"none: not a torch.nn.Module, no parameters to fingerprint"`` (a function's weights,
+    if it closes over some, cannot be seen).
+    """
+    if isinstance(net, Model):
+        net = net.net
+    owner = getattr(net, "__self__", None)  # net.forward or another bound method of a module
+    if not isinstance(net, torch.nn.Module) and isinstance(owner, torch.nn.Module):
+        net = owner
+    if not isinstance(net, torch.nn.Module):
+        return "none: not a torch.nn.Module, no parameters to fingerprint"
+    state = net.state_dict(keep_vars=True)
+    tensors = list(state.items()) + [(name, buf) for name, buf in net.named_buffers() if name not in state]
+    h = hashlib.sha256()
+    for name, tensor in tensors:
+        if tensor is None:
+            continue
+        if tensor.is_meta:
+            raise ValueError(f"network {name!r} is on the meta device: it has no weights to fingerprint or run")
+        tensor = tensor.detach()
+        if tensor.layout != torch.strided:
+            tensor = tensor.to_dense()
+        h.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + h.hexdigest()
+
+
+def check_out_dir(out_dir, name: str = "out_dir") -> Path:
+    """``out_dir`` as a Path, after making sure this process can create it and write in it; else a
+    ValueError naming ``name`` and the reason: the path exists and is not a directory, a parent is a
+    file, or creating an entry fails (read-only file system, permissions).  It is tried, not read off
+    the permission bits (which do not stop root): a probe file in the directory, or a probe directory
+    in its nearest existing ancestor, created and removed.  Nothing is left behind."""
+    path = Path(out_dir)
+    probe_dir = path  # where an entry is tried: the directory, or the nearest ancestor that exists
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{name} {path}: exists and is not a directory")
+        while not probe_dir.exists() and probe_dir.parent != probe_dir:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise ValueError(f"{name} {path}: {probe_dir} is not a directory, so {path} cannot be created")
+        if probe_dir == path:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=probe_dir))
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: cannot write in {probe_dir} ({exc.strerror or exc})") from None
+    return path
+
+
+def check_run_size(n: int, shape, *, batch_size: int, shard_size: int | None = None, steps=None,
+                   dtype: torch.dtype | None = None, device="cpu", world: int = 1, gathered: bool = False,
+                   names: dict | None = None) -> None:
+    """Refuse, before any work, a run of ``n`` samples of ``shape`` that is out of the bounds of
+    :mod:`samplers.limits` or cannot fit in ``device``'s memory (ValueError naming the argument, as
+    ``names`` spells it: the CLI passes its flags).
+
+    Bounds: ``n``, ``batch_size`` and ``shard_size`` at most ``MAX_SAMPLES``, at most ``MAX_SHARDS``
+    shards, ``steps`` at most ``MAX_STEPS``.  Memory: a process holds its samples twice while it
+    assembles them (the chunks, then their concatenation): a shard with ``shard_size``, else its whole
+    range (ceil(n / world) samples), plus twice all ``n`` on a rank the result is ``gathered`` to.  That
+    is a lower bound (the network's own memory comes on top), so a refusal is certain to be right."""
+    names = {"n": "n", "shape": "shape", "batch_size": "batch_size", "shard_size": "shard_size",
+             "steps": "steps", **(names or {})}
+    for key, value in (("n", n), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if value is not None and not value <= MAX_SAMPLES:
+            raise ValueError(f"{names[key]} must be at most {MAX_SAMPLES} (samplers.limits.MAX_SAMPLES), got {value}")
+    if steps is not None:
+        check_steps(steps, names["steps"])
+    if shard_size is not None and -(-n // shard_size) > MAX_SHARDS:
+        raise ValueError(f"{names['n']}={n} in shards of {names['shard_size']}={shard_size} makes "
+                         f"{-(-n // shard_size)} shards, more than {MAX_SHARDS} (samplers.limits.MAX_SHARDS): "
+                         f"use a larger {names['shard_size']}")
+    per_sample = math.prod(shape) * torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    held = -(-n // world) if shard_size is None else min(shard_size, -(-n // world))
+    needed = per_sample * (2 * held + (2 * n if gathered else 0))
+    what = (f"{'a shard' if shard_size is not None else 'the samples'} of {held} x {names['shape']} "
+            f"{tuple(shape)} ({math.prod(shape)} elements each, {dtype or torch.get_default_dtype()})")
+    advice = (f"lower {names['shard_size']} or {names['shape']}" if shard_size is not None else
+              f"lower {names['n']} or {names['shape']}, or write shards (out_dir)")
+    check_memory(needed, device, what, advice)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +355,10 @@ def _check_config(out_dir: Path, old: dict | None, new: dict) -> None:
     if old is None or old == new:
         return
     diffs = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-             if old.get(k) != new.get(k)]
+             if old.get(k) != new.get(k) and k != "network"]
+    if old.get("network") != new.get("network"):
+        diffs.insert(0, "the network's weights differ from those of the run there (network fingerprint "
+                        f"{old.get('network')!r} there, {new.get('network')!r} now): its shards would mix two models")
     raise ValueError(f"{out_dir} holds a run with other settings ({'; '.join(diffs)}); "
                      "use another output directory, or the same settings to resume")
 
@@ -422,14 +524,17 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     gather:
         ``True`` (default without ``out_dir``): every rank returns the full (n, *shape) tensor
         (padded ``all_gather``); an int: only that rank of the group gets it, the others ``None``
-        (``gather``); ``False``: each rank returns its own piece (indices ``info.start ...
-        info.end-1``).  With NCCL the tensors live on this rank's GPU.
+        (``gather``; a rank in [0, W), so 0 without a process group); ``False``: each rank returns
+        its own piece (indices ``info.start ... info.end-1``).  With NCCL the tensors live on this
+        rank's GPU.
     out_dir, shard_size, shard_format:
         write the samples instead, as global shards of ``shard_size`` indices (default 1024) in
         ``.pt`` or ``.npz`` files with a checksummed index (see the module docstring); rank r
         takes the contiguous shards :func:`shard_range` (n_shards, r, W).  Shards already done
         (checksum verified) are skipped, so rerunning a killed job finishes it.  Returns ``None``
-        (read the result with :func:`load_shards`).
+        (read the result with :func:`load_shards`).  A directory this process cannot create or write
+        in is refused before any work (:func:`check_out_dir`); the run records the network's
+        :func:`network_fingerprint` and a rerun with other weights is refused.
     device, dtype:
         where to sample (default: the network's parameters' device when it is a ``torch.nn.Module``,
         else ``cuda:LOCAL_RANK`` under NCCL, else the CPU) and the samples' dtype (default: the
@@ -441,6 +546,10 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     sample_kwargs:
         handed to :func:`samplers.sample`: ``steps``, ``grid``, ``grid_kind``, ``final_denoise``,
         ``cond`` (tensors with ``n`` rows are split per sample, the rest shared), ...
+
+    Sizes are checked before any work (:func:`check_run_size`): ``n``, ``batch_size``, ``shard_size``
+    and ``steps`` within :mod:`samplers.limits`, and the samples a process must hold within its
+    device's available memory.
     """
     t0 = time.perf_counter()
     if not isinstance(model, Model):
@@ -479,6 +588,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         if shard_size is not None:
             raise ValueError("shard_size applies only with out_dir")
         gather = True if gather is None else gather
+        if not isinstance(gather, int):  # True, False or a rank (bool is an int)
+            raise ValueError(f"gather must be True, False or a rank (an int), got {gather!r}")
     else:
         if gather not in (None, False):
             raise ValueError("out_dir writes the samples to shard files: pass no gather (read them with load_shards)")
@@ -489,17 +600,24 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         if shard_format == "npz" and dtype == torch.bfloat16:
             raise ValueError("shard_format='npz' cannot store bfloat16 (numpy has no bfloat16): use 'pt'")
     group, rank, world = _group_rank_world(group)
+    if out_dir is None and not isinstance(gather, bool) and not 0 <= gather < world:
+        alone = " (no process group: this process is the only rank, 0)" if world == 1 else ""
+        raise ValueError(f"gather must be True, False or a rank in [0, {world}){alone}, got {gather!r}")
     if device is None:
         device = network_placement(model, "device") or (
             torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if world > 1 and _uses_nccl(group)
             else torch.device("cpu"))
     device = torch.device(device)
+    gathered_here = out_dir is None and world > 1 and (gather is True or (gather is not False and gather == rank))
+    check_run_size(n, shape, batch_size=batch_size, shard_size=shard_size, steps=sample_kwargs.get("steps"),
+                   dtype=dtype, device=device, world=world, gathered=gathered_here)
 
     if out_dir is not None:
+        out_dir = check_out_dir(out_dir)
         config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
                   "solver": repr(solver), "sde": repr(model.sde), "predicts": model.predicts,
-                  "dtype": str(dtype or torch.get_default_dtype()), "shard_size": shard_size,
-                  "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
+                  "network": network_fingerprint(model), "dtype": str(dtype or torch.get_default_dtype()),
+                  "shard_size": shard_size, "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
                   "run": _jsonable(run_config or {})}
         start, end, computed, nfe, written, skipped, index_path = _run_sharded(
             model, solver, n, shape, seed, batch_size, sample_kwargs, dtype, device, out_dir, shard_size,
@@ -509,14 +627,9 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         start, end = shard_range(n, rank, world)
         x, nfe = _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_kwargs, dtype, device)
         computed, written, skipped, index_path = end - start, 0, 0, None
-        if gather is False:
-            result = x
-        elif world == 1:
+        if gather is False or world == 1:
             result = x
         else:
-            if gather is not True and (isinstance(gather, bool) or not isinstance(gather, int)
-                                       or not 0 <= gather < world):
-                raise ValueError(f"gather must be True, False or a rank in [0, {world}), got {gather!r}")
             result = _gather(x, n, shape, group, rank, world, None if gather is True else gather)
     if not return_info:
         return result

@@ -32,6 +32,16 @@ after every restart, and ``lower_order_final`` applies to the piece before a res
 tables are per step (Euler, Heun, singlestep DPM-Solver) give the same tables cut or not; with no
 restarts (every n_restarts = 0) nothing is cut and Restart is exactly its ODE solver.
 
+Default (``Restart()``, no intervals).  The paper's CIFAR-10 configuration for the SDE at hand, scaled
+to the run's grid: one interval in noise levels, (0.14, 0.30) when alpha = 1 (VE, EDM: the paper's EDM
+configuration) and (0.06, 0.30) otherwise (VP and the other SDEs with alpha < 1: its VP configuration),
+N_restart = 3 (2 steps per backward pass), and K restarts in the paper's proportion of 2 per 17 main
+steps (N_main = 18), rounded down: K = 2 steps // 17.  At 17 main steps this is exactly the paper's
+43-NFE configuration; with fewer than 9 steps K = 0 and Restart() is its ODE solver.  A fixed K would
+cost 8 calls however few the main steps: measured on the 2-D mixture at 11 NFE (1 main step + 2
+restarts) its error was 4-20 times Heun's (VP 0.46 vs 0.13, EDM 15.5 vs 0.71); at 21-101 NFE the
+paper's interval and Heun agree within the sampling noise on every SDE of the demo.
+
 Not implemented: the paper code's EDM churn inside the backward passes (restart_gamma = 0.05 for
 0.01 <= sigma <= 1): the backward passes are pure ODE passes.
 """
@@ -46,7 +56,7 @@ import torch
 
 from .base import Solver
 
-__all__ = ["Restart", "RestartInterval", "RESTART_PRESETS"]
+__all__ = ["Restart", "RestartInterval", "RESTART_PRESETS", "DEFAULT_INTERVALS", "DEFAULT_RESTARTS_PER_STEPS"]
 
 _UNITS = ("sigma", "time")
 
@@ -80,14 +90,28 @@ RESTART_PRESETS: dict[str, dict] = {
 }
 
 
+#: ``Restart()``'s interval (t_min, t_max, n_steps) per SDE kind: the paper's CIFAR-10 EDM configuration
+#: where alpha = 1 (VE, EDM), its VP configuration otherwise (noise levels sigma/alpha)
+DEFAULT_INTERVALS: dict[str, tuple[float, float, int]] = {
+    "alpha=1": RESTART_PRESETS["cifar10_edm"]["intervals"][0][:3],
+    "alpha<1": RESTART_PRESETS["cifar10_vp"]["intervals"][0][:3],
+}
+#: ``Restart()`` restarts K = DEFAULT_RESTARTS_PER_STEPS[0] * steps // DEFAULT_RESTARTS_PER_STEPS[1]
+#: times: the paper's 2 restarts per 17 main steps (N_main = 18)
+DEFAULT_RESTARTS_PER_STEPS = (2, 17)
+(_DEFAULT_N_STEPS,) = {iv[2] for iv in DEFAULT_INTERVALS.values()}  # one value: the default's cost is SDE-free
+
+
+def _default_restarts(steps: int) -> int:
+    per, every = DEFAULT_RESTARTS_PER_STEPS
+    return per * steps // every
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
-    if intervals is None:
-        raise TypeError("Restart needs intervals=[(t_min, t_max, n_steps, n_restarts), ...] (or use "
-                        f"Restart.preset(name), name in {sorted(RESTART_PRESETS)})")
     try:
         items = list(intervals)
     except TypeError:
@@ -123,6 +147,7 @@ def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
 class _Layout(NamedTuple):
     """How a run on a given grid is organised (host-side, computed from the grid only)."""
 
+    intervals: tuple[RestartInterval, ...]  # the run's intervals (Restart()'s default depends on SDE and grid)
     boundaries: list[int]  # main-grid indices where the main pass is cut: [0, j_1, ..., N]
     snapped: list[int]  # per interval (in self.intervals order): its grid index j
     sub_grids: dict[int, torch.Tensor]  # per interval with restarts: its (n_steps + 1, C) times
@@ -170,11 +195,13 @@ class Restart(Solver):
     ``intervals``: a list of (t_min, t_max, n_steps, n_restarts), t_min < t_max noise levels
     sigma/alpha (``units="sigma"``, the paper's convention, default) or SDE times (``units="time"``);
     n_steps >= 1 ODE steps per backward pass (the paper's N_restart - 1); n_restarts >= 0.  Intervals
-    may touch but not overlap.  ``s_noise`` > 0 scales the jump noise (the paper: 1, 1.003 on ImageNet).
+    may touch but not overlap.  ``None`` (default): the paper's configuration for the run's SDE, with
+    restarts in proportion to the grid's steps (:meth:`intervals_for`, the module docstring); then
+    :attr:`intervals` is ``None``.  ``s_noise`` > 0 scales the jump noise (the paper: 1, 1.003 on ImageNet).
     ``ode_solver``: any deterministic fixed-grid solver (default :class:`Heun`).
 
     Cost: :meth:`nfe` (``steps`` main steps at the ODE solver's ``nfe_per_step``, the final denoise,
-    and a fixed restart overhead :attr:`restart_nfe`); :meth:`steps_for_nfe` inverts it.  The paper's
+    and the restarts' :meth:`restart_nfe`); :meth:`steps_for_nfe` inverts it.  The paper's
     configurations: :meth:`preset` and :data:`RESTART_PRESETS` (:meth:`preset_kwargs` gives the main
     pass's steps and grid kind).  See the module docstring for the jump, the snapping and the cuts.
     """
@@ -207,13 +234,18 @@ class Restart(Solver):
         #: a separate instance for the backward passes (no state of the main pass reaches them)
         self.restart_solver = copy.copy(ode_solver)
         self.units = units
-        self.intervals = _check_intervals(intervals, units)
+        if intervals is None and units != "sigma":
+            raise ValueError("units='time' needs intervals: Restart()'s default intervals are noise levels "
+                             "sigma/alpha (units='sigma')")
+        #: the intervals given, or None: the default, chosen per run by :meth:`intervals_for`
+        self.intervals = None if intervals is None else _check_intervals(intervals, units)
         self.s_noise = float(s_noise)
         #: the main pass's steps recommended for this configuration (set by :meth:`preset`)
         self.recommended_steps: int | None = None
         self.order = ode_solver.order
         self.nfe_per_step = int(ode_solver.nfe_per_step)
-        self.stochastic = any(iv.n_restarts > 0 for iv in self.intervals)
+        # the default restarts on grids of DEFAULT_RESTARTS_PER_STEPS[1] // 2 + 1 steps or more
+        self.stochastic = self.intervals is None or any(iv.n_restarts > 0 for iv in self.intervals)
         # the final denoise applies the ODE solver's x0 hooks (thresholding, correct_x0) too
         self.hooks = getattr(ode_solver, "hooks", None)
 
@@ -237,22 +269,47 @@ class Restart(Solver):
             raise ValueError(f"unknown Restart preset {name!r}; known: {sorted(RESTART_PRESETS)}")
         return {"steps": RESTART_PRESETS[name]["steps"], "grid_kind": "karras"}
 
-    @property
-    def restart_nfe(self) -> int:
-        """Network calls of all restarts of one run: sum_k n_restarts_k n_steps_k nfe_per_step."""
+    def intervals_for(self, sde, steps: int) -> tuple[RestartInterval, ...]:
+        """The intervals of a run of ``steps`` main steps on ``sde``: those given, or the default: the
+        paper's CIFAR-10 EDM interval where alpha = 1 (VE, EDM), its VP interval otherwise
+        (:data:`DEFAULT_INTERVALS`), restarted 2 steps // 17 times (:data:`DEFAULT_RESTARTS_PER_STEPS`)."""
+        if self.intervals is not None:
+            return self.intervals
+        if not _is_int(steps) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        ends = torch.tensor([sde.t_min, sde.t_max], dtype=torch.float64)
+        kind = "alpha=1" if bool((sde.alpha(ends) == 1).all()) else "alpha<1"
+        return (RestartInterval(*DEFAULT_INTERVALS[kind], _default_restarts(steps)),)
+
+    def restart_nfe(self, steps: int) -> int:
+        """Network calls of all restarts of a run with ``steps`` main steps: sum_k n_restarts_k
+        n_steps_k nfe_per_step (independent of ``steps`` when intervals were given; the default's
+        counts are the same for every SDE)."""
+        if self.intervals is None:
+            if not _is_int(steps) or steps < 1:
+                raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+            return _default_restarts(steps) * _DEFAULT_N_STEPS * self.nfe_per_step
         return sum(iv.n_restarts * iv.n_steps for iv in self.intervals) * self.nfe_per_step
 
     def nfe(self, steps: int, final_denoise: bool = True) -> int:
         """Network calls of a run with ``steps`` main steps (``info.nfe``): steps nfe_per_step
-        + final_denoise + :attr:`restart_nfe`.  (A singlestep DPM-Solver step that starts at alpha = 0,
+        + final_denoise + :meth:`restart_nfe`.  (A singlestep DPM-Solver step that starts at alpha = 0,
         rectified flow at t = 1, costs one call instead of its order, as without restarts.)"""
         if not _is_int(steps) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        return steps * self.nfe_per_step + int(bool(final_denoise)) + self.restart_nfe
+        return steps * self.nfe_per_step + int(bool(final_denoise)) + self.restart_nfe(steps)
 
     def steps_for_nfe(self, nfe: int, final_denoise: bool = True) -> int:
         """The most main steps whose run fits in ``nfe`` network calls (0 if none does)."""
-        return max((int(nfe) - int(bool(final_denoise)) - self.restart_nfe) // self.nfe_per_step, 0)
+        # nfe(steps) grows strictly with steps: bisect on [0, the steps that fit without restarts]
+        lo, hi = 0, max((int(nfe) - int(bool(final_denoise))) // self.nfe_per_step, 0)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.nfe(mid, final_denoise) <= nfe:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     # -- layout ------------------------------------------------------------------------------------
 
@@ -272,13 +329,16 @@ class Restart(Solver):
     def _layout(self, model, times: torch.Tensor) -> _Layout:
         sde = model.sde
         n = times.shape[0] - 1
+        intervals = self.intervals_for(sde, n)
         ends = torch.tensor([sde.t_min, sde.t_max], dtype=torch.float64)
         lo, hi = (float(v) for v in self._level(sde, ends))
         levels = self._level(sde, times)  # (N+1, C)
         snapped, sub_grids, t_upper = [], {}, {}
         cuts = {0, n}
-        for i, iv in enumerate(self.intervals):
+        for i, iv in enumerate(intervals):
             name = f"intervals ({iv.t_min:g}, {iv.t_max:g}, {iv.n_steps}, {iv.n_restarts})"
+            if self.intervals is None:
+                name += " (Restart()'s default for this SDE and grid; pass intervals= to choose others)"
             # 1e-12 relative slack: sigma(t_max) of the SDE given as a rounded number
             if iv.t_min < lo * (1 - 1e-12) or iv.t_max > hi * (1 + 1e-12):
                 unit = "noise levels sigma/alpha" if self.units == "sigma" else "times"
@@ -318,16 +378,17 @@ class Restart(Solver):
             sub_grids[i] = sub
             t_upper[i] = torch.full_like(t_j, t_top)
             cuts.add(j)
-        return _Layout(sorted(cuts), snapped, sub_grids, t_upper)
+        return _Layout(intervals, sorted(cuts), snapped, sub_grids, t_upper)
 
     def snapped_indices(self, model, times: torch.Tensor) -> list[int]:
-        """The main-grid index j each interval (in :attr:`intervals` order) restarts from, for a grid
+        """The main-grid index j each interval (in :meth:`intervals_for` order) restarts from, for a grid
         ``times`` of shape (N+1,) or (N+1, C)."""
         times = torch.as_tensor(times, dtype=torch.float64)
         return self._layout(model, times if times.dim() == 2 else times[:, None]).snapped
 
     def restart_grid(self, model, times: torch.Tensor, interval: int) -> torch.Tensor:
-        """The (n_steps + 1, C) SDE times of the backward passes of ``intervals[interval]``."""
+        """The (n_steps + 1, C) SDE times of the backward passes of interval ``interval`` (of
+        :meth:`intervals_for`)."""
         times = torch.as_tensor(times, dtype=torch.float64)
         layout = self._layout(model, times if times.dim() == 2 else times[:, None])
         if interval not in layout.sub_grids:
@@ -386,6 +447,7 @@ class Restart(Solver):
             tables[f"restart{i}/jump_noise"] = (self.s_noise * a_top * torch.sqrt(s_top * s_top - s_j * s_j))[None]
         tables["restart/segment"] = segment_of
         tables["restart/after"] = after
+        tables["restart/intervals"] = list(layout.intervals)
         return tables
 
     def step(self, k, x, ctx):
@@ -397,7 +459,7 @@ class Restart(Solver):
             for i in restarts:
                 prefix = f"restart{i}/"
                 inner_ctx = _PassContext(ctx, prefix, outer_step=k, stage_prefix=prefix)
-                iv = self.intervals[i]
+                iv = ctx.plan("restart/intervals")[i]
                 jump_x, jump_noise = ctx.coef(prefix + "jump_x", 0), ctx.coef(prefix + "jump_noise", 0)
                 for _ in range(iv.n_restarts):
                     draw += 1
@@ -407,6 +469,8 @@ class Restart(Solver):
         return x
 
     def __repr__(self):
+        if self.intervals is None:  # the default: as constructed
+            return f"Restart({self.ode_solver!r}, s_noise={self.s_noise:g})"
         ivs = ", ".join(f"({iv.t_min:g}, {iv.t_max:g}, {iv.n_steps}, {iv.n_restarts})" for iv in self.intervals)
         extra = "" if self.units == "sigma" else ", units='time'"
         return f"Restart({self.ode_solver!r}, intervals=[{ivs}], s_noise={self.s_noise:g}{extra})"

@@ -65,8 +65,8 @@ def test_demo_json_has_a_record_per_solver_and_budget(quick_run):
             continue
         for budget in demo.QUICK_BUDGETS:
             steps = demo.steps_for_nfe(solver, budget)
-            if steps >= 1:
-                expected.add((label, steps * solver.nfe_per_step + 1))
+            if steps >= 1:  # Restart's restarts add to its steps' calls
+                expected.add((label, solver.nfe(steps) if hasattr(solver, "nfe") else steps * solver.nfe_per_step + 1))
     got = [(r["solver"], r["nfe"]) for r in records]
     assert len(got) == len(set(got)), "one record per (solver, NFE)"
     assert {g for g in got if g[0] not in adaptive} == expected
@@ -121,6 +121,36 @@ def test_solver_factories_discovers_solvers_without_duplicates():
         assert isinstance(solver, Solver)
         assert label == repr(solver)
     assert repr(EulerMaruyama(eta=1)) in labels and repr(Heun(eta=1.0)) in labels
+
+
+def test_solver_factories_runs_restart_and_shows_a_broken_solver(monkeypatch):
+    """Restart() constructs (it was dropped silently: its defaults raised TypeError), and a solver whose
+    defaults raise is an error to see, not a solver the demo leaves out quietly."""
+    labels = [label for label, _ in demo.solver_factories()]
+    assert "Restart(Heun(eta=0), s_noise=1)" in labels
+
+    def broken():
+        raise RuntimeError("defaults broken")
+
+    monkeypatch.setattr(demo, "EXTRA_SOLVERS", [*demo.EXTRA_SOLVERS, (None, broken)])
+    with pytest.raises(RuntimeError, match="defaults broken"):
+        demo.solver_factories()
+
+
+def test_run_demo_reports_refusals_and_raises_bugs():
+    """A run the library refuses (ValueError: the reverse SDE at alpha = 0 on rf) is reported as skipped with
+    its reason; any other error (a RuntimeError from inside a step) was reported the same way, and is raised."""
+
+    class BrokenEuler(Euler):
+        def step(self, k, x, ctx):
+            raise RuntimeError("a bug inside the step")
+
+    with pytest.raises(RuntimeError, match="a bug inside the step"):
+        demo.run_demo(samples=16, budgets=[3], projections=4, floor_sets=1, solver_list=[("broken", BrokenEuler)])
+    result = demo.run_demo(sde="rf", samples=16, budgets=[3], projections=4, floor_sets=1,
+                           solver_list=[("EulerMaruyama(eta=1)", lambda: EulerMaruyama(eta=1.0))])
+    ((label, budget, reason),) = result["skipped"]
+    assert label == "EulerMaruyama(eta=1)" and reason.startswith("ValueError: ") and "singular" in reason
 
 
 def test_run_demo_in_process_tiny(tmp_path):

@@ -11,7 +11,9 @@ import torch
 
 from samplers import Model, problems, sample
 from samplers.cli_sample import main as cli_main
-from samplers.distributed import load_shards, sample_distributed, shard_range, shard_ranges, verify_shards
+from samplers.distributed import (check_out_dir, load_shards, network_fingerprint, sample_distributed, shard_range,
+                                  shard_ranges, verify_shards)
+from samplers.limits import MAX_SAMPLES, MAX_SHARDS, MAX_STEPS
 from sde import VPSDE
 from solvers import AdaptiveEM, DPMSolver, EulerMaruyama
 
@@ -25,11 +27,26 @@ CASES = {  # name -> (solver factory, sample kwargs)
 }
 
 NETS_MODULE = """
+import os, torch
 from samplers import Model, problems
 from sde import VPSDE
 net = problems.mixture_2d().net(VPSDE(), "x0")
 model = Model(net, VPSDE(), "x0")
 not_callable = 3
+
+def never_called(x, t):
+    raise RuntimeError("the network was called")
+
+class Linear(torch.nn.Module):  # an eps-network whose weights the environment sets, as a retrained one
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.full((2, 2), float(os.environ.get("NET_WEIGHT", "0.1"))))
+        self.register_buffer("bias", torch.zeros(2))
+
+    def forward(self, x, t):
+        return x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)
+
+linear = Linear()
 """
 
 
@@ -220,6 +237,15 @@ def test_cli_killed_mid_run_resumes_without_loss_duplication_or_corruption(tmp_p
     (["--model", "nets:model", "--shape", "3,a"], "--shape"),
     (["--model", "nets:model", "-n", "0"], "-n"),
     (["--model", "nets:model", "--format", "npz", "--dtype", "bfloat16"], "bfloat16"),
+    # sizes beyond samplers.limits or the memory, refused before the network is loaded or called
+    (["--model", "nets:never_called", "--sde", "vp", "--steps", str(MAX_STEPS + 1)], f"[1, {MAX_STEPS}]"),
+    (["--model", "nets:never_called", "--sde", "vp", "-n", str(10 * MAX_SAMPLES), "--shard-size", str(MAX_SAMPLES)],
+     "-n: expected an integer in [1, 1000000000]"),
+    (["--model", "nets:never_called", "--sde", "vp", "--batch-size", str(10 * MAX_SAMPLES)], "--batch-size: expected"),
+    (["--model", "nets:never_called", "--sde", "vp", "-n", str(2 * MAX_SHARDS), "--shard-size", "1"],
+     "use a larger --shard-size"),
+    (["--model", "nets:never_called", "--sde", "vp", "--shape", "100000,100000,100"],
+     "x --shape (100000, 100000, 100)"),
 ])
 def test_cli_argument_errors(args, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "nets.py").write_text(NETS_MODULE)
@@ -233,6 +259,175 @@ def test_cli_argument_errors(args, message, tmp_path, monkeypatch, capsys):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def _limited_memory():  # a guard: on a build without the size checks the CLI fails here instead of eating the host
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_cli_absurd_steps_refused_before_any_work(tmp_path):
+    """--steps 1000000000 grew to 24 GB and was killed; now: exit 2, the limit named, nothing created."""
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:never_called", "--sde", "vp", "--solver", "dpm++2m", "--steps", "1000000000", "-n", "4",
+            "--shape", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120, preexec_fn=_limited_memory)
+    assert proc.returncode == 2, proc.stderr
+    assert "--steps: expected an integer in [1, 100000] (samplers.limits.MAX_STEPS), got '1000000000'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_cli_restart_solver_runs(tmp_path):
+    """'--solver restart' (a listed choice) crashed with Restart()'s TypeError; it samples like Restart()."""
+    from solvers import Restart
+
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:model", "--solver", "restart", "--steps", "17", "-n", "6", "--shape", "2",
+            "--dtype", "float64", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 shards written" in proc.stdout
+    assert torch.equal(load_shards(out), sample(_model(), Restart(), shape=(6, 2), seed=0, dtype=F64, steps=17))
+
+
+def _read_only_dir(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permission bits; /proc and a file-as-parent cover root")
+    path = tmp_path / "read-only"
+    path.mkdir()
+    path.chmod(0o500)
+    return path
+
+
+@pytest.mark.parametrize("where, reason", [
+    (lambda tmp: tmp / "a-file" / "out", "a-file is not a directory"),
+    (lambda tmp: tmp / "a-file", "exists and is not a directory"),
+    (lambda tmp: Path("/proc"), "cannot write in /proc"),  # exists, a directory, nobody may create files in it
+    (lambda tmp: Path("/proc/samplers-no-such-dir/out"), "cannot write in /proc"),
+    (lambda tmp: _read_only_dir(tmp), "cannot write in"),
+    (lambda tmp: _read_only_dir(tmp) / "out", "cannot write in"),
+], ids=["parent-is-file", "is-a-file", "proc", "under-proc", "read-only-dir", "under-read-only-dir"])
+def test_cli_unwritable_out_refused_before_any_network_call(where, reason, tmp_path):
+    """An --out that cannot be written stopped the CLI with a traceback (exit 1), for /proc after computing a
+    shard; now exit 2 naming --out and the reason, before the network is called (it raises if it is)."""
+    if not Path("/proc").is_dir() and "proc" in reason:
+        pytest.skip("no /proc here")
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    (tmp_path / "a-file").write_text("not a directory")
+    out = where(tmp_path)
+    args = ["--model", "nets:never_called", "--sde", "vp", "--solver", "dpm++2m", "--steps", "3", "-n", "4",
+            "--shape", "2", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"--out {out}" in proc.stderr and reason in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "network was called" not in proc.stderr
+    assert (tmp_path / "a-file").read_text() == "not a directory"
+    assert not [p for p in tmp_path.rglob(".write-probe-*")]
+
+
+def test_check_out_dir_creates_nothing(tmp_path):
+    target = tmp_path / "new" / "deeper"
+    assert check_out_dir(target) == target and list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"out_dir .*a-file: exists and is not a directory"):
+        (tmp_path / "a-file").write_text("")
+        check_out_dir(tmp_path / "a-file")
+
+
+def test_network_fingerprint():
+    """SHA-256 over names, dtypes, shapes and bytes of parameters and buffers: equal weights give equal
+    fingerprints, any change of a weight, a buffer or a dtype another; a plain function says it has none."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm1d(4))
+    fp = network_fingerprint(net)
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
+    twin = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GroupNorm(2, 4), torch.nn.BatchNorm1d(4))
+    twin.load_state_dict(net.state_dict())
+    assert network_fingerprint(twin) == fp == network_fingerprint(Model(net, VPSDE()))
+    assert network_fingerprint(net.forward) == fp
+    with torch.no_grad():
+        twin[0].weight[1, 2] += 1e-6
+    assert network_fingerprint(twin) != fp
+    twin.load_state_dict(net.state_dict())
+    twin[2].running_mean.add_(1.0)  # a buffer, not a parameter
+    assert network_fingerprint(twin) != fp
+    assert network_fingerprint(net.to(torch.float64)) != fp
+    assert network_fingerprint(_model()).startswith("none: not a torch.nn.Module")
+
+
+class _EpsNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2)
+
+    def forward(self, x, t):
+        return self.linear(x)
+
+
+def test_index_records_the_network_fingerprint(tmp_path):
+    net = _EpsNet().requires_grad_(False)
+    sample_distributed(Model(net.forward, VPSDE(), "eps"), DPMSolver(2), 4, (2,), steps=3, out_dir=tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "index.json").read_text())["config"]["network"] == network_fingerprint(net)
+    model = Model(lambda x, t: net(x, t), VPSDE(), "eps")  # a function hides the module it calls
+    sample_distributed(model, DPMSolver(2), 4, (2,), steps=3, out_dir=tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "index.json").read_text())["config"]
+    assert config["network"] == "none: not a torch.nn.Module, no parameters to fingerprint"
+
+
+def test_cli_resume_with_changed_weights_refused(tmp_path):
+    """A killed run resumed after the network's weights changed kept the old shards and computed the rest with
+    the new weights (exit 0, a run mixing two models); now exit 2 naming both fingerprints, the shards untouched."""
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:linear", "--sde", "vp", "--solver", "dpm++2m", "--steps", "3", "-n", "12", "--shape", "2",
+            "--shard-size", "4", "--out", str(out)]
+
+    def run(weight, **env):
+        return subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT,
+                              env=_env(str(tmp_path), NET_WEIGHT=weight, **env), capture_output=True, text=True,
+                              timeout=120)
+
+    killed = run("0.1", SAMPLERS_TEST_EXIT_AFTER_SHARDS="2")  # one shard recorded, a second written, then dies
+    assert killed.returncode == 1 and len(list(out.glob("shard-*.pt"))) == 2
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    changed = run("0.2")
+    assert changed.returncode == 2, changed.stderr
+    assert "network's weights differ" in changed.stderr and changed.stderr.count("sha256:") >= 2, changed.stderr
+    assert "Traceback" not in changed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finished = run("0.1")  # the same weights resume
+    assert finished.returncode == 0 and "1 already complete" in finished.stdout, finished.stderr
+
+
+def test_sample_distributed_gather_and_sizes_refused_before_any_work(tmp_path):
+    """gather=5 without a process group was accepted (and ignored); sizes beyond the limits or the memory ran
+    into the allocator.  Both are refused before the network is called."""
+    model = Model(lambda x, t: (_ for _ in ()).throw(RuntimeError("the network was called")), VPSDE(), "x0")
+    solver = DPMSolver(2)
+    for gather in (5, 1, -1):
+        with pytest.raises(ValueError, match=r"gather must be True, False or a rank in \[0, 1\) \(no process group"):
+            sample_distributed(model, solver, 4, (2,), steps=3, gather=gather)
+    for gather in ("yes", 0.0, 2.5):
+        with pytest.raises(ValueError, match=r"gather must be True, False or a rank \(an int\)"):
+            sample_distributed(model, solver, 4, (2,), steps=3, gather=gather)
+    with pytest.raises(ValueError, match=rf"steps must be an int in \[1, {MAX_STEPS}\]"):
+        sample_distributed(model, solver, 4, (2,), steps=MAX_STEPS + 1)
+    with pytest.raises(ValueError, match=r"4 x shape \(100000, 100000, 100\).* needs at least 29.1 TiB at once"):
+        sample_distributed(model, solver, 4, (100_000, 100_000, 100), steps=3, batch_size=1)
+    with pytest.raises(ValueError, match=rf"n must be at most {MAX_SAMPLES}"):
+        sample_distributed(model, solver, MAX_SAMPLES + 1, (2,), steps=3, out_dir=tmp_path, shard_size=MAX_SAMPLES,
+                           batch_size=4)
+    with pytest.raises(ValueError, match="use a larger shard_size"):
+        sample_distributed(model, solver, 2 * MAX_SHARDS, (2,), steps=3, out_dir=tmp_path, shard_size=1, batch_size=4)
+    assert list(tmp_path.iterdir()) == []
+    ok = Model(problems.mixture_2d().net(VPSDE(), "x0"), VPSDE(), "x0")
+    assert torch.equal(sample_distributed(ok, solver, 4, (2,), steps=3, gather=0),
+                       sample_distributed(ok, solver, 4, (2,), steps=3, gather=True))
 
 
 def test_cli_model_object_and_npz_format(tmp_path, monkeypatch, capsys):

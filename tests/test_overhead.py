@@ -5,10 +5,12 @@ are on the counted memory traffic (``samplers.bench.traffic``): full-batch tenso
 writes per step in add_ passes, which is deterministic. The bounds are the measured counts, so
 a solver that gains one extra pass over the batch fails."""
 
+import sys
+
 import pytest
 import torch
 
-from samplers.bench import _TrafficCounter, keyed_noise_ratio, traffic
+from samplers.bench import _diffusers_scheduler, _TrafficCounter, keyed_noise_ratio, traffic
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +62,16 @@ def test_keyed_noise_costs_at_most_1_2_randn():
     """Single-threaded and interleaved (see keyed_noise_ratio); measured 0.3-0.5 here under a load
     of 7 on 2 cores (the multi-threaded ratio reached 2.1 under that load)."""
     assert keyed_noise_ratio() <= 1.2
+
+
+def test_a_broken_diffusers_install_raises_a_missing_one_is_reported(tmp_path, monkeypatch):
+    """The peer row is left out only when diffusers is not installed (the table says so); an install that
+    fails to import was taken for a missing one (``except Exception``) and hid its error."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    assert _diffusers_scheduler("EulerDiscreteScheduler") is None
+    (tmp_path / "diffusers").mkdir()
+    (tmp_path / "diffusers" / "__init__.py").write_text("raise RuntimeError('broken diffusers install')\n")
+    monkeypatch.delitem(sys.modules, "diffusers")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RuntimeError, match="broken diffusers install"):
+        _diffusers_scheduler("EulerDiscreteScheduler")

@@ -1,0 +1,103 @@
+"""Size limits of a run, checked before any work is done.
+
+A step count, a number of samples or a batch the machine cannot hold is refused with a message
+that names the argument, instead of an allocation that grows until the kernel kills the process
+(the CLI with ``--steps 1000000000`` once grew to 24 GB and was killed).  The limits are defined
+here once, for every entry point that takes these sizes: ``samplers.distributed.sample_distributed``
+and ``python -m samplers sample`` check them (``samplers.distributed.check_run_size``), before they
+load or call the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["MAX_STEPS", "MAX_SAMPLES", "MAX_SHARDS", "check_steps", "available_memory", "check_memory",
+           "format_bytes"]
+
+#: Most steps of one fixed-grid run.  Published samplers use at most 1000 (DDPM's discrete schedule;
+#: Restart's largest preset 519 NFE) and the convergence tests a few thousand; the driver keeps
+#: float64 tables per step (about 280 bytes a step: 28 MB at this limit, 2.8 GB at 10^7).
+MAX_STEPS = 100_000
+#: Most samples of one sharded run: shard files carry 9-digit sample indices, so names sort in index
+#: order up to this; 10^9 samples of even one float32 each are 4 GB of output.
+MAX_SAMPLES = 10**9
+#: Most shard files of one run: the index keeps one record (about 150 bytes of JSON) per shard and
+#: every process rewrites its progress file after each shard it writes.
+MAX_SHARDS = 100_000
+
+
+def check_steps(steps, name: str = "steps") -> int:
+    """``steps`` if it is an int in [1, MAX_STEPS], else a ValueError naming ``name``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{name} must be an int in [1, {MAX_STEPS}] (samplers.limits.MAX_STEPS), got {steps!r}")
+    return steps
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:  # not this kind of machine (no such cgroup file): that source is unknown
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _host_available() -> int | None:
+    """Bytes this process can still allocate on the host: the kernel's MemAvailable, lowered to what
+    is left under a cgroup memory limit (v2 or v1) when one is set; None where neither is readable."""
+    candidates = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+                    break
+    except OSError:
+        pass  # not Linux: fall back to sysconf below
+    if not candidates and hasattr(os, "sysconf"):
+        try:
+            candidates.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):  # this platform names neither
+            pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # 2^63-ish means "no limit"
+            candidates.append(max(limit - usage, 0))
+    return min(candidates) if candidates else None
+
+
+def available_memory(device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (CPU: the host's available memory within any
+    cgroup limit; CUDA: the free device memory plus what torch's allocator holds unused), or None
+    where it cannot be known (e.g. the meta device)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _host_available()
+    if device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_memory(needed: int, device, what: str, advice: str) -> None:
+    """Refuse a run that must hold ``needed`` bytes at once on ``device`` when that is more than the
+    device has available: ValueError "``what`` ... ``advice``".  Where the available memory is unknown
+    nothing is refused.  ``needed`` is a lower bound the caller computes (the tensors the run cannot do
+    without), so a refusal is certain to be right; what the network itself allocates comes on top."""
+    available = available_memory(device)
+    if available is not None and needed > available:
+        raise ValueError(f"{what} needs at least {format_bytes(needed)} at once, more than the "
+                         f"{format_bytes(available)} available on {torch.device(device)}: {advice}")
