@@ -28,7 +28,7 @@ from solvers.reversible import Reversible
 
 from .invert import _run_setup
 from .model import Model
-from .sample import _check_solver_state, fixed_grid_context
+from .sample import _check_solver_state, check_flag, fixed_grid_context
 
 __all__ = ["sample_grad", "GRAD_MODES", "SavedTensorMeter"]
 
@@ -229,7 +229,8 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if isinstance(x_T, torch.Tensor) and x_T.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x_T must be float32 or float64 to differentiate through sampling, got {x_T.dtype}")
     table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x_T, steps, grid, grid_kind, seed,
-                                                                 sample_index, cond, None, "sample_grad")
+                                                                 sample_index, cond, None, "sample_grad", "x_T")
+    final_denoise = check_flag("final_denoise", final_denoise)
     reversible = isinstance(solver, Reversible)
     if mode in ("backprop", "reversible") and not reversible:
         raise ValueError(f"mode={mode!r} differentiates through solvers.Reversible steps; {solver!r} updates its "
@@ -251,8 +252,6 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
             raise ValueError(f"mode='adjoint' needs alpha > 0 at every grid time; {model.sde!r} has alpha = 0 at "
                              f"t={float(table_times[k].max()):g} (grid index {k}): end the grid below that time or "
                              "use a Reversible solver (mode='reversible')")
-    if not bool(torch.isfinite(x_T.detach()).all()):
-        raise ValueError("x_T must be finite (it has NaN or Inf entries)")
     if (x_hat_T is not None or return_state) and not reversible:
         raise ValueError(f"x_hat_T/return_state concern solvers.Reversible's second state; {solver!r} has none")
     n_steps = table_times.shape[0] - 1

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sde import SDE
+from solvers.base import first_true
+
+from .limits import MAX_STEPS, check_steps
 
 __all__ = ["grid", "validate_grid", "GRID_KINDS"]
 
@@ -22,8 +27,9 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
       - ``quadratic``: equal steps in sqrt(t) (DPM-Solver's time_quadratic);
       - ``None``: the SDE's ``default_grid``.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_steps(steps)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"rho must be a finite number > 0 (EDM's karras grid uses 7), got {rho!r}")
     kind = getattr(sde, "default_grid", "uniform") if kind is None else kind
     if kind not in GRID_KINDS:
         raise ValueError(f"kind must be one of {GRID_KINDS} or None, got {kind!r}")
@@ -67,6 +73,8 @@ def validate_grid(sde: SDE, times, batch_size: int | None = None) -> torch.Tenso
         times = times.to(torch.float64)
     if times.dim() not in (1, 2) or times.shape[0] < 2:
         raise ValueError(f"grid must have shape (N+1,) or (N+1, B) with N >= 1, got shape {tuple(times.shape)}")
+    if times.shape[0] - 1 > MAX_STEPS:
+        raise ValueError(f"grid has {times.shape[0] - 1} steps, more than MAX_STEPS={MAX_STEPS} (samplers.limits)")
     if times.dim() == 2 and batch_size is not None and times.shape[1] not in (1, batch_size):
         raise ValueError(f"a per-sample grid must have shape (N+1, {batch_size}), got {tuple(times.shape)}")
     t64 = times.detach().to("cpu", torch.float64)
@@ -74,10 +82,12 @@ def validate_grid(sde: SDE, times, batch_size: int | None = None) -> torch.Tenso
         raise ValueError("grid contains NaN or Inf")
     steps = t64[1:] - t64[:-1]
     if not bool((steps < 0).all()):
-        k = int(torch.nonzero((steps >= 0).reshape(steps.shape[0], -1).any(dim=1))[0])
+        k, j = first_true(~(steps < 0))
+        column = times.dim() == 2 and times.shape[1] > 1
         raise ValueError(
-            f"grid must be strictly decreasing (from t_max towards t_min); step {k} goes from "
-            f"{t64[k].flatten()[0].item():g} to {t64[k + 1].flatten()[0].item():g}"
+            f"grid must be strictly decreasing (from t_max towards t_min); step {k}"
+            f"{f' of sample {j} (column {j})' if column else ''} goes from "
+            f"{t64[k].reshape(-1)[j].item():g} to {t64[k + 1].reshape(-1)[j].item():g}"
         )
     lo, hi = float(t64.min()), float(t64.max())
     if lo < sde.t_min or hi > sde.t_max:

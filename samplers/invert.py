@@ -20,8 +20,9 @@ from solvers.reversible import Reversible
 
 from .model import Model
 from .noise import NoiseSource
-from .sample import (NonFiniteError, _check_solver_state, _resolve_dtypes, check_run_arguments, fixed_grid_context,
-                     run_grid)
+from .limits import check_state_memory
+from .sample import (NonFiniteError, _check_solver_state, _resolve_dtypes, check_device, check_finite,
+                     check_run_arguments, check_state, fixed_grid_context, run_grid)
 
 __all__ = ["invert", "Inversion"]
 
@@ -39,21 +40,24 @@ class Inversion:
     nfe: int  #: network calls spent
 
 
-def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, cond, dtype, what):
-    """Shared argument checks of invert/sample_grad; returns (grid (N+1, C) float64, the grid as given,
-    the keyed noise source, cond, dtype, compute dtype)."""
+def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, cond, dtype, what, state_name):
+    """Shared argument checks of invert/sample_grad (``x`` is their argument ``state_name``); returns
+    (grid (N+1, C) float64, the grid as given, the keyed noise source, cond, dtype, compute dtype)."""
     cond = check_run_arguments(model, solver, cond)
     if getattr(solver, "adaptive", False):
         raise ValueError(f"{what} needs a fixed-grid solver; {solver!r} chooses its own steps")
     if callable(getattr(model.sde, "state_offset", None)):
         raise ValueError(f"{what} does not support {model.sde!r}, which is integrated around a mean state from "
                          "cond; use sample() for it")
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] < 1 or not x.is_floating_point():
-        raise ValueError(f"{what}: the state must be a floating tensor of shape (B, ...) with B >= 1")
+    check_state(x, state_name)
     dtype, compute = _resolve_dtypes(dtype, x)
+    check_device(x.device, compute, state_name)
     batch = x.shape[0]
     times, table_times = run_grid(model.sde, steps, grid, grid_kind, batch)
+    check_state_memory(tuple(x.shape), compute, x.device, steps=table_times.shape[0] - 1,
+                       columns=table_times.shape[1], name=state_name)
     noise = NoiseSource(seed, batch, sample_index=sample_index)
+    check_finite(x, state_name)
     return table_times, times, noise, cond, dtype, compute
 
 
@@ -78,9 +82,7 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
     :func:`samplers.sample.builds_no_graph`).
     """
     table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x0, steps, grid, grid_kind, seed,
-                                                                 sample_index, cond, dtype, "invert")
-    if not bool(torch.isfinite(x0).all()):
-        raise ValueError("x0 must be finite (it has NaN or Inf entries)")
+                                                                 sample_index, cond, dtype, "invert", "x0")
     x = x0.detach().to(dtype=compute)
     n_steps = table_times.shape[0] - 1
     with torch.no_grad():

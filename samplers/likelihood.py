@@ -34,7 +34,9 @@ from solvers import AdaptiveODE
 
 from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .sample import _AdaptiveContext, _resolve_dtypes, builds_no_graph, check_run_arguments
+from .limits import check_state_memory
+from .sample import (_AdaptiveContext, _resolve_dtypes, builds_no_graph, check_device, check_finite,
+                     check_run_arguments, check_state)
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -175,12 +177,7 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         raise TypeError(f"solver must be a solvers.AdaptiveODE (the likelihood's ODE engine), got {type(solver).__name__}")
     cond = check_run_arguments(model, solver, cond)
     sde = model.sde
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError("x must be a floating tensor of shape (B, ...) with B >= 1")
-    if x[0].numel() < 1:
-        raise ValueError(f"x must have at least one dimension per sample, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x must be finite (it has NaN or Inf entries)")
+    check_state(x, "x")
     if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if not isinstance(probe_noise, str) or probe_noise not in PROBE_NOISES:
@@ -206,6 +203,12 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         prior_logp = sde.prior_logp
     elif not callable(prior_logp):
         raise TypeError(f"prior_logp must be callable z -> log p(z) of shape (B,), got {type(prior_logp).__name__}")
+    dtype, compute = _resolve_dtypes(dtype, x)
+    device, device_name = (x.device, "x") if device is None else (torch.device(device), "device")
+    check_device(device, compute, device_name)
+    # the integrated state is (x, one divergence integral per probe)
+    check_state_memory((batch, dim + n_probes), compute, device, name="x")
+    check_finite(x, "x")
     offset = 0.0
     if bins is not None:
         offset = bits_per_dim_offset(bins, data_range)
@@ -214,8 +217,6 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     elif not dequantize_data:
         raise ValueError("dequantize_data=False applies only with bins (quantised data)")
 
-    dtype, compute = _resolve_dtypes(dtype, x)
-    device = x.device if device is None else torch.device(device)
     noise = NoiseSource(seed, batch, sample_index=sample_index)
     ctx = _AdaptiveContext(model, cond, batch, device, compute, dtype, noise, t_start, t_end)
 

@@ -1,25 +1,36 @@
-"""Size limits of a run, checked before any work is done.
+"""Size limits of a run, checked in its plan before anything is allocated.
 
-A step count, a number of samples or a batch the machine cannot hold is refused with a message
-that names the argument, instead of an allocation that grows until the kernel kills the process
-(the CLI with ``--steps 1000000000`` once grew to 24 GB and was killed).  The limits are defined
-here once, for every entry point that takes these sizes: ``samplers.distributed.sample_distributed``
-and ``python -m samplers sample`` check them (``samplers.distributed.check_run_size``), before they
-load or call the network.
+A step count, a number of samples or a state the machine cannot hold is refused with a message
+naming the argument and the limit, instead of an allocation that grows until the kernel kills the
+process (``sample(..., steps=10**7)`` allocated 2.8 GB of tables before the first step; the CLI
+with ``--steps 1000000000`` grew to 24 GB and was killed).  The limits are refusals of what cannot
+work, never of what merely is slow, and they are defined here once for every entry point:
+``samplers.sample`` / ``invert`` / ``likelihood`` (:func:`check_steps`, :func:`check_state_memory`)
+and ``samplers.distributed.sample_distributed`` / ``python -m samplers sample``
+(``samplers.distributed.check_run_size``, before the network is loaded or called).
+
+* :data:`MAX_STEPS` bounds the steps of a grid.  Diffusion sampling uses 1 to a few thousand steps
+  (DDPM's 1000, Restart's largest preset 519 NFE, a 4000-step Euler-Maruyama reference); at
+  100 000 steps a plan already costs about 0.2 s and 28 MB of float64 tables, and the loop about
+  65 us a step on top of the network, so more is a typo.
+* A run's memory is compared with what its device can still allocate (:func:`available_memory`):
+  the caller computes a lower bound on what the run must hold at once (for one ``sample`` call: the
+  state and the network's output, which every solver holds, plus the network's times and one
+  float64 table; history, noise buffers and the network's own activations come on top), so a
+  refusal is certain to be right.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-__all__ = ["MAX_STEPS", "MAX_SAMPLES", "MAX_SHARDS", "check_steps", "available_memory", "check_memory",
-           "format_bytes"]
+__all__ = ["MAX_STEPS", "MAX_SAMPLES", "MAX_SHARDS", "check_steps", "available_memory", "format_bytes",
+           "check_memory", "run_memory_bytes", "check_state_memory"]
 
-#: Most steps of one fixed-grid run.  Published samplers use at most 1000 (DDPM's discrete schedule;
-#: Restart's largest preset 519 NFE) and the convergence tests a few thousand; the driver keeps
-#: float64 tables per step (about 280 bytes a step: 28 MB at this limit, 2.8 GB at 10^7).
+#: the most steps a grid may have (see the module)
 MAX_STEPS = 100_000
 #: Most samples of one sharded run: shard files carry 9-digit sample indices, so names sort in index
 #: order up to this; 10^9 samples of even one float32 each are 4 GB of output.
@@ -30,9 +41,12 @@ MAX_SHARDS = 100_000
 
 
 def check_steps(steps, name: str = "steps") -> int:
-    """``steps`` if it is an int in [1, MAX_STEPS], else a ValueError naming ``name``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"{name} must be an int in [1, {MAX_STEPS}] (samplers.limits.MAX_STEPS), got {steps!r}")
+    """``steps`` as an int in [1, MAX_STEPS], or a ValueError naming ``name``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{name} must be a positive int (at most MAX_STEPS={MAX_STEPS}), got {steps!r}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"{name}={steps} is more than MAX_STEPS={MAX_STEPS} (samplers.limits): no sampler needs "
+                         "that many steps, and the plan's per-step tables would be allocated before the first step")
     return steps
 
 
@@ -101,3 +115,29 @@ def check_memory(needed: int, device, what: str, advice: str) -> None:
     if available is not None and needed > available:
         raise ValueError(f"{what} needs at least {format_bytes(needed)} at once, more than the "
                          f"{format_bytes(available)} available on {torch.device(device)}: {advice}")
+
+
+def run_memory_bytes(shape, dtype: torch.dtype, steps: int, columns: int) -> int:
+    """A lower bound on the bytes one ``sample`` call over ``steps`` steps holds for a state of
+    ``shape`` updated in ``dtype`` with a grid of ``columns`` columns: the state and the network's
+    output, the network's times ((N+1) x B) and one float64 table ((N+1) x C)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * math.prod(shape) * itemsize + (steps + 1) * (shape[0] * itemsize + columns * 8)
+
+
+def check_state_memory(shape, dtype: torch.dtype, device, *, steps: int = 0, columns: int = 1,
+                       name: str = "shape") -> None:
+    """Refuse a ``sample`` call that cannot fit on ``device`` (the message names ``name``, the
+    argument that set the shape, and the largest batch that would fit)."""
+    available = available_memory(device)
+    if available is None:
+        return
+    need = run_memory_bytes(shape, dtype, steps, columns)
+    if need <= available:
+        return
+    per_sample = run_memory_bytes((1, *shape[1:]), dtype, steps, columns) - (steps + 1) * columns * 8
+    fits = max(0, (available - (steps + 1) * columns * 8) // max(per_sample, 1))
+    check_memory(need, device, f"{name}: a state of shape {tuple(shape)} in {str(dtype).replace('torch.', '')} "
+                               f"over {steps} steps (the state, the network's output and the per-step times)",
+                 f"draw at most {fits} samples per call (samplers.distributed.sample_distributed with "
+                 "batch_size= splits a large run)")

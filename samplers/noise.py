@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
+import operator
 import os
 import platform
 import shutil
@@ -226,24 +227,62 @@ def _torch_normals(per_sample: int, dtype, device, seeds, index, counter, stream
 # ---------------------------------------------------------------------------------------------
 
 
-def _as_uint64_seeds(seed, batch: int) -> torch.Tensor:
-    if isinstance(seed, torch.Tensor):
-        values = seed.detach().to("cpu").flatten().tolist()
-    elif isinstance(seed, (list, tuple)):
-        values = list(seed)
+def as_integer(value) -> int | None:
+    """``value`` as a Python int if it is an integer (int, a numpy integer or 0-d integer array, a 0-d
+    integer tensor), else None: bools and floats, even 4.0, are not integers here (they are refused, not
+    truncated)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        return None  # torch would read tensor([3]) and tensor(True) as indices too
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def per_sample_integers(value, name: str, batch: int, low: int, high: int, *, broadcast: bool) -> list[int]:
+    """One integer in [low, high) per sample from an int (repeated for the batch when ``broadcast``,
+    else a batch of one), a sequence, a 1-D numpy array or a 1-D tensor of integers; a 0-d array or
+    tensor is an int.  The message names ``name``."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name}: expected integers, got values of dtype {value.dtype}")
+        value = value.detach().cpu()
+    elif getattr(getattr(value, "dtype", None), "kind", "i") not in "iu":  # a numpy array or scalar
+        raise TypeError(f"{name}: expected integers, got values of dtype {value.dtype}")
+    ndim = getattr(value, "ndim", None)
+    if ndim == 0 or as_integer(value) is not None:
+        values = [value.item() if ndim == 0 else value] * (batch if broadcast else 1)
+    elif ndim is not None and ndim != 1:
+        raise ValueError(f"{name}: expected an int or a 1-D sequence of {batch} ints, got shape {tuple(value.shape)}")
+    elif isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name}: expected integers (an int or one per sample, {batch}), got {type(value).__name__}")
     else:
-        values = [seed] * batch
+        values = value.tolist() if hasattr(value, "tolist") else list(value)
     if len(values) != batch:
-        raise ValueError(f"seed: expected an int or one seed per sample ({batch}), got {len(values)} seeds")
+        raise ValueError(_count_message(name, batch, len(values), broadcast))
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "__index__")):
-            raise TypeError(f"seed: expected integers, got {v!r}")
-        v = int(v)
-        if not 0 <= v < 2**64:
-            raise ValueError(f"seed: expected integers in [0, 2^64), got {v}")
-        out.append(v - 2**64 if v >= 2**63 else v)  # the same 64 bits, stored as int64
-    return torch.tensor(out, dtype=torch.int64)
+        integer = as_integer(v)
+        if integer is None:
+            raise TypeError(f"{name}: expected integers, got {v!r} ({type(v).__name__})")
+        if not low <= integer < high:
+            raise ValueError(f"{name}: expected integers in [{low}, 2^{high.bit_length() - 1}), got {integer}")
+        out.append(integer)
+    return out
+
+
+def _count_message(name: str, batch: int, got: int, broadcast: bool) -> str:
+    if broadcast:
+        return f"{name}: expected an int or one seed per sample ({batch}), got {got} seeds"
+    return f"{name}: expected {batch} indices, got {got}"
+
+
+def _as_uint64_seeds(seed, batch: int) -> torch.Tensor:
+    values = per_sample_integers(seed, "seed", batch, 0, 2**64, broadcast=True)
+    # the same 64 bits, stored as int64
+    return torch.tensor([v - 2**64 if v >= 2**63 else v for v in values], dtype=torch.int64)
 
 
 def _noise_kernel_ready() -> bool:
@@ -277,12 +316,17 @@ class NoiseSource:
         self.seeds = _as_uint64_seeds(seed, batch_size)
         if sample_index is None:
             index = torch.arange(batch_size, dtype=torch.int64)
-        else:
-            index = torch.as_tensor(sample_index, dtype=torch.int64).flatten().cpu()
+        elif isinstance(sample_index, torch.Tensor) and sample_index.dim() == 1 and not (
+                sample_index.is_floating_point() or sample_index.is_complex() or sample_index.dtype == torch.bool):
+            # a tensor of indices (sharded runs: possibly long) is checked without a Python list
+            index = sample_index.detach().to("cpu", torch.int64)
             if index.numel() != batch_size:
-                raise ValueError(f"sample_index: expected {batch_size} indices, got {index.numel()}")
+                raise ValueError(_count_message("sample_index", batch_size, index.numel(), False))
             if bool(((index < 0) | (index > _MASK32)).any()):
                 raise ValueError("sample_index: expected integers in [0, 2^32)")
+        else:
+            index = torch.tensor(per_sample_integers(sample_index, "sample_index", batch_size, 0, 2**32,
+                                                     broadcast=False), dtype=torch.int64)
         self.sample_index = index
         self._index32 = index.to(torch.int32)  # the uint32 bits the C code reads
         self._counter_cache: dict[int, torch.Tensor] = {}

@@ -11,12 +11,14 @@ import torch
 
 from solvers import Solver, kernels
 from solvers.adaptive import batch_independent
+from solvers.base import check_coefficients_finite
 
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .grid import grid as make_grid
 from .grid import validate_grid
+from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
-from .noise import STREAM_PRIOR, NoiseSource, step_stream
+from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph"]
 
@@ -165,9 +167,24 @@ class _AdaptiveContext:
         out = self.model.call_net(net_x, net_t, **self._cond_rows(index))
         self.nfe += 1
         self.nfe_per_sample[index] += 1
+        # adaptive control decides on the host after every attempt anyway: one more reduction a call
+        # names a network that returns NaN/Inf where it happens, instead of the step control failing later
+        if not bool(torch.isfinite(out).all()):
+            self._refuse_non_finite(x, out, t, index)
         if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             out = out.clone()
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _refuse_non_finite(self, x, out, t, index):
+        rows = x.shape[0]
+        bad_out = ~torch.isfinite(out.detach()).reshape(rows, -1).all(dim=1).cpu()
+        j = int(torch.nonzero(bad_out)[0])
+        where = f"sample {int(index[j])}: at t={float(t[j]):.6g} (network call {self.nfe})"
+        if bool(torch.isfinite(x.detach()[j]).all()):
+            raise NonFiniteError(f"{where} the network returned NaN or Inf for a finite input: check the network "
+                                 f"({self.model!r}) there")
+        raise NonFiniteError(f"{where} the state handed to the network is NaN or Inf: use a tighter tolerance or "
+                             f"a higher precision dtype")
 
     def column(self, values, like):
         return values.to(device=like.device, dtype=like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
@@ -206,16 +223,15 @@ def _resolve_dtypes(dtype, x_T, model: Model | None = None):
 def _broadcast_table(name: str, table: torch.Tensor, times: torch.Tensor, solver: Solver, ndim: int,
                      device, dtype) -> torch.Tensor:
     table = torch.as_tensor(table, dtype=torch.float64)
-    bad = ~torch.isfinite(table)
-    if bool(bad.any()):
-        k = int(torch.nonzero(bad.reshape(table.shape[0], -1).any(dim=1))[0])
-        raise ValueError(
-            f"{solver!r}: the step from t={times[k].flatten()[0].item():g} to t={times[k + 1].flatten()[0].item():g} "
-            f"(step {k}) has a non-finite coefficient '{name}'; the SDE or the model's parametrisation is "
-            f"singular there (e.g. a reverse SDE at alpha = 0, or predicts='eps' where alpha = 0): "
-            f"start the grid away from that time or use another solver/parametrisation"
-        )
+    check_coefficients_finite(solver, name, table, lambda k, j: _step_span(times, k, j))
     return table.reshape(table.shape + (1,) * (ndim - 1)).to(device=device, dtype=dtype)
+
+
+def _step_span(times: torch.Tensor, k: int, column: int) -> str:
+    """'the step from t=.. to t=.. (step k)' of a (N+1, C) grid, in the given column (the sample's, C > 1)."""
+    column = min(column, times.shape[1] - 1)  # a table may be per sample on a shared grid
+    sample = f", sample {column}" if times.shape[1] > 1 else ""
+    return f"the step from t={times[k, column].item():g} to t={times[k + 1, column].item():g} (step {k}{sample})"
 
 
 def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_times: torch.Tensor, cond: dict,
@@ -283,12 +299,77 @@ def check_run_arguments(model: Model, solver: Solver, cond) -> dict:
         raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
     if not isinstance(solver, Solver):
         raise TypeError(f"solver must be a solvers.Solver instance, got {type(solver).__name__}")
+    solver.check_implemented()
     solver.check_sde(model.sde)
     if cond is None:
         return {}
     if not isinstance(cond, dict):
         raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
     return cond
+
+
+def check_flag(name: str, value, *, allow_none: bool = False):
+    """A boolean argument as given, refusing anything but True/False (and None where it means a default):
+    a string such as "no" would otherwise count as true."""
+    if (value is None and allow_none) or isinstance(value, bool):
+        return value
+    allowed = "True, False or None (the default)" if allow_none else "True or False"
+    raise TypeError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_shape(shape) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints (B, ...).  An int B means (B,): B samples with one element
+    each, as ``torch.zeros(B)`` reads it.  Non-integers (4.5, 4.0, True) are refused, never truncated."""
+    entries = (shape,) if as_integer(shape) is not None else shape
+    try:
+        entries = tuple(entries)
+    except TypeError:
+        raise TypeError(f"shape must be a tuple of ints (B, ...) or an int B, got {type(shape).__name__}") from None
+    sizes = tuple(as_integer(entry) for entry in entries)
+    if None in sizes:
+        bad = entries[sizes.index(None)]
+        raise TypeError(f"shape must contain ints, got {shape!r} (the entry {bad!r} is a {type(bad).__name__})")
+    if not sizes or any(size < 1 for size in sizes):
+        raise ValueError(f"shape must be (B, ...) with positive sizes, got {sizes}")
+    return sizes
+
+
+def check_state(x, name: str) -> None:
+    """The cheap checks of a state handed to a run (sample's x_T, invert's x0, sample_grad's x_T,
+    likelihood's x): a real floating tensor (B, ...) with B >= 1 and at least one element per sample,
+    holding values (not on the meta device).  :func:`check_finite` reads the values."""
+    expected = f"{name} must be a floating tensor of shape (B, ...) with B >= 1"
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{expected}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        kind = "complex dtype (a state is real)" if x.is_complex() else "dtype"
+        raise ValueError(f"{expected} (float16, bfloat16, float32 or float64), got the {kind} {x.dtype}")
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"{expected}, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must have at least one element per sample (no dimension of size 0), got shape "
+                         f"{tuple(x.shape)}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds no values: pass a tensor on the CPU or a GPU")
+
+
+def check_device(device: torch.device, dtype: torch.dtype, name: str) -> None:
+    """Refuse a device the run's state and coefficient tables (``dtype``) cannot live on; ``name`` is the
+    argument that chose it (x_T, x or device)."""
+    if device.type == "meta":
+        raise ValueError(f"{name}: the meta device holds no values; sample on the CPU or a GPU")
+    try:
+        torch.empty(1, dtype=dtype, device=device)
+    except (RuntimeError, TypeError, AssertionError) as exc:  # AssertionError: torch built without CUDA
+        raise ValueError(f"{name}: the run's state and tables ({dtype}) cannot live on {device}: {exc}") from exc
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    """Refuse a state with NaN or Inf entries before any network call, naming the first such sample."""
+    bad = ~torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite (it has NaN or Inf entries, first in sample "
+                         f"{int(torch.nonzero(bad)[0])})")
 
 
 def run_grid(sde, steps, grid, grid_kind, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,31 +470,34 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
         ``info.backend_reason`` say which ran and why.  See docs/gpu.md.
     """
     start_time = time.perf_counter()
+    # the plan: every check before any work (no network call, no allocation the machine cannot hold)
     cond = check_run_arguments(model, solver, cond)
     sde = model.sde
     gaussian = bool(getattr(sde, "gaussian", False))
+    final_denoise = check_flag("final_denoise", final_denoise, allow_none=True)
     if final_denoise is None:
         final_denoise = gaussian
     elif final_denoise and not gaussian:
         raise ValueError(f"final_denoise=True needs a Gaussian-marginal SDE (an x0 estimate from alpha and sigma); "
                          f"{sde!r} is not one: pass final_denoise=False or None")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step_info) (a samplers.StepInfo), got "
+                        f"{type(callback).__name__}")
 
     if (shape is None) == (x_T is None):
         raise ValueError("pass exactly one of shape (to start from the prior) or x_T (the starting state)")
     if x_T is not None:
-        if not isinstance(x_T, torch.Tensor) or x_T.dim() < 1 or x_T.shape[0] < 1:
-            raise ValueError("x_T must be a tensor of shape (B, ...) with B >= 1")
+        check_state(x_T, "x_T")
         shape = tuple(x_T.shape)
-        device = x_T.device if device is None else torch.device(device)
+        device, device_name = (x_T.device, "x_T") if device is None else (torch.device(device), "device")
     else:
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1 or shape[0] < 1 or any(s < 1 for s in shape):
-            raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
+        shape = check_shape(shape)
         if device is None:
             device = network_placement(model, "device") or torch.device("cpu")
-        device = torch.device(device)
+        device, device_name = torch.device(device), "device"
     batch = shape[0]
     dtype, compute = _resolve_dtypes(dtype, x_T, model)
+    check_device(device, compute, device_name)
     backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
 
     adaptive = bool(getattr(solver, "adaptive", False))
@@ -425,21 +509,29 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
             raise ValueError(f"callback is not supported with an adaptive solver ({solver!r}): its samples do not "
                              "share steps; read info.accepted_per_sample etc. instead")
         grid = torch.tensor([sde.t_max, sde.t_min], dtype=torch.float64) if grid is None else grid
-        if torch.as_tensor(grid).shape[0] != 2:
-            raise ValueError(f"an adaptive solver takes grid=(t_start, t_end) (2 times, or (2, B)), got shape "
-                             f"{tuple(torch.as_tensor(grid).shape)}")
+        grid_shape = tuple(torch.as_tensor(grid).shape)
+        if len(grid_shape) not in (1, 2) or grid_shape[0] != 2:
+            raise ValueError(f"grid: an adaptive solver takes grid=(t_start, t_end) (2 times, or (2, B)), got shape "
+                             f"{grid_shape}")
     times, table_times = run_grid(sde, steps, grid, grid_kind, batch)
     n_steps = table_times.shape[0] - 1
+    check_state_memory(shape, compute, device, steps=0 if adaptive else n_steps, columns=table_times.shape[1],
+                       name="x_T" if x_T is not None else "shape")
 
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     noise = NoiseSource(seed, batch, sample_index=sample_index)
+    if x_T is not None:
+        check_finite(x_T, "x_T")
 
     if x_T is None:
-        if not bool((table_times[0] == sde.t_max).all()):
+        off_prior = table_times[0] != sde.t_max
+        if bool(off_prior.any()):
+            j = int(torch.nonzero(off_prior)[0])
             raise ValueError(
-                f"the grid starts at t={table_times[0, 0].item():g}, not at t_max={sde.t_max:g} where the prior "
-                "lives: pass x_T, the state at the grid's first time"
+                f"the grid starts at t={table_times[0, j].item():g}"
+                f"{f' for sample {j}' if table_times.shape[1] > 1 else ''}, not at t_max={sde.t_max:g} where the "
+                "prior lives: pass x_T, the state at the grid's first time"
             )
         z = noise.normal(shape[1:], counter=0, stream=STREAM_PRIOR, dtype=compute, device=device)
         x = sde.prior_sample(shape, normal=z)
@@ -507,11 +599,18 @@ def sample(model: Model, solver: Solver, *, shape=None, x_T: torch.Tensor | None
     bad = ~torch.isfinite(sums)
     if bool(bad.any()):  # the one host sync of the run
         k = int(torch.nonzero(bad)[0])
+        # with a grid per sample, quote the times of a sample whose state is not finite (NaN stays NaN)
+        j, sample_note = 0, ""
+        if table_times.shape[1] > 1:
+            bad_rows = ~torch.isfinite(x).reshape(batch, -1).all(dim=1)
+            if bool(bad_rows.any()):
+                j = int(torch.nonzero(bad_rows)[0])
+                sample_note = f" for sample {j}"
         if k == n_steps:
-            where = f"in the final denoising step at t={table_times[-1, 0].item():g}"
+            where = f"in the final denoising step at t={table_times[-1, j].item():g}{sample_note}"
         else:
-            where = (f"at step {k} of {n_steps} (t={table_times[k, 0].item():g} -> "
-                     f"{table_times[k + 1, 0].item():g})")
+            where = (f"at step {k} of {n_steps} (t={table_times[k, j].item():g} -> "
+                     f"{table_times[k + 1, j].item():g}{sample_note})")
         raise NonFiniteError(
             f"the state became NaN or Inf {where} with {solver!r} on {sde!r}; check the network's output "
             f"there, or use more steps / a higher precision dtype"

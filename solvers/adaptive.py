@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from .base import Solver
+from .base import Solver, _left_to_subclasses, check_coefficients_finite
 from .dpm import DPMSolver
 
 __all__ = ["AdaptiveContext", "AdaptiveSolver", "AdaptiveDPMSolver", "StepSizeError", "batch_independent"]
@@ -92,6 +92,7 @@ class AdaptiveSolver(Solver):
     """
 
     adaptive = True
+    run_methods = ("solve",)
 
     def __init__(self, rtol: float, atol: float, max_steps: int, min_step: float):
         for name, value in (("rtol", rtol), ("atol", atol)):
@@ -118,10 +119,11 @@ class AdaptiveSolver(Solver):
     def step(self, k, x, ctx):
         raise TypeError(f"{type(self).__name__} is adaptive: samplers.sample drives it through solve()")
 
+    @_left_to_subclasses
     def solve(self, model, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor,
               ctx: AdaptiveContext) -> torch.Tensor:
         """Integrate each sample i of x from t_start[i] to t_end[i] (float64, CPU, shape (B,))."""
-        raise NotImplementedError
+        raise NotImplementedError(self._unimplemented(["solve"]))
 
     def error_norm(self, x_high: torch.Tensor, x_low: torch.Tensor, x_prev: torch.Tensor,
                    rtol: float | None = None, atol: float | None = None) -> torch.Tensor:
@@ -245,11 +247,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
 
         while not bool(done.all()):
             idx = torch.nonzero(~done).flatten()
-            stale = idx[~m_s_valid[idx]]
-            if stale.numel():
-                m_s[stale] = converted(x[stale], ctx.output(x[stale], s[stale], stale), s[stale])
-                m_s_valid[stale] = True
-            xs, s_i, m0 = x[idx], s[idx], m_s[idx]
+            s_i = s[idx]
             lam_s = batch_independent(sde.log_snr, s_i)
             lam_t = torch.where(torch.isfinite(lam_s), lam_s + h[idx], torch.full_like(lam_s, lam_first))
             # a step that would end within rounding of the end lands on it exactly
@@ -257,7 +255,13 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             t_i = torch.where(final, t_end[idx],
                               batch_independent(sde.t_from_log_snr, torch.minimum(lam_t, lam_end[idx])))
             # the stage outputs of the higher formula; the lower one's stage (if any) is its first
-            high = self._coefficient_rows(model, s_i, t_i, self._fractions_high)
+            high = self._coefficient_rows(model, s_i, t_i, self._fractions_high, idx)
+            low = self._coefficient_rows(model, s_i, t_i, self._fractions_low, idx)
+            stale = idx[~m_s_valid[idx]]
+            if stale.numel():
+                m_s[stale] = converted(x[stale], ctx.output(x[stale], s[stale], stale), s[stale])
+                m_s_valid[stale] = True
+            xs, m0 = x[idx], m_s[idx]
             ms = [m0]
             for j in range(1, len(self._fractions_high) + 1):
                 u = xs * ctx.column(high[f"s{j}x"], xs)
@@ -268,7 +272,6 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             last = len(ms) - 1
             x_high = xs * ctx.column(high["x"], xs) + ctx.column(high["m0"], xs) * m0 \
                 + ctx.column(high[f"m{last}"], xs) * ms[last]
-            low = self._coefficient_rows(model, s_i, t_i, self._fractions_low)
             x_low = xs * ctx.column(low["x"], xs) + ctx.column(low["m0"], xs) * m0
             if self._fractions_low:
                 x_low += ctx.column(low["m1"], xs) * ms[1]
@@ -295,8 +298,11 @@ class AdaptiveDPMSolver(AdaptiveSolver):
                           int(idx[j]), float(s[idx[j]]))
         return x
 
-    def _coefficient_rows(self, model, s, t, fractions):
-        """DPMSolver's singlestep coefficients at per-sample (s, t), each row independent of the batch."""
+    def _coefficient_rows(self, model, s, t, fractions, index):
+        """DPMSolver's singlestep coefficients at per-sample (s, t), each row independent of the batch,
+        refused (before any network call) where one the step uses is not finite: the singular
+        parametrisations every fixed-grid solver refuses (an eps network where alpha = 0 in the data
+        form, alpha_t/alpha_s from alpha = 0 in the noise form).  ``index``: the rows' sample numbers."""
         names = []
 
         def rows(s_pad, t_pad):
@@ -305,7 +311,12 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             return tuple(table[name] for name in names)
 
         values = batch_independent(rows, s, t)
-        return dict(zip(names, values))
+        table = dict(zip(names, values))
+        for name, value in table.items():
+            if name not in ("h", "finite"):  # h is infinite from alpha = 0, where the step takes its exact limit
+                check_coefficients_finite(self, name, value, lambda row, _: f"sample {int(index[row])}: the step "
+                                          f"from t={float(s[row]):g} to t={float(t[row]):g}")
+        return table
 
     def __repr__(self):
         return (f"AdaptiveDPMSolver(order={self.pair}, predict={self.predict!r}{self.tolerance_args()}"

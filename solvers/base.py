@@ -8,11 +8,38 @@ tables, so a step costs the network calls plus a handful of passes over the batc
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
-__all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks"]
+__all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks", "first_true", "check_coefficients_finite"]
+
+
+def _left_to_subclasses(method):
+    """Mark a base-class method that a solver must implement (see :meth:`Solver.check_implemented`)."""
+    method.left_to_subclasses = True
+    return method
+
+
+def first_true(mask: torch.Tensor) -> tuple[int, int]:
+    """(row, column) of the first True entry of a mask shaped (N,) or (N, C, ...), rows first: the step
+    and the sample a per-sample error is about (column 0 for a mask without columns)."""
+    rows = mask.reshape(mask.shape[0], -1) if mask.dim() > 1 else mask[:, None]
+    row = int(torch.nonzero(rows.any(dim=1))[0])
+    return row, int(torch.nonzero(rows[row])[0])
+
+
+def check_coefficients_finite(solver, name: str, table: torch.Tensor, where: Callable[[int, int], str]) -> None:
+    """The one refusal of a singular step, shared by every solver: a coefficient ``name`` (a table whose
+    rows are steps or samples) that is not finite means the SDE or the network's parametrisation is
+    singular there.  ``where(row, column)`` describes the first such entry (its step/sample and times)."""
+    bad = ~torch.isfinite(torch.as_tensor(table))
+    if bool(bad.any()):
+        raise ValueError(
+            f"{solver!r}: {where(*first_true(bad))} has a non-finite coefficient {name!r}; the SDE or the model's "
+            f"parametrisation is singular there (e.g. a reverse SDE at alpha = 0, or predicts='eps' where "
+            f"alpha = 0): start the grid away from that time or use another solver/parametrisation"
+        )
 
 
 class StepContext(Protocol):
@@ -49,6 +76,8 @@ class Solver:
     stochastic: bool = False
     #: whether the solver needs a Gaussian-marginal SDE (alpha, sigma, log-SNR)
     gaussian_only: bool = True
+    #: the methods a run calls: a subclass implements them
+    run_methods: tuple[str, ...] = ("prepare", "step")
 
     def check_sde(self, sde) -> None:
         """Refuse an SDE this solver cannot integrate, with the reason."""
@@ -63,14 +92,28 @@ class Solver:
         (row k for step k), for ``ctx.output(x, k, stage=name)``.  Most solvers need none."""
         return {}
 
+    @_left_to_subclasses
     def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Coefficient tables for a grid ``times`` of shape (N+1, C), float64; each table (N, C).
         A value that is a Python list (one entry per step) is a plan, read with ``ctx.plan``."""
-        raise NotImplementedError
+        raise NotImplementedError(self._unimplemented(["prepare"]))
 
+    @_left_to_subclasses
     def step(self, k: int, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Advance x from grid time k to k+1 (in place where possible) and return it."""
-        raise NotImplementedError
+        raise NotImplementedError(self._unimplemented(["step"]))
+
+    def check_implemented(self) -> None:
+        """Refuse a solver whose class leaves a method a run calls (:attr:`run_methods`) to a base class
+        (``Solver()`` itself, or an incomplete subclass), before any work is done."""
+        missing = [name for name in self.run_methods if getattr(getattr(type(self), name), "left_to_subclasses", False)]
+        if missing:
+            raise TypeError(self._unimplemented(missing))
+
+    def _unimplemented(self, missing: list[str]) -> str:
+        return (f"solver: {type(self).__name__} does not implement {', '.join(m + '()' for m in missing)}; pass a "
+                f"solver from solvers (Euler(), DPMSolver(), ...) or a subclass that implements "
+                f"{', '.join(self.run_methods)}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -85,7 +85,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .base import Solver, X0Hooks
+from .base import Solver, X0Hooks, first_true
 from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
 __all__ = ["ERSDE", "NOISE_SCALES", "noise_scale_integrals"]
@@ -323,11 +323,13 @@ class ERSDE(Solver):
         if self.stochastic:
             var = 1.0 - q * q
             if bool((var < -VARIANCE_ROUNDOFF).any()):
-                k = int(torch.nonzero((var < -VARIANCE_ROUNDOFF).reshape(n, -1).any(dim=1))[0])
+                k, j = first_true(var < -VARIANCE_ROUNDOFF)  # tables are (N, C): step k, grid column j
+                sample = f" of sample {j}" if var.shape[1] > 1 else ""
                 raise ValueError(
-                    f"noise_scale {self._noise_scale_label()}: the noise variance of step {k} "
-                    f"(lambda {lam_s[k].flatten()[0].item():.6g} -> {lam_t[k].flatten()[0].item():.6g}) is negative "
-                    f"({(sigma_t[k] ** 2 * var[k]).min().item():.3g}): the constraint lambda phi'/phi >= 1 is broken there"
+                    f"noise_scale {self._noise_scale_label()}: the noise variance of step {k}{sample} "
+                    f"(lambda {lam_s[k, j].item():.6g} -> {lam_t[k, j].item():.6g}) is negative "
+                    f"({(sigma_t[k, j] ** 2 * var[k, j]).item():.3g}): the constraint lambda phi'/phi >= 1 is "
+                    f"broken there"
                 )
             # |1 - q^2| within a few ulp is round-off of a zero variance (phi linear over the step): 0,
             # not sqrt(1e-16) = 1e-8 of noise

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import F64, GaussianNet, GaussianX0Net, gaussian_flow, make_sde
-from samplers import Model, sample
+from samplers import Model, NonFiniteError, sample
 from solvers import AdaptiveDPMSolver, StepSizeError
 from test_convergence import MIXTURE, mixture_problem
 
@@ -153,7 +153,7 @@ def test_limits_raise_naming_the_sample():
         out[2] = float("nan")
         return out
 
-    with pytest.raises(StepSizeError, match="sample 2: the state or the network output became NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="sample 2: at t=.* the network returned NaN or Inf for a finite input"):
         sample(Model(poisoned, sde, predicts="x0"), AdaptiveDPMSolver(), x_T=x_T, dtype=F64)
 
 

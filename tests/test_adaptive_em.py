@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import F64, GaussianX0Net, make_sde
-from samplers import Model, problems, sample
+from samplers import Model, NonFiniteError, problems, sample
 from solvers import AdaptiveEM, EulerMaruyama, StepSizeError
 
 MIXTURE = problems.mixture_2d()
@@ -108,7 +108,7 @@ def test_limits_raise_naming_the_sample():
         out[2] = float("nan")
         return out
 
-    with pytest.raises(StepSizeError, match="sample 2: the state or the network output became NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="sample 2: at t=.* the network returned NaN or Inf for a finite input"):
         run(Model(poisoned, sde, predicts="x0"), AdaptiveEM(), n=4)
 
 

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_convergence import MIXTURE, mixture_problem
 
-from samplers import Model, sample
+from samplers import Model, NonFiniteError, sample
 from solvers.adaptive import StepSizeError
 from solvers.adaptive_ode import TABLEAUX, AdaptiveODE
 
@@ -276,7 +276,7 @@ def test_nan_names_the_sample():
         out[2] = float("nan")
         return out
 
-    with pytest.raises(StepSizeError, match="sample 2: the state or the network output became NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="sample 2: at t=.* the network returned NaN or Inf for a finite input"):
         sample(Model(poisoned, sde, predicts="x0"), AdaptiveODE(h_init=0.1), x_T=x_T, dtype=F64)
 
 

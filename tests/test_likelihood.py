@@ -312,7 +312,7 @@ def test_bad_data_and_models():
             likelihood(model, bad)
     with pytest.raises(ValueError, match="x must be finite"):
         likelihood(model, torch.tensor([[0.0, float("nan")]], dtype=F64))
-    with pytest.raises(ValueError, match="x must have at least one dimension per sample"):
+    with pytest.raises(ValueError, match="x must have at least one element per sample"):
         likelihood(model, torch.zeros(2, 0, dtype=F64))
     detached = Model(lambda x, t: GaussianNet(sde, "x0", MU, S)(x.detach(), t), sde, "x0")
     with pytest.raises(ValueError, match="the network output does not depend on x through autograd"):

@@ -392,7 +392,7 @@ def test_argument_errors():
         sample(model, Euler(), steps=3)
     with pytest.raises(ValueError, match="pass exactly one of shape .* or x_T"):
         sample(model, Euler(), shape=(2, 3), x_T=x_T, steps=3)
-    with pytest.raises(ValueError, match="x_T must be a tensor of shape"):
+    with pytest.raises(ValueError, match=r"x_T must be a floating tensor of shape \(B, ...\) with B >= 1, got shape \(\)"):
         sample(model, Euler(), x_T=torch.tensor(1.0), steps=3)
     with pytest.raises(ValueError, match=r"shape must be \(B, ...\) with positive sizes"):
         sample(model, Euler(), shape=(0, 3), steps=3)
