@@ -191,12 +191,9 @@ def test_every_solver_is_covered():
 
 # -- the pairs refused by design ---------------------------------------------------------------------------------
 _REFUSED_CASES = [pytest.param(*pair, id="-".join(pair)) for pair in REFUSED]
-# issue 14 defect 11 (another change): AdaptiveDPMSolver on rectified flow with an eps network reports
-# "NaN or Inf at t=1" instead of the singular-parametrisation refusal; strict, so the fix shows up here
-_REFUSED_CASES.append(pytest.param("RectifiedFlow-eps", "AdaptiveDPMSolver", id="RectifiedFlow-eps-AdaptiveDPMSolver",
-                                   marks=pytest.mark.xfail(strict=True, reason="issue 14 defect 11")))
+# AdaptiveDPMSolver among them: it reported "NaN or Inf at t=1" instead of the refusal (issue 14 defect 11)
 _REFUSED_CASES += [pytest.param("RectifiedFlow-eps", name, id=f"RectifiedFlow-eps-{name}") for name in SOLVERS
-                   if name not in ("ReverseDiffusion", "PC", "AdaptiveDPMSolver")]
+                   if name not in ("ReverseDiffusion", "PC")]
 
 
 @pytest.mark.parametrize("sde_name, solver_name", _REFUSED_CASES)
