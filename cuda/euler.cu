@@ -23,24 +23,21 @@ SAMPLERS_HD void linear_thread(long long t, T* x, const O* out, T* aux0, const T
     float xv[4], ov[4], av[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        const int w = q * slot.calls + slot.n;
-        if (w < slot.len) {
-            const long long i = slot.base + w;
-            xv[q] = load(x, i);
-            ov[q] = load(out, i);
-            if (MODE == 2) av[q] = load(aux0, i);
-        }
+        const long long i = element_of(slot, q);
+        if (i < 0) break;
+        xv[q] = load(x, i);
+        ov[q] = load(out, i);
+        if (MODE == 2) av[q] = load(aux0, i);
     }
     float z[4];
     const float c = step_noise<NOISE>(slot, coef, 2, batch, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        const int w = q * slot.calls + slot.n;
-        if (w < slot.len) {
-            float v = MODE == 2 ? fmaf(b, ov[q], fmaf(a, av[q], 0.5f * xv[q])) : fmaf(b, ov[q], a * xv[q]);
-            if (NOISE) v = fmaf(c, z[q], v);
-            store(MODE == 1 ? aux0 : x, slot.base + w, v);
-        }
+        const long long i = element_of(slot, q);
+        if (i < 0) break;
+        float v = MODE == 2 ? fmaf(b, ov[q], fmaf(a, av[q], 0.5f * xv[q])) : fmaf(b, ov[q], a * xv[q]);
+        if (NOISE) v = fmaf(c, z[q], v);
+        store(MODE == 1 ? aux0 : x, i, v);
     }
 }
 

@@ -27,30 +27,26 @@ SAMPLERS_HD void multistep_thread(long long t, T* x, const O* out, T* aux0, cons
     float xv[4], ov[4], h1[4], h2[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        const int w = q * slot.calls + slot.n;
-        if (w < slot.len) {
-            const long long i = slot.base + w;
-            xv[q] = load(x, i);
-            ov[q] = load(out, i);
-            if (HIST >= 1) h1[q] = load(aux1, i);
-            if (HIST >= 2) h2[q] = load(aux2, i);
-        }
+        const long long i = element_of(slot, q);
+        if (i < 0) break;
+        xv[q] = load(x, i);
+        ov[q] = load(out, i);
+        if (HIST >= 1) h1[q] = load(aux1, i);
+        if (HIST >= 2) h2[q] = load(aux2, i);
     }
     float z[4];
     const float c = step_noise<NOISE>(slot, coef, 6, batch, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        const int w = q * slot.calls + slot.n;
-        if (w < slot.len) {
-            const long long i = slot.base + w;
-            const float m = rounded(aux0, fmaf(pout, ov[q], px * xv[q]));
-            store(aux0, i, m);
-            float v = fmaf(w0, m, cx * xv[q]);
-            if (HIST >= 1) v = fmaf(w1, h1[q], v);
-            if (HIST >= 2) v = fmaf(w2, h2[q], v);
-            if (NOISE) v = fmaf(c, z[q], v);
-            store(x, i, v);
-        }
+        const long long i = element_of(slot, q);
+        if (i < 0) break;
+        const float m = rounded(aux0, fmaf(pout, ov[q], px * xv[q]));
+        store(aux0, i, m);
+        float v = fmaf(w0, m, cx * xv[q]);
+        if (HIST >= 1) v = fmaf(w1, h1[q], v);
+        if (HIST >= 2) v = fmaf(w2, h2[q], v);
+        if (NOISE) v = fmaf(c, z[q], v);
+        store(x, i, v);
     }
 }
 

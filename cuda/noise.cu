@@ -14,9 +14,9 @@ SAMPLERS_HD void normal_thread(long long t, T* out, const u64* seeds, const u32*
     slot_normals(slot, seeds, index, counter, stream, z);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-        const int w = q * slot.calls + slot.n;
-        if (w >= slot.len) break;
-        store(out, slot.base + w, z[q]);
+        const long long i = element_of(slot, q);
+        if (i < 0) break;
+        store(out, i, z[q]);
     }
 }
 

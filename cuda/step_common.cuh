@@ -125,6 +125,13 @@ SAMPLERS_HD float rounded(const float*, float v) { return v; }
 SAMPLERS_HD float rounded(const half_t*, float v) { return half_bits_to_float(float_to_half_bits(v)); }
 SAMPLERS_HD float rounded(const bf16_t*, float v) { return bf16_bits_to_float(float_to_bf16_bits(v)); }
 
+// Flat offset of the thread's element q (element q * calls + n of its work item, the one z[q] of its
+// Philox call belongs to), or -1 past the end of a short last item.
+SAMPLERS_HD long long element_of(const Slot& slot, int q) {
+    const int w = q * slot.calls + slot.n;
+    return w < slot.len ? slot.base + w : -1;
+}
+
 // The 4 keyed standard normals of one thread's Philox call (its 4 elements, philox.cuh).
 SAMPLERS_HD void slot_normals(const Slot& slot, const u64* seeds, const u32* index, u32 counter, u32 stream,
                               float z[4]) {
