@@ -30,8 +30,10 @@ Sections:
   DPM-Solver++(2M) and ER-SDE(3): wall time per step for our torch backend, our fused backend and
   diffusers' scheduler loop on the same network, and the sampler's share of a step (the same loop
   timed with the network replaced by its cached output, over the loop with the network).
-- ``nccl``: :func:`samplers.distributed.sample_distributed` over NCCL with world size 1 against a
-  plain :func:`samplers.sample` (in a subprocess).
+- ``nccl``: :func:`samplers.distributed.sample_distributed` in an NCCL process group of world size 1
+  against a plain :func:`samplers.sample` (in a subprocess).  With one rank no collective runs (the
+  gather is skipped), so this checks the NCCL set-up, the device choice and the chunking, not
+  NCCL's all_gather; that needs two GPUs.
 """
 
 from __future__ import annotations

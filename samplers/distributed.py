@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
-from .model import Model, network_placement
+from .model import Model, network_module, network_placement
+from .noise import as_integer, per_sample_integers
 from .sample import per_sample_cond, sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
@@ -115,12 +116,8 @@ def network_fingerprint(net) -> str:
     callable: ``"none: not a torch.nn.Module, no parameters to fingerprint"`` (a function's weights,
     if it closes over some, cannot be seen).
     """
-    if isinstance(net, Model):
-        net = net.net
-    owner = getattr(net, "__self__", None)  # net.forward or another bound method of a module
-    if not isinstance(net, torch.nn.Module) and isinstance(owner, torch.nn.Module):
-        net = owner
-    if not isinstance(net, torch.nn.Module):
+    net = network_module(net)
+    if net is None:
         return "none: not a torch.nn.Module, no parameters to fingerprint"
     state = net.state_dict(keep_vars=True)
     tensors = list(state.items()) + [(name, buf) for name, buf in net.named_buffers() if name not in state]
@@ -172,7 +169,8 @@ def check_run_size(n: int, shape, *, batch_size: int, shard_size: int | None = N
     ``names`` spells it: the CLI passes its flags).
 
     Bounds: ``n``, ``batch_size`` and ``shard_size`` at most ``MAX_SAMPLES``, at most ``MAX_SHARDS``
-    shards, ``steps`` at most ``MAX_STEPS``.  Memory: a process holds its samples twice while it
+    shards, ``steps`` at most ``MAX_STEPS``.  ``dtype=None``: not known yet (2 bytes an element are
+    counted).  Memory: a process holds its samples twice while it
     assembles them (the chunks, then their concatenation): a shard with ``shard_size``, else its whole
     range (ceil(n / world) samples), plus twice all ``n`` on a rank the result is ``gathered`` to.  That
     is a lower bound (the network's own memory comes on top), so a refusal is certain to be right."""
@@ -187,11 +185,14 @@ def check_run_size(n: int, shape, *, batch_size: int, shard_size: int | None = N
         raise ValueError(f"{names['n']}={n} in shards of {names['shard_size']}={shard_size} makes "
                          f"{-(-n // shard_size)} shards, more than {MAX_SHARDS} (samplers.limits.MAX_SHARDS): "
                          f"use a larger {names['shard_size']}")
-    per_sample = math.prod(shape) * torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    # dtype None: not known yet (the CLI checks before loading the network, whose parameters may make it
+    # float16), so the smallest floating element, 2 bytes, keeps the bound a lower bound
+    per_sample = math.prod(shape) * (2 if dtype is None else torch.empty((), dtype=dtype).element_size())
     held = -(-n // world) if shard_size is None else min(shard_size, -(-n // world))
     needed = per_sample * (2 * held + (2 * n if gathered else 0))
     what = (f"{'a shard' if shard_size is not None else 'the samples'} of {held} x {names['shape']} "
-            f"{tuple(shape)} ({math.prod(shape)} elements each, {dtype or torch.get_default_dtype()})")
+            f"{tuple(shape)} ({math.prod(shape)} elements each, "
+            f"{'at least 2 bytes an element' if dtype is None else dtype})")
     advice = (f"lower {names['shard_size']} or {names['shape']}" if shard_size is not None else
               f"lower {names['n']} or {names['shape']}, or write shards (out_dir)")
     check_memory(needed, device, what, advice)
@@ -564,18 +565,12 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     for bad in ("x_T", "sample_index", "shape", "return_info", "callback", "progress"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is not supported by sample_distributed (it picks each rank's samples itself)")
-    if seed is None or isinstance(seed, bool):
+    if seed is None:
         raise ValueError("seed must be an int (or one int per sample): every rank must use the same seed")
-    if isinstance(seed, torch.Tensor):
-        seed = seed.flatten().tolist()
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != n:
-            raise ValueError(f"seed: expected an int or {n} seeds (one per sample), got {len(seed)}")
-        seed = list(seed)
-    elif not hasattr(seed, "__index__"):
-        raise TypeError(f"seed must be an int or a sequence of ints, got {type(seed).__name__}")
-    else:
-        seed = int(seed)
+    # as sample() reads it (ints, 1-D integer arrays or tensors; a 0-d one is an int), kept as one int
+    # when it was one, so that the index records it as given
+    seeds = per_sample_integers(seed, "seed", n, 0, 2**64, broadcast=True)
+    seed = seeds[0] if as_integer(seed) is not None or getattr(seed, "ndim", None) == 0 else seeds
     if batch_size is None:
         batch_size = n
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -616,7 +611,7 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         out_dir = check_out_dir(out_dir)
         config = {"n": n, "shape": list(shape), "seed": seed if isinstance(seed, int) else _seed_digest(seed),
                   "solver": repr(solver), "sde": repr(model.sde), "predicts": model.predicts,
-                  "network": network_fingerprint(model), "dtype": str(dtype or torch.get_default_dtype()),
+                  "network": network_fingerprint(model), "dtype": str(dtype),
                   "shard_size": shard_size, "format": shard_format, "sample_kwargs": _jsonable(sample_kwargs),
                   "run": _jsonable(run_config or {})}
         start, end, computed, nfe, written, skipped, index_path = _run_sharded(

@@ -20,16 +20,27 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def network_module(net) -> "torch.nn.Module | None":
+    """The ``torch.nn.Module`` behind a network: the network itself, the one a :class:`Model` wraps, or
+    the owner of a bound method such as ``net.forward``; None for any other callable."""
+    if isinstance(net, Model):
+        net = net.net
+    owner = getattr(net, "__self__", None)
+    if not isinstance(net, torch.nn.Module) and isinstance(owner, torch.nn.Module):
+        net = owner
+    return net if isinstance(net, torch.nn.Module) else None
+
+
 def network_placement(model: "Model", what: str):
     """The dtype (``what="dtype"``) or device (``what="device"``) of the floating parameters of
-    ``model.net`` when it is a ``torch.nn.Module``: the default of a run that is given neither that
+    ``model.net`` when it is a ``torch.nn.Module`` (or a bound method of one): the default of a run that is given neither that
     argument nor a starting state, since a module computes in its parameters' dtype and on their
     device (a float16 convolution refuses a float32 input).  None when ``net`` is not a module or has
     no floating parameters; a ValueError naming the argument to pass when the parameters disagree."""
     if what not in ("dtype", "device"):
         raise ValueError(f"what must be 'dtype' or 'device', got {what!r}")
-    net = model.net
-    if not isinstance(net, torch.nn.Module):
+    net = network_module(model.net)
+    if net is None:
         return None
     found = {getattr(p, what) for p in net.parameters() if p.is_floating_point()}
     if len(found) > 1:

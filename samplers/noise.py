@@ -322,8 +322,9 @@ class NoiseSource:
             index = sample_index.detach().to("cpu", torch.int64)
             if index.numel() != batch_size:
                 raise ValueError(_count_message("sample_index", batch_size, index.numel(), False))
-            if bool(((index < 0) | (index > _MASK32)).any()):
-                raise ValueError("sample_index: expected integers in [0, 2^32)")
+            outside = (index < 0) | (index > _MASK32)
+            if bool(outside.any()):
+                raise ValueError(f"sample_index: expected integers in [0, 2^32), got {int(index[outside][0])}")
         else:
             index = torch.tensor(per_sample_integers(sample_index, "sample_index", batch_size, 0, 2**32,
                                                      broadcast=False), dtype=torch.int64)
@@ -390,6 +391,8 @@ class NoiseSource:
             if tuple(out.shape) != full:
                 raise ValueError(f"out: expected shape {full}, got {tuple(out.shape)}")
             dtype, device = out.dtype, out.device
+        if as_integer(stream) is None or not 0 <= stream <= _MASK32:  # a 32-bit counter word in every generator
+            raise ValueError(f"stream must be an int in [0, 2^32), got {stream!r}")
         gen_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         counter32 = self._counter(counter)
         device = torch.device(device)

@@ -391,8 +391,8 @@ class CupyRunner:
         self._kept: list[torch.Tensor] = []
         self._launcher = _launcher(cupy, self.device)
         self._sizes = (np.int64(self.per_sample), np.int64(self.batch))
-        self.seeds = self.keep(noise_source.seeds.to(self.device))
-        self.index = self.keep(noise_source._index32.to(self.device))
+        seeds, _, index32 = noise_source.keys_on(self.device)  # copied to the device once per run
+        self.seeds, self.index = self.keep(seeds), self.keep(index32)
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """Register a tensor that lives for the whole run (the runner holds it, so its memory stays

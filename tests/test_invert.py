@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import F64, fitted_order
-from samplers import Inversion, Model, grid, invert, problems, sample
+from samplers import Inversion, Model, invert, problems, sample
 from samplers.convergence import ORDER_MIXTURE
 from samplers.problems import probability_flow_rhs, reference_solution
 from sde import VESDE, VPSDE

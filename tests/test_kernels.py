@@ -26,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samplers import Model, NoiseSource, sample
+from samplers import Model, NoiseSource, grid, sample
 from samplers.noise import STREAM_PRIOR, STREAM_STEP, step_stream
 from sde import VPSDE
 from solvers import (DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun, UniPC, kernels)
@@ -431,15 +431,8 @@ class _FakeCupy:
     uint32, int64 = np.uint32, np.int64
 
     def __init__(self, lib):
-        self.lib, self.compiled, self.streams, self.views = lib, [], [], 0
+        self.lib, self.compiled, self.streams = lib, [], []
         fake = self
-
-        class Array:
-            def __init__(self, t):
-                self.t = t
-
-            def __getitem__(self, k):
-                return Array(self.t[k])
 
         class Module:
             def __init__(self, code, options=()):
@@ -460,24 +453,15 @@ class _FakeCupy:
             def __exit__(self, *exc):
                 return False
 
-        self.Array = Array
         self.RawModule = Module
         self.cuda = type("cuda", (), {"Device": Context, "ExternalStream": Context})
-
-    def from_dlpack(self, t):
-        assert t.dtype in (torch.float32, torch.int16, torch.int32, torch.int64), t.dtype
-        assert not t.requires_grad, "DLPack refuses tensors that require grad"
-        self.views += 1
-        return self.Array(t)
 
     def run(self, name, grid, block, args):
         per_sample, batch = int(args[-2]), int(args[-1])
         assert grid[0] * block[0] >= batch * -(-per_sample // 4096) * 1024
         cargs = []
         for a in args:
-            if isinstance(a, self.Array):
-                cargs.append(_ptr(a.t))
-            elif isinstance(a, np.uint64):  # a tensor's address (CupyRunner hands the kernels data_ptr())
+            if isinstance(a, np.uint64):  # a tensor's address (CupyRunner hands the kernels data_ptr())
                 cargs.append(ctypes.c_void_p(int(a)))
             elif isinstance(a, np.uint32):
                 cargs.append(ctypes.c_uint32(int(a)))
@@ -521,20 +505,33 @@ def test_cupy_runner_launches(fake_cupy, monkeypatch, solver, dtype):
     (runner,) = runners
     assert isinstance(runner, kernels.CupyRunner)
     assert len(fake.compiled) == 1 and set(fake.streams) == {4242}
-    # tensors reach the kernels as addresses: no DLPack view per launch
-    assert fake.views == 0
 
 
-def test_cupy_runner_with_a_network_that_requires_grad(fake_cupy):
-    """A network with trainable parameters (its output requires grad): the fused steps detach it
-    (the kernels record no graph) and give the torch path's numbers."""
+def test_fused_step_detaches_an_output_that_requires_grad(harness):
+    """A fused step called in grad mode outside sample() (which runs under no_grad), with a network
+    whose output requires grad: the kernels read a detached output (they record no graph) and give
+    the torch step's numbers."""
+    from samplers.sample import fixed_grid_context
+
     scale = torch.nn.Parameter(torch.tensor(0.7))
     model = Model(lambda x, t: scale * torch.tanh(x), VPSDE(), predicts="eps")
-    kwargs = dict(shape=(2, 5000), steps=4, seed=3)
-    got = sample(model, DPMSolverSDE(2), backend="cupy", **kwargs)
+    noise = NoiseSource(3, 2)
+    times = grid(VPSDE(), 4)[:, None]
+    x_ref = torch.randn(2, 5000, generator=torch.Generator().manual_seed(0))
+    x_fused = x_ref.clone()
+    ctx_ref = fixed_grid_context(model, DPMSolverSDE(2), x_ref, times, {}, noise, torch.float32)
+    ctx_fused = fixed_grid_context(model, DPMSolverSDE(2), x_fused, times, {}, noise, torch.float32)
+    fused = DPMSolverSDE(2).fused_step()
+    fused.bind(ctx_fused, x_fused, HostRunner(harness, x_fused, noise))
+    with torch.enable_grad():
+        assert model.net(x_ref, times[0]).requires_grad
+        for k in range(4):
+            fused.step(k, x_fused, ctx_fused)
     with torch.no_grad():
-        ref = sample(model, DPMSolverSDE(2), backend="torch", **kwargs)
-    torch.testing.assert_close(got.detach(), ref, rtol=1e-5, atol=1e-4)
+        for k in range(4):
+            x_ref = DPMSolverSDE(2).step(k, x_ref, ctx_ref)
+    assert not x_fused.requires_grad and scale.grad is None
+    torch.testing.assert_close(x_fused, x_ref, rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
