@@ -567,10 +567,12 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
             raise ValueError(f"{bad} is not supported by sample_distributed (it picks each rank's samples itself)")
     if seed is None:
         raise ValueError("seed must be an int (or one int per sample): every rank must use the same seed")
-    # as sample() reads it (ints, 1-D integer arrays or tensors; a 0-d one is an int), kept as one int
-    # when it was one, so that the index records it as given
-    seeds = per_sample_integers(seed, "seed", n, 0, 2**64, broadcast=True)
-    seed = seeds[0] if as_integer(seed) is not None or getattr(seed, "ndim", None) == 0 else seeds
+    # as sample() reads it (ints, 1-D integer arrays or tensors; a 0-d one is an int); one seed stays one
+    # int (never a list of n, which for a huge n would be the allocation the size checks exist to refuse)
+    if as_integer(seed) is not None or getattr(seed, "ndim", None) == 0:
+        seed = per_sample_integers(seed, "seed", 1, 0, 2**64, broadcast=True)[0]
+    else:
+        seed = per_sample_integers(seed, "seed", n, 0, 2**64, broadcast=True)  # a sequence: one per sample
     if batch_size is None:
         batch_size = n
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
