@@ -1,7 +1,8 @@
 """Command line: ``python -m samplers {demo,bench,sample} ...``.
 
-Each subcommand lives in its own module with a ``main(argv) -> int``; it is imported only when
-it is run, so ``python -m samplers demo`` does not import the benchmark code and vice versa.
+Each subcommand lives in its own module of :mod:`samplers.cli` with a ``main(argv) -> int``; it is
+imported only when it is run, so ``python -m samplers demo`` does not import the benchmark code and
+vice versa, and ``import samplers`` imports none of them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import sys
 
 #: subcommand -> (module, one-line help); the module's ``main(argv)`` gets the remaining arguments
 COMMANDS = {
-    "demo": ("samplers.demo", "sample an exact 2-D mixture with every solver; error vs NFE table and plot"),
-    "bench": ("samplers.bench", "measurements (e.g. 'bench overhead'); see 'bench --help'"),
-    "sample": ("samplers.cli_sample", "sample your own network to checksummed shard files (resumable; torchrun)"),
+    "demo": ("samplers.cli.demo", "sample an exact 2-D mixture with every solver; error vs NFE table and plot"),
+    "bench": ("samplers.cli.bench", "measurements (e.g. 'bench overhead'); see 'bench --help'"),
+    "sample": ("samplers.cli.sample", "sample your own network to checksummed shard files (resumable; torchrun)"),
 }
 
 

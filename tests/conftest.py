@@ -117,7 +117,7 @@ def gaussian_flow(sde, mu: float, s: float, x_u: torch.Tensor, t_u: float, t: fl
     return m_t + math.sqrt(v_t / v_u) * (x_u - m_u)
 
 
-from samplers.convergence import fitted_order  # noqa: E402,F401 - one order fit, shared with `bench convergence`
+from samplers.cli.convergence import fitted_order  # noqa: E402,F401 - one order fit, shared with `bench convergence`
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from samplers import bench
-from samplers.convergence import fitted_order, measure_orders
-from samplers.peers import PeerProblem, available_peers, missing_peers, peer_list, run_peers
+from samplers.cli import bench
+from samplers.cli.convergence import fitted_order, measure_orders
+from samplers.cli.peers import PeerProblem, available_peers, missing_peers, peer_list, run_peers
 from solvers import Euler, EulerMaruyama, Heun
 
 
@@ -58,7 +58,7 @@ def test_peer_bookkeeping():
 def test_peers_count_their_network_calls_and_converge():
     """The NFE a peer declares is the NFE it makes, and more steps mean a smaller error."""
     from samplers import Model, problems
-    from samplers.demo import SDES
+    from samplers.cli.registry import SDES
 
     sde = SDES["edm"]()
     mixture = problems.mixture_2d()

@@ -6,11 +6,11 @@ import math
 
 import pytest
 
-from samplers import bench, demo
+from samplers.cli import bench, demo, registry
 
 
 def test_quality_small_run(capsys):
-    pairs = [(label, f) for label, f in bench.quality_solvers()
+    pairs = [(label, f) for label, f in registry.quality_solvers()
              if label in ("Euler(eta=0)", "DPMSolver(order=2, predict='data')",
                           "AdaptiveDPMSolver(order=(2, 3), predict='data')")]
     assert len(pairs) == 3
@@ -29,9 +29,9 @@ def test_quality_small_run(capsys):
 
 
 def test_quality_solvers_include_the_variants_once():
-    labels = [label for label, _ in bench.quality_solvers()]
+    labels = [label for label, _ in registry.quality_solvers()]
     assert len(labels) == len(set(labels))
-    assert set(label for label, _ in demo.solver_factories()) <= set(labels)
+    assert set(label for label, _ in registry.solver_factories()) <= set(labels)
     assert "DPMSolver(order=3, predict='data', method='singlestep')" in labels
 
 

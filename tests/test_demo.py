@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from samplers import demo
+from samplers.cli import demo, registry
 from solvers import Euler, EulerMaruyama, Heun, Solver
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,16 +55,16 @@ def test_demo_prints_table_and_floor(quick_run):
 def test_demo_json_has_a_record_per_solver_and_budget(quick_run):
     _, _, records = quick_run
     assert isinstance(records, list) and records
-    labels = [label for label, _ in demo.solver_factories()]
+    labels = [label for label, _ in registry.solver_factories()]
     expected = set()
     adaptive = set()
-    for label, factory in demo.solver_factories():
+    for label, factory in registry.solver_factories():
         solver = factory()
         if getattr(solver, "adaptive", False):
             adaptive.add(label)
             continue
         for budget in demo.QUICK_BUDGETS:
-            steps = demo.steps_for_nfe(solver, budget)
+            steps = registry.steps_for_nfe(solver, budget)
             if steps >= 1:  # Restart's restarts add to its steps' calls
                 expected.add((label, solver.nfe(steps) if hasattr(solver, "nfe") else steps * solver.nfe_per_step + 1))
     got = [(r["solver"], r["nfe"]) for r in records]
@@ -105,15 +105,15 @@ def test_demo_errors_converge(quick_run):
 
 
 def test_steps_for_nfe():
-    assert demo.steps_for_nfe(Euler(), 5) == 4
-    assert demo.steps_for_nfe(Heun(), 5) == 2
-    assert demo.steps_for_nfe(Heun(), 10) == 4
-    assert demo.steps_for_nfe(Heun(), 2) == 0
-    assert demo.steps_for_nfe(Euler(), 10, final_denoise=False) == 10
+    assert registry.steps_for_nfe(Euler(), 5) == 4
+    assert registry.steps_for_nfe(Heun(), 5) == 2
+    assert registry.steps_for_nfe(Heun(), 10) == 4
+    assert registry.steps_for_nfe(Heun(), 2) == 0
+    assert registry.steps_for_nfe(Euler(), 10, final_denoise=False) == 10
 
 
 def test_solver_factories_discovers_solvers_without_duplicates():
-    pairs = demo.solver_factories()
+    pairs = registry.solver_factories()
     labels = [label for label, _ in pairs]
     assert len(labels) == len(set(labels))
     for label, factory in pairs:
@@ -126,15 +126,15 @@ def test_solver_factories_discovers_solvers_without_duplicates():
 def test_solver_factories_runs_restart_and_shows_a_broken_solver(monkeypatch):
     """Restart() constructs (it was dropped silently: its defaults raised TypeError), and a solver whose
     defaults raise is an error to see, not a solver the demo leaves out quietly."""
-    labels = [label for label, _ in demo.solver_factories()]
+    labels = [label for label, _ in registry.solver_factories()]
     assert "Restart(Heun(eta=0), s_noise=1)" in labels
 
     def broken():
         raise RuntimeError("defaults broken")
 
-    monkeypatch.setattr(demo, "EXTRA_SOLVERS", [*demo.EXTRA_SOLVERS, (None, broken)])
+    monkeypatch.setattr(registry, "EXTRA_SOLVERS", [*registry.EXTRA_SOLVERS, (None, broken)])
     with pytest.raises(RuntimeError, match="defaults broken"):
-        demo.solver_factories()
+        registry.solver_factories()
 
 
 def test_run_demo_reports_refusals_and_raises_bugs():
@@ -154,7 +154,7 @@ def test_run_demo_reports_refusals_and_raises_bugs():
 
 
 def test_run_demo_in_process_tiny(tmp_path):
-    pairs = [(label, f) for label, f in demo.solver_factories() if label in ("Euler(eta=0)", "Heun(eta=1)")]
+    pairs = [(label, f) for label, f in registry.solver_factories() if label in ("Euler(eta=0)", "Heun(eta=1)")]
     result = demo.run_demo(samples=64, budgets=[1, 3, 7], solver_list=pairs, projections=16, floor_sets=2)
     recs = result["records"]
     # Heun cannot take a step with 1 or 2 NFE: that budget is skipped, not run
@@ -169,7 +169,7 @@ def test_run_demo_in_process_tiny(tmp_path):
 
 
 def test_run_demo_rf_skips_reverse_sde_at_alpha_zero():
-    pairs = [(label, f) for label, f in demo.solver_factories() if label in ("Euler(eta=0)", "EulerMaruyama(eta=1)")]
+    pairs = [(label, f) for label, f in registry.solver_factories() if label in ("Euler(eta=0)", "EulerMaruyama(eta=1)")]
     result = demo.run_demo(sde="rf", samples=32, budgets=[4], solver_list=pairs, projections=8, floor_sets=1)
     assert [r["solver"] for r in result["records"]] == ["Euler(eta=0)"]
     assert [s for s, _, _ in result["skipped"]] == ["EulerMaruyama(eta=1)"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from samplers import Model, problems, sample
-from samplers.cli_sample import main as cli_main
+from samplers.cli.sample import main as cli_main
 from samplers.distributed import (check_out_dir, load_shards, network_fingerprint, sample_distributed, shard_range,
                                   shard_ranges, verify_shards)
 from samplers.limits import MAX_SAMPLES, MAX_SHARDS, MAX_STEPS
@@ -444,7 +444,7 @@ def test_cli_model_object_and_npz_format(tmp_path, monkeypatch, capsys):
 def test_main_lists_sample_command():
     from samplers.__main__ import COMMANDS
 
-    assert COMMANDS["sample"][0] == "samplers.cli_sample"
+    assert COMMANDS["sample"][0] == "samplers.cli.sample"
 
 
 def _torchrun(tmp_path, out, nproc, env_extra=None):
@@ -500,7 +500,7 @@ def test_shared_mean_state_shaped_like_one_sample_is_not_split(solver):
 
 
 def test_throughput_reports_each_process_count():
-    from samplers.distributed import throughput
+    from samplers.cli.bench_distributed import throughput
 
     rows = throughput(n=64, world_sizes=(1, 2), dim=4, hidden=8, steps=2, batch_size=16, repeats=1)
     assert [r["processes"] for r in rows] == [1, 2] and all(r["n"] == 64 for r in rows)

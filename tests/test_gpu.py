@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from samplers import Model, NoiseSource, noise, sample
-from samplers.bench_gpu import _ConvNet, count_syncs
+from samplers.cli.bench_gpu import _ConvNet, count_syncs
 from samplers.noise import STREAM_STEP
 from sde import VPSDE
 from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama, Heun, UniPC, kernels

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import F64, fitted_order
 from samplers import Inversion, Model, invert, problems, sample
-from samplers.convergence import ORDER_MIXTURE
+from samplers.cli.registry import ORDER_MIXTURE
 from samplers.problems import probability_flow_rhs, reference_solution
 from sde import VESDE, VPSDE
 from solvers import AdaptiveODE, DPMSolver, Euler, EulerMaruyama, Reversible, UniPC

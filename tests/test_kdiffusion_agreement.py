@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from samplers.peers import agreement, load_k_diffusion_sampling, peer_list
+from samplers.cli.peers import agreement, load_k_diffusion_sampling, peer_list
 
 if load_k_diffusion_sampling() is None:
     pytest.skip("k-diffusion is not installed (pip install k-diffusion --no-deps)", allow_module_level=True)

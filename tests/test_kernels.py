@@ -656,8 +656,8 @@ def test_keyed_normal_refuses_cpu():
 
 
 def test_bench_kernels_refuses_bad_arguments(capsys):
-    from samplers import bench
-    from samplers.bench_kernels import bench_kernels
+    from samplers.cli import bench
+    from samplers.cli.bench_kernels import bench_kernels
 
     with pytest.raises(ValueError, match="steps must exceed 5"):
         bench_kernels(steps=5, device="cpu")
@@ -672,7 +672,7 @@ def test_bench_kernels_refuses_bad_arguments(capsys):
 
 
 def test_bench_kernels_refuses_without_gpu(capsys, monkeypatch):
-    from samplers import bench
+    from samplers.cli import bench
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["kernels"]) == 2
@@ -682,7 +682,8 @@ def test_bench_kernels_refuses_without_gpu(capsys, monkeypatch):
 def test_bench_kernels_logic_with_host_kernels(harness, monkeypatch):
     """The benchmark's bookkeeping on the CPU (timers replaced, kernels on the host): counted bytes per
     step, and the torch path fed the kernels' noise agrees with the fused steps."""
-    from samplers import bench_kernels as bk
+    from samplers.cli import bench_kernels as bk
+    from samplers.cli.registry import KERNEL_BENCH_SOLVERS
 
     monkeypatch.setattr(kernels, "make_runner", lambda x, noise: HostRunner(harness, x, noise))
     monkeypatch.setattr(kernels, "keyed_normal", lambda source, shape, *, counter=0, stream=0, dtype=torch.float32,
@@ -692,7 +693,7 @@ def test_bench_kernels_logic_with_host_kernels(harness, monkeypatch):
     monkeypatch.setattr(bk, "_gpu_time", lambda fn, rounds: (fn(), 1e-3)[1])
     result = bk.bench_kernels(shapes=((2, 3, 40, 40),), steps=8, rounds=1, log=lambda *a: None, device="cpu")
     rows = {r["solver"]: r for r in result["rows"]}
-    assert set(rows) == {repr(s) for s in bk.KERNEL_BENCH_SOLVERS()}
+    assert set(rows) == {repr(s) for s in KERNEL_BENCH_SOLVERS()}
     elements = 2 * 3 * 40 * 40
     # bytes: state-sized float32 passes read + written by the launched kernels
     assert rows["EulerMaruyama(eta=1)"]["bytes"] == 3 * 4 * elements
@@ -786,7 +787,8 @@ def test_bench_gpu_kernel_agreement_with_host_kernels(harness, monkeypatch, pair
     """``bench gpu``'s per-kernel agreement on the CPU (kernels on the host): every solver's fused step
     lies within a few roundings of the stored state of its float64 torch step, and the kernels each
     solver launches are the ones docs/gpu.md names."""
-    from samplers import bench_gpu
+    from samplers.cli import bench_gpu
+    from samplers.cli.registry import kernel_agreement_solvers
 
     monkeypatch.setattr(kernels, "make_runner", lambda x, noise: HostRunner(harness, x, noise))
     monkeypatch.setattr(kernels, "keyed_normal", lambda source, shape, *, counter=0, stream=0, dtype=torch.float32,
@@ -796,7 +798,7 @@ def test_bench_gpu_kernel_agreement_with_host_kernels(harness, monkeypatch, pair
     state, out = (dtypes[s] for s in pair.split("_"))
     unit = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[state]
     launched_by = {}
-    for solver in bench_gpu.agreement_solvers():
+    for solver in kernel_agreement_solvers():
         diff, launched = bench_gpu.kernel_agreement(solver, state, out, shape=(2, 3, 8, 9), device="cpu")
         assert diff <= 16 * unit, (solver, diff)
         launched_by[repr(solver)] = launched
@@ -811,7 +813,7 @@ def test_bench_gpu_reports_no_gpu(tmp_path, monkeypatch, capsys):
     """Without a GPU ``bench gpu`` says so (exit 2, no traceback) and still writes its report."""
     import json
 
-    from samplers import bench
+    from samplers.cli import bench
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["gpu", "--out", str(tmp_path / "run")]) == 2

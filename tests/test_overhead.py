@@ -1,7 +1,7 @@
 """The sampler's own cost per step stays within the issue's budget.
 
 Wall-clock passes (``bench overhead``) vary two-fold on a shared CI machine, so the bounds here
-are on the counted memory traffic (``samplers.bench.traffic``): full-batch tensor reads and
+are on the counted memory traffic (``samplers.cli.bench.traffic``): full-batch tensor reads and
 writes per step in add_ passes, which is deterministic. The bounds are the measured counts, so
 a solver that gains one extra pass over the batch fails."""
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from samplers.bench import _diffusers_scheduler, _TrafficCounter, keyed_noise_ratio, traffic
+from samplers.cli.bench import _diffusers_scheduler, _TrafficCounter, keyed_noise_ratio, traffic
 
 
 @pytest.fixture(scope="module")

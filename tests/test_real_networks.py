@@ -371,7 +371,7 @@ def test_defect_14_parameters_of_several_dtypes_or_devices_are_refused_naming_th
 
 
 def test_defect_14_sample_distributed_and_the_cli_default_to_the_parameters_dtype(tmp_path, monkeypatch, capsys):
-    from samplers.cli_sample import main as cli_main
+    from samplers.cli.sample import main as cli_main
     from samplers.distributed import load_shards, sample_distributed
 
     net = real_network(VECTOR, torch.bfloat16)

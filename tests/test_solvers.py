@@ -147,7 +147,7 @@ class _OU(SDE):
 
 
 def _every_solver():
-    from samplers.bench import quality_solvers
+    from samplers.cli.registry import quality_solvers
 
     return quality_solvers()  # every exported solver with its defaults, plus the parametrised variants
 

@@ -7,78 +7,43 @@ costs nothing and only the solver's arithmetic, noise and bookkeeping remain).
 ``bench traffic``: the same cost counted instead of timed (full-batch tensor reads and writes
 per step), deterministic, so it is what the tests bound.
 
-``bench quality``: every solver (and the variants in :data:`QUALITY_VARIANTS`) on the exact
+``bench quality``: every solver (and the variants in :data:`samplers.cli.registry.QUALITY_VARIANTS`) on the exact
 2-D and 64-D Gaussian mixtures under VP/VE/EDM at NFE 5, 10, 20, 50, 100: sliced Wasserstein
 distance to exact samples and wall time, as tables, a JSON file and error-vs-NFE plots; side by side,
 in the same run, the same algorithms in k-diffusion, diffusers and torchsde where they are installed
-(:mod:`samplers.peers`), with error-vs-NFE and error-vs-time plots (``--out DIR``).
+(:mod:`samplers.cli.peers`), with error-vs-NFE and error-vs-time plots (``--out DIR``).
 
 ``bench convergence``: the measured order of every fixed-step solver (slope of log error against
-log steps, :mod:`samplers.convergence`) beside its theoretical order.
+log steps, :mod:`samplers.cli.convergence`) beside its theoretical order.
+
+``bench kernels`` and ``bench gpu``: the fused CUDA step kernels on a GPU (:mod:`samplers.cli.bench_kernels`,
+:mod:`samplers.cli.bench_gpu`).  ``bench distributed``: sharded sampling's throughput with 1, 2, ... gloo
+CPU processes (:mod:`samplers.cli.bench_distributed`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
-
 import math
+import sys
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality", "quality_solvers", "QUALITY_VARIANTS",
+from .registry import SDES, quality_solvers, solver_factories
+
+__all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality",
            "best_by_budget", "plot_quality", "plot_best_by_library", "replot"]
-
-
-def _variants():
-    from solvers import ERSDE, AdaptiveDPMSolver, DPMSolver, DPMSolverSDE, Restart, UniPC
-
-    out = [
-        (None, lambda: DPMSolver(3)),
-        (None, lambda: DPMSolver(2, "noise")),
-        (None, lambda: DPMSolver(2, method="singlestep")),
-        (None, lambda: DPMSolver(3, method="singlestep")),
-        (None, lambda: AdaptiveDPMSolver((1, 2))),
-        (None, lambda: DPMSolverSDE(2, "heun")),
-        (None, lambda: DPMSolverSDE(3)),
-        (None, lambda: UniPC(1)),
-        (None, lambda: UniPC(3)),
-        (None, lambda: UniPC(2, "bh1")),
-        (None, lambda: ERSDE(1)),
-        (None, lambda: ERSDE(2)),
-        (None, lambda: ERSDE(3, "ode")),
-        ("Restart('cifar10_vp')", lambda: Restart.preset("cifar10_vp")),
-        ("Restart('cifar10_vp', DPMSolver(2))", lambda: Restart.preset("cifar10_vp", DPMSolver(2))),
-    ]
-    return out
-
-
-#: parametrised solvers the quality benchmark runs besides the demo's list: (label or None, factory)
-QUALITY_VARIANTS = _variants
-
-
-def quality_solvers():
-    """The demo's solvers plus :data:`QUALITY_VARIANTS`, without duplicates (labels are reprs)."""
-    from .demo import solver_factories
-
-    out = list(solver_factories())
-    seen = {label for label, _ in out}
-    for label, factory in QUALITY_VARIANTS():
-        label = label or repr(factory())
-        if label not in seen:
-            seen.add(label)
-            out.append((label, factory))
-    return out
 
 
 def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20, 50, 100), samples: int = 4000,
             seed: int = 0, solver_list=None, floor_sets: int = 4, log=None, peers=None) -> list[dict]:
-    """One :func:`samplers.demo.run_demo` result per (problem, SDE), every solver at every budget.
+    """One :func:`samplers.cli.demo.run_demo` result per (problem, SDE), every solver at every budget.
 
-    ``peers``: a list of :class:`samplers.peers.Peer` to run side by side on the same problems and
-    budgets (``None``: none; :func:`samplers.peers.peer_list` gives every installed one); their
+    ``peers``: a list of :class:`samplers.cli.peers.Peer` to run side by side on the same problems and
+    budgets (``None``: none; :func:`samplers.cli.peers.peer_list` gives every installed one); their
     records (with ``library``) are under ``peer_records`` of each result, their failures under
     ``peer_skipped``."""
     from .demo import run_demo
@@ -200,10 +165,9 @@ def adaptive_em_vs_em(sdes=("vp", "ve"), rtols=(0.1, 0.05, 0.02), samples: int =
     sqrt(2/(4 samples))) and the 2-D mixture (sliced Wasserstein to exact samples)."""
     from solvers import AdaptiveEM, EulerMaruyama
 
-    from . import problems
-    from .demo import SDES
-    from .model import Model
-    from .sample import sample
+    from .. import problems
+    from ..model import Model
+    from ..sample import sample
 
     rows = []
     for sde_name in sdes:
@@ -315,9 +279,8 @@ def traffic(shape=(8, 3, 16, 16), steps=(6, 18)) -> dict:
     :func:`overhead`), so a stochastic solver's count is its arithmetic around the draw."""
     from sde import VPSDE
 
-    from .demo import solver_factories
-    from .model import Model
-    from .sample import sample
+    from ..model import Model
+    from ..sample import sample
 
     numel = math.prod(shape)
     torch.manual_seed(0)
@@ -362,7 +325,7 @@ def keyed_noise_ratio(shape=(64, 3, 64, 64), rounds: int = 7) -> float:
     """Time of the keyed noise over ``torch.randn`` for one batch, single-threaded (OpenMP threads
     on a busy machine measure the scheduler, not the generator), the two timed alternately and
     the best of ``rounds`` kept for each, so load on the machine hits both alike."""
-    from .noise import NoiseSource
+    from ..noise import NoiseSource
 
     buf = torch.empty(shape)
     source = NoiseSource(0, shape[0])
@@ -384,10 +347,9 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
     length removes the one-time set-up (grid tables, prior draw) from the estimate."""
     from sde import VPSDE
 
-    from .demo import solver_factories
-    from .model import Model
-    from .noise import NoiseSource
-    from .sample import sample
+    from ..model import Model
+    from ..noise import NoiseSource
+    from ..sample import sample
 
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -614,9 +576,16 @@ def _gpu_sections():
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["distributed"]:  # its own parser: 'bench distributed --help' lists its options
+        from .bench_distributed import main as distributed_main
+
+        return distributed_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m samplers bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("distributed", add_help=False,
+                   help="samples/s of sharded sampling with 1, 2, ... gloo CPU processes (see 'bench distributed --help')")
     p = sub.add_parser("overhead", help="solver cost per step in add_ passes (fixed-output network)")
     p.add_argument("--shape", type=int, nargs="+", default=[256, 3, 64, 64])
     p.add_argument("--repeats", type=int, default=3)
@@ -674,8 +643,6 @@ def main(argv=None) -> int:
             parser.error(f"argument --sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
         return run_gpu_checks(args.out, sections=sections, budget_s=args.budget_s)
     if args.what == "kernels":
-        import sys
-
         from .bench_kernels import bench_kernels, print_kernel_bench
 
         try:

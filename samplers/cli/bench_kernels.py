@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bench_kernels", "copy_bandwidth", "print_kernel_bench", "KERNEL_BENCH_SOLVERS"]
+from .registry import KERNEL_BENCH_SOLVERS
+
+__all__ = ["bench_kernels", "copy_bandwidth", "print_kernel_bench"]
 
 SHAPES = ((256, 3, 64, 64), (64, 4, 128, 128))
 
@@ -26,20 +28,14 @@ _PASSES = {"euler_step": 3, "heun_predict": 3, "heun_correct": 4, "multistep_h0"
            "multistep_h2": 6}
 
 
-def KERNEL_BENCH_SOLVERS():  # noqa: N802 - a table, built on call so importing this module stays cheap
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama, Heun
-
-    return [EulerMaruyama(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)]
-
-
 def _context(model, solver, x, noise, steps, kernel_noise=False):
     """The run's StepContext on ``steps`` steps of the default grid; with ``kernel_noise`` its noise is
     the fused kernels' own numbers (the noise-only kernel), to feed the torch path."""
     from solvers import kernels
 
-    from .grid import grid as make_grid
-    from .noise import step_stream
-    from .sample import fixed_grid_context
+    from ..grid import grid as make_grid
+    from ..noise import step_stream
+    from ..sample import fixed_grid_context
 
     ctx = fixed_grid_context(model, solver, x, make_grid(model.sde, steps)[:, None], {}, noise, x.dtype)
     if kernel_noise:
@@ -78,8 +74,8 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
     from sde import VPSDE
     from solvers import kernels
 
-    from .model import Model
-    from .noise import NoiseSource
+    from ..model import Model
+    from ..noise import NoiseSource
 
     solvers = KERNEL_BENCH_SOLVERS() if solvers is None else solvers
     warm = max(solver.order for solver in solvers) + 2  # steps run before the timed ones (history filled)

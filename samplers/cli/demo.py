@@ -13,7 +13,7 @@ No data, no download, no GPU: it runs in seconds on a laptop CPU.
 from __future__ import annotations
 
 import argparse
-import inspect
+import importlib.util
 import json
 import math
 import os
@@ -22,55 +22,23 @@ from typing import Callable, Iterable
 
 import torch
 
-import solvers
-from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
-from solvers import Euler, EulerMaruyama, Heun, Solver, StepSizeError
+from solvers import EulerMaruyama, Solver, StepSizeError
 
-from .model import Model
-from .sample import NonFiniteError, sample
+from ..sample import NonFiniteError, sample
+from .registry import PROBLEMS, SDES, exact_problem, solver_factories, steps_for_nfe
 
 __all__ = [
-    "SDES",
-    "PROBLEMS",
     "DEFAULT_BUDGETS",
     "QUICK_BUDGETS",
-    "EXTRA_SOLVERS",
-    "solver_factories",
-    "steps_for_nfe",
     "run_demo",
     "plot",
     "main",
 ]
 
-#: the SDEs the demo can run on, by their command-line name
-SDES: dict[str, Callable] = {
-    "vp": VPSDE,
-    "ve": VESDE,
-    "edm": EDMSDE,
-    "subvp": SubVPSDE,
-    "cosine": CosineVPSDE,
-    "rf": RectifiedFlowSDE,
-}
-
-#: the built-in exact problems, by name: the function of samplers.problems that builds each
-PROBLEMS = {"2d": "mixture_2d", "64d": "mixture_64d"}
-
 DEFAULT_BUDGETS = (5, 10, 20, 50, 100)
 DEFAULT_SAMPLES = 4000
 QUICK_BUDGETS = (3, 10, 50)
 QUICK_SAMPLES = 2000
-
-#: solvers run besides those that construct from ``solvers.__all__`` with no arguments;
-#: add a (label or None, factory) pair here for a parametrised variant.  The label defaults
-#: to the solver's repr; a solver whose repr is already in the list is not run twice.
-EXTRA_SOLVERS: list[tuple[str | None, Callable[[], Solver]]] = [
-    (None, lambda: EulerMaruyama(eta=1.0)),
-    (None, lambda: Euler()),
-    (None, lambda: Heun()),
-    (None, lambda: Heun(eta=1.0)),
-]
-
-_BASE_NAMES = ("Solver", "StepContext")
 
 #: tolerances an adaptive solver is run with (atol = ADAPTIVE_ATOL_RATIO * rtol)
 ADAPTIVE_TOLERANCES = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -79,73 +47,6 @@ ADAPTIVE_ATOL_RATIO = 0.2
 #: solvers shown in the scatter panels when they were run (others fill up to _MAX_SCATTER)
 _SCATTER_PREFERENCE = ("Euler(eta=0)", "EulerMaruyama(eta=1)", "Heun(eta=0)", "Heun(eta=1)")
 _MAX_SCATTER = 5
-
-
-def _constructs_without_arguments(cls) -> bool:
-    try:
-        sig = inspect.signature(cls)
-    except (TypeError, ValueError):
-        return False
-    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in sig.parameters.values())
-
-
-def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
-    """(label, factory) for every solver the demo runs.
-
-    Every :class:`solvers.Solver` subclass exported by ``solvers.__all__`` that constructs with
-    no arguments (its defaults) and accepts the Gaussian-marginal SDEs the demo samples (a
-    solver made for one other SDE family, such as the Dirichlet one, is left out), then
-    :data:`EXTRA_SOLVERS`; labels are the solvers' reprs (``Heun(eta=0)``), and duplicates are
-    dropped.
-    """
-    from sde import VPSDE
-
-    gaussian = VPSDE()
-    candidates: list[tuple[str | None, Callable[[], Solver]]] = []
-    for name in getattr(solvers, "__all__", []):
-        if name in _BASE_NAMES:
-            continue
-        obj = getattr(solvers, name, None)
-        if not (isinstance(obj, type) and issubclass(obj, Solver)) or inspect.isabstract(obj):
-            continue
-        if _constructs_without_arguments(obj):
-            candidates.append((None, obj))
-    candidates.extend(EXTRA_SOLVERS)
-
-    out: list[tuple[str, Callable[[], Solver]]] = []
-    seen: set[str] = set()
-    for label, factory in candidates:
-        # a solver whose defaults do not construct is a bug to see, not a solver to leave out quietly
-        solver = factory()
-        try:
-            solver.check_sde(gaussian)
-        except ValueError:
-            continue
-        label = label or repr(solver)
-        if label in seen:
-            continue
-        seen.add(label)
-        out.append((label, factory))
-    return out
-
-
-def steps_for_nfe(solver: Solver, nfe: int, final_denoise: bool = True) -> int:
-    """The most steps whose network calls (``nfe_per_step`` each, + 1 final denoise) fit in ``nfe``;
-    0 when not even one step fits."""
-    if hasattr(solver, "steps_for_nfe"):  # a fixed cost besides the steps (Restart's passes)
-        return solver.steps_for_nfe(nfe, final_denoise)
-    per_step = max(int(getattr(solver, "nfe_per_step", 1)), 1)
-    return max((int(nfe) - int(bool(final_denoise))) // per_step, 0)
-
-
-def exact_problem(problem: str, sde: str):
-    """(SDE, mixture, Model of its exact x0 network) of a built-in problem name and SDE name."""
-    from . import problems
-
-    sde_obj = SDES[sde]()
-    mixture = getattr(problems, PROBLEMS[problem])()
-    return sde_obj, mixture, Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
 
 
 def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
@@ -157,7 +58,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
              seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
              solver_list: list[tuple[str, Callable[[], Solver]]] | None = None,
              projections: int = 256, floor_sets: int = 8, log: Callable[[str], None] | None = None) -> dict:
-    """Sample a mixture (``problem``: "2d" or "64d", see :data:`PROBLEMS`) with each solver at each NFE budget.
+    """Sample a mixture (``problem``: "2d" or "64d", see :data:`samplers.cli.registry.PROBLEMS`) with each solver at each NFE budget.
 
     Returns a dict with ``records`` (one per solver and budget met: solver, budget, nfe, steps,
     sw, time_ms, stochastic), ``skipped`` ((solver, budget, reason) for budgets a solver cannot
@@ -166,7 +67,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
     max), ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
     and the settings.
     """
-    from . import problems
+    from .. import problems
 
     if sde not in SDES:
         raise ValueError(f"sde must be one of {sorted(SDES)}, got {sde!r}")
@@ -384,7 +285,11 @@ def build_parser(prog: str = "python -m samplers demo") -> argparse.ArgumentPars
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        # say so before the runs, not after them
+        parser.error("the plot needs matplotlib: pip install 'score-samplers[plots]', or pass --no-plot")
     samples = args.samples if args.samples is not None else (QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES)
     budgets = args.nfe if args.nfe is not None else (QUICK_BUDGETS if args.quick else DEFAULT_BUDGETS)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32

@@ -23,56 +23,20 @@ import sys
 
 import torch
 
-from .limits import MAX_SAMPLES, MAX_STEPS
+from ..limits import MAX_SAMPLES, MAX_STEPS
+from .registry import ADAPTIVE_SOLVER_NAMES, SDES, SOLVER_NAMES, solver_by_name
 
-__all__ = ["SOLVERS", "ADAPTIVE", "build_parser", "load_model", "make_solver", "main"]
-
-
-def _solvers():
-    import solvers as s
-
-    return {
-        "em": lambda: s.EulerMaruyama(),
-        "euler": lambda: s.Euler(),
-        "heun": lambda: s.Heun(),
-        "dpm++2m": lambda: s.DPMSolver(2),
-        "dpm++3m": lambda: s.DPMSolver(3),
-        "sde-dpm++2m": lambda: s.DPMSolverSDE(2),
-        "unipc": lambda: s.UniPC(),
-        "ersde": lambda: s.ERSDE(),
-        "pc": lambda: s.PredictorCorrector(),
-        "restart": lambda: s.Restart(),
-        "adaptive-em": lambda **kw: s.AdaptiveEM(**kw),
-        "adaptive-dpm": lambda **kw: s.AdaptiveDPMSolver(**kw),
-        "adaptive-ode": lambda **kw: s.AdaptiveODE(**kw),
-    }
+__all__ = ["build_parser", "load_model", "main"]
 
 
-#: the --solver names (the constructors are in :func:`make_solver`)
-SOLVERS = ("em", "euler", "heun", "dpm++2m", "dpm++3m", "sde-dpm++2m", "unipc", "ersde", "pc", "restart",
-           "adaptive-em", "adaptive-dpm", "adaptive-ode")
-#: the solvers that choose their own steps (take --rtol/--atol, no --steps)
-ADAPTIVE = ("adaptive-em", "adaptive-dpm", "adaptive-ode")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def make_solver(name: str, rtol: float | None = None, atol: float | None = None):
-    """The solver of a --solver name (rtol/atol only for the adaptive ones)."""
-    table = _solvers()
-    if name not in table:
-        raise ValueError(f"--solver must be one of {', '.join(SOLVERS)}, got {name!r}")
-    if name in ADAPTIVE:
-        kw = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
-        return table[name](**kw)
-    return table[name]()
 
 
 def load_model(spec: str, sde: str | None = None, predicts: str | None = None):
     """The Model named by ``module:attr`` (a samplers.Model, or a callable net with sde/predicts)."""
     from sde import PREDICTIONS
 
-    from .demo import SDES
-    from .model import Model
+    from ..model import Model
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -144,8 +108,8 @@ def build_parser(prog: str = "python -m samplers sample") -> argparse.ArgumentPa
     p.add_argument("--model", required=True, help="module:attr of a samplers.Model or of a network net(x, t)")
     p.add_argument("--sde", default=None, help="the SDE the network was trained with (when --model is a network)")
     p.add_argument("--predicts", default=None, help="what the network returns: eps (default), x0, v, score, velocity")
-    p.add_argument("--solver", required=True, choices=SOLVERS, metavar="SOLVER",
-                   help=f"one of {', '.join(SOLVERS)}")
+    p.add_argument("--solver", required=True, choices=SOLVER_NAMES, metavar="SOLVER",
+                   help=f"one of {', '.join(SOLVER_NAMES)}")
     p.add_argument("--steps", type=_steps, default=None, help="number of steps (not for adaptive solvers)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (adaptive solvers only)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (adaptive solvers only)")
@@ -179,13 +143,13 @@ def _init_group(device: torch.device):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    adaptive = args.solver in ADAPTIVE
+    adaptive = args.solver in ADAPTIVE_SOLVER_NAMES
     if adaptive and args.steps is not None:
         parser.error(f"--steps: {args.solver} chooses its own steps; pass --rtol/--atol instead")
     if not adaptive and args.steps is None:
         parser.error(f"--steps is required with --solver {args.solver}")
     if not adaptive and (args.rtol is not None or args.atol is not None):
-        parser.error(f"--rtol/--atol apply only to the adaptive solvers ({', '.join(ADAPTIVE)})")
+        parser.error(f"--rtol/--atol apply only to the adaptive solvers ({', '.join(ADAPTIVE_SOLVER_NAMES)})")
     for name in ("rtol", "atol"):
         v = getattr(args, name)
         if v is not None and not v > 0:
@@ -204,7 +168,7 @@ def main(argv=None) -> int:
             parser.error(f"--device: not a device: {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
-    from .distributed import check_out_dir, check_run_size, sample_distributed
+    from ..distributed import check_out_dir, check_run_size, sample_distributed
 
     # before the network is loaded and before anything is computed: sizes the machine cannot hold and
     # an output directory that cannot be written (checked by trying: permission bits do not stop root)
@@ -218,7 +182,7 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     try:
         model = load_model(args.model, args.sde, args.predicts)
-        solver = make_solver(args.solver, args.rtol, args.atol)
+        solver = solver_by_name(args.solver, args.rtol, args.atol)
     except ValueError as exc:
         parser.error(str(exc))
 

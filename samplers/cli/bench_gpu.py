@@ -21,7 +21,7 @@ Sections:
 - ``host_syncs``: host synchronisations inside a fixed-grid run's loop (``sample`` at N and 2N
   steps under ``torch.cuda.set_sync_debug_mode("warn")``: a sync inside the loop shows up as a
   count that grows with N; where it does, the first one's traceback).
-- ``bandwidth``: :func:`samplers.bench_kernels.bench_kernels` (GPU time per step, bytes/s against
+- ``bandwidth``: :func:`samplers.cli.bench_kernels.bench_kernels` (GPU time per step, bytes/s against
   a device-to-device copy, speed-up over the torch step).
 - ``cuda_graph``: whether a fixed-grid loop (network included) can be captured in a CUDA graph
   and replayed with the same result, and the host's cost per step (launch overhead) eagerly and
@@ -53,7 +53,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SECTIONS", "run_gpu_checks", "no_gpu_reason", "count_syncs", "kernel_agreement", "agreement_solvers"]
+from .registry import KERNEL_BENCH_SOLVERS, kernel_agreement_solvers, sync_solvers
+
+__all__ = ["SECTIONS", "run_gpu_checks", "no_gpu_reason", "count_syncs", "kernel_agreement"]
 
 SECTIONS = ("environment", "gpu_tests", "noise", "kernel_agreement", "fallback", "host_syncs", "bandwidth",
             "cuda_graph", "end_to_end", "nccl")
@@ -61,7 +63,7 @@ SECTIONS = ("environment", "gpu_tests", "noise", "kernel_agreement", "fallback",
 BANDWIDTH_SHAPES = ((256, 3, 64, 64), (64, 4, 128, 128), (256, 4, 128, 128))
 #: the copy-bandwidth fraction each fused kernel should reach
 BANDWIDTH_TARGET = 0.85
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]  # the checkout: samplers/cli/ -> samplers/ -> root
 
 
 def no_gpu_reason() -> str | None:
@@ -204,9 +206,9 @@ def _gpu_tests(report):
 def _noise(report):
     from solvers import kernels
 
-    from .noise import STREAM_STEP, NoiseSource, native_available
+    from ..noise import STREAM_STEP, NoiseSource, native_available
 
-    from . import noise as noise_module
+    from .. import noise as noise_module
 
     rows = []
     source = NoiseSource([11, 2**63 + 5, 7], 3, sample_index=[0, 17, 2**31 + 5])
@@ -245,14 +247,6 @@ def _torch_port_noise(noise_module):
         noise_module._noise_kernel_ready = ready
 
 
-def agreement_solvers():
-    """One solver per fused-step path (every kernel of euler.cu and multistep.cu is launched)."""
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun
-
-    return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(1), DPMSolver(2), DPMSolver(3),
-            DPMSolver(2, predict="noise"), DPMSolverSDE(2), DPMSolverSDE(3, solver_type="heun"), ERSDE(1), ERSDE(3)]
-
-
 def kernel_agreement(solver, state_dtype, out_dtype, *, shape=(4, 3, 32, 32), steps=12, check_steps=4,
                      device="cuda") -> tuple[float, list[str]]:
     """(largest |fused - torch| / max |torch| after ``check_steps`` steps, the kernels launched): the
@@ -261,10 +255,10 @@ def kernel_agreement(solver, state_dtype, out_dtype, *, shape=(4, 3, 32, 32), st
     from sde import VPSDE
     from solvers import kernels
 
-    from .grid import grid as make_grid
-    from .model import Model
-    from .noise import NoiseSource, step_stream
-    from .sample import fixed_grid_context
+    from ..grid import grid as make_grid
+    from ..model import Model
+    from ..noise import NoiseSource, step_stream
+    from ..sample import fixed_grid_context
 
     gen = torch.Generator(device=device).manual_seed(0)
     x_start = torch.randn(shape, device=device, generator=gen).to(state_dtype)
@@ -300,7 +294,7 @@ def _kernel_agreement(report):
 
     dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
     rows, per_kernel = [], {}
-    for solver in agreement_solvers():
+    for solver in kernel_agreement_solvers():
         for pair in kernels.STORAGE_PAIRS:
             state, out = (dtypes[s] for s in pair.split("_"))
             diff, launched = kernel_agreement(solver, state, out)
@@ -317,7 +311,7 @@ def _kernel_agreement(report):
         state = key.rsplit("_", 2)[-2]
         worst[state] = max(worst.get(state, 0.0), diff)
     within = all(diff <= bounds[key.rsplit("_", 2)[-2]] for key, diff in per_kernel.items())
-    report.log(f"largest per state storage: " + ", ".join(f"{k} {v:.1e} (bound {bounds[k]:.1e})" for k, v in worst.items()))
+    report.log("largest per state storage: " + ", ".join(f"{k} {v:.1e} (bound {bounds[k]:.1e})" for k, v in worst.items()))
     if not within:
         raise RuntimeError(f"a fused kernel differs from the float64 torch step beyond the rounding bound: {worst}")
     return {"rows": rows, "per_kernel": per_kernel, "bounds": bounds, "worst_by_state": worst}
@@ -327,8 +321,8 @@ def _fallback(report):
     from sde import VPSDE
     from solvers import UniPC, EulerMaruyama, kernels
 
-    from .model import Model
-    from .sample import sample
+    from ..model import Model
+    from ..sample import sample
 
     model = Model(lambda x, t: 0.1 * x, VPSDE(), predicts="eps")
     kwargs = dict(shape=(2, 3, 8, 8), steps=4, device="cuda", return_info=True)
@@ -391,13 +385,6 @@ class _ConvNet(torch.nn.Module):
         return self.out(torch.nn.functional.silu(h))
 
 
-def sync_solvers():
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun, Restart, UniPC
-
-    return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3),
-            UniPC(), Restart(intervals=[(0.1, 1.0, 2, 1)])]
-
-
 def _has_kernel(solver) -> bool:
     from solvers import kernels
 
@@ -457,10 +444,9 @@ def _first_loop_sync(solver, run) -> str:
 
 def _host_syncs(report):
     from sde import VPSDE
-    from solvers import kernels
 
-    from .model import Model
-    from .sample import sample
+    from ..model import Model
+    from ..sample import sample
 
     net = _ConvNet().cuda()
     model = Model(net, VPSDE(), predicts="eps")
@@ -492,7 +478,7 @@ def _host_syncs(report):
 def _bandwidth(report):
     from solvers import Euler
 
-    from .bench_kernels import KERNEL_BENCH_SOLVERS, bench_kernels
+    from .bench_kernels import bench_kernels
 
     result = bench_kernels(BANDWIDTH_SHAPES, solvers=[Euler()] + KERNEL_BENCH_SOLVERS(), log=report.log)
     for row in result["rows"]:
@@ -515,8 +501,8 @@ def noise_kernel_time(shape, rounds: int = 20) -> float:
     """GPU seconds of the noise-only kernel drawing one float32 normal per element of ``shape``."""
     from solvers import kernels
 
+    from ..noise import NoiseSource
     from .bench_kernels import _gpu_time
-    from .noise import NoiseSource
 
     out = torch.empty(shape, device="cuda")
     runner = kernels.make_runner(out, NoiseSource(0, shape[0]))
@@ -527,9 +513,9 @@ def _graph_case(model, solver, backend, shape, steps, rounds=5):
     """(eager host ms per step, replayed host ms per step, replay == eager, why not capturable)."""
     from solvers import kernels
 
-    from .grid import grid as make_grid
-    from .noise import NoiseSource
-    from .sample import fixed_grid_context
+    from ..grid import grid as make_grid
+    from ..noise import NoiseSource
+    from ..sample import fixed_grid_context
 
     noise = NoiseSource(0, shape[0])
     times = make_grid(model.sde, steps)[:, None]
@@ -591,7 +577,7 @@ def _cuda_graph(report):
     from sde import VPSDE
     from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama
 
-    from .model import Model
+    from ..model import Model
 
     tiny = Model(lambda x, t: 0.5 * x, VPSDE(), predicts="eps")
     conv = Model(_ConvNet().cuda().eval(), VPSDE(), predicts="eps")
@@ -638,8 +624,8 @@ def _end_to_end(report):
     from sde import DiscreteVPSDE
     from solvers import DPMSolver, ERSDE
 
-    from .model import Model
-    from .sample import sample
+    from ..model import Model
+    from ..sample import sample
 
     batch, steps = 64, 20
     sde = DiscreteVPSDE(betas=torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))

@@ -22,7 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["fitted_order", "measure_orders", "ORDER_MIXTURE", "DEFAULT_ODE_STEPS", "DEFAULT_SDE_STEPS"]
+from .registry import ORDER_MIXTURE, SDES, quality_solvers
+
+__all__ = ["fitted_order", "measure_orders", "DEFAULT_ODE_STEPS", "DEFAULT_SDE_STEPS"]
 
 _F64 = torch.float64
 
@@ -45,18 +47,11 @@ def fitted_order(steps, errors) -> float:
     return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
 
 
-def ORDER_MIXTURE():
-    """The smooth three-component 2-D mixture the pathwise order measurements use."""
-    from .problems import GaussianMixture
-
-    return GaussianMixture([[1.0, 0.5], [-1.0, -0.5], [0.0, 1.5]], stds=[0.4, 0.5, 0.3], weights=[0.3, 0.5, 0.2])
-
-
 def _ode_errors(solver, sde, steps, batch: int = 16, seed: int = 1) -> list[float]:
-    from .grid import grid
-    from .model import Model
-    from .problems import probability_flow_rhs, reference_solution
-    from .sample import sample
+    from ..grid import grid
+    from ..model import Model
+    from ..problems import probability_flow_rhs, reference_solution
+    from ..sample import sample
 
     mixture = ORDER_MIXTURE()
     x_T = torch.randn(batch, 2, generator=torch.Generator().manual_seed(seed), dtype=_F64) * sde.prior_std
@@ -70,10 +65,10 @@ def _ode_errors(solver, sde, steps, batch: int = 16, seed: int = 1) -> list[floa
 
 
 def _weak_errors(solver, sde, steps, samples: int, seed: int = 0, mu: float = 1.0, s: float = 0.5):
-    from .grid import grid
-    from .model import Model
-    from .problems import gaussian
-    from .sample import sample
+    from ..grid import grid
+    from ..model import Model
+    from ..problems import gaussian
+    from ..sample import sample
 
     t = torch.tensor([sde.t_max, sde.t_min], dtype=_F64)
     a, sg = sde.alpha(t), sde.sigma(t)
@@ -98,11 +93,8 @@ def measure_orders(sdes=("edm", "vp"), solver_list=None, ode_steps=DEFAULT_ODE_S
     """One row per (SDE, solver): measured order, theoretical order, errors and steps.
 
     Adaptive solvers have no fixed steps and are left out.  ``sdes`` are names of
-    :data:`samplers.demo.SDES`; each SDE uses its default grid.
+    :data:`samplers.cli.registry.SDES`; each SDE uses its default grid.
     """
-    from .bench import quality_solvers
-    from .demo import SDES
-
     for name, steps in (("ode_steps", ode_steps), ("sde_steps", sde_steps)):
         if len(steps) < 2 or len(set(steps)) < 2 or any(int(n) != n or n < 1 for n in steps):
             raise ValueError(f"{name} must hold at least 2 different positive step counts (a slope needs 2 "

@@ -35,8 +35,9 @@ import torch
 
 from sde import broadcast_to_state
 
-from .grid import grid
-from .noise import STREAM_STEP, NoiseSource
+from ..grid import grid
+from ..noise import STREAM_STEP, NoiseSource
+from .registry import exact_problem
 
 __all__ = ["Peer", "PeerProblem", "run_peers", "agreement", "load_k_diffusion_sampling", "peer_list", "available_peers", "missing_peers",
            "noise_levels", "keyed_noise_sampler"]
@@ -369,13 +370,12 @@ def run_peers(*, sde: str, problem: str, exact: torch.Tensor, budgets, samples: 
               peers: list[Peer] | None = None, dtype=torch.float32, projections: int = 256, floor: float | None = None,
               log: Callable[[str], None] | None = None) -> tuple[list[dict], list[tuple]]:
     """Each peer at each NFE budget on one of the demo's problems (``problem`` "2d"/"64d", ``sde`` a
-    name of :data:`samplers.demo.SDES`): records shaped like :func:`samplers.demo.run_demo`'s (with
+    name of :data:`samplers.cli.registry.SDES`): records shaped like :func:`samplers.cli.demo.run_demo`'s (with
     ``library``), and (peer, budget, reason) for the budgets a peer cannot meet or runs that failed.
     ``nfe`` is the count of network calls the run actually made."""
     import time
 
-    from . import problems
-    from .demo import exact_problem
+    from .. import problems
 
     sde_obj, mixture, model = exact_problem(problem, sde)
     gen = torch.Generator().manual_seed(int(seed) + 7)
@@ -420,8 +420,7 @@ def agreement(peer: Peer, sde: str = "edm", steps: int = 20, batch: int = 64, se
               kind: str | None = None) -> float:
     """max |ours - peer| / max |peer| in float64 for a peer with a ``same_as`` solver, from the same
     x_T on the same grid (``kind``, default the SDE's own) with the same keyed step noise."""
-    from .demo import exact_problem
-    from .sample import sample
+    from ..sample import sample
 
     if peer.same_as is None:
         raise ValueError(f"{peer.label} has no counterpart among our solvers (same_as is None)")
