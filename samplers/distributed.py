@@ -3,28 +3,14 @@
 Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
 on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
 (seed, global sample index, counter, stream), so sample i gets the same noise and the same
-arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in:
-bit-identical samples with a batch-invariant network, equal up to the network's rounding with one
-whose matrix multiplies depend on the batch (docs/noise.md, "What is the same in any batch").
-The result is either gathered (padded ``all_gather`` / ``gather``, which gloo and NCCL both
-support) or written as shard files with a checksummed index, for runs that do not fit in one
-host's memory and that must survive being killed (a rerun skips the shards whose checksum verifies).
-
-Output directory layout (``out_dir``):
-
-- ``shard-{start:09d}-{end:09d}.pt`` (or ``.npz``): samples ``start ... end-1``; the shards are
-  global, ``shard_size`` indices each, so a rerun with another number of ranks reuses them.
-  Each is written to a temporary file and moved into place with ``os.replace``.
-- ``progress-*.json``: one per process and run (never shared, never rewritten by another
-  process): the shards that process wrote or verified, with their SHA-256.  Written after the
-  shard file, so a shard not (yet) recorded counts as missing.
-- ``index.json``: written by rank 0 once every rank is done (then the progress files are
-  removed): the run's settings, ``"complete": true`` and every shard's range and SHA-256.
-
-A shard counts as done only if some index file (``index.json`` or a progress file) records it
-with the SHA-256 of the file on disk; everything else is (re)computed.  Runs with other settings
-(seed, solver, n, ..., the network's weights by :func:`network_fingerprint`) are refused in the same
-directory.  One run at a time per directory.
+arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in
+(docs/noise.md, "What is the same in any batch").  The result is either gathered (padded
+``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard files with a
+checksummed index, for runs that do not fit in one host's memory and that must survive being
+killed: a rerun recomputes only the shards no index records with the file's SHA-256, and a
+directory written with other settings (or other network weights, :func:`network_fingerprint`) is
+refused.  The directory layout (``shard-*.pt``, ``progress-*.json``, ``index.json``) is in
+docs/distributed.md, "The output directory".
 """
 
 from __future__ import annotations

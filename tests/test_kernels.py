@@ -726,6 +726,7 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
     for name in kernels.KERNEL_FILES + kernels.HEADER_FILES:
         assert f"solvers/_cuda/{name}" in names
     assert not any(n.startswith("cuda/") for n in names)  # no top-level 'cuda' package
+    assert "samplers/cli/registry.py" in names  # the tooling behind python -m samplers
     # the installed layout is found first
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

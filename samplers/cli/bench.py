@@ -584,8 +584,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m samplers bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    sub.add_parser("distributed", add_help=False,
-                   help="samples/s of sharded sampling with 1, 2, ... gloo CPU processes (see 'bench distributed --help')")
     p = sub.add_parser("overhead", help="solver cost per step in add_ passes (fixed-output network)")
     p.add_argument("--shape", type=int, nargs="+", default=[256, 3, 64, 64])
     p.add_argument("--repeats", type=int, default=3)
@@ -633,6 +631,8 @@ def main(argv=None) -> int:
                     help="only these sections (default: all), of: " + ", ".join(_gpu_sections()))
     gb.add_argument("--budget-s", type=float, default=330.0,
                     help="skip the sections not started within this many seconds (default 330)")
+    sub.add_parser("distributed", add_help=False,
+                   help="samples/s of sharded sampling with 1, 2, ... gloo CPU processes (see 'bench distributed --help')")
     args = parser.parse_args(argv)
     if args.what == "gpu":
         from .bench_gpu import SECTIONS, run_gpu_checks
