@@ -3,8 +3,9 @@
 Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
 on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
 (seed, global sample index, counter, stream), so sample i gets the same noise and the same
-arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in
-(docs/noise.md, "What is the same in any batch").  The result is either gathered (padded
+arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in:
+bit-identical samples with a batch-invariant network (docs/noise.md, "What is the same in any
+batch").  The result is either gathered (padded
 ``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard files with a
 checksummed index, for runs that do not fit in one host's memory and that must survive being
 killed: a rerun recomputes only the shards no index records with the file's SHA-256, and a

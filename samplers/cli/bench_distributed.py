@@ -49,6 +49,7 @@ def _bench_model(dim, hidden):
 
 def _bench_worker(rank, world, store, result_path, n, dim, hidden, steps, batch_size, repeats):
     import torch.distributed as dist
+
     from solvers import DPMSolver
 
     torch.set_num_threads(1)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
-
 import solvers
+from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
 from solvers import Euler, EulerMaruyama, Heun, Solver
 
 from ..model import Model
@@ -223,14 +222,14 @@ def solver_by_name(name: str, rtol: float | None = None, atol: float | None = No
 
 def KERNEL_BENCH_SOLVERS():  # noqa: N802 - a table, built on call so importing this module stays cheap
     """The solvers ``bench kernels`` times (and ``bench gpu``'s bandwidth section, with Euler)."""
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama, Heun
+    from solvers import ERSDE, DPMSolver, DPMSolverSDE, EulerMaruyama, Heun
 
     return [EulerMaruyama(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3)]
 
 
 def kernel_agreement_solvers():
     """One solver per fused-step path (every kernel of euler.cu and multistep.cu is launched)."""
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun
+    from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun
 
     return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(1), DPMSolver(2), DPMSolver(3),
             DPMSolver(2, predict="noise"), DPMSolverSDE(2), DPMSolverSDE(3, solver_type="heun"), ERSDE(1), ERSDE(3)]
@@ -238,7 +237,7 @@ def kernel_agreement_solvers():
 
 def sync_solvers():
     """The solvers ``bench gpu`` checks for host synchronisations inside the sampling loop."""
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun, Restart, UniPC
+    from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun, Restart, UniPC
 
     return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3),
             UniPC(), Restart(intervals=[(0.1, 1.0, 2, 1)])]
