@@ -193,3 +193,12 @@ def test_cli_dispatch_help():
     bad = subprocess.run([sys.executable, "-m", "samplers", "nope"], cwd=REPO_ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
+
+
+def test_demo_without_matplotlib_says_so_before_running(monkeypatch, capsys):
+    """matplotlib is an extra: the demo names it (and --no-plot) up front instead of failing after the runs."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--quick"])
+    assert exit_info.value.code == 2
+    assert "score-samplers[plots]" in capsys.readouterr().err
