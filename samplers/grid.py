@@ -8,6 +8,7 @@ import torch
 
 from sde import SDE
 from solvers.base import first_true
+from solvers.spacing import KARRAS_RHO, karras_roots
 
 from .limits import MAX_STEPS, check_steps
 
@@ -17,7 +18,7 @@ GRID_KINDS = ("uniform", "log_snr", "karras", "quadratic")
 
 
 def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None = None,
-         t_min: float | None = None, rho: float = 7.0, device=None) -> torch.Tensor:
+         t_min: float | None = None, rho: float = KARRAS_RHO, device=None) -> torch.Tensor:
     """A float64 tensor of ``steps + 1`` strictly decreasing times from t_max to t_min.
 
     kind:
@@ -58,8 +59,7 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
             lams = lam[0] + u * (lam[1] - lam[0])
         else:
             # noise level s = sigma/alpha = exp(-lambda), spaced as in EDM
-            s_hi, s_lo = torch.exp(-lam[0]) ** (1.0 / rho), torch.exp(-lam[1]) ** (1.0 / rho)
-            lams = -rho * torch.log(s_hi + u * (s_lo - s_hi))
+            lams = -rho * torch.log(karras_roots(torch.exp(-lam[0]), torch.exp(-lam[1]), u, rho))
         times = sde.t_from_log_snr(lams)
     # the ends are exact, so rounding in the transforms never leaves [t_min, t_max]
     times[0], times[-1] = hi, lo

@@ -32,93 +32,18 @@ call per sample) unless ``h_init`` is given (in the variable's units).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from .adaptive import AdaptiveSolver, batch_independent
+from .tableau import TABLEAUX as ALL_TABLEAUX
+from .tableau import Tableau
 
 __all__ = ["AdaptiveODE", "Tableau", "TABLEAUX"]
 
 
-@dataclass(frozen=True)
-class Tableau:
-    """An explicit embedded Runge-Kutta pair: stages c, a (lower-triangular rows), the propagated
-    weights b (order ``order``) and the embedded weights b_low (order ``order_low``).  ``fsal``:
-    the last stage is f at the step's result (first same as last)."""
-
-    name: str
-    c: tuple
-    a: tuple
-    b: tuple
-    b_low: tuple
-    order: int
-    order_low: int
-
-    @property
-    def stages(self) -> int:
-        return len(self.c)
-
-    @property
-    def fsal(self) -> bool:
-        return self.c[-1] == 1 and tuple(self.a[-1]) + (0,) == tuple(self.b)
-
-    @property
-    def calls_per_step(self) -> int:
-        """Network calls per accepted step (FSAL: the last stage is the next step's first)."""
-        return self.stages - 1 if self.fsal else self.stages
-
-    def step(self, f, y: torch.Tensor, h: torch.Tensor, k1: torch.Tensor | None = None):
-        """One step from y with per-row step sizes h ((B,) float64); f(y_stage, j) -> dy at stage j
-        (the caller knows the stage's time tau + c_j h).  Returns (y_high, y_low, stages k)."""
-        hc = h.to(device=y.device, dtype=y.dtype).reshape((-1,) + (1,) * (y.dim() - 1))
-        k = [f(y, 0) if k1 is None else k1]
-        for j in range(1, self.stages):
-            u = y.clone()
-            for i, a in enumerate(self.a[j - 1]):
-                if a != 0:
-                    u.add_(hc * k[i], alpha=a)
-            k.append(f(u, j))
-        y_high, y_low = y.clone(), y.clone()
-        for i in range(self.stages):
-            if self.b[i] != 0:
-                y_high.add_(hc * k[i], alpha=self.b[i])
-            if self.b_low[i] != 0:
-                y_low.add_(hc * k[i], alpha=self.b_low[i])
-        return y_high, y_low, k
-
-
-TABLEAUX = {
-    # Dormand & Prince (1980), RK5(4)7M: the pair of DOPRI5, ode45, RK45, torchdiffeq's dopri5
-    "dopri5": Tableau(
-        "dopri5",
-        c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
-        a=((1 / 5,),
-           (3 / 40, 9 / 40),
-           (44 / 45, -56 / 15, 32 / 9),
-           (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-           (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-           (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
-        b=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
-        b_low=(5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40),
-        order=5, order_low=4),
-    # Bogacki & Shampine (1989) 3(2): ode23, RK23, torchdiffeq's bosh3
-    "bosh3": Tableau(
-        "bosh3",
-        c=(0.0, 1 / 2, 3 / 4, 1.0),
-        a=((1 / 2,), (0.0, 3 / 4), (2 / 9, 1 / 3, 4 / 9)),
-        b=(2 / 9, 1 / 3, 4 / 9, 0.0),
-        b_low=(7 / 24, 1 / 4, 1 / 3, 1 / 8),
-        order=3, order_low=2),
-    # Fehlberg (1969) RKF 2(1) with local extrapolation (torchdiffeq's fehlberg2): 3 stages
-    "fehlberg2": Tableau(
-        "fehlberg2",
-        c=(0.0, 1 / 2, 1.0),
-        a=((1 / 2,), (1 / 256, 255 / 256)),
-        b=(1 / 512, 255 / 256, 1 / 512),
-        b_low=(1 / 256, 255 / 256, 0.0),
-        order=2, order_low=1),
-}
+#: the embedded pairs (:mod:`solvers.tableau`) this solver steps with
+TABLEAUX = {name: tableau for name, tableau in ALL_TABLEAUX.items() if tableau.embedded}
 
 _VARIABLES = ("angle", "lambda", "t")
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .base import Solver, X0Hooks
+from .exponential import z_phi_functions
 from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolver"]
@@ -90,21 +91,20 @@ class DPMSolver(Solver):
 
     # -- coefficients ---------------------------------------------------------------------------
 
-    def _phi1(self, h):
-        """The signed phi_1 of the form: 1 - e^{-h} (data), -(e^h - 1) (noise)."""
-        return -torch.expm1(-h) if self.predict == "data" else -torch.expm1(h)
-
-    def _phi2(self, h):
-        """The signed phi_2 of the form: (e^{-h} - 1)/h + 1 (data), (e^h - 1)/h - 1 (noise)."""
-        return -self._phi1(h) / h + (1.0 if self.predict == "data" else -1.0)
+    def _weights(self, h, kmax):
+        """[w_1, ..., w_kmax] with w_k = -z phi_k(z) (:mod:`solvers.exponential`), z = -h (data) or h
+        (noise): w_1 = 1 - e^{-h} (data), -(e^h - 1) (noise); the step's k-th Taylor term of the
+        converted output is weighted by scale * w_k."""
+        z = -h if self.predict == "data" else h
+        return [-w for w in z_phi_functions(z, kmax)]
 
     def _first_order(self, sde, t_s, t_t):
         """(cx, h, phi1, scale) of the first-order update between times t_s and t_t:
         x_t = cx x + scale phi1 m0 (alpha_t and sigma_t scale the data and noise forms)."""
         h = sde.log_snr(t_t) - sde.log_snr(t_s)
         if self.predict == "data":
-            return sde.sigma(t_t) / sde.sigma(t_s), h, self._phi1(h), sde.alpha(t_t)
-        return sde.alpha(t_t) / sde.alpha(t_s), h, self._phi1(h), sde.sigma(t_t)
+            return sde.sigma(t_t) / sde.sigma(t_s), h, self._weights(h, 1)[0], sde.alpha(t_t)
+        return sde.alpha(t_t) / sde.alpha(t_s), h, self._weights(h, 1)[0], sde.sigma(t_t)
 
     def _stage_fractions(self):
         return STAGE_FRACTIONS[self.order]
@@ -132,14 +132,12 @@ class DPMSolver(Solver):
         sde = model.sde
         n = times.shape[0] - 1
         lam = sde.log_snr(times)
-        cx, h, phi1, scale = self._first_order(sde, times[:-1], times[1:])
-        sign = 1.0 if self.predict == "data" else -1.0
+        cx, h, _, scale = self._first_order(sde, times[:-1], times[1:])
         # x_t = cx x + c_m0 m0 + c_d1 D1 + c_d2 D2
-        phi2 = self._phi2(h)
-        phi3 = phi2 / h - 0.5
-        c_m0 = scale * phi1
-        c_d1 = sign * scale * phi2
-        c_d2 = -scale * phi3
+        w1, w2, w3 = self._weights(h, 3)
+        c_m0 = scale * w1
+        c_d1 = scale * w2
+        c_d2 = scale * w3
         c_d1_2m = 0.5 * c_m0  # 2M: 1/2 alpha_t (1 - e^{-h}) D1 (data), -1/2 sigma_t (e^h - 1) D1 (noise)
 
         # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 phi1 form of 2M
@@ -167,7 +165,6 @@ class DPMSolver(Solver):
         r1, r2 (its last stage formula is exact for r2 = 2/3 only, as in the paper)."""
         sde = model.sde
         cx, h, phi1, scale = self._first_order(sde, t_s, t_t)
-        sign = 1.0 if self.predict == "data" else -1.0
         finite = torch.isfinite(h)
         coefs = {"x": cx, "m0": scale * phi1, "h": h, "finite": finite}
         if fractions:
@@ -186,10 +183,10 @@ class DPMSolver(Solver):
                 coefs["m0"] = coefs["m0"] - coefs["m1"]
             else:
                 r1, r2 = fractions
-                # u2 += sign scale_2 (r2/r1) phi2(r2 h) (m1 - m0): the eps form subtracts, the x0 form adds
-                coefs["s2m1"] = torch.where(finite, sign * firsts[1][3] * (r2 / r1) * self._phi2(r2 * hf), zero)
+                # u2 += scale_2 (r2/r1) w_2(r2 h) (m1 - m0)
+                coefs["s2m1"] = torch.where(finite, firsts[1][3] * (r2 / r1) * self._weights(r2 * hf, 2)[1], zero)
                 coefs["s2m0"] = coefs["s2m0"] - coefs["s2m1"]
-                coefs["m2"] = torch.where(finite, sign * scale / r2 * self._phi2(hf), zero)
+                coefs["m2"] = torch.where(finite, scale / r2 * self._weights(hf, 2)[1], zero)
                 coefs["m0"] = coefs["m0"] - coefs["m2"]
             for j, t_r in enumerate(stages, start=1):
                 coefs[f"s{j}conv_x"], coefs[f"s{j}conv_out"] = model.coefficients(_QUANTITY[self.predict], t_r)

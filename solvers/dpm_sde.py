@@ -55,6 +55,7 @@ import math
 import torch
 
 from .base import Solver, X0Hooks
+from .exponential import z_phi_functions
 from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolverSDE"]
@@ -124,13 +125,12 @@ class DPMSolverSDE(Solver):
         eta_h = self.eta * h if self.eta > 0 else torch.zeros_like(h)
         h_eta = h + eta_h
         cx = sigma_t / sde.sigma(t_s) * torch.exp(-eta_h)
-        phi1 = -torch.expm1(-h_eta)
-        phi2 = 1.0 - phi1 / h_eta
-        phi3 = phi2 / h_eta - 0.5
+        # phi1 = 1 - e^{-h_eta}, phi2 = 1 - phi1/h_eta, -phi3 = 1/2 - phi2/h_eta (the module's names)
+        phi1, phi2, minus_phi3 = (-w for w in z_phi_functions(-h_eta, 3))
         c_m0 = alpha_t * phi1
         c_d1_2 = 0.5 * c_m0 if self.solver_type == "midpoint" else alpha_t * phi2  # order-2 steps
         c_d1_3 = alpha_t * phi2
-        c_d2 = -alpha_t * phi3
+        c_d2 = alpha_t * minus_phi3
 
         # (a history node at lambda = -inf gets weight 0: the derivative uses the finite ones)
         m0, m1, m2 = exponential_multistep_weights(lam, h, self.step_orders(n, h), c_m0, c_d1_2, c_d1_3, c_d2)

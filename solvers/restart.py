@@ -55,6 +55,7 @@ from typing import NamedTuple
 import torch
 
 from .base import Solver
+from .spacing import KARRAS_RHO, karras_roots
 
 __all__ = ["Restart", "RestartInterval", "RESTART_PRESETS", "DEFAULT_INTERVALS", "DEFAULT_RESTARTS_PER_STEPS"]
 
@@ -364,11 +365,10 @@ class Restart(Solver):
             t_top = min(self._time(sde, iv.t_max), sde.t_max)
             t_j = times[j]
             # Karras spacing (rho = 7) in the noise level sigma/alpha from t_max down to the snapped point
-            rho = 7.0
             s_top = float(torch.exp(-sde.log_snr(torch.tensor(t_top, dtype=torch.float64))))
             s_j = torch.exp(-sde.log_snr(t_j))  # (C,)
             u = torch.linspace(0.0, 1.0, iv.n_steps + 1, dtype=torch.float64)[:, None]
-            s = (s_top ** (1.0 / rho) + u * (s_j ** (1.0 / rho) - s_top ** (1.0 / rho))) ** rho
+            s = karras_roots(s_top, s_j, u, KARRAS_RHO) ** KARRAS_RHO
             sub = sde.t_from_log_snr(-torch.log(s))
             sub[0] = t_top
             sub[-1] = t_j

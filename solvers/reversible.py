@@ -70,21 +70,12 @@ from __future__ import annotations
 import torch
 
 from .base import Solver
+from .tableau import TABLEAUX as ALL_TABLEAUX
 
 __all__ = ["Reversible", "TABLEAUX"]
 
-#: explicit Runge-Kutta tableaux: name -> (a (lower triangular rows), b, c, order)
-TABLEAUX = {
-    "euler": ((), (1.0,), (0.0,), 1),
-    "midpoint": (((0.5,),), (0.0, 1.0), (0.0, 0.5), 2),
-    "heun": (((1.0,),), (0.5, 0.5), (0.0, 1.0), 2),
-    "ralston": (((2.0 / 3.0,),), (0.25, 0.75), (0.0, 2.0 / 3.0), 2),
-    "ssprk3": (((1.0,), (0.25, 0.25)), (1.0 / 6.0, 1.0 / 6.0, 2.0 / 3.0), (0.0, 1.0, 0.5), 3),
-    "rk4": (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1.0 / 6.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 6.0),
-            (0.0, 0.5, 0.5, 1.0), 4),
-    "rk38": (((1.0 / 3.0,), (-1.0 / 3.0, 1.0), (1.0, -1.0, 1.0)), (0.125, 0.375, 0.375, 0.125),
-             (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0), 4),
-}
+#: the fixed-step tableaux (:mod:`solvers.tableau`) a Reversible solver is built on
+TABLEAUX = {name: tableau for name, tableau in ALL_TABLEAUX.items() if not tableau.embedded}
 
 _FLOAT64_PLAN = "reversible_float64_tables"
 
@@ -165,7 +156,8 @@ class Reversible(Solver):
         self.coupling = float(coupling)
         self.predict = predict
         self.stochastic = stochastic
-        self.a, self.b, self.c, order = TABLEAUX[base]
+        tableau = TABLEAUX[base]
+        self.a, self.b, self.c, order = tableau.a, tableau.b, tableau.c, tableau.order
         self.stages = len(self.b)
         self.order = 1 if stochastic else order  # weak order 1 for the SDE
         self.nfe_per_step = 2 * self.stages

@@ -66,39 +66,22 @@ import math
 import torch
 
 from .base import Solver, X0Hooks
+from .exponential import PHI_SERIES_RADIUS, phi_functions
 from .multistep import history_step, history_tables, multistep_orders
 
 __all__ = ["UniPC"]
 
 _QUANTITY = {"data": "x0", "noise": "eps"}
 _VARIANTS = ("bh1", "bh2")
-_SERIES_TERMS = 24  # phi_k(z) = sum_j z^j/(j+k)! for |z| < 1: 24 terms reach float64 roundoff
 #: the longest data-form step towards noise (|h| in log-SNR; only a grid run backwards has one) that
 #: UniC corrects: past it the correction amplifies the predictor's error (see the module)
 MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE = math.log(2.0)
 
 
-def _phis(z: torch.Tensor, kmax: int) -> list[torch.Tensor]:
-    """[phi_1(z), ..., phi_kmax(z)], accurate for small |z| (series) and finite at z = -inf (0)."""
-    small = z.abs() < 1.0
-    zs = torch.where(small, z, torch.zeros_like(z))
-    zl = torch.where(small, torch.ones_like(z), z)
-    out = []
-    rec = torch.expm1(zl) / zl  # phi_1 by recursion where |z| >= 1 (no cancellation there)
-    for k in range(1, kmax + 1):
-        if k > 1:
-            rec = (rec - 1.0 / math.factorial(k - 1)) / zl
-        series = torch.zeros_like(z)
-        for j in reversed(range(_SERIES_TERMS)):  # Horner
-            series = series * zs + 1.0 / math.factorial(j + k)
-        out.append(torch.where(small, series, rec))
-    return out
-
-
 def _g(z: torch.Tensor, n: int) -> list[torch.Tensor]:
     """[g_1, ..., g_n] with g_j = j! z phi_{j+1}(z) = j! phi_j(z) - 1 (-1 at z = -inf)."""
-    phi = _phis(z, n + 1)
-    small = z.abs() < 1.0
+    phi = phi_functions(z, n + 1)
+    small = z.abs() < PHI_SERIES_RADIUS  # where phi_functions summed the series
     return [torch.where(small, math.factorial(j) * z * phi[j], math.factorial(j) * phi[j - 1] - 1.0)
             for j in range(1, n + 1)]
 

@@ -6,11 +6,13 @@ of the library's conversion code, so that tests compare the library against firs
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
+from samplers.problems import GaussianMixture, probability_flow_rhs, reference_solution
 from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, DiscreteVPSDE, RectifiedFlowSDE, SubVPSDE
 
 F64 = torch.float64
@@ -125,3 +127,95 @@ def restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+# -- comparisons ------------------------------------------------------------------------------------------------------
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root-mean-square difference over all elements."""
+    return (a - b).pow(2).mean().sqrt().item()
+
+
+def rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest entry of ``theirs``."""
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
+
+
+# -- a 2-D Gaussian mixture and its tight reference flow (the order tests' nonlinear problem) -------------------------
+
+# a smooth three-component mixture (well separated modes make coarse grids switch modes, which
+# is not the asymptotic regime an order test measures)
+MIXTURE = GaussianMixture([[1.0, 0.5], [-1.0, -0.5], [0.0, 1.5]], stds=[0.4, 0.5, 0.3], weights=[0.3, 0.5, 0.2])
+
+
+@functools.lru_cache(maxsize=None)
+def mixture_problem(sde_name):
+    """(sde, x_T, the probability-flow ODE's end point from x_T by DOP853 at rtol = atol = 1e-12)."""
+    sde = make_sde(sde_name)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * sde.prior_std
+    ref = reference_solution(probability_flow_rhs(MIXTURE, sde), x_T, sde.t_max, sde.t_min, rtol=1e-12, atol=1e-12)
+    return sde, x_T, ref
+
+
+# -- the exact moments of an Euler-Maruyama chain on Gaussian data ---------------------------------------------------
+
+EM_MU, EM_S = 1.0, 0.5  # the data N(EM_MU, EM_S^2) of em_moments
+
+
+def em_moments(sde, times, mean, var, eta=1.0, noise_scale=1.0, score_factor=None):
+    """Exact mean/variance of the EM chain x' = x + F dt + eta g sqrt(|dt|) z for N(EM_MU, EM_S^2) data:
+    F = f x - c g^2 score, c = (1 + eta^2)/2, score = -(x - alpha mu)/(alpha^2 s^2 + sigma^2)."""
+    c = 0.5 * (1 + eta**2) if score_factor is None else score_factor
+    for k in range(len(times) - 1):
+        t = times[k]
+        dt = float(times[k + 1] - t)
+        a, sg = float(sde.alpha(t)), float(sde.sigma(t))
+        f, g2 = float(sde.f(t)), float(sde.g2(t))
+        k2 = c * g2 / (a * a * EM_S**2 + sg * sg)
+        gain = 1.0 + dt * (f + k2)
+        mean = gain * mean - dt * k2 * a * EM_MU
+        var = gain * gain * var + (noise_scale * eta) ** 2 * g2 * (-dt)
+    return mean, var
+
+
+# -- diffusers comparisons: one DDPM schedule and eps network on both sides -------------------------------------------
+
+DDPM_N = 1000  # training timesteps
+DDPM_BETAS = torch.linspace(1e-4, 0.02, DDPM_N, dtype=F64)
+
+
+def ddpm_eps_net(x, n):
+    """A deterministic nonlinear eps network of the discrete timestep n (ours: (B,) float, diffusers: int)."""
+    n = torch.as_tensor(n, dtype=F64, device=x.device)
+    c = 0.6 + 0.8 * torch.sin(n / DDPM_N * (math.pi / 2))
+    if c.dim() == 1:
+        c = c.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.tanh(x * c) * 0.5 + 0.1 * x
+
+
+class Float64Torch:
+    """Stands in for ``torch`` inside a diffusers scheduler module: torch, except float32 is float64."""
+
+    float32 = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def float64_timesteps(sched, steps: int, final_sigma_zero: bool) -> torch.Tensor:
+    """Give a diffusers scheduler float64 schedule tables (of DDPM_BETAS), set its timesteps, and return them.
+
+    set_timesteps stores sigmas as float32; the integer timesteps index the float64 table exactly.
+    The last sigma is 0 (final_sigmas_type="zero") or that of timestep 0 ("sigma_min")."""
+    ac = torch.cumprod(1.0 - DDPM_BETAS, dim=0)
+    sigmas_all = ((1.0 - ac) / ac).sqrt()
+    sched.betas, sched.alphas, sched.alphas_cumprod = DDPM_BETAS.clone(), 1.0 - DDPM_BETAS, ac
+    sched.alpha_t, sched.sigma_t = ac.sqrt(), (1.0 - ac).sqrt()
+    sched.lambda_t = torch.log(sched.alpha_t) - torch.log(sched.sigma_t)
+    sched.sigmas = sigmas_all.clone()
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps.clone()
+    last = torch.zeros(1, dtype=F64) if final_sigma_zero else sigmas_all[:1]
+    sched.sigmas = torch.cat([sigmas_all[timesteps], last])
+    assert sched.sigmas.dtype == F64
+    return timesteps

@@ -1,7 +1,7 @@
 """AdaptiveDPMSolver: per-sample adaptive DPM-Solver-12/23 and the adaptive driver (float64).
 
 The mixture problem's reference is a tight DOP853 solution of the probability-flow ODE from the
-same x_T (test_convergence.mixture_problem); the network is the mixture's exact denoiser.
+same x_T (conftest.mixture_problem); the network is the mixture's exact denoiser.
 """
 
 from __future__ import annotations
@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import F64, GaussianNet, GaussianX0Net, gaussian_flow, make_sde
+from conftest import F64, MIXTURE, GaussianNet, GaussianX0Net, gaussian_flow, make_sde, mixture_problem, rms
 from samplers import Model, NonFiniteError, sample
 from solvers import AdaptiveDPMSolver, StepSizeError
-from test_convergence import MIXTURE, mixture_problem
 
 MU, S = 0.7, 0.5
-
-
-def rms(a, b):
-    return (a - b).pow(2).mean().sqrt().item()
 
 
 def run(model, solver, x_T, **kw):

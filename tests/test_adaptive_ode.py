@@ -3,7 +3,7 @@
 The tableaux are checked on their own (fixed steps on a smooth nonlinear ODE with a known
 solution: global order, and the order of the embedded error estimate); the solver against the
 exact probability-flow map (Gaussian data) and a tight DOP853 reference (the Gaussian mixture of
-test_convergence), through samplers.sample.
+conftest.MIXTURE), through samplers.sample.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import pytest
 import torch
 from conftest import (
     F64,
+    MIXTURE,
     GaussianNet,
     GaussianX0Net,
     fitted_order,
     gaussian_flow,
     make_sde,
+    mixture_problem,
+    rms,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_convergence import MIXTURE, mixture_problem
 
 from samplers import Model, NonFiniteError, sample
 from solvers.adaptive import StepSizeError
@@ -31,10 +33,6 @@ from solvers.adaptive_ode import TABLEAUX, AdaptiveODE
 
 MU, S = 0.7, 0.5
 METHODS = list(TABLEAUX)
-
-
-def rms(a, b):
-    return (a - b).pow(2).mean().sqrt().item()
 
 
 def run(model, solver, x_T, **kw):

@@ -14,15 +14,27 @@ wrong noise scale is ~30 standard errors off) and the bias must dominate the Mon
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
-from conftest import F64, GaussianX0Net, fitted_order, gaussian_flow, gaussian_marginal, make_sde
+from conftest import (
+    EM_MU,
+    EM_S,
+    F64,
+    MIXTURE,
+    GaussianX0Net,
+    em_moments,
+    fitted_order,
+    gaussian_flow,
+    gaussian_marginal,
+    make_sde,
+    mixture_problem,
+    rms,
+)
 from samplers import Model, grid, sample
-from samplers.problems import GaussianMixture, probability_flow_rhs, reference_solution
+from samplers.problems import probability_flow_rhs, reference_solution
 from solvers import Euler, EulerMaruyama, Heun
 
 MU, S = 0.7, 0.5
@@ -48,10 +60,6 @@ THEORY = {"Euler": 1.0, "Heun": 2.0}
 SOLVERS = {"Euler": Euler, "Heun": Heun}
 
 
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).pow(2).mean().sqrt().item()
-
-
 def measure(model, solver_name, x_T, reference, sde, kind, steps):
     errors = []
     for n in steps:
@@ -73,10 +81,6 @@ def test_ode_order_gaussian_data(sde_name, kind, solver_name, steps):
     assert errors[-1] < 0.25 * errors[0]
 
 
-# a smooth three-component mixture (well separated modes make coarse grids switch modes, which
-# is not the asymptotic regime an order test measures)
-MIXTURE = GaussianMixture([[1.0, 0.5], [-1.0, -0.5], [0.0, 1.5]], stds=[0.4, 0.5, 0.3], weights=[0.3, 0.5, 0.2])
-
 MIXTURE_CASES = [
     ("VP", "uniform", "Euler", [64, 128, 256, 512]),
     ("VP", "uniform", "Heun", [32, 64, 128, 256]),
@@ -85,14 +89,6 @@ MIXTURE_CASES = [
     ("EDM", "karras", "Euler", [64, 128, 256, 512]),
     ("EDM", "karras", "Heun", [32, 64, 128, 256]),
 ]
-
-
-@functools.lru_cache(maxsize=None)
-def mixture_problem(sde_name):
-    sde = make_sde(sde_name)
-    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * sde.prior_std
-    ref = reference_solution(probability_flow_rhs(MIXTURE, sde), x_T, sde.t_max, sde.t_min, rtol=1e-12, atol=1e-12)
-    return sde, x_T, ref
 
 
 @pytest.mark.parametrize("sde_name, kind, solver_name, steps", MIXTURE_CASES,
@@ -119,24 +115,7 @@ def test_reference_flow_is_tight():
 
 # -- Euler-Maruyama: weak order 1 -----------------------------------------------------------------------------------------
 
-EM_MU, EM_S = 1.0, 0.5
 EM_SHAPE = (2000, 1000)  # 2e6 iid scalar samples (the dynamics are elementwise)
-
-
-def em_moments(sde, times, mean, var, eta=1.0, noise_scale=1.0, score_factor=None):
-    """Exact mean/variance of the EM chain x' = x + F dt + eta g sqrt(|dt|) z for N(mu, s^2) data:
-    F = f x - c g^2 score, c = (1 + eta^2)/2, score = -(x - alpha mu)/(alpha^2 s^2 + sigma^2)."""
-    c = 0.5 * (1 + eta**2) if score_factor is None else score_factor
-    for k in range(len(times) - 1):
-        t = times[k]
-        dt = float(times[k + 1] - t)
-        a, sg = float(sde.alpha(t)), float(sde.sigma(t))
-        f, g2 = float(sde.f(t)), float(sde.g2(t))
-        k2 = c * g2 / (a * a * EM_S**2 + sg * sg)
-        gain = 1.0 + dt * (f + k2)
-        mean = gain * mean - dt * k2 * a * EM_MU
-        var = gain * gain * var + (noise_scale * eta) ** 2 * g2 * (-dt)
-    return mean, var
 
 
 @pytest.mark.parametrize("sde_name, kind, steps", [("VP", "uniform", [16, 32, 64, 128]),

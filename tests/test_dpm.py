@@ -13,18 +13,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import F64, GaussianNet, GaussianX0Net, fitted_order, gaussian_flow, make_sde
+from conftest import (
+    F64,
+    MIXTURE,
+    GaussianNet,
+    GaussianX0Net,
+    fitted_order,
+    gaussian_flow,
+    make_sde,
+    mixture_problem,
+    rms,
+)
 from samplers import Model, grid, sample
 from solvers import DPMSolver, Solver
-from test_convergence import MIXTURE, mixture_problem
 
 MU, S = 0.7, 0.5
 TOL = 0.2
 PREDICTS = ("data", "noise")
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).pow(2).mean().sqrt().item()
 
 
 def errors_for(model, solver, x_T, reference, sde, kind, steps):

@@ -28,25 +28,32 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALL_SDE_NAMES, F64, GaussianNet, GaussianX0Net, fitted_order, gaussian_marginal, make_sde
+from conftest import (
+    ALL_SDE_NAMES,
+    DDPM_BETAS,
+    DDPM_N,
+    F64,
+    MIXTURE,
+    Float64Torch,
+    GaussianNet,
+    GaussianX0Net,
+    ddpm_eps_net,
+    fitted_order,
+    float64_timesteps,
+    gaussian_marginal,
+    make_sde,
+    rel,
+    rms,
+)
 from samplers import Model, grid, sample
 from samplers.noise import STREAM_STEP, NoiseSource
 from sde import SDE, RectifiedFlowSDE
 from solvers import DPMSolver, Solver
 from solvers.dpm_sde import DPMSolverSDE
-from test_convergence import MIXTURE
 
 MU, S = 0.7, 0.5
 CONFIGS = [(1, "midpoint"), (2, "midpoint"), (2, "heun"), (3, "midpoint"), (3, "heun")]
 CONFIG_IDS = [f"{o}-{t}" for o, t in CONFIGS]
-
-
-def rms(a, b):
-    return (a - b).pow(2).mean().sqrt().item()
-
-
-def rel(ours, theirs):
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 # -- a reference written from the formulas -----------------------------------------------------------
@@ -156,38 +163,36 @@ def test_eta_zero_is_dpm_solver_pp(order):
 def _diffusers():
     pytest.importorskip("diffusers")
     import diffusers.schedulers.scheduling_dpmsolver_multistep as module
-    import test_diffusers_agreement as agreement  # eps_net, BETAS, N, the float64 stand-in for torch
 
-    return module, agreement
+    return module
 
 
-def diffusers_sample(module, agreement, steps, x_T, order, solver_type, seed, algorithm="sde-dpmsolver++",
+def diffusers_sample(module, steps, x_T, order, solver_type, seed, algorithm="sde-dpmsolver++",
                      float64=True):
-    """diffusers' scheduler in float64 (as test_diffusers_agreement), our keyed noise of step i as
+    """diffusers' scheduler in float64 (conftest.float64_timesteps), our keyed noise of step i as
     variance_noise; the last step (to sigma = 0) is our final denoising (its noise weight is 0)."""
-    N, BETAS = agreement.N, agreement.BETAS
     sched = module.DPMSolverMultistepScheduler(
-        num_train_timesteps=N, trained_betas=BETAS.tolist(), algorithm_type=algorithm, solver_order=order,
-        solver_type=solver_type, prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
-        euler_at_final=False, thresholding=False, timestep_spacing="linspace",
+        num_train_timesteps=DDPM_N, trained_betas=DDPM_BETAS.tolist(), algorithm_type=algorithm,
+        solver_order=order, solver_type=solver_type, prediction_type="epsilon", final_sigmas_type="zero",
+        lower_order_final=True, euler_at_final=False, thresholding=False, timestep_spacing="linspace",
     )
-    timesteps = agreement.float64_timesteps(sched, steps, final_sigma_zero=True)
+    timesteps = float64_timesteps(sched, steps, final_sigma_zero=True)
     src = NoiseSource(seed, x_T.shape[0])
     x = x_T.clone()
     for i, t in enumerate(timesteps):
         z = src.normal(x.shape[1:], counter=i, stream=STREAM_STEP, dtype=F64)
-        x = sched.step(agreement.eps_net(x, t), t, x, variance_noise=z).prev_sample
+        x = sched.step(ddpm_eps_net(x, t), t, x, variance_noise=z).prev_sample
     if float64:
         assert x.dtype == F64
     return x, timesteps
 
 
-def our_discrete_sample(agreement, timesteps, x_T, solver, seed):
+def our_discrete_sample(timesteps, x_T, solver, seed):
     from sde import DiscreteVPSDE
 
-    sde = DiscreteVPSDE(betas=agreement.BETAS)
-    model = Model(agreement.eps_net, sde, predicts="eps", time_input="discrete")
-    times = (timesteps.to(F64) + 1.0) / agreement.N
+    sde = DiscreteVPSDE(betas=DDPM_BETAS)
+    model = Model(ddpm_eps_net, sde, predicts="eps", time_input="discrete")
+    times = (timesteps.to(F64) + 1.0) / DDPM_N
     return sample(model, solver, x_T=x_T, grid=times, seed=seed, final_denoise=True, dtype=F64)
 
 
@@ -201,33 +206,33 @@ RTOL = 1e-6
 @pytest.mark.parametrize("order, solver_type", [(1, "midpoint"), (2, "midpoint"), (2, "heun")])
 @pytest.mark.parametrize("steps", [20, 25])
 def test_matches_diffusers_sde_dpmsolverpp(order, solver_type, steps, monkeypatch):
-    module, agreement = _diffusers()
-    monkeypatch.setattr(module, "torch", agreement._Float64Torch())
+    module = _diffusers()
+    monkeypatch.setattr(module, "torch", Float64Torch())
     x_T = _x_T()
-    theirs, timesteps = diffusers_sample(module, agreement, steps, x_T, order, solver_type, seed=11)
-    ours = our_discrete_sample(agreement, timesteps, x_T, DPMSolverSDE(order, solver_type), seed=11)
+    theirs, timesteps = diffusers_sample(module, steps, x_T, order, solver_type, seed=11)
+    ours = our_discrete_sample(timesteps, x_T, DPMSolverSDE(order, solver_type), seed=11)
     r = rel(ours, theirs)
     assert r < RTOL, f"max|ours - diffusers| / max|diffusers| = {r:.3e}"  # measured ~3e-15
     # a different noise key is a different sample: the noise is really shared
-    other = our_discrete_sample(agreement, timesteps, x_T, DPMSolverSDE(order, solver_type), seed=12)
+    other = our_discrete_sample(timesteps, x_T, DPMSolverSDE(order, solver_type), seed=12)
     assert rel(other, theirs) > 1e-2
 
 
 def test_matches_stock_diffusers_step():
     # the unmodified step rounds the sample and the noise to float32 each step
-    module, agreement = _diffusers()
+    module = _diffusers()
     x_T = _x_T()
-    theirs, timesteps = diffusers_sample(module, agreement, 20, x_T, 2, "midpoint", seed=11, float64=False)
-    r = rel(our_discrete_sample(agreement, timesteps, x_T, DPMSolverSDE(2), seed=11), theirs)
+    theirs, timesteps = diffusers_sample(module, 20, x_T, 2, "midpoint", seed=11, float64=False)
+    r = rel(our_discrete_sample(timesteps, x_T, DPMSolverSDE(2), seed=11), theirs)
     assert r < RTOL, f"{r:.3e}"
 
 
 def test_eta_zero_heun_matches_diffusers_ode_heun(monkeypatch):
-    module, agreement = _diffusers()
-    monkeypatch.setattr(module, "torch", agreement._Float64Torch())
+    module = _diffusers()
+    monkeypatch.setattr(module, "torch", Float64Torch())
     x_T = _x_T()
-    theirs, timesteps = diffusers_sample(module, agreement, 20, x_T, 2, "heun", seed=0, algorithm="dpmsolver++")
-    r = rel(our_discrete_sample(agreement, timesteps, x_T, DPMSolverSDE(2, "heun", eta=0.0), seed=0), theirs)
+    theirs, timesteps = diffusers_sample(module, 20, x_T, 2, "heun", seed=0, algorithm="dpmsolver++")
+    r = rel(our_discrete_sample(timesteps, x_T, DPMSolverSDE(2, "heun", eta=0.0), seed=0), theirs)
     assert r < RTOL, f"{r:.3e}"
 
 
@@ -264,19 +269,19 @@ def _third_order_update(d2_factor: float, half: float):
 
 @pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
 def test_3m_matches_diffusers_with_the_expansion_coefficients(solver_type, monkeypatch):
-    module, agreement = _diffusers()
-    monkeypatch.setattr(module, "torch", agreement._Float64Torch())
+    module = _diffusers()
+    monkeypatch.setattr(module, "torch", Float64Torch())
     cls = module.DPMSolverMultistepScheduler
     x_T = _x_T()
-    stock, timesteps = diffusers_sample(module, agreement, 20, x_T, 3, solver_type, seed=5)
-    ours = our_discrete_sample(agreement, timesteps, x_T, DPMSolverSDE(3, solver_type), seed=5)
+    stock, timesteps = diffusers_sample(module, 20, x_T, 3, solver_type, seed=5)
+    ours = our_discrete_sample(timesteps, x_T, DPMSolverSDE(3, solver_type), seed=5)
     # the copy with diffusers' choices is diffusers
     monkeypatch.setattr(cls, "multistep_dpm_solver_third_order_update", _third_order_update(1.0, -0.5))
-    copy, _ = diffusers_sample(module, agreement, 20, x_T, 3, solver_type, seed=5)
+    copy, _ = diffusers_sample(module, 20, x_T, 3, solver_type, seed=5)
     assert rel(copy, stock) < 1e-14
     # with D2 ~ h^2 D'' and the expansion's weight it is ours
     monkeypatch.setattr(cls, "multistep_dpm_solver_third_order_update", _third_order_update(2.0, 0.5))
-    corrected, _ = diffusers_sample(module, agreement, 20, x_T, 3, solver_type, seed=5)
+    corrected, _ = diffusers_sample(module, 20, x_T, 3, solver_type, seed=5)
     r = rel(ours, corrected)
     assert r < RTOL, f"{r:.3e}"  # measured ~3e-15
     # the documented difference from stock diffusers (measured 0.49 (midpoint), 0.52 (heun) of max|x| at 20 steps)

@@ -23,14 +23,25 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from conftest import ALL_SDE_NAMES, F64, GaussianNet, GaussianX0Net, fitted_order, gaussian_marginal, make_sde
+from conftest import (
+    ALL_SDE_NAMES,
+    F64,
+    MIXTURE,
+    GaussianNet,
+    GaussianX0Net,
+    fitted_order,
+    gaussian_marginal,
+    make_sde,
+    mixture_problem,
+    rel,
+    rms,
+)
 from samplers import Model, grid, sample
 from samplers.noise import STREAM_STEP, NoiseSource
 from samplers.problems import mixture_2d, moment_error
 from sde import SDE
 from solvers import DPMSolver, DynamicThresholding, Solver
 from solvers.ersde import ERSDE, NOISE_SCALES, noise_scale_integrals
-from test_convergence import MIXTURE, mixture_problem
 
 MU, S = 0.7, 0.5
 
@@ -44,14 +55,6 @@ PHI = {
     "sde_4": (lambda x: x**0.9 * math.log10(1.0 + 100.0 * x**1.5), None),
     "sde_5": (lambda x: x * (math.exp(x**0.3) + 10.0), 0.0),
 }
-
-
-def rms(a, b):
-    return (a - b).pow(2).mean().sqrt().item()
-
-
-def rel(ours, theirs):
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 # -- a reference written from the paper's formulas ------------------------------------------------------

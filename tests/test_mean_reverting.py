@@ -28,11 +28,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.integrate import quad
 
-from conftest import F64, fitted_order, gaussian_flow
+from conftest import F64, em_moments, fitted_order, gaussian_flow
 from samplers import Model, grid, sample
 from sde import GaussianSDE, MeanRevertingSDE, THETA_SCHEDULES
 from solvers import (AdaptiveODE, AncestralSampling, DPMSolver, ERSDE, Euler, EulerMaruyama, Heun, OptimalReverse)
-from test_convergence import em_moments  # the exact EM chain moments for y0 ~ N(1, 0.5^2)
 
 ROOT = Path(__file__).resolve().parents[1]
 M, S = 1.0, 0.5  # y0 = x0 - mu ~ N(M, S^2); em_moments uses the same (EM_MU, EM_S)

@@ -79,7 +79,7 @@ def test_order_against_exact_affine_flow(base, predict):
         x0 = sample(model, solver, x_T=x_T, grid=times, final_denoise=False)
         errors.append(float((x0 - exact).abs().max()))
     order = fitted_order(steps, errors)
-    assert order > TABLEAUX[base][3] - 0.2, (base, predict, errors, order)
+    assert order > TABLEAUX[base].order - 0.2, (base, predict, errors, order)
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE", "CosineVP"])

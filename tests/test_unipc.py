@@ -21,26 +21,33 @@ import math
 import pytest
 import torch
 
-from conftest import F64, SDE_FACTORIES, GaussianNet, GaussianX0Net, fitted_order, gaussian_flow, make_sde
+from conftest import (
+    DDPM_BETAS,
+    DDPM_N,
+    F64,
+    MIXTURE,
+    SDE_FACTORIES,
+    GaussianNet,
+    GaussianX0Net,
+    ddpm_eps_net,
+    fitted_order,
+    float64_timesteps,
+    gaussian_flow,
+    make_sde,
+    mixture_problem,
+    rel,
+    rms,
+)
 from samplers import Model, grid, sample
 from sde import SDE, DiscreteVPSDE, RectifiedFlowSDE
 from solvers import DPMSolver, DynamicThresholding, Solver
 from solvers.unipc import UniPC
-from test_convergence import MIXTURE, mixture_problem
 
 MU, S = 0.7, 0.5
 TOL = 0.2
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
 PREDICTS = ("data", "noise")
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).pow(2).mean().sqrt().item()
-
-
-def rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 # -- an independent reimplementation (paper / diffusers form) ------------------------------------------------------
@@ -164,30 +171,27 @@ def _diffusers_sample(steps, x_T, order, variant, predict_x0, lower_order_final=
     """UniPCMultistepScheduler with float64 schedule tables; final_sigmas_type='sigma_min' ends at timestep 0."""
     pytest.importorskip("diffusers")
     from diffusers import UniPCMultistepScheduler
-    from test_diffusers_agreement import BETAS, N, eps_net, float64_timesteps
 
     kwargs = {}
     if thresholding is not None:
         kwargs = {"thresholding": True, "dynamic_thresholding_ratio": thresholding.ratio,
                   "sample_max_value": thresholding.max_value}
     sched = UniPCMultistepScheduler(
-        num_train_timesteps=N, trained_betas=BETAS.tolist(), solver_order=order, prediction_type="epsilon",
+        num_train_timesteps=DDPM_N, trained_betas=DDPM_BETAS.tolist(), solver_order=order, prediction_type="epsilon",
         predict_x0=predict_x0, solver_type=variant, lower_order_final=lower_order_final,
         final_sigmas_type="sigma_min", timestep_spacing="linspace", **kwargs)
     timesteps = float64_timesteps(sched, steps, final_sigma_zero=False)
     x = x_T.clone()
     for t in timesteps:
-        x = sched.step(eps_net(x, t), t, x).prev_sample
+        x = sched.step(ddpm_eps_net(x, t), t, x).prev_sample
     assert x.dtype == F64
     # our grid: timestep n sits at t = (n + 1)/N; the last step ends at timestep 0, t = 1/N
-    times = torch.cat([(timesteps.to(F64) + 1.0) / N, torch.tensor([1.0 / N], dtype=F64)])
+    times = torch.cat([(timesteps.to(F64) + 1.0) / DDPM_N, torch.tensor([1.0 / DDPM_N], dtype=F64)])
     return x, times
 
 
 def _ours(times, x_T, solver):
-    from test_diffusers_agreement import BETAS, eps_net
-
-    model = Model(eps_net, DiscreteVPSDE(betas=BETAS), predicts="eps", time_input="discrete")
+    model = Model(ddpm_eps_net, DiscreteVPSDE(betas=DDPM_BETAS), predicts="eps", time_input="discrete")
     return sample(model, solver, x_T=x_T, grid=times, final_denoise=False, dtype=F64)
 
 
@@ -246,19 +250,18 @@ def test_matches_diffusers_default_final_sigma_zero(order):
     lower_order_final=False."""
     pytest.importorskip("diffusers")
     from diffusers import UniPCMultistepScheduler
-    from test_diffusers_agreement import BETAS, N, eps_net
 
-    sched = UniPCMultistepScheduler(num_train_timesteps=N, trained_betas=BETAS.tolist(), solver_order=order)
-    ac = torch.cumprod(1.0 - BETAS, dim=0)
+    sched = UniPCMultistepScheduler(num_train_timesteps=DDPM_N, trained_betas=DDPM_BETAS.tolist(), solver_order=order)
+    ac = torch.cumprod(1.0 - DDPM_BETAS, dim=0)
     sched.alphas_cumprod = ac
     sched.set_timesteps(20)
     timesteps = sched.timesteps.clone()
     sched.sigmas = torch.cat([((1.0 - ac) / ac).sqrt()[timesteps], torch.zeros(1, dtype=F64)])
     x = _x_T()
     for t in timesteps:
-        x = sched.step(eps_net(x, t), t, x).prev_sample
-    model = Model(eps_net, DiscreteVPSDE(betas=BETAS), predicts="eps", time_input="discrete")
-    ours = sample(model, UniPC(order, lower_order_final=False), x_T=_x_T(), grid=(timesteps.to(F64) + 1.0) / N,
+        x = sched.step(ddpm_eps_net(x, t), t, x).prev_sample
+    model = Model(ddpm_eps_net, DiscreteVPSDE(betas=DDPM_BETAS), predicts="eps", time_input="discrete")
+    ours = sample(model, UniPC(order, lower_order_final=False), x_T=_x_T(), grid=(timesteps.to(F64) + 1.0) / DDPM_N,
                   final_denoise=True, dtype=F64)
     assert rel(ours, x) < 1e-10, rel(ours, x)
 
