@@ -68,6 +68,8 @@ class MeanRevertingSDE(GaussianSDE):
     s:
         the offset of the cosine schedule.
 
+    Notes
+    -----
     The mean state travels as the condition ``cond={"mu": mu}`` (see :meth:`state_offset`).  The
     methods inherited from :class:`GaussianSDE` (``alpha``, ``sigma``, ``log_snr``, ``f``, ``g2``)
     describe y = x - mu; :meth:`marginal`, :meth:`drift`, :meth:`prior_sample` and

@@ -32,3 +32,18 @@ def test_every_page_is_in_the_nav():
     nav = set(re.findall(r":\s*([\w\-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), re.MULTILINE))
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert nav == pages, f"in docs/ but not in the nav: {sorted(pages - nav)}; in the nav but missing: {sorted(nav - pages)}"
+
+
+def test_the_docstring_style_of_mkdocs_is_the_codes():
+    """mkdocstrings parses the sections of the code's docstrings (``Parameters`` over a dashed rule:
+    numpy style); a Google ``Args:`` or a Sphinx ``:param x:`` would be rendered as prose."""
+    style = re.search(r"docstring_style:\s*(\w+)", (ROOT / "mkdocs.yml").read_text())
+    assert style and style.group(1) == "numpy"
+    sources = [p for package in ("sde", "solvers", "samplers") for p in (ROOT / package).rglob("*.py")]
+    numpy_sections = 0
+    for path in sources:
+        text = path.read_text()
+        assert not re.search(r"^\s*(Args|Arguments|Returns|Raises):\s*$", text, re.MULTILINE), path
+        assert not re.search(r":param \w+:|:returns?:", text), path
+        numpy_sections += len(re.findall(r"^\s*(Parameters|Returns|Notes)\n\s*-{3,}\s*$", text, re.MULTILINE))
+    assert numpy_sections >= 10
