@@ -14,7 +14,7 @@ import torch
 
 from conftest import F64, GaussianNet, GaussianX0Net, gaussian_flow, make_sde
 from samplers import Model, NonFiniteError, sample
-from solvers import AdaptiveDPMSolver, StepSizeError
+from solvers import AdaptiveDPMSolver, Solver, SolverBase, StepSizeError
 from test_convergence import MIXTURE, mixture_problem
 
 MU, S = 0.7, 0.5
@@ -169,8 +169,8 @@ def test_driver_arguments():
         sample(model, solver, shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.1]))
     with pytest.raises(ValueError, match="callback is not supported"):
         sample(model, solver, shape=(2, 2), callback=lambda info: None)
-    with pytest.raises(TypeError, match="adaptive"):
-        solver.prepare(model, torch.zeros(3, 1))
+    # an adaptive solver is a solver of its own kind: no fixed-grid prepare/step to call by mistake
+    assert isinstance(solver, SolverBase) and not isinstance(solver, Solver) and not hasattr(solver, "prepare")
     x, info = sample(model, solver, shape=(3, 2), dtype=torch.float32, return_info=True)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert info.nfe_per_sample.shape == (3,) and info.steps == int(info.accepted_per_sample.max())
