@@ -31,8 +31,10 @@ __all__ = ["AdaptiveContext", "AdaptiveSolver", "AdaptiveDPMSolver", "StepSizeEr
 #: sum of the steps), which is relative to its size, not to the span left
 LANDING_SLACK = 1e-10
 #: the first log-SNR out of alpha = 0 when atol = 0 (where :func:`first_log_snr` has no scale): a local
-#: error of about e^-16 / 2 = 6e-8
-_FIRST_LOG_SNR_WITHOUT_ATOL = -8.0
+#: error of about e^-10 / 2 = 2e-5.  Measured on rectified flow (Gaussian data): -8 made AdaptiveDPMSolver
+#: (rtol 0.05, atol 0) 20 times less accurate, and cost AdaptiveODE(variable="lambda") more calls for the
+#: same accuracy
+_FIRST_LOG_SNR_WITHOUT_ATOL = -5.0
 
 
 def lands_on_end(reached: torch.Tensor, end: torch.Tensor, direction=1.0) -> torch.Tensor:
