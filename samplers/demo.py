@@ -24,7 +24,7 @@ import torch
 
 import solvers
 from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
-from solvers import Euler, EulerMaruyama, Heun, Solver, StepSizeError
+from solvers import Euler, EulerMaruyama, Heun, Solver, SolverBase, StepSizeError
 
 from .model import Model
 from .sample import NonFiniteError, sample
@@ -70,7 +70,7 @@ EXTRA_SOLVERS: list[tuple[str | None, Callable[[], Solver]]] = [
     (None, lambda: Heun(eta=1.0)),
 ]
 
-_BASE_NAMES = ("Solver", "StepContext")
+_BASE_NAMES = ("SolverBase", "Solver", "StepContext")
 
 #: tolerances an adaptive solver is run with (atol = ADAPTIVE_ATOL_RATIO * rtol)
 ADAPTIVE_TOLERANCES = (0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -107,7 +107,7 @@ def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
         if name in _BASE_NAMES:
             continue
         obj = getattr(solvers, name, None)
-        if not (isinstance(obj, type) and issubclass(obj, Solver)) or inspect.isabstract(obj):
+        if not (isinstance(obj, type) and issubclass(obj, SolverBase)) or inspect.isabstract(obj):
             continue
         if _constructs_without_arguments(obj):
             candidates.append((None, obj))
