@@ -86,6 +86,7 @@ class FixedGridContext:
         self._noise_bufs: dict[int, torch.Tensor] = {}
         self._scratch: dict[str, torch.Tensor] = {}
         self._net_times: dict[int, tuple] = {}
+        self.grad_leaves: list[torch.Tensor] = []  # what sample_grad's adjoint routes gradients to besides x
         self.solver_state: dict | None = None  # a solver's initial state besides x (sample's solver_state=)
         if like.device.type != "cpu":
             noise.keys_on(like.device)  # the noise keys reach the device before the loop, not in it
