@@ -213,3 +213,18 @@ def test_x0_hooks():
     assert "thresholding=DynamicThresholding" in repr(AdaptiveDPMSolver(thresholding=True))
     with pytest.raises(ValueError, match="need predict='data'"):
         AdaptiveDPMSolver(predict="noise", thresholding=True)
+
+
+def test_one_landing_rule_and_one_first_step_for_every_adaptive_solver():
+    """AdaptiveDPMSolver, AdaptiveEM and AdaptiveODE share the loop and its two constants: a step within
+    1e-10 max(|end|, 1) of the end lands on it; the first step out of alpha = 0 reaches lambda = log(2 atol)/2."""
+    from solvers import AdaptiveEM, AdaptiveODE
+    from solvers.adaptive import AdaptiveSolver, first_log_snr, lands_on_end
+
+    end = torch.tensor([1.0, -30.0], dtype=torch.float64)
+    assert lands_on_end(end - 0.5e-10 * end.abs(), end).all()
+    assert not lands_on_end(end - 1e-8 * end.abs(), end).any()
+    assert lands_on_end(torch.tensor([0.1 + 1e-11]), torch.tensor([0.1]), direction=-1.0).all()
+    assert first_log_snr(1e-4) == 0.5 * math.log(2e-4) and first_log_snr(0.0) == -5.0
+    for solver in (AdaptiveDPMSolver(), AdaptiveEM(), AdaptiveODE()):
+        assert isinstance(solver, AdaptiveSolver) and type(solver).per_sample_loop is AdaptiveSolver.per_sample_loop
