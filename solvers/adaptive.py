@@ -8,7 +8,9 @@ one; here a sample that is done stops costing network calls (the network is call
 samples still running), and the per-sample counts are reported.
 
 The driver hands ``solve`` an :class:`AdaptiveContext`: network calls on any subset of the
-batch at per-sample times, with the counting done there.
+batch at per-sample times, with the counting done there.  Every adaptive solver runs the same
+accept/reject loop (:meth:`AdaptiveSolver.per_sample_loop`, with one rule for landing on the end and
+one first step out of alpha = 0); it supplies its attempt and its paper's step-size settings.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
 """The solver contract: a small object that declares what it is and takes one step.
 
-A solver turns a time grid into per-step coefficient tables once (``prepare``, float64 on
-the host), then ``step`` updates the state in place with a few fused torch operations.  All
-the per-grid arithmetic, including the conversion from what the network predicts, is in the
-tables, so a step costs the network calls plus a handful of passes over the batch.
+Everything the driver and the kernels may ask of a solver is declared here with a default:
+:class:`SolverBase` for every solver, :class:`Solver` for the fixed-grid ones (``solvers.AdaptiveSolver``
+for the adaptive ones), :class:`StepContext` for what a step may ask of the run.  A fixed-grid solver
+turns a time grid into per-step coefficient tables once (``prepare``, float64 on the host), then
+``step`` updates the state in place with a few fused torch operations.  All the per-grid arithmetic,
+including the conversion from what the network predicts, is in the tables, so a step costs the
+network calls plus a handful of passes over the batch.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 
 from sde import GaussianSDE
 
-__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "first_true", "check_coefficients_finite"]
+__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "first_true",
+           "check_coefficients_finite"]
 
 
 def _left_to_subclasses(method):
