@@ -31,7 +31,8 @@ import torch
 from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
 from .model import Model, network_module, network_placement
 from .noise import as_integer, per_sample_integers
-from .sample import per_sample_cond, sample
+from .driver import per_sample_cond
+from .sample import sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
            "network_fingerprint", "check_out_dir", "check_run_size", "INDEX_NAME"]

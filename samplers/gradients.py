@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from sde import GaussianSDE
 from solvers import Solver
 from solvers.reversible import Reversible
 
-from .invert import _run_setup
+from .driver import check_flag, check_solver_state, fixed_grid_context, plan_run
 from .model import Model
-from .sample import _check_solver_state, check_flag, fixed_grid_context
 
 __all__ = ["sample_grad", "GRAD_MODES", "SavedTensorMeter"]
 
@@ -228,8 +228,9 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
         raise ValueError(f"mode must be one of {GRAD_MODES}, got {mode!r}")
     if isinstance(x_T, torch.Tensor) and x_T.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x_T must be float32 or float64 to differentiate through sampling, got {x_T.dtype}")
-    table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x_T, steps, grid, grid_kind, seed,
-                                                                 sample_index, cond, None, "sample_grad", "x_T")
+    plan = plan_run(model, solver, x=x_T, state_name="x_T", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
+                    sample_index=sample_index, cond=cond, fixed_grid_for="sample_grad", own_state=False)
+    table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     final_denoise = check_flag("final_denoise", final_denoise)
     reversible = isinstance(solver, Reversible)
     if mode in ("backprop", "reversible") and not reversible:
@@ -240,7 +241,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
         raise ValueError(f"mode='adjoint' knows the drift of the ODE solvers, EulerMaruyama/Heun and DPMSolverSDE; "
                          f"{solver!r} is none of them")
     if mode == "adjoint":
-        if not getattr(model.sde, "gaussian", False):
+        if not isinstance(model.sde, GaussianSDE):
             raise ValueError(f"mode='adjoint' (AdjointDEIS-1, in alpha and the log-SNR) needs a Gaussian-marginal "
                              f"SDE; {model.sde!r} is not one")
         # the AdjointDEIS-1 rule divides by alpha and weights by e^-lambda = sigma/alpha: a grid time
@@ -261,7 +262,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
         if x_hat_T is None:
             x_hat = x_T
         else:
-            _check_solver_state(solver, {"x_hat": x_hat_T}, x_T)  # the checks; x_hat_T keeps its graph
+            check_solver_state(solver, {"x_hat": x_hat_T}, x_T)  # the checks; x_hat_T keeps its graph
             x_hat = x_hat_T.to(device=x_T.device, dtype=x_T.dtype)
         # the pair in float64 (casts are no-ops for float64 runs), with float64 tables and the run's noise
         steps_ctx = solver.float64_context(ctx, x_T)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from sde import SDE
+from sde import SDE, GaussianSDE
 from solvers.base import first_true
 from solvers.spacing import KARRAS_RHO, karras_roots
 
@@ -47,7 +47,7 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
     elif kind == "quadratic":
         times = (hi**0.5 + u * (lo**0.5 - hi**0.5)) ** 2
     else:
-        if not sde.gaussian:
+        if not isinstance(sde, GaussianSDE):
             raise ValueError(f"grid kind {kind!r} needs a Gaussian-marginal SDE (it uses the log-SNR), got {sde!r}")
         lam = sde.log_snr(ends)
         if not bool(torch.isfinite(lam).all()):

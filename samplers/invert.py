@@ -18,11 +18,8 @@ import torch
 from solvers import Solver
 from solvers.reversible import Reversible
 
+from .driver import NonFiniteError, check_solver_state, fixed_grid_context, plan_run
 from .model import Model
-from .noise import NoiseSource
-from .limits import check_state_memory
-from .sample import (NonFiniteError, _check_solver_state, _resolve_dtypes, check_device, check_finite,
-                     check_run_arguments, check_state, fixed_grid_context, run_grid)
 
 __all__ = ["invert", "Inversion"]
 
@@ -38,27 +35,6 @@ class Inversion:
     times: torch.Tensor  #: the forward grid (N+1,) or (N+1, B), float64: regenerate with grid=times
     seed: object  #: the noise seed (SDE solvers must regenerate with the same seed)
     nfe: int  #: network calls spent
-
-
-def _run_setup(model, solver, x, steps, grid, grid_kind, seed, sample_index, cond, dtype, what, state_name):
-    """Shared argument checks of invert/sample_grad (``x`` is their argument ``state_name``); returns
-    (grid (N+1, C) float64, the grid as given, the keyed noise source, cond, dtype, compute dtype)."""
-    cond = check_run_arguments(model, solver, cond)
-    if getattr(solver, "adaptive", False):
-        raise ValueError(f"{what} needs a fixed-grid solver; {solver!r} chooses its own steps")
-    if callable(getattr(model.sde, "state_offset", None)):
-        raise ValueError(f"{what} does not support {model.sde!r}, which is integrated around a mean state from "
-                         "cond; use sample() for it")
-    check_state(x, state_name)
-    dtype, compute = _resolve_dtypes(dtype, x)
-    check_device(x.device, compute, state_name)
-    batch = x.shape[0]
-    times, table_times = run_grid(model.sde, steps, grid, grid_kind, batch)
-    check_state_memory(tuple(x.shape), compute, x.device, steps=table_times.shape[0] - 1,
-                       columns=table_times.shape[1], name=state_name)
-    noise = NoiseSource(seed, batch, sample_index=sample_index)
-    check_finite(x, state_name)
-    return table_times, times, noise, cond, dtype, compute
 
 
 def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None = None, grid=None,
@@ -81,14 +57,15 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
     Records no autograd graph, in any grad mode (the steps run under ``torch.no_grad()``, as in
     :func:`samplers.sample.builds_no_graph`).
     """
-    table_times, times, noise, cond, dtype, compute = _run_setup(model, solver, x0, steps, grid, grid_kind, seed,
-                                                                 sample_index, cond, dtype, "invert", "x0")
-    x = x0.detach().to(dtype=compute)
+    plan = plan_run(model, solver, x=x0, state_name="x0", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
+                    sample_index=sample_index, cond=cond, dtype=dtype, fixed_grid_for="invert")
+    table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
+    x = plan.x
     n_steps = table_times.shape[0] - 1
     with torch.no_grad():
         if isinstance(solver, Reversible):
             ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
-            x_hat = x.clone() if x0_hat is None else _check_solver_state(solver, {"x_hat": x0_hat}, x)["x_hat"]
+            x_hat = x.clone() if x0_hat is None else check_solver_state(solver, {"x_hat": x0_hat}, x)["x_hat"]
             # sample() carries the pair of a float32 run in float64; so does the inverse
             steps = solver.float64_context(ctx, x)
             x, x_hat = x.to(torch.float64), x_hat.to(torch.float64)
@@ -104,7 +81,6 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
             if x0_hat is not None:
                 raise ValueError(f"x0_hat is the second state of solvers.Reversible; {solver!r} carries none")
             backward = table_times.flip(0)
-            x = x.clone()  # the solver steps in place; x may be the caller's x0
             ctx = fixed_grid_context(model, solver, x, backward, cond, noise, dtype)
             for k in range(n_steps):
                 x = solver.step(k, x, ctx)

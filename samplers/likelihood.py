@@ -34,9 +34,7 @@ from solvers import AdaptiveODE
 
 from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .limits import check_state_memory
-from .sample import (_AdaptiveContext, _resolve_dtypes, builds_no_graph, check_device, check_finite,
-                     check_run_arguments, check_state)
+from .driver import AdaptiveRunContext, builds_no_graph, check_run_arguments, check_state, plan_run
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -203,12 +201,10 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         prior_logp = sde.prior_logp
     elif not callable(prior_logp):
         raise TypeError(f"prior_logp must be callable z -> log p(z) of shape (B,), got {type(prior_logp).__name__}")
-    dtype, compute = _resolve_dtypes(dtype, x)
-    device, device_name = (x.device, "x") if device is None else (torch.device(device), "device")
-    check_device(device, compute, device_name)
     # the integrated state is (x, one divergence integral per probe)
-    check_state_memory((batch, dim + n_probes), compute, device, name="x")
-    check_finite(x, "x")
+    plan = plan_run(model, solver, x=x, state_name="x", seed=seed, sample_index=sample_index, cond=cond, dtype=dtype,
+                    device=device, grid_required=False, state_memory=(batch, dim + n_probes), own_state=False)
+    dtype, compute, device, noise = plan.dtype, plan.compute, plan.device, plan.noise
     offset = 0.0
     if bins is not None:
         offset = bits_per_dim_offset(bins, data_range)
@@ -216,9 +212,7 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
             x = dequantize(x, bins, data_range, seed=seed, sample_index=sample_index)
     elif not dequantize_data:
         raise ValueError("dequantize_data=False applies only with bins (quantised data)")
-
-    noise = NoiseSource(seed, batch, sample_index=sample_index)
-    ctx = _AdaptiveContext(model, cond, batch, device, compute, dtype, noise, t_start, t_end)
+    ctx = AdaptiveRunContext(model, plan.cond, batch, device, compute, dtype, noise, t_start, t_end)
 
     if divergence == "hutchinson":
         probe = torch.stack([noise.normal(shape, counter=k, stream=STREAM_PROBE, dtype=compute, device=device)

@@ -75,11 +75,11 @@ class Model:
             raise TypeError(f"sde must be an sde.SDE instance, got {type(sde).__name__}")
         if predicts not in PREDICTIONS:
             raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
-        if not sde.gaussian and predicts != "score":
+        if not isinstance(sde, GaussianSDE) and predicts != "score":
             raise ValueError(f"predicts={predicts!r} needs a Gaussian-marginal SDE; {sde!r} supports only 'score'")
         # an SDE with a state offset (sde.MeanRevertingSDE: y = x - mu) is integrated in y; the
         # network sees x = y + mu, and its x0 is shifted back (eps and score are the same in x and y)
-        self._shifted = callable(getattr(sde, "state_offset", None))
+        self._shifted = sde.mean_key is not None
         if self._shifted and predicts not in _SHIFTABLE:
             raise ValueError(f"predicts={predicts!r} is not supported on {sde!r}: use one of {_SHIFTABLE}")
         if callable(time_input):

@@ -40,8 +40,13 @@ class SDE:
     drift f - (1 + eta^2)/2 g^2 score, diffusion eta g.
     """
 
-    #: True for SDEs whose marginals are N(alpha(t) x0, sigma(t)^2 I).
-    gaussian: bool = False
+    #: whether states must stay inside a domain (the simplex of :class:`sde.DirichletSDE`), which generic
+    #: Langevin correctors would leave.  Gaussian marginals are not a flag: they are the type
+    #: :class:`GaussianSDE` (``isinstance(sde, GaussianSDE)``), which adds alpha, sigma and the log-SNR.
+    constrained_state: bool = False
+    #: the ``cond`` key of the mean state an SDE is integrated around (:class:`sde.MeanRevertingSDE`:
+    #: "mu"); None: the state is integrated as it is
+    mean_key: str | None = None
 
     def __init__(self, t_min: float, t_max: float):
         if not (math.isfinite(t_min) and math.isfinite(t_max)) or not t_min < t_max:
@@ -64,6 +69,11 @@ class SDE:
 
     def prior_logp(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def state_offset(self, cond: dict | None) -> torch.Tensor | None:
+        """The offset mu between the state x the user and the network see and the state y = x - mu the
+        solvers integrate, from ``cond`` (under :attr:`mean_key`); None when there is none."""
+        return None
 
     # -- derived ----------------------------------------------------------------------------
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor, eta: float = 1.0) -> torch.Tensor:
@@ -95,7 +105,6 @@ class GaussianSDE(SDE):
     f(t) = alpha'/alpha,  g(t)^2 = 2 sigma sigma' - 2 (alpha'/alpha) sigma^2.
     """
 
-    gaussian = True
     #: the grid kind a sampler uses when the user gives only a number of steps
     default_grid: str = "uniform"
 

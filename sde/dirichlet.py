@@ -69,7 +69,6 @@ class DirichletSDE(SDE):
         more raise a ValueError rather than return a truncated density.
     """
 
-    gaussian = False
     default_grid = "uniform"
     #: states are confined to (0, 1)^(K-1): a step rule that does not know the boundary (a Langevin
     #: corrector, a generic Euler-Maruyama) must refuse this SDE

@@ -1,10 +1,10 @@
 """Solvers: how one step is taken."""
 
-from .base import DynamicThresholding, Solver, StepContext, X0Hooks
+from .base import DynamicThresholding, Plan, Solver, SolverBase, StepContext, X0Hooks
 from .dpm import DPMSolver
 from .euler import Euler, EulerMaruyama, Heun
 
-__all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler", "Heun",
+__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler", "Heun",
            "DPMSolver"]
 from .adaptive import AdaptiveContext, AdaptiveDPMSolver, AdaptiveSolver, StepSizeError
 

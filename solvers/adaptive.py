@@ -8,7 +8,9 @@ one; here a sample that is done stops costing network calls (the network is call
 samples still running), and the per-sample counts are reported.
 
 The driver hands ``solve`` an :class:`AdaptiveContext`: network calls on any subset of the
-batch at per-sample times, with the counting done there.
+batch at per-sample times, with the counting done there.  Every adaptive solver runs the same
+accept/reject loop (:meth:`AdaptiveSolver.per_sample_loop`, with one rule for landing on the end and
+one first step out of alpha = 0); it supplies its attempt and its paper's step-size settings.
 """
 
 from __future__ import annotations
@@ -16,14 +18,71 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
-from .base import Solver, _left_to_subclasses, check_coefficients_finite
+from .base import SolverBase, _left_to_subclasses, check_coefficients_finite
 from .dpm import DPMSolver
 
-__all__ = ["AdaptiveContext", "AdaptiveSolver", "AdaptiveDPMSolver", "StepSizeError", "batch_independent"]
+__all__ = ["AdaptiveContext", "AdaptiveSolver", "AdaptiveDPMSolver", "StepSizeError", "batch_independent",
+           "Attempt", "StepControl", "lands_on_end", "first_log_snr", "LANDING_SLACK"]
+
+#: a step that reaches within LANDING_SLACK * max(|end|, 1) of the end, in the integration variable, lands
+#: on the end exactly: the slack covers the rounding of the variable itself (lambda recomputed from t, the
+#: sum of the steps), which is relative to its size, not to the span left
+LANDING_SLACK = 1e-10
+#: the first log-SNR out of alpha = 0 when atol = 0 (where :func:`first_log_snr` has no scale): a local
+#: error of about e^-10 / 2 = 2e-5.  Measured on rectified flow (Gaussian data): -8 made AdaptiveDPMSolver
+#: (rtol 0.05, atol 0) 20 times less accurate, and cost AdaptiveODE(variable="lambda") more calls for the
+#: same accuracy
+_FIRST_LOG_SNR_WITHOUT_ATOL = -5.0
+
+
+def lands_on_end(reached: torch.Tensor, end: torch.Tensor, direction=1.0) -> torch.Tensor:
+    """Rows whose step, reaching ``reached`` while heading to ``end`` (``direction`` +1 or -1, per row or
+    for all), ends within rounding of the end (:data:`LANDING_SLACK`): they land on it exactly."""
+    return (end - reached) * direction <= LANDING_SLACK * end.abs().clamp(min=1.0)
+
+
+def first_log_snr(atol: float) -> float:
+    """The log-SNR lambda_1 that a sample starting where alpha = 0 (lambda = -inf) reaches with its first,
+    exact-limit first-order step: its local error is about 1/2 dphi^2 with dphi ~ e^lambda_1 the step in
+    the angle phi = atan2(sigma, alpha), and 1/2 e^(2 lambda_1) = atol gives lambda_1 = log(2 atol) / 2."""
+    return 0.5 * math.log(2.0 * atol) if atol > 0 else _FIRST_LOG_SNR_WITHOUT_ATOL
+
+
+class Attempt(NamedTuple):
+    """One attempted step of the running rows ``idx`` (all tensors have one entry per row)."""
+
+    x: torch.Tensor  #: the proposed states, kept where the step is accepted
+    err: torch.Tensor  #: the error norms, float64 on the CPU (<= 1 accepts)
+    t: torch.Tensor  #: the SDE times at the step's start
+    t_next: torch.Tensor  #: the SDE times the step reaches
+    final: torch.Tensor  #: the rows whose step lands on the end
+    step: torch.Tensor  #: the step size (in the solver's variable) the controller scales
+    #: what is left of the span once the step is accepted / rejected, to which the next step is clipped;
+    #: None: the attempt clips it itself
+    remaining: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: rows that start where the variable is infinite (alpha = 0 in lambda): a rejected attempt there
+    #: proposes no step size the floor could judge
+    unmeasured_start: torch.Tensor | None = None
+    #: the embedded lower-order solution (the error test's reference after an accepted step), if kept
+    x_low: torch.Tensor | None = None
+    #: whatever else the solver's ``accepted`` keeps of an accepted attempt (rows first)
+    carry: tuple = ()
+
+
+class StepControl(NamedTuple):
+    """The step-size rule h <- step * factor, factor = safety E^-exponent, clamped to [factor_min,
+    factor_max] where given, at most 1 on the attempt after a rejection with ``hold_after_reject``.
+    Each solver keeps its paper's settings."""
+
+    safety: float
+    exponent: float
+    factor_min: float | None = None
+    factor_max: float | None = None
+    hold_after_reject: bool = False
 
 
 #: per-sample float64 math is evaluated on tensors padded to a multiple of this length
@@ -84,11 +143,12 @@ class AdaptiveContext(Protocol):
         """Record one attempted step for each sample in ``index``, accepted where ``accepted``."""
 
 
-class AdaptiveSolver(Solver):
-    """Base class of the per-sample adaptive solvers: ``solve`` replaces ``prepare``/``step``.
+class AdaptiveSolver(SolverBase):
+    """Base class of the per-sample adaptive solvers: ``solve`` integrates each sample with its own steps.
 
     ``max_steps`` bounds the attempted steps of each sample and ``min_step`` the step size (in the
     solver's own time variable); either limit raises :class:`StepSizeError` naming the sample.
+    :meth:`per_sample_loop` is the one accept/reject loop; a solver supplies its attempt.
     """
 
     adaptive = True
@@ -113,17 +173,68 @@ class AdaptiveSolver(Solver):
         AdaptiveSolver.__init__(other, rtol, atol, self.max_steps, self.min_step)
         return other
 
-    def prepare(self, model, times):
-        raise TypeError(f"{type(self).__name__} is adaptive: samplers.sample drives it through solve()")
-
-    def step(self, k, x, ctx):
-        raise TypeError(f"{type(self).__name__} is adaptive: samplers.sample drives it through solve()")
-
     @_left_to_subclasses
     def solve(self, model, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor,
               ctx: AdaptiveContext) -> torch.Tensor:
         """Integrate each sample i of x from t_start[i] to t_end[i] (float64, CPU, shape (B,))."""
         raise NotImplementedError(self._unimplemented(["solve"]))
+
+    def per_sample_loop(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, done: torch.Tensor, ctx,
+                        control: StepControl, attempt: Callable[[torch.Tensor], Attempt],
+                        accepted: Callable[[torch.Tensor, torch.Tensor, Attempt], None] | None = None,
+                        floor: Callable[[torch.Tensor, torch.Tensor, Attempt], tuple[torch.Tensor, str]] | None = None,
+                        variable: str = "") -> torch.Tensor:
+        """The accept/reject loop of every adaptive solver, one decision per sample.
+
+        ``x`` (B, ...) the integrated state, ``t`` (B,) the SDE times, ``h`` (B,) the next step sizes
+        (all updated in place), ``done`` the samples already at their end.  Until every sample is done:
+        ``attempt(idx)`` tries a step of the running rows ``idx`` (reading ``h[idx]``); where its error
+        is <= 1 the state and time move on and ``accepted(idx, accept, attempt)`` updates the solver's
+        own per-sample state (caches at the step's start, the last accepted lower-order solution).  Every
+        attempt, accepted or not, sets the next step by ``control`` and checks :attr:`max_steps` and the
+        step floor: ``floor(proposal, accept, attempt)`` -> (rows whose proposed step is too small, the
+        limit in words), by default :meth:`below_min_step`; ``variable`` names the step's variable in
+        that message.  Returns x.
+        """
+        attempts = torch.zeros(x.shape[0], dtype=torch.long)
+        rejected_last = torch.zeros(x.shape[0], dtype=torch.bool)
+        while not bool(done.all()):
+            idx = torch.nonzero(~done).flatten()
+            a = attempt(idx)
+            accept = self.judge(a.err, idx, a.t, ctx, attempts)
+            acc = idx[accept]
+            x[acc] = a.x[accept]
+            t[acc] = a.t_next[accept]
+            done[acc] = a.final[accept]
+            if accepted is not None:
+                accepted(idx, accept, a)
+            factor = control.safety * self.shrink(a.err, -control.exponent)
+            if control.factor_min is not None or control.factor_max is not None:
+                factor = factor.clamp(control.factor_min, control.factor_max)
+            if control.hold_after_reject:
+                factor = torch.where(rejected_last[idx] | ~accept, factor.clamp(max=1.0), factor)
+                rejected_last[idx] = ~accept
+            proposal = a.step * factor
+            if a.remaining is None:
+                h[idx] = proposal
+            else:
+                h[idx] = torch.minimum(proposal, torch.where(accept, *a.remaining))
+            running = ~done[idx]
+            self.check_attempts(running, idx, t[idx], attempts)
+            # the controller's proposal, not the clipped step: a sliver left before the end is fine
+            too_small, limit = (floor or self.below_min_step)(proposal, accept, a)
+            too_small = running & too_small
+            if a.unmeasured_start is not None:
+                too_small &= accept | ~a.unmeasured_start
+            if bool(too_small.any()):
+                j = int(torch.nonzero(too_small)[0])
+                self.fail(f"the step size{f' in {variable}' if variable else ''} fell to {float(proposal[j]):.3g}, "
+                          f"below {limit}", int(idx[j]), float(t[idx[j]]))
+        return x
+
+    def below_min_step(self, proposal: torch.Tensor, accept: torch.Tensor, attempt: Attempt) -> tuple[torch.Tensor, str]:
+        """The default step floor of :meth:`per_sample_loop`: a proposal below :attr:`min_step`."""
+        return proposal < self.min_step, f"min_step={self.min_step:g}"
 
     def error_norm(self, x_high: torch.Tensor, x_low: torch.Tensor, x_prev: torch.Tensor,
                    rtol: float | None = None, atol: float | None = None) -> torch.Tensor:
@@ -227,16 +338,13 @@ class AdaptiveDPMSolver(AdaptiveSolver):
         sde = model.sde
         batch = x.shape[0]
         quantity = "x0" if self.predict == "data" else "eps"
-        s = t_start.clone()
         lam_end = batch_independent(sde.log_snr, t_end)
-        h = torch.full((batch,), self.h_init, dtype=torch.float64)
-        lam_first = 0.5 * math.log(2.0 * self.atol) if self.atol > 0 else -5.0
-        x_prev = x.clone()
-        m_s = torch.empty_like(x)
+        lam_first = first_log_snr(self.atol)
+        x_prev = x.clone()  # the lower-order solution of each sample's last accepted step
+        m_s = torch.empty_like(x)  # the converted network output at each sample's current state
         m_s_valid = torch.zeros(batch, dtype=torch.bool)
-        done = s <= t_end
-        attempts = torch.zeros(batch, dtype=torch.long)
-        k = self.order
+        s = t_start.clone()
+        h = torch.full((batch,), self.h_init, dtype=torch.float64)
 
         def converted(xs, out, t):
             p, q = ctx.coefficients(quantity, t, xs)
@@ -245,13 +353,12 @@ class AdaptiveDPMSolver(AdaptiveSolver):
                 self.hooks.apply_at(m, t.to(device=xs.device, dtype=xs.dtype))
             return m
 
-        while not bool(done.all()):
-            idx = torch.nonzero(~done).flatten()
+        def attempt(idx):
             s_i = s[idx]
             lam_s = batch_independent(sde.log_snr, s_i)
             lam_t = torch.where(torch.isfinite(lam_s), lam_s + h[idx], torch.full_like(lam_s, lam_first))
             # a step that would end within rounding of the end lands on it exactly
-            final = lam_t >= lam_end[idx] - 1e-10 * lam_end[idx].abs().clamp(min=1.0)
+            final = lands_on_end(lam_t, lam_end[idx])
             t_i = torch.where(final, t_end[idx],
                               batch_independent(sde.t_from_log_snr, torch.minimum(lam_t, lam_end[idx])))
             # the stage outputs of the higher formula; the lower one's stage (if any) is its first
@@ -275,28 +382,19 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             x_low = xs * ctx.column(low["x"], xs) + ctx.column(low["m0"], xs) * m0
             if self._fractions_low:
                 x_low += ctx.column(low["m1"], xs) * ms[1]
-
             err = self.error_norm(x_high, x_low, x_prev[idx])
-            accept = self.judge(err, idx, s_i, ctx, attempts)
-            acc = idx[accept]
-            x[acc] = x_high[accept]
-            x_prev[acc] = x_low[accept]
-            s[acc] = t_i[accept]
-            m_s_valid[acc] = False
-            done[acc] = final[accept]
             # h <- min(safety h E^{-1/k}, lambda_end - lambda), for accepted and rejected alike
-            lam_now = torch.where(accept, torch.minimum(lam_t, lam_end[idx]), lam_s)
-            proposal = h[idx] * (self.safety * self.shrink(err, -1.0 / k))
-            h[idx] = torch.minimum(proposal, lam_end[idx] - lam_now)
-            running = ~done[idx]
-            self.check_attempts(running, idx, s[idx], attempts)
-            # the controller's proposal, not the clipped step: a sliver left before the end is fine
-            too_small = running & torch.isfinite(lam_now) & (proposal < self.min_step)
-            if bool(too_small.any()):
-                j = int(torch.nonzero(too_small)[0])
-                self.fail(f"the step size in lambda fell to {float(proposal[j]):.3g}, below min_step={self.min_step:g}",
-                          int(idx[j]), float(s[idx[j]]))
-        return x
+            remaining = (lam_end[idx] - torch.minimum(lam_t, lam_end[idx]), lam_end[idx] - lam_s)
+            return Attempt(x_high, err, s_i, t_i, final, h[idx], remaining, unmeasured_start=~torch.isfinite(lam_s),
+                           x_low=x_low)
+
+        def accepted(idx, accept, a):
+            acc = idx[accept]
+            x_prev[acc] = a.x_low[accept]
+            m_s_valid[acc] = False
+
+        control = StepControl(safety=self.safety, exponent=1.0 / self.order)
+        return self.per_sample_loop(x, s, h, s <= t_end, ctx, control, attempt, accepted, variable="lambda")
 
     def _coefficient_rows(self, model, s, t, fractions, index):
         """DPMSolver's singlestep coefficients at per-sample (s, t), each row independent of the batch,

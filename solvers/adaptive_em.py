@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from .adaptive import AdaptiveSolver, batch_independent
+from .adaptive import AdaptiveSolver, Attempt, StepControl, batch_independent, lands_on_end
 from .euler import reverse_drift_coefficients
 
 __all__ = ["AdaptiveEM", "GGF_ATOL"]
@@ -102,25 +102,23 @@ class AdaptiveEM(AdaptiveSolver):
         self._check_finite(model, t_start)
         t = t_start.clone()
         h = self.h_init * span
-        x_prev = x.clone()
+        x_prev = x.clone()  # the Euler proposal of each sample's last accepted step
         drift_start = torch.empty_like(x)  # F(x, t) of each sample's current state
+        g_start = torch.empty((batch,) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
         drift_valid = torch.zeros(batch, dtype=torch.bool)
-        done = t <= t_end
-        attempts = torch.zeros(batch, dtype=torch.long)
 
         def drift(xs, ts, idx):
             p, q, g = batch_independent(lambda u: reverse_drift_coefficients(model, u, 1.0), ts)
             return xs * ctx.column(p, xs) + ctx.output(xs, ts, idx) * ctx.column(q, xs), ctx.column(g, xs)
 
-        g_start = torch.empty((batch,) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
-        while not bool(done.all()):
-            idx = torch.nonzero(~done).flatten()
+        def attempt(idx):
             stale = idx[~drift_valid[idx]]
             if stale.numel():
                 drift_start[stale], g_start[stale] = drift(x[stale], t[stale], stale)
                 drift_valid[stale] = True
             xs, t_i, h_i = x[idx], t[idx], h[idx]
-            final = h_i >= (t_i - t_end[idx]) * (1 - 1e-12)
+            # a step that would end within rounding of the end lands on it exactly
+            final = lands_on_end(t_i - h_i, t_end[idx], direction=-1.0)
             t_next = torch.where(final, t_end[idx], t_i - h_i)
             step = t_i - t_next
             dw = ctx.brownian(t_next, t_i, idx, xs, depth=depth)
@@ -129,30 +127,24 @@ class AdaptiveEM(AdaptiveSolver):
             x_euler = xs + k1
             f2, g2 = drift(x_euler, t_next, idx)
             x_heun = xs + 0.5 * (k1 + f2 * minus_h + g2 * dw)
-
             err = self.error_norm(x_heun, x_euler, x_prev[idx], rtol, atol)
-            accept = self.judge(err, idx, t_i, ctx, attempts)
+            remaining = (t_next - t_end[idx], t_i - t_end[idx])
+            return Attempt(x_heun, err, t_i, t_next, final, step, remaining, x_low=x_euler)
+
+        def accepted(idx, accept, a):
             acc = idx[accept]
-            x[acc] = x_heun[accept]
-            x_prev[acc] = x_euler[accept]
-            t[acc] = t_next[accept]
+            x_prev[acc] = a.x_low[accept]
             drift_valid[acc] = False
-            done[acc] = final[accept]
-            proposal = step * (self.safety * self.shrink(err, -self.exponent))
-            h[idx] = torch.minimum(proposal, t[idx] - t_end[idx])
-            running = ~done[idx]
-            self.check_attempts(running, idx, t[idx], attempts)
-            # the controller's proposal, not the clipped step: a sliver left before t_end is fine
+
+        def floor(proposal, accept, a):
             if self.min_step_given:
-                too_small = running & (proposal < self.min_step)
-                limit = f"min_step={self.min_step:.3g}"
-            else:
-                too_small = running & (proposal < t[idx] - t_end[idx]) & (proposal < resolution)
-                limit = f"the Brownian tree's resolution {resolution:.3g} in t (depth={depth})"
-            if bool(too_small.any()):
-                j = int(torch.nonzero(too_small)[0])
-                self.fail(f"the step size fell to {float(proposal[j]):.3g}, below {limit}", int(idx[j]), float(t[idx[j]]))
-        return x
+                return proposal < self.min_step, f"min_step={self.min_step:.3g}"
+            remaining = torch.where(accept, *a.remaining)
+            return ((proposal < remaining) & (proposal < resolution),
+                    f"the Brownian tree's resolution {resolution:.3g} in t (depth={depth})")
+
+        control = StepControl(safety=self.safety, exponent=self.exponent)
+        return self.per_sample_loop(x, t, h, t <= t_end, ctx, control, attempt, accepted, floor)
 
     def _check_finite(self, model, t_start):
         p, q, g = reverse_drift_coefficients(model, t_start, 1.0)

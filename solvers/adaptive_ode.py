@@ -17,7 +17,7 @@ Integration variable (``variable=``):
     the half log-SNR lambda = log(alpha/sigma) with the same state z (dz/dlambda =
     -sin(phi) cos(phi) v: flat at both ends).  A sample that starts where alpha = 0 (lambda =
     -inf, rectified flow at t = 1) first takes the exact-limit Euler step in phi to
-    lambda = log(atol)/2, whose local error is about atol.
+    lambda = log(2 atol)/2, whose local error is about atol (:func:`solvers.adaptive.first_log_snr`).
 ``"t"``
     the SDE's own time with the state x, as torchdiffeq / scipy ``solve_ivp`` / the SCORE code
     (RK45 in t, rtol = atol = 1e-5) do.
@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from .adaptive import AdaptiveSolver, batch_independent
+from .adaptive import AdaptiveSolver, Attempt, StepControl, batch_independent, first_log_snr, lands_on_end
 from .tableau import TABLEAUX as ALL_TABLEAUX
 from .tableau import Tableau
 
@@ -200,10 +200,7 @@ class AdaptiveODE(AdaptiveSolver):
         k1 = torch.empty_like(y)
         k1_valid = torch.zeros(batch, dtype=torch.bool)
         done = t == t_end
-        attempts = torch.zeros(batch, dtype=torch.long)
-        rejected_last = torch.zeros(batch, dtype=torch.bool)
         direction = torch.sign(tau_end - tau)
-        exponent = -1.0 / tab.order
         if not bool(torch.isfinite(tau_end[~done]).all()):
             j = int(torch.nonzero(~done & ~torch.isfinite(tau_end))[0])
             raise ValueError(f"{self!r}: sample {j} ends at t={float(t_end[j]):.6g}, where the variable "
@@ -213,8 +210,7 @@ class AdaptiveODE(AdaptiveSolver):
         if self.variable == "lambda":
             start = torch.nonzero(~done & ~torch.isfinite(tau)).flatten()
             if start.numel():
-                lam1 = torch.full((start.numel(),), 0.5 * math.log(self.atol) if self.atol > 0 else -8.0,
-                                  dtype=torch.float64)
+                lam1 = torch.full((start.numel(),), first_log_snr(self.atol), dtype=torch.float64)
                 lam1 = torch.minimum(lam1, tau_end[start])
                 t1 = sde.t_from_log_snr(lam1)
                 phi0 = torch.atan2(sde.sigma(t[start]), sde.alpha(t[start]))
@@ -251,8 +247,7 @@ class AdaptiveODE(AdaptiveSolver):
                 h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3), root)
                 h[todo] = torch.minimum(torch.minimum(100 * h0, h1), span)
 
-        while not bool(done.all()):
-            idx = torch.nonzero(~done).flatten()
+        def attempt(idx):
             stale = idx[~k1_valid[idx]]
             if stale.numel():
                 k1[stale] = rhs(y[stale], t[stale], stale, self.variable)
@@ -261,7 +256,7 @@ class AdaptiveODE(AdaptiveSolver):
             span = tau_end[idx] - tau_i
             h_i = torch.minimum(h[idx], span.abs())
             # a step that would end within rounding of the end lands on it exactly
-            final = h_i >= span.abs() * (1 - 1e-12)
+            final = lands_on_end(tau_i + direction[idx] * h_i, tau_end[idx], direction[idx])
             h_signed = torch.where(final, span, direction[idx] * h_i)
             tau_next = torch.where(final, tau_end[idx], tau_i + h_signed)
             no_progress = ~final & (tau_next == tau_i)
@@ -273,30 +268,21 @@ class AdaptiveODE(AdaptiveSolver):
             stage_t = [t_i if cj == 0 else t_next if cj == 1 else self._t(sde, tau_i + cj * h_signed)
                        for cj in tab.c]
             y_high, y_low, ks = tab.step(lambda u, j: rhs(u, stage_t[j], idx, self.variable), y_i, h_signed, k1[idx])
-
             err = self.error_norm(measure(y_high, t_next), measure(y_low, t_next), measure(y_i, t_i))
-            accept = self.judge(err, idx, t_i, ctx, attempts)
+            return Attempt(y_high, err, t_i, t_next, final, h_i, carry=(tau_next, ks[-1]))
+
+        def accepted(idx, accept, a):
             acc = idx[accept]
-            y[acc] = y_high[accept]
-            t[acc], tau[acc] = t_next[accept], tau_next[accept]
+            tau_next, last_stage = a.carry
+            tau[acc] = tau_next[accept]
             if tab.fsal:
-                k1[acc] = ks[-1][accept]
+                k1[acc] = last_stage[accept]
             else:
                 k1_valid[acc] = False
-            done[acc] = final[accept]
-            factor = (self.safety * self.shrink(err, exponent)).clamp(0.2, 10.0)
-            factor = torch.where(rejected_last[idx] | ~accept, factor.clamp(max=1.0), factor)
-            h_new = h_i * factor
-            h[idx] = h_new
-            rejected_last[idx] = ~accept
-            running = ~done[idx]
-            self.check_attempts(running, idx, t[idx], attempts)
-            too_small = running & (h_new < self.min_step)
-            if bool(too_small.any()):
-                j = int(torch.nonzero(too_small)[0])
-                self.fail(f"the step size in {self.variable} fell to {float(h_new[j]):.3g}, below "
-                          f"min_step={self.min_step:g}", int(idx[j]), float(t[idx[j]]))
-        return y
+
+        control = StepControl(safety=self.safety, exponent=1.0 / tab.order, factor_min=0.2, factor_max=10.0,
+                              hold_after_reject=True)
+        return self.per_sample_loop(y, t, h, done, ctx, control, attempt, accepted, variable=self.variable)
 
     @staticmethod
     def _rms(v):

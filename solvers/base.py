@@ -1,9 +1,12 @@
 """The solver contract: a small object that declares what it is and takes one step.
 
-A solver turns a time grid into per-step coefficient tables once (``prepare``, float64 on
-the host), then ``step`` updates the state in place with a few fused torch operations.  All
-the per-grid arithmetic, including the conversion from what the network predicts, is in the
-tables, so a step costs the network calls plus a handful of passes over the batch.
+Everything the driver and the kernels may ask of a solver is declared here with a default:
+:class:`SolverBase` for every solver, :class:`Solver` for the fixed-grid ones (``solvers.AdaptiveSolver``
+for the adaptive ones), :class:`StepContext` for what a step may ask of the run.  A fixed-grid solver
+turns a time grid into per-step coefficient tables once (``prepare``, float64 on the host), then
+``step`` updates the state in place with a few fused torch operations.  All the per-grid arithmetic,
+including the conversion from what the network predicts, is in the tables, so a step costs the
+network calls plus a handful of passes over the batch.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from typing import Callable, Protocol
 
 import torch
 
-__all__ = ["Solver", "StepContext", "DynamicThresholding", "X0Hooks", "first_true", "check_coefficients_finite"]
+from sde import GaussianSDE
+
+__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "first_true",
+           "check_coefficients_finite"]
 
 
 def _left_to_subclasses(method):
@@ -43,12 +49,26 @@ def check_coefficients_finite(solver, name: str, table: torch.Tensor, where: Cal
 
 
 class StepContext(Protocol):
-    """What the sampling driver hands to :meth:`Solver.step`."""
+    """What the sampling driver hands to :meth:`Solver.step`: the run's network, tables, plans and noise."""
+
+    #: the prepared coefficient tables: name -> (N, C, 1, ...) on the state's device and dtype
+    tables: dict[str, torch.Tensor]
+    #: the prepared per-step plans: name -> a host-side list (one entry per step, e.g. step orders)
+    plans: dict[str, list]
+    #: the solver's state besides x at the grid's first time (``sample(..., solver_state=)``), or None
+    solver_state: dict | None
+    #: network calls so far
+    nfe: int
 
     def output(self, x: torch.Tensor, time_index: int, stage: str | None = None) -> torch.Tensor:
         """The network output at state x and grid time ``time_index`` (counts one NFE); with
         ``stage``, at row ``time_index`` of the solver's stage-time table of that name (see
         :meth:`Solver.stage_times`)."""
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network output at state x and SDE times ``t`` (float64, shape (C,) with C = 1 or the
+        batch size), for a solver that calls the network off the grid and off its stage tables
+        (Restart's backward passes); counts one NFE."""
 
     def noise(self, step: int, draw: int = 0) -> torch.Tensor:
         """Keyed standard normals shaped like the state for ``step`` (the same for every call); draws
@@ -62,11 +82,22 @@ class StepContext(Protocol):
         """A reusable buffer shaped like the state."""
 
     def plan(self, name: str) -> list:
-        """A per-step list that ``prepare`` returned under ``name`` (host-side, e.g. step orders)."""
+        """A per-step plan that ``prepare`` returned under ``name`` (a :class:`Plan`)."""
 
 
-class Solver:
-    """Base class: subclasses set the class attributes and implement prepare/step."""
+class Plan(list):
+    """A per-step host-side list that :meth:`Solver.prepare` returns beside its coefficient tables (each
+    step's order, Restart's segments): the driver keeps it on the host and hands it out with
+    ``ctx.plan(name)``.  Everything else ``prepare`` returns is a coefficient table."""
+
+
+class SolverBase:
+    """What every solver declares, fixed-grid (:class:`Solver`) or adaptive
+    (:class:`solvers.AdaptiveSolver`): ``isinstance(x, SolverBase)`` is the test for "a solver".
+
+    The sampling driver and the kernels read these attributes and nothing else; a subclass overrides
+    the ones that differ from the defaults.
+    """
 
     #: convergence order: deterministic (pathwise) for ODE solvers, weak order for SDE solvers
     order: int = 1
@@ -76,16 +107,54 @@ class Solver:
     stochastic: bool = False
     #: whether the solver needs a Gaussian-marginal SDE (alpha, sigma, log-SNR)
     gaussian_only: bool = True
+    #: whether the solver chooses its own steps (True exactly for :class:`solvers.AdaptiveSolver`)
+    adaptive: bool = False
+    #: the x0 hooks (:class:`X0Hooks`: thresholding, correct_x0) the driver also applies to the final
+    #: denoised sample; None for a solver without them
+    hooks: "X0Hooks | None" = None
     #: the methods a run calls: a subclass implements them
-    run_methods: tuple[str, ...] = ("prepare", "step")
+    run_methods: tuple[str, ...] = ()
 
     def check_sde(self, sde) -> None:
         """Refuse an SDE this solver cannot integrate, with the reason."""
-        if self.gaussian_only and not getattr(sde, "gaussian", False):
+        if self.gaussian_only and not isinstance(sde, GaussianSDE):
             raise ValueError(
                 f"{type(self).__name__} needs a Gaussian-marginal SDE (alpha(t), sigma(t), log-SNR); "
                 f"{sde!r} is not one"
             )
+
+    def steps_for_nfe(self, nfe: int, final_denoise: bool = True) -> int:
+        """The most steps whose network calls (``nfe_per_step`` each, + 1 for the final denoise) fit in
+        ``nfe``; 0 when not even one step fits.  Solvers with a fixed cost besides the steps (Restart)
+        override it."""
+        return max((int(nfe) - int(bool(final_denoise))) // max(int(self.nfe_per_step), 1), 0)
+
+    def check_implemented(self) -> None:
+        """Refuse a solver whose class leaves a method a run calls (:attr:`run_methods`) to a base class
+        (``Solver()`` itself, or an incomplete subclass), before any work is done."""
+        missing = [name for name in self.run_methods if getattr(getattr(type(self), name), "left_to_subclasses", False)]
+        if not self.run_methods or missing:
+            raise TypeError(self._unimplemented(missing or ["prepare", "step"]))
+
+    def _unimplemented(self, missing: list[str]) -> str:
+        run_methods = self.run_methods or ("prepare", "step")
+        return (f"solver: {type(self).__name__} does not implement {', '.join(m + '()' for m in missing)}; pass a "
+                f"solver from solvers (Euler(), DPMSolver(), ...) or a subclass that implements "
+                f"{', '.join(run_methods)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Solver(SolverBase):
+    """A fixed-grid solver: ``prepare`` turns a grid into tables once, ``step`` takes one step of it."""
+
+    run_methods = ("prepare", "step")
+    #: the solver's state besides x (Reversible's ("x_hat",)), read by :meth:`read_state`
+    state_names: tuple[str, ...] = ()
+    #: the noise draws of a step are ``ctx.noise(k, draw)`` with draw < ``draw_end``; a composite solver
+    #: (predictor-corrector) draws its own from there on.  0: the solver leaves the choice to the default
+    draw_end: int = 0
 
     def stage_times(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Times off the grid where ``step`` calls the network: name -> (N, C) float64 SDE times
@@ -93,9 +162,9 @@ class Solver:
         return {}
 
     @_left_to_subclasses
-    def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
+    def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor | Plan]:
         """Coefficient tables for a grid ``times`` of shape (N+1, C), float64; each table (N, C).
-        A value that is a Python list (one entry per step) is a plan, read with ``ctx.plan``."""
+        A :class:`Plan` value (one entry per step) is a plan, read with ``ctx.plan``."""
         raise NotImplementedError(self._unimplemented(["prepare"]))
 
     @_left_to_subclasses
@@ -103,20 +172,17 @@ class Solver:
         """Advance x from grid time k to k+1 (in place where possible) and return it."""
         raise NotImplementedError(self._unimplemented(["step"]))
 
-    def check_implemented(self) -> None:
-        """Refuse a solver whose class leaves a method a run calls (:attr:`run_methods`) to a base class
-        (``Solver()`` itself, or an incomplete subclass), before any work is done."""
-        missing = [name for name in self.run_methods if getattr(getattr(type(self), name), "left_to_subclasses", False)]
-        if missing:
-            raise TypeError(self._unimplemented(missing))
+    def read_state(self, ctx: StepContext, dtype: torch.dtype | None = None) -> dict | None:
+        """The state besides x after the last step (:attr:`state_names` -> tensors), or None for a solver
+        that carries none (``SampleInfo.solver_state``)."""
+        return None
 
-    def _unimplemented(self, missing: list[str]) -> str:
-        return (f"solver: {type(self).__name__} does not implement {', '.join(m + '()' for m in missing)}; pass a "
-                f"solver from solvers (Euler(), DPMSolver(), ...) or a subclass that implements "
-                f"{', '.join(self.run_methods)}")
+    def fused_step(self):
+        """The fused CUDA kernel of this configuration (a :class:`solvers.kernels.FusedStep`); raises
+        :class:`solvers.kernels.KernelUnsupported` where there is none (the default)."""
+        from .kernels import KernelUnsupported
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        raise KernelUnsupported(f"{type(self).__name__} has no fused kernel")
 
 
 class DynamicThresholding:

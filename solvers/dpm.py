@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Solver, X0Hooks
+from .base import Plan, Solver, X0Hooks
 from .exponential import z_phi_functions
 from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
@@ -152,7 +152,7 @@ class DPMSolver(Solver):
         for j in range(1, self.order):
             tables.update(self.hooks.stage_time_table(f"x0_hook_s{j}", tables.pop(f"s{j}t")))
         tables.pop("finite")
-        tables["orders"] = [self.order if bool(f) else 1 for f in torch.isfinite(tables["h"]).all(dim=1)]
+        tables["orders"] = Plan(self.order if bool(f) else 1 for f in torch.isfinite(tables["h"]).all(dim=1))
         tables.pop("h")
         return tables
 

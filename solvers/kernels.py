@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .base import Solver
+
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
            "MultistepStep", "multistep_kernel", "kernel_compile_reason", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
            "keyed_normal", "fill_keyed_normal", "noise_kernel_reason", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
@@ -475,10 +477,11 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
 
 
 def _fused_step_of(solver) -> FusedStep:
-    declare = getattr(solver, "fused_step", None)
-    if declare is None:
-        raise KernelUnsupported(f"{type(solver).__name__} has no fused kernel")
-    return declare()
+    """The solver's kernel (:meth:`solvers.Solver.fused_step`: KernelUnsupported where it has none, an
+    adaptive solver included)."""
+    if not isinstance(solver, Solver):
+        raise KernelUnsupported(f"{type(solver).__name__} has no fused kernel (only fixed-grid solvers have them)")
+    return solver.fused_step()
 
 
 def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[str, FusedStep | None, str]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .base import Plan
+
 __all__ = ["derivative_weights", "multistep_orders", "exponential_multistep_weights", "history_tables",
            "history_step", "MAX_STEP_RATIO"]
 
@@ -134,7 +136,7 @@ def history_tables(order: int, cx: torch.Tensor, weights, p: torch.Tensor, q: to
             w[j][j:] = w[j][j:] * p[: n - j]
     else:
         mode, tables = "general", {"conv_x": p, "conv_out": q}
-    tables.update({"x": cx, "history": [mode] * n, **hooks.time_table(times)})
+    tables.update({"x": cx, "history": Plan([mode] * n), **hooks.time_table(times)})
     tables.update({f"m{j}": w[j] for j in range(order)})
     return tables
 

@@ -23,7 +23,9 @@ import math
 
 import torch
 
-from .base import Solver
+from sde import GaussianSDE
+
+from .base import Solver, SolverBase
 
 __all__ = [
     "CORRECTOR_FIRST_DRAW",
@@ -170,9 +172,9 @@ class Corrector:
         return self.n_steps
 
     def check_sde(self, sde) -> None:
-        if self.gaussian_only and not getattr(sde, "gaussian", False):
+        if self.gaussian_only and not isinstance(sde, GaussianSDE):
             raise ValueError(f"{type(self).__name__} needs a Gaussian-marginal SDE (sigma(t)); {sde!r} is not one")
-        if getattr(sde, "constrained_state", False):
+        if sde.constrained_state:
             raise ValueError(f"{type(self).__name__} does not keep states inside the domain of {sde!r} (its "
                              "Langevin steps would leave it); use that SDE's own solver without a corrector")
 
@@ -193,7 +195,7 @@ def _alpha_i(model, times: torch.Tensor) -> torch.Tensor:
     """SCORE's alpha_i for the corrector at grid time t_k: a^2 = (alpha(t_k)/alpha(t_{k+1}))^2
     = exp(2 int_{t_{k+1}}^{t_k} f), the squared forward-transition coefficient of the step (1 - beta_i
     on VP, 1 on VE/EDM); 1 on an SDE without alpha(t)."""
-    if not getattr(model.sde, "gaussian", False):
+    if not isinstance(model.sde, GaussianSDE):
         return torch.ones_like(times[:-1])
     a, _ = forward_transition(model.sde, times)
     return a * a
@@ -294,12 +296,12 @@ class PredictorCorrector(Solver):
                  n_corrector_steps: int | None = None, snr: float | None = None):
         if predictor is None:
             predictor = ReverseDiffusion()
+        elif isinstance(predictor, SolverBase) and not isinstance(predictor, Solver):
+            raise ValueError(f"PredictorCorrector: predictor must be a fixed-grid solver; {predictor!r} is adaptive "
+                             "(it chooses its own times, so there are no grid times to correct at)")
         elif not isinstance(predictor, Solver):
             raise TypeError(f"PredictorCorrector: predictor must be a solvers.Solver instance (a fixed-grid solver such "
                             f"as ReverseDiffusion() or EulerMaruyama()), got {type(predictor).__name__}")
-        if getattr(predictor, "adaptive", False):
-            raise ValueError(f"PredictorCorrector: predictor must be a fixed-grid solver; {predictor!r} is adaptive "
-                             "(it chooses its own times, so there are no grid times to correct at)")
         if snr is not None:
             snr = _check_positive_number("snr", snr, "PredictorCorrector")
         if n_corrector_steps is not None:
@@ -328,7 +330,7 @@ class PredictorCorrector(Solver):
             self.order = predictor.order
         self.gaussian_only = bool(predictor.gaussian_only) or bool(corrector is not None and corrector.gaussian_only)
         # nested predictor-correctors stack their corrector draws
-        self.first_draw = max(CORRECTOR_FIRST_DRAW, getattr(predictor, "draw_end", 0))
+        self.first_draw = max(CORRECTOR_FIRST_DRAW, predictor.draw_end)
         self.draw_end = self.first_draw + self.n_corrector_steps
         if self.draw_end > _MAX_DRAW:
             raise ValueError(f"PredictorCorrector: n_corrector_steps={self.n_corrector_steps} needs noise draws up to "
@@ -339,10 +341,10 @@ class PredictorCorrector(Solver):
     def hooks(self):
         """The predictor's x0 hooks (thresholding, correct_x0), which the driver also applies to the
         final denoised sample."""
-        return getattr(self.predictor, "hooks", None)
+        return self.predictor.hooks
 
     def check_sde(self, sde) -> None:
-        if self.gaussian_only and not getattr(sde, "gaussian", False):
+        if self.gaussian_only and not isinstance(sde, GaussianSDE):
             who = self.predictor if self.predictor.gaussian_only else self.corrector
             raise ValueError(f"PredictorCorrector needs a Gaussian-marginal SDE for its {who!r}; {sde!r} is not one")
         self.predictor.check_sde(sde)

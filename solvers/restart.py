@@ -54,7 +54,7 @@ from typing import NamedTuple
 
 import torch
 
-from .base import Solver
+from .base import Plan, Solver, SolverBase
 from .spacing import KARRAS_RHO, karras_roots
 
 __all__ = ["Restart", "RestartInterval", "RESTART_PRESETS", "DEFAULT_INTERVALS", "DEFAULT_RESTARTS_PER_STEPS"]
@@ -157,23 +157,42 @@ class _Layout(NamedTuple):
 
 class _PassContext:
     """The StepContext an ODE solver sees in one pass of Restart: its step indices are local to the pass;
-    its tables and plans live under a prefix; its network calls go to the outer step's grid times
-    (``offset`` + local index, main pass) or to the stage tables of a restart pass."""
+    its tables and plans live under a prefix.  The main pass calls the network at the outer grid's times
+    (``offset`` + local index) and stages; a restart pass at its own sub-grid's times ``pass_times``
+    (``ctx.model_output``)."""
 
-    __slots__ = ("ctx", "prefix", "offset", "outer_step", "stage_prefix")
+    __slots__ = ("ctx", "prefix", "offset", "pass_times", "stage_prefix")
 
-    def __init__(self, ctx, prefix: str, offset: int = 0, outer_step: int | None = None, stage_prefix: str = ""):
+    def __init__(self, ctx, prefix: str, offset: int = 0, pass_times: dict | None = None, stage_prefix: str = ""):
         self.ctx, self.prefix, self.offset = ctx, prefix, offset
-        self.outer_step, self.stage_prefix = outer_step, stage_prefix
+        self.pass_times, self.stage_prefix = pass_times, stage_prefix
+
+    @property
+    def tables(self):
+        return {name[len(self.prefix):]: tab for name, tab in self.ctx.tables.items() if name.startswith(self.prefix)}
+
+    @property
+    def plans(self):
+        return {name[len(self.prefix):]: plan for name, plan in self.ctx.plans.items() if name.startswith(self.prefix)}
+
+    @property
+    def solver_state(self):
+        return None  # a pass starts from the state it is handed, without a second state
+
+    @property
+    def nfe(self):
+        return self.ctx.nfe
 
     def output(self, x, time_index, stage=None):
-        if self.outer_step is None:  # main pass: grid point offset + m, stages of the cut grid
+        if self.pass_times is None:  # main pass: grid point offset + m, stages of the cut grid
             if stage is None:
                 return self.ctx.output(x, self.offset + time_index)
             return self.ctx.output(x, self.offset + time_index, stage=f"{self.stage_prefix}{stage}")
-        # restart pass: sub-grid point m (or stage row m) is a stage table read at the outer step
-        name = f"{self.stage_prefix}t{time_index}" if stage is None else f"{self.stage_prefix}{stage}@{time_index}"
-        return self.ctx.output(x, self.outer_step, stage=name)
+        # restart pass: its sub-grid point m (or row m of a stage table of the sub-grid)
+        return self.ctx.model_output(x, self.pass_times["grid" if stage is None else stage][time_index])
+
+    def model_output(self, x, t):
+        return self.ctx.model_output(x, t)
 
     def noise(self, step, draw=0):
         raise RuntimeError("Restart's ODE solver drew noise: it must be deterministic")
@@ -215,14 +234,14 @@ class Restart(Solver):
             from .euler import Heun
 
             ode_solver = Heun()
+        if isinstance(ode_solver, SolverBase) and not isinstance(ode_solver, Solver):
+            raise ValueError(f"ode_solver must be a fixed-grid ODE solver; {ode_solver!r} is adaptive "
+                             "(it chooses its own steps)")
         if not isinstance(ode_solver, Solver):
             raise TypeError(f"ode_solver must be a solvers.Solver instance, got {type(ode_solver).__name__}")
         if isinstance(ode_solver, Restart):
             raise ValueError("ode_solver must be an ODE solver, not another Restart")
-        if getattr(ode_solver, "adaptive", False):
-            raise ValueError(f"ode_solver must be a fixed-grid ODE solver; {ode_solver!r} is adaptive "
-                             "(it chooses its own steps)")
-        if getattr(ode_solver, "stochastic", False):
+        if ode_solver.stochastic:
             raise ValueError(f"ode_solver must be deterministic (an ODE solver, e.g. Heun(), Euler(), "
                              f"DPMSolver(), UniPC()); {ode_solver!r} is stochastic")
         if not isinstance(units, str) or units not in _UNITS:
@@ -248,7 +267,7 @@ class Restart(Solver):
         # the default restarts on grids of DEFAULT_RESTARTS_PER_STEPS[1] // 2 + 1 steps or more
         self.stochastic = self.intervals is None or any(iv.n_restarts > 0 for iv in self.intervals)
         # the final denoise applies the ODE solver's x0 hooks (thresholding, correct_x0) too
-        self.hooks = getattr(ode_solver, "hooks", None)
+        self.hooks = ode_solver.hooks
 
     # -- presets and cost --------------------------------------------------------------------------
 
@@ -403,7 +422,6 @@ class Restart(Solver):
 
     def stage_times(self, model, times):
         layout = self._layout(model, times)
-        n = times.shape[0] - 1
         stages: dict[str, torch.Tensor] = {}
         # the main pass's own stages (singlestep DPM-Solver), one table over the whole grid
         pieces: dict[str, list[torch.Tensor]] = {}
@@ -412,14 +430,6 @@ class Restart(Solver):
                 pieces.setdefault(name, []).append(torch.as_tensor(tab, dtype=torch.float64))
         for name, parts in pieces.items():
             stages[f"main/{name}"] = torch.cat(parts, dim=0)
-        # restart passes: every point of the sub-grid and every stage of its steps, read at any row
-        for i, sub in layout.sub_grids.items():
-            for m in range(sub.shape[0]):
-                stages[f"restart{i}/t{m}"] = sub[m].expand(n, -1)
-            for name, tab in self.restart_solver.stage_times(model, sub).items():
-                tab = torch.as_tensor(tab, dtype=torch.float64)
-                for m in range(tab.shape[0]):
-                    stages[f"restart{i}/{name}@{m}"] = tab[m].expand(n, -1)
         return stages
 
     def prepare(self, model, times):
@@ -439,15 +449,20 @@ class Restart(Solver):
             after[j - 1] = after[j - 1] + (i,)
             for name, tab in self.restart_solver.prepare(model, sub).items():
                 tables[f"restart{i}/{name}"] = tab
+            # the times a backward pass calls the network at (ctx.model_output): the sub-grid's points and
+            # its solver's stages, one (C,) row each
+            stage_rows = {name: list(torch.as_tensor(tab, dtype=torch.float64))
+                          for name, tab in self.restart_solver.stage_times(model, sub).items()}
+            tables[f"restart{i}/times"] = Plan([{"grid": list(sub), **stage_rows}])
             # exact forward transition t_j -> T: x <- (alpha_T/alpha_j) x + alpha_T sqrt(s_T^2 - s_j^2) z
             t_top, t_j = layout.t_upper[i], times[j]
             a_top, a_j = sde.alpha(t_top), sde.alpha(t_j)
             s_top, s_j = sde.sigma(t_top) / a_top, sde.sigma(t_j) / a_j
             tables[f"restart{i}/jump_x"] = (a_top / a_j)[None]
             tables[f"restart{i}/jump_noise"] = (self.s_noise * a_top * torch.sqrt(s_top * s_top - s_j * s_j))[None]
-        tables["restart/segment"] = segment_of
-        tables["restart/after"] = after
-        tables["restart/intervals"] = list(layout.intervals)
+        tables["restart/segment"] = Plan(segment_of)
+        tables["restart/after"] = Plan(after)
+        tables["restart/intervals"] = Plan(layout.intervals)
         return tables
 
     def step(self, k, x, ctx):
@@ -458,7 +473,7 @@ class Restart(Solver):
             draw = 0
             for i in restarts:
                 prefix = f"restart{i}/"
-                inner_ctx = _PassContext(ctx, prefix, outer_step=k, stage_prefix=prefix)
+                inner_ctx = _PassContext(ctx, prefix, pass_times=ctx.plan(prefix + "times")[0])
                 iv = ctx.plan("restart/intervals")[i]
                 jump_x, jump_noise = ctx.coef(prefix + "jump_x", 0), ctx.coef(prefix + "jump_noise", 0)
                 for _ in range(iv.n_restarts):

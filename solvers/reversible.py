@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Solver
+from .base import Plan, Solver
 from .tableau import TABLEAUX as ALL_TABLEAUX
 
 __all__ = ["Reversible", "TABLEAUX"]
@@ -254,7 +254,7 @@ class Reversible(Solver):
                 tables[f"{d}_z"] = w1 * root_h
         # the driver casts tables to the states' dtype; a list is handed through untouched (a "plan"),
         # so float32 runs find the float64 originals here (see float64_context)
-        tables[_FLOAT64_PLAN] = [dict(tables)]
+        tables[_FLOAT64_PLAN] = Plan([dict(tables)])
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
@@ -349,7 +349,7 @@ class Reversible(Solver):
             return self._step_float64(k, x, ctx)
         x_hat = ctx.scratch("reversible_x_hat")
         if k == 0:
-            state = getattr(ctx, "solver_state", None)
+            state = ctx.solver_state
             x_hat.copy_(state["x_hat"] if state else x)
         slopes, z = self._slopes(k, x_hat, ctx, "f")
         x = self._add_increment(x.mul_(ctx.coef("x_x", k)).addcmul_(ctx.coef("x_hat", k), x_hat),
@@ -361,7 +361,7 @@ class Reversible(Solver):
     def _step_float64(self, k, x, ctx):
         run = self._float64_run(ctx)
         if k == 0:
-            state = getattr(ctx, "solver_state", None)
+            state = ctx.solver_state
             run["pair"] = (x.to(torch.float64), (state["x_hat"] if state else x).to(torch.float64))
         run["pair"] = self.forward_step(k, *run["pair"], self.float64_context(ctx, x))
         ctx.scratch("reversible_x_hat").copy_(run["pair"][1])  # the run's dtype, for read_state

@@ -9,7 +9,7 @@ import torch
 
 from sde import DirichletSDE, check_eta
 
-from .base import Solver
+from .base import Plan, Solver
 
 __all__ = ["JacobiEulerMaruyama"]
 
@@ -77,7 +77,7 @@ class JacobiEulerMaruyama(Solver):
         h = (times[:-1] - times[1:]) * dilation
         noise = self.eta * torch.sqrt(h)
         noise[-1] = 0.0  # no noise on the last step: the output is the mean of the final transition
-        return {"h": h, "noise": noise, "noisy": [self.stochastic] * (h.shape[0] - 1) + [False]}
+        return {"h": h, "noise": noise, "noisy": Plan([self.stochastic] * (h.shape[0] - 1) + [False])}
 
     def step(self, k, v, ctx):
         if k == 0:

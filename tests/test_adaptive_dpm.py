@@ -14,7 +14,7 @@ import torch
 
 from conftest import F64, MIXTURE, GaussianNet, GaussianX0Net, gaussian_flow, make_sde, mixture_problem, rms
 from samplers import Model, NonFiniteError, sample
-from solvers import AdaptiveDPMSolver, StepSizeError
+from solvers import AdaptiveDPMSolver, Solver, SolverBase, StepSizeError
 
 MU, S = 0.7, 0.5
 
@@ -164,8 +164,8 @@ def test_driver_arguments():
         sample(model, solver, shape=(2, 2), grid=torch.tensor([1.0, 0.5, 0.1]))
     with pytest.raises(ValueError, match="callback is not supported"):
         sample(model, solver, shape=(2, 2), callback=lambda info: None)
-    with pytest.raises(TypeError, match="adaptive"):
-        solver.prepare(model, torch.zeros(3, 1))
+    # an adaptive solver is a solver of its own kind: no fixed-grid prepare/step to call by mistake
+    assert isinstance(solver, SolverBase) and not isinstance(solver, Solver) and not hasattr(solver, "prepare")
     x, info = sample(model, solver, shape=(3, 2), dtype=torch.float32, return_info=True)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert info.nfe_per_sample.shape == (3,) and info.steps == int(info.accepted_per_sample.max())
@@ -208,3 +208,18 @@ def test_x0_hooks():
     assert "thresholding=DynamicThresholding" in repr(AdaptiveDPMSolver(thresholding=True))
     with pytest.raises(ValueError, match="need predict='data'"):
         AdaptiveDPMSolver(predict="noise", thresholding=True)
+
+
+def test_one_landing_rule_and_one_first_step_for_every_adaptive_solver():
+    """AdaptiveDPMSolver, AdaptiveEM and AdaptiveODE share the loop and its two constants: a step within
+    1e-10 max(|end|, 1) of the end lands on it; the first step out of alpha = 0 reaches lambda = log(2 atol)/2."""
+    from solvers import AdaptiveEM, AdaptiveODE
+    from solvers.adaptive import AdaptiveSolver, first_log_snr, lands_on_end
+
+    end = torch.tensor([1.0, -30.0], dtype=torch.float64)
+    assert lands_on_end(end - 0.5e-10 * end.abs(), end).all()
+    assert not lands_on_end(end - 1e-8 * end.abs(), end).any()
+    assert lands_on_end(torch.tensor([0.1 + 1e-11]), torch.tensor([0.1]), direction=-1.0).all()
+    assert first_log_snr(1e-4) == 0.5 * math.log(2e-4) and first_log_snr(0.0) == -5.0
+    for solver in (AdaptiveDPMSolver(), AdaptiveEM(), AdaptiveODE()):
+        assert isinstance(solver, AdaptiveSolver) and type(solver).per_sample_loop is AdaptiveSolver.per_sample_loop

@@ -481,3 +481,56 @@ def test_net_returning_its_input_is_not_corrupted():
     out = sample(model, Euler(), x_T=x_T, grid=torch.tensor([80.0, 40.0], dtype=F64), final_denoise=False)
     assert torch.allclose(out, x_T + (-40.0) * x_T)
     assert math.isfinite(out.sum().item())
+
+
+def test_solver_contract_declared_with_defaults():
+    """What the driver and the kernels ask of a solver is declared on the base classes, with defaults."""
+    from solvers import AdaptiveDPMSolver, Plan, Solver, SolverBase, kernels
+
+    class Minimal(Solver):
+        def prepare(self, model, times):
+            return {"x": torch.ones(times.shape[0] - 1, times.shape[1]), "orders": Plan([1] * (times.shape[0] - 1))}
+
+        def step(self, k, x, ctx):
+            assert ctx.plan("orders")[k] == 1 and ctx.solver_state is None and set(ctx.tables) == {"x"}
+            return x.mul_(ctx.coef("x", k))
+
+    solver = Minimal()
+    assert (solver.hooks, solver.state_names, solver.draw_end, solver.adaptive) == (None, (), 0, False)
+    assert solver.steps_for_nfe(11) == 10 and solver.steps_for_nfe(1) == 0
+    with pytest.raises(kernels.KernelUnsupported, match="Minimal has no fused kernel"):
+        solver.fused_step()
+    x, info = sample(vp_model(), solver, shape=(2, 3), steps=4, final_denoise=False, return_info=True)
+    assert info.solver_state is None and info.nfe == 0
+    adaptive = AdaptiveDPMSolver()
+    assert isinstance(adaptive, SolverBase) and not isinstance(adaptive, Solver) and adaptive.adaptive
+
+
+def test_tables_and_plans_are_told_apart_by_type():
+    class ListTable(Euler):
+        def prepare(self, model, times):
+            return {**super().prepare(model, times), "orders": [1] * (times.shape[0] - 1)}
+
+    with pytest.raises(TypeError, match="prepare returned a list under 'orders'.*solvers.Plan"):
+        sample(vp_model(), ListTable(), shape=(2, 3), steps=4)
+
+    class Misspelt(Euler):
+        def step(self, k, x, ctx):
+            return x.mul_(ctx.coef("no_such_table", k))
+
+    with pytest.raises(KeyError, match="no coefficient table 'no_such_table'"):
+        sample(vp_model(), Misspelt(), shape=(2, 3), steps=4)
+
+
+def test_model_output_calls_the_network_at_given_times():
+    """ctx.model_output(x, t) equals ctx.output at the grid point of the same time."""
+    from samplers.noise import NoiseSource
+    from samplers.sample import fixed_grid_context
+
+    model = vp_model()
+    times = grid(model.sde, 4)[:, None]
+    x = torch.randn(3, 2, dtype=torch.float64)
+    ctx = fixed_grid_context(model, Euler(), x, times, {}, NoiseSource(0, 3), torch.float64)
+    t = times[2].clone()
+    assert torch.equal(ctx.model_output(x, t), ctx.output(x, 2)) and ctx.nfe == 2
+    assert torch.equal(ctx.model_output(x, t), ctx.output(x, 2)) and ctx.nfe == 4

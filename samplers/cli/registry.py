@@ -13,7 +13,7 @@ from typing import Callable
 
 import solvers
 from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
-from solvers import Euler, EulerMaruyama, Heun, Solver
+from solvers import Euler, EulerMaruyama, Heun, Solver, SolverBase
 
 from ..model import Model
 
@@ -72,14 +72,14 @@ def ORDER_MIXTURE():  # noqa: N802 - a constant, built on call
 #: solvers run besides those that construct from ``solvers.__all__`` with no arguments;
 #: add a (label or None, factory) pair here for a parametrised variant.  The label defaults
 #: to the solver's repr; a solver whose repr is already in the list is not run twice.
-EXTRA_SOLVERS: list[tuple[str | None, Callable[[], Solver]]] = [
+EXTRA_SOLVERS: list[tuple[str | None, Callable[[], SolverBase]]] = [
     (None, lambda: EulerMaruyama(eta=1.0)),
     (None, lambda: Euler()),
     (None, lambda: Heun()),
     (None, lambda: Heun(eta=1.0)),
 ]
 
-_BASE_NAMES = ("Solver", "StepContext")
+_BASE_NAMES = ("SolverBase", "Solver", "StepContext")
 
 
 def _constructs_without_arguments(cls) -> bool:
@@ -91,7 +91,7 @@ def _constructs_without_arguments(cls) -> bool:
                for p in sig.parameters.values())
 
 
-def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
+def solver_factories() -> list[tuple[str, Callable[[], SolverBase]]]:
     """(label, factory) for every solver the demo runs.
 
     Every :class:`solvers.Solver` subclass exported by ``solvers.__all__`` that constructs with
@@ -101,18 +101,18 @@ def solver_factories() -> list[tuple[str, Callable[[], Solver]]]:
     dropped.
     """
     gaussian = VPSDE()
-    candidates: list[tuple[str | None, Callable[[], Solver]]] = []
+    candidates: list[tuple[str | None, Callable[[], SolverBase]]] = []
     for name in getattr(solvers, "__all__", []):
         if name in _BASE_NAMES:
             continue
         obj = getattr(solvers, name, None)
-        if not (isinstance(obj, type) and issubclass(obj, Solver)) or inspect.isabstract(obj):
+        if not (isinstance(obj, type) and issubclass(obj, SolverBase)) or inspect.isabstract(obj):
             continue
         if _constructs_without_arguments(obj):
             candidates.append((None, obj))
     candidates.extend(EXTRA_SOLVERS)
 
-    out: list[tuple[str, Callable[[], Solver]]] = []
+    out: list[tuple[str, Callable[[], SolverBase]]] = []
     seen: set[str] = set()
     for label, factory in candidates:
         # a solver whose defaults do not construct is a bug to see, not a solver to leave out quietly
@@ -169,13 +169,10 @@ def quality_solvers():
     return out
 
 
-def steps_for_nfe(solver: Solver, nfe: int, final_denoise: bool = True) -> int:
-    """The most steps whose network calls (``nfe_per_step`` each, + 1 final denoise) fit in ``nfe``;
-    0 when not even one step fits."""
-    if hasattr(solver, "steps_for_nfe"):  # a fixed cost besides the steps (Restart's passes)
-        return solver.steps_for_nfe(nfe, final_denoise)
-    per_step = max(int(getattr(solver, "nfe_per_step", 1)), 1)
-    return max((int(nfe) - int(bool(final_denoise))) // per_step, 0)
+def steps_for_nfe(solver: SolverBase, nfe: int, final_denoise: bool = True) -> int:
+    """The most steps whose network calls fit in ``nfe``: the solver's own rule
+    (:meth:`solvers.SolverBase.steps_for_nfe`); 0 when not even one step fits."""
+    return solver.steps_for_nfe(nfe, final_denoise)
 
 
 # -- the sample command's solver names -----------------------------------------------------------------
