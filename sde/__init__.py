@@ -11,6 +11,7 @@ from .gaussian import (
     VPSDE,
 )
 from .parametrization import PREDICTIONS, conversion
+from . import validation
 
 __all__ = [
     "SDE",
