@@ -77,10 +77,10 @@ def check_flag(name: str, value, owner: str | None = None) -> bool:
 
 
 def check_choice(name: str, value, choices: Iterable, owner: str | None = None, *, why: str = ""):
-    """One of ``choices``: the same object, or an equal str/int/float (so a tensor, or True for 1,
+    """One of ``choices``: the same object, or an equal str/int/float/tuple (so a tensor, or True for 1,
     is refused rather than compared)."""
     choices = tuple(choices)
-    plain = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    plain = isinstance(value, (str, int, float, tuple)) and not isinstance(value, bool)
     ok = any(value is c or (plain and value == c) for c in choices)
     if not ok:
         allowed = ", ".join(repr(c) for c in choices)
