@@ -37,9 +37,9 @@ def _variants():
 
     out = [
         (None, lambda: DPMSolver(3)),
-        (None, lambda: DPMSolver(2, "noise")),
-        (None, lambda: DPMSolver(2, method="singlestep")),
-        (None, lambda: DPMSolver(3, method="singlestep")),
+        (None, lambda: DPMSolver(2, "eps")),
+        (None, lambda: DPMSolver(2, variant="singlestep")),
+        (None, lambda: DPMSolver(3, variant="singlestep")),
         (None, lambda: AdaptiveDPMSolver((1, 2))),
         (None, lambda: DPMSolverSDE(2, "heun")),
         (None, lambda: DPMSolverSDE(3)),

@@ -250,7 +250,7 @@ def agreement_solvers():
     from solvers import DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun
 
     return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(1), DPMSolver(2), DPMSolver(3),
-            DPMSolver(2, predict="noise"), DPMSolverSDE(2), DPMSolverSDE(3, solver_type="heun"), ERSDE(1), ERSDE(3)]
+            DPMSolver(2, predicts="eps"), DPMSolverSDE(2), DPMSolverSDE(3, variant="heun"), ERSDE(1), ERSDE(3)]
 
 
 def kernel_agreement(solver, state_dtype, out_dtype, *, shape=(4, 3, 32, 32), steps=12, check_steps=4,

@@ -191,7 +191,7 @@ def test_bad_arguments(kwargs, message):
 
 def test_x0_hooks():
     """An identity correct_x0 changes nothing and sees every estimate at its per-sample times;
-    thresholding bounds the result of an x0 net that overshoots; hooks need predict='data'."""
+    thresholding bounds the result of an x0 net that overshoots; hooks need predicts='x0'."""
     sde = make_sde("VP")
     x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
     net = GaussianX0Net(sde, MU, S, record_times=True)
@@ -211,5 +211,5 @@ def test_x0_hooks():
     x = sample(overshoot, AdaptiveDPMSolver(thresholding=True), x_T=x_T, dtype=F64)
     assert torch.allclose(x, torch.ones_like(x))
     assert "thresholding=DynamicThresholding" in repr(AdaptiveDPMSolver(thresholding=True))
-    with pytest.raises(ValueError, match="need predict='data'"):
-        AdaptiveDPMSolver(predict="noise", thresholding=True)
+    with pytest.raises(ValueError, match="need predicts='x0'"):
+        AdaptiveDPMSolver(predicts="eps", thresholding=True)

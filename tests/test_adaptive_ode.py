@@ -351,9 +351,9 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_repr_and_attributes():
-    assert repr(AdaptiveODE()) == "AdaptiveODE(method='dopri5')"
+    assert repr(AdaptiveODE()) == "AdaptiveODE(tableau='dopri5')"
     assert repr(AdaptiveODE("bosh3", rtol=1e-3, variable="t", h_init=0.01)) == \
-        "AdaptiveODE(method='bosh3', rtol=0.001, variable='t', h_init=0.01)"
+        "AdaptiveODE(tableau='bosh3', rtol=0.001, variable='t', h_init=0.01)"
     solver = AdaptiveODE()
     assert solver.adaptive and not solver.stochastic and solver.gaussian_only and solver.order == 5
     other = solver.with_tolerance(1e-3, 1e-4)

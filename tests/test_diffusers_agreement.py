@@ -1,5 +1,5 @@
-"""Agreement with diffusers: our DPMSolver(order=2, predict="data") (DPM-Solver++ 2M) equals
-DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
+"""Agreement with diffusers: our DPMSolver(order=2, predicts="x0") (DPM-Solver++ 2M) equals
+DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, variant="midpoint")
 on the same discrete DDPM schedule, the same timesteps and the same eps network, in float64.
 
 Correspondence.  diffusers' S timesteps n_0 > ... > n_{S-1} are our grid t_k = (n_k + 1)/N
@@ -77,7 +77,7 @@ def float64_timesteps(sched, steps: int, final_sigma_zero: bool) -> torch.Tensor
 def diffusers_sample(steps: int, x_T: torch.Tensor, order: int = 2, float64: bool = True):
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=N, trained_betas=BETAS.tolist(), algorithm_type="dpmsolver++", solver_order=order,
-        solver_type="midpoint", prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
+        variant="midpoint", prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
         euler_at_final=False, thresholding=False, timestep_spacing="linspace",
     )
     if float64:
@@ -97,7 +97,7 @@ def our_sample(timesteps: torch.Tensor, x_T: torch.Tensor, order: int = 2):
     model = Model(eps_net, sde, predicts="eps", time_input="discrete")
     times = (timesteps.to(F64) + 1.0) / N
     assert bool((times[1:] < times[:-1]).all()) and times.min() >= 1.0 / N and times.max() <= 1.0
-    return sample(model, DPMSolver(order=order, predict="data"), x_T=x_T, grid=times, final_denoise=True,
+    return sample(model, DPMSolver(order=order, predicts="x0"), x_T=x_T, grid=times, final_denoise=True,
                   dtype=F64)
 
 

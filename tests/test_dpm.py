@@ -1,4 +1,4 @@
-"""DPMSolver: multistep DPM-Solver (predict="noise") and DPM-Solver++ (predict="data"), float64.
+"""DPMSolver: multistep DPM-Solver (predicts="eps") and DPM-Solver++ (predicts="x0"), float64.
 
 Convergence orders are measured as in test_convergence.py: pathwise error at t_min against the
 exact probability-flow map from the same x_T, least-squares slope of log error against log N.
@@ -165,12 +165,12 @@ def test_per_sample_grids():
 
 
 def test_attributes_and_repr():
-    s = DPMSolver(order=2, predict="data")
+    s = DPMSolver(order=2, predicts="x0")
     assert isinstance(s, Solver) and s.gaussian_only and not s.stochastic
     assert (s.order, s.nfe_per_step) == (2, 1)
-    assert repr(s) == "DPMSolver(order=2, predict='data')"
-    assert repr(DPMSolver(3, "noise", lower_order_final=False)) == \
-        "DPMSolver(order=3, predict='noise', lower_order_final=False)"
+    assert repr(s) == "DPMSolver(order=2, predicts='x0')"
+    assert repr(DPMSolver(3, "eps", lower_order_final=False)) == \
+        "DPMSolver(order=3, predicts='eps', lower_order_final=False)"
     assert DPMSolver(1).order == 1 and DPMSolver(3).order == 3
 
 
@@ -246,7 +246,7 @@ def test_singlestep_matches_the_formulas(sde_name, kind, order, predict):
     times = grid(sde, 7, kind)
     net = MIXTURE.net(sde, "x0")
     expected = singlestep_reference(net, sde, x_T, times, order, predict)
-    got = sample(Model(net, sde, predicts="x0"), DPMSolver(order, predict, method="singlestep"), x_T=x_T,
+    got = sample(Model(net, sde, predicts="x0"), DPMSolver(order, predict, variant="singlestep"), x_T=x_T,
                  grid=times, final_denoise=False, dtype=F64)
     assert torch.allclose(got, expected, rtol=1e-11, atol=1e-11 * sde.prior_std), rms(got, expected)
 
@@ -257,7 +257,7 @@ def test_singlestep_orders_mixture(sde_name, predict):
     sde, x_T, reference = mixture_problem(sde_name)
     model = Model(MIXTURE.net(sde, "x0"), sde, predicts="x0")
     for order, steps in ((2, [16, 32, 64, 128]), (3, [32, 64, 128, 256])):
-        errors = errors_for(model, DPMSolver(order, predict, method="singlestep"), x_T, reference, sde, "log_snr",
+        errors = errors_for(model, DPMSolver(order, predict, variant="singlestep"), x_T, reference, sde, "log_snr",
                             steps)
         slope = fitted_order(steps, errors)
         assert abs(slope - order) <= TOL, (order, slope, errors)
@@ -268,7 +268,7 @@ def test_singlestep_nfe_and_rectified_flow_start(order):
     """NFE = order per step; on rectified flow the step from t = 1 (alpha = 0) is the exact-limit first
     order step (one call), and the result still converges to the exact flow."""
     net_vp = GaussianX0Net(make_sde("VP"), MU, S)
-    _, info = sample(Model(net_vp, net_vp.sde, predicts="x0"), DPMSolver(order, method="singlestep"),
+    _, info = sample(Model(net_vp, net_vp.sde, predicts="x0"), DPMSolver(order, variant="singlestep"),
                      shape=(3, 2), steps=5, dtype=F64, return_info=True)
     assert info.nfe == order * 5 + 1 and net_vp.calls == info.nfe
     sde = make_sde("RectifiedFlow")
@@ -278,7 +278,7 @@ def test_singlestep_nfe_and_rectified_flow_start(order):
     errors = []
     for n in (16, 32, 64):
         net.calls = 0
-        x = sample(Model(net, sde, predicts="x0"), DPMSolver(order, method="singlestep"), x_T=x_T, steps=n,
+        x = sample(Model(net, sde, predicts="x0"), DPMSolver(order, variant="singlestep"), x_T=x_T, steps=n,
                    final_denoise=False, dtype=F64)
         assert net.calls == order * n - (order - 1)
         errors.append(rms(x, reference))
@@ -286,9 +286,9 @@ def test_singlestep_nfe_and_rectified_flow_start(order):
 
 
 def test_singlestep_repr_and_nfe_per_step():
-    assert DPMSolver(3, method="singlestep").nfe_per_step == 3
-    assert repr(DPMSolver(2, "noise", method="singlestep")) == \
-        "DPMSolver(order=2, predict='noise', method='singlestep')"
+    assert DPMSolver(3, variant="singlestep").nfe_per_step == 3
+    assert repr(DPMSolver(2, "eps", variant="singlestep")) == \
+        "DPMSolver(order=2, predicts='eps', variant='singlestep')"
     with pytest.raises(ValueError, match="method must be 'multistep' or 'singlestep'"):
         DPMSolver(method="single")
 
@@ -343,8 +343,8 @@ def test_dynamic_thresholding_clips_the_x0_estimate():
 def test_hook_arguments_are_checked():
     from solvers import DynamicThresholding
 
-    with pytest.raises(ValueError, match="need predict='data'"):
-        DPMSolver(predict="noise", thresholding=True)
+    with pytest.raises(ValueError, match="need predicts='x0'"):
+        DPMSolver(predicts="eps", thresholding=True)
     with pytest.raises(ValueError, match="thresholding must be"):
         DPMSolver(thresholding="yes")
     with pytest.raises(ValueError, match="correct_x0 must be a callable"):

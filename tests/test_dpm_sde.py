@@ -10,7 +10,7 @@
   ~1e-15 with the factor 2 and the corrected sign.
 - a reference written from the formulas (k-diffusion's r0, r1, D1_0, D1_1 form generalised to any
   alpha, any eta), on every Gaussian SDE, nonlinear (mixture) data, the same keyed noise.
-- eta = 0 is DPMSolver(order, predict="data") (and the heun 2M the ODE DPM-Solver++ heun).
+- eta = 0 is DPMSolver(order, predicts="x0") (and the heun 2M the ODE DPM-Solver++ heun).
 - weak order on Gaussian data N(mu, s^2) with the exact denoiser: the chain is linear, so its exact
   mean/variance follow a recurrence (3 lagged states for the multistep history); the sampler's
   Monte Carlo moments must match it to 5 standard errors (a 2% wrong noise scale is > 15 off), and
@@ -168,7 +168,7 @@ def diffusers_sample(module, agreement, steps, x_T, order, solver_type, seed, al
     N, BETAS = agreement.N, agreement.BETAS
     sched = module.DPMSolverMultistepScheduler(
         num_train_timesteps=N, trained_betas=BETAS.tolist(), algorithm_type=algorithm, solver_order=order,
-        solver_type=solver_type, prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
+        variant=solver_type, prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
         euler_at_final=False, thresholding=False, timestep_spacing="linspace",
     )
     timesteps = agreement.float64_timesteps(sched, steps, final_sigma_zero=True)
@@ -499,10 +499,10 @@ def test_step_orders_and_nfe():
 def test_attributes_and_repr():
     s = DPMSolverSDE()
     assert isinstance(s, Solver) and s.gaussian_only and s.stochastic
-    assert (s.order, s.solver_order, s.nfe_per_step, s.eta) == (1, 2, 1, 1.0)
-    assert repr(s) == "DPMSolverSDE(order=2, solver_type='midpoint', eta=1)"
+    assert (s.order, s.order, s.nfe_per_step, s.eta) == (1, 2, 1, 1.0)
+    assert repr(s) == "DPMSolverSDE(order=2, variant='midpoint', eta=1)"
     assert repr(DPMSolverSDE(3, "heun", eta=0.5, lower_order_final=False)) == \
-        "DPMSolverSDE(order=3, solver_type='heun', eta=0.5, lower_order_final=False)"
+        "DPMSolverSDE(order=3, variant='heun', eta=0.5, lower_order_final=False)"
     assert "thresholding=DynamicThresholding" in repr(DPMSolverSDE(thresholding=True))
     ode = DPMSolverSDE(3, eta=0)
     assert not ode.stochastic and ode.order == 3  # the ODE solver: its pathwise order
@@ -518,7 +518,7 @@ def test_bad_order(order):
 @pytest.mark.parametrize("solver_type", ["Midpoint", "taylor", "bh2", None, 1])
 def test_bad_solver_type(solver_type):
     with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun'"):
-        DPMSolverSDE(solver_type=solver_type)
+        DPMSolverSDE(variant=solver_type)
 
 
 @pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf"), True, "1", None])

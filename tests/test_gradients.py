@@ -46,8 +46,8 @@ def _central_difference(f, eps):
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
-@pytest.mark.parametrize("solver", [Reversible("heun", predict="noise"), Reversible("euler", predict="data"),
-                                    Reversible(stochastic=True)], ids=repr)
+@pytest.mark.parametrize("solver", [Reversible("heun", predicts="eps"), Reversible("euler", predicts="x0"),
+                                    Reversible(eta=1)], ids=repr)
 def test_gradients_match_finite_differences(sde_name, solver):
     sde, net, model, x_T, weights, direction = _setup(sde_name)
     steps = 12
@@ -72,7 +72,7 @@ def test_gradients_match_finite_differences(sde_name, solver):
         assert abs(float(net.scale.grad) - fd_scale) < 1e-6 * abs(fd_scale), (mode, float(net.scale.grad), fd_scale)
 
 
-@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(stochastic=True)], ids=repr)
+@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(eta=1)], ids=repr)
 def test_memory_constant_mode_equals_backprop(solver):
     """Same gradients for x_T, x_hat_T, a parameter and a conditioning tensor, and the final x_hat."""
     sde, net, model, x_T, weights, _ = _setup("VP")
@@ -215,7 +215,7 @@ def test_errors():
     with pytest.raises(ValueError, match="mode='backprop' differentiates through solvers.Reversible"):
         sample_grad(model, Euler(), x_T, steps=3, mode="backprop")
     with pytest.raises(ValueError, match="mode='adjoint' knows the drift of"):
-        sample_grad(model, Reversible(stochastic=True), x_T, steps=3, mode="adjoint")
+        sample_grad(model, Reversible(eta=1), x_T, steps=3, mode="adjoint")
     with pytest.raises(ValueError, match="x_hat_T/return_state concern solvers.Reversible"):
         sample_grad(model, Euler(), x_T, steps=3, x_hat_T=x_T)
     with pytest.raises(ValueError, match="x_T must be float32 or float64"):
@@ -252,7 +252,7 @@ def test_float32_runs_carry_the_pair_in_float64(sde_name):
     memory-constant mode's rebuilt pair still gives backprop's gradient for Rex's SDE, whose inverse has no
     float32 digits (with the pair in float32 the two gradients differed by 100%)."""
     sde, net, model, x_T, weights, _ = _setup(sde_name)
-    solver = Reversible(stochastic=True)
+    solver = Reversible(eta=1)
     x32 = x_T.float()
     out = sample_grad(model, solver, x32, steps=30, seed=3, final_denoise=False)
     assert out.dtype == torch.float32

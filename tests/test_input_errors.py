@@ -180,14 +180,14 @@ def test_adaptive_dpm_refuses_an_eps_network_at_alpha_zero_like_the_fixed_grid_s
     net = ScaleNet()
     model = Model(net, sde, predicts="eps")
     singular = r"has a non-finite coefficient .*; the SDE or the model's parametrisation is singular there"
-    with pytest.raises(ValueError, match=r"DPMSolver\(order=2, predict='data'\): the step from t=1 .*" + singular):
+    with pytest.raises(ValueError, match=r"DPMSolver\(order=2, predicts='x0'\): the step from t=1 .*" + singular):
         sample(model, DPMSolver(2), shape=(2, 3), steps=4)
-    with pytest.raises(ValueError, match=r"AdaptiveDPMSolver\(order=\(2, 3\), predict='data'\): sample 0: the step "
+    with pytest.raises(ValueError, match=r"AdaptiveDPMSolver\(order=\(2, 3\), predicts='x0'\): sample 0: the step "
                                          r"from t=1 to t=\S+ has a non-finite coefficient 'conv_x'; .*singular there"):
         sample(model, AdaptiveDPMSolver(), shape=(2, 3))
     # the noise form is singular there for any network: alpha_t / alpha_s from alpha_s = 0
     with pytest.raises(ValueError, match=r"sample 0: the step from t=1 .* non-finite coefficient 'x'; .*singular"):
-        sample(Model(net, sde, predicts="x0"), AdaptiveDPMSolver(predict="noise"), shape=(2, 3))
+        sample(Model(net, sde, predicts="x0"), AdaptiveDPMSolver(predicts="eps"), shape=(2, 3))
     assert net.calls == 0
     # below t = 1 it runs
     out = sample(model, AdaptiveDPMSolver(), x_T=torch.zeros(2, 3), grid=torch.tensor([0.99, 1e-3]))

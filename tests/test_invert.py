@@ -36,7 +36,7 @@ def test_ode_round_trip_is_exact(sde_name, base):
     1e-7 / 2e-7 relative in float32 (whose pair is carried in float64)."""
     sde = _model(sde_name).sde
     for dtype, bound, relative in ((F64, 1e-9, False), (torch.float32, 1e-4, True)):
-        err, rel = example.round_trip_error(sde, Reversible(base, predict="noise"), dtype, steps=50, batch=32)
+        err, rel = example.round_trip_error(sde, Reversible(base, predicts="eps"), dtype, steps=50, batch=32)
         assert (rel if relative else err) < bound, (dtype, err, rel)
 
 
@@ -62,8 +62,8 @@ def test_data_form_and_sde_round_trips(sde_name):
     solvers.reversible), measured relative errors in float64 are 9e-12 / 2.5e-11 (ODE, VP / VE) and
     9e-6 / 4e-7 (SDE).  The float32 SDE round trip has no correct digits; these bounds record what holds."""
     sde = _model(sde_name).sde
-    _, rel_ode = example.round_trip_error(sde, Reversible(predict="data"), F64, steps=50, batch=32)
-    _, rel_sde = example.round_trip_error(sde, Reversible(stochastic=True), F64, steps=50, batch=32)
+    _, rel_ode = example.round_trip_error(sde, Reversible(predicts="x0"), F64, steps=50, batch=32)
+    _, rel_sde = example.round_trip_error(sde, Reversible(eta=1), F64, steps=50, batch=32)
     assert rel_ode < 1e-9, rel_ode
     assert rel_sde < 1e-4, rel_sde
 
@@ -136,9 +136,9 @@ def test_inverse_multistep_orders_are_those_of_the_forward_grid():
     x0 = problems.mixture_2d().sample(8, generator=torch.Generator().manual_seed(2))
     latent = {repr(s): invert(model, s, x0, steps=20, grid_kind="log_snr").x_T
               for s in (DPMSolver(1), DPMSolver(3), DPMSolver(3, lower_order_final=False))}
-    torch.testing.assert_close(latent["DPMSolver(order=3, predict='data')"],
-                               latent["DPMSolver(order=3, predict='data', lower_order_final=False)"], rtol=0, atol=0)
-    assert float((latent["DPMSolver(order=3, predict='data')"] - latent["DPMSolver(order=1, predict='data')"])
+    torch.testing.assert_close(latent["DPMSolver(order=3, predicts='x0')"],
+                               latent["DPMSolver(order=3, predicts='x0', lower_order_final=False)"], rtol=0, atol=0)
+    assert float((latent["DPMSolver(order=3, predicts='x0')"] - latent["DPMSolver(order=1, predicts='x0')"])
                  .abs().max()) > 1e-2
 
 
@@ -170,11 +170,11 @@ def test_unipc_corrects_every_step_but_long_data_form_steps_towards_noise():
     assert UniPC(variant="bh1").corrected_steps(back[:, None].expand(5, 3)).tolist() == [False, True, False, True,
                                                                                           False]
     assert UniPC().corrected_steps(-back).tolist() == [True] * 4 + [False]
-    assert UniPC(predict="noise").corrected_steps(back).tolist() == [True] * 4 + [False]
+    assert UniPC(predicts="eps").corrected_steps(back).tolist() == [True] * 4 + [False]
     assert UniPC(corrector=False).corrected_steps(-back).tolist() == [False] * 5
 
 
-@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(stochastic=True)], ids=repr)
+@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(eta=1)], ids=repr)
 def test_inverting_data_regenerates_it(solver):
     """Data that no run produced: its inversion (x_hat_0 = x0) regenerates it through sample(solver_state=)."""
     model = _model("VP")

@@ -98,7 +98,7 @@ def test_data_std_weight_is_exact_for_its_gaussian(sde_name, base):
     assert float((x0 - exact).abs().max()) < 1e-12
     rex = sample(model, Reversible(base), x_T=x_T, grid=times, final_denoise=False)
     assert float((rex - exact).abs().max()) > 1e-2
-    x = sample(model, Reversible(base, stochastic=True, data_std=c), shape=(20000, 1), steps=5, seed=4, dtype=F64,
+    x = sample(model, Reversible(base, eta=1, data_std=c), shape=(20000, 1), steps=5, seed=4, dtype=F64,
                final_denoise=False)
     assert abs(float(x.std()) / c - 1.0) < 0.03, float(x.std())
 
@@ -123,7 +123,7 @@ def test_sde_moments_match_the_data(sde_name):
     the Monte Carlo standard error of the variance is 2.5e-3)."""
     sde = VPSDE() if sde_name == "VP" else VESDE()
     model = Model(GaussianNet(sde, "eps"), sde, "eps")
-    x = sample(model, Reversible(stochastic=True), shape=(20000, 1), steps=50, seed=5, dtype=F64)
+    x = sample(model, Reversible(eta=1), shape=(20000, 1), steps=50, seed=5, dtype=F64)
     mean, var = float(x.mean()), float(x.var())
     assert abs(mean - 0.7) < 0.012, mean
     assert abs(var - 0.25) < 0.015, var
@@ -139,10 +139,10 @@ def test_default_form_samples_every_gaussian_sde(sde_name):
     model = Model(GaussianNet(sde, predicts), sde, predicts)
     solvers = [Reversible("heun"), Reversible("heun", data_std=1.0)]
     if sde_name != "RectifiedFlow":  # w = sigma^2/alpha is infinite where alpha = 0: refused with a clear error
-        solvers += [Reversible(stochastic=True), Reversible("heun", stochastic=True, data_std=1.0)]
+        solvers += [Reversible(eta=1), Reversible("heun", eta=1, data_std=1.0)]
     else:
         with pytest.raises(ValueError, match="non-finite coefficient"):
-            sample(model, Reversible(stochastic=True), shape=(4, 1), steps=8, dtype=F64)
+            sample(model, Reversible(eta=1), shape=(4, 1), steps=8, dtype=F64)
     for solver in solvers:
         x = sample(model, solver, shape=(4000, 1), steps=80, seed=2, dtype=F64)
         assert abs(float(x.mean()) - 0.7) < 0.03, (solver, float(x.mean()))
@@ -152,7 +152,7 @@ def test_default_form_samples_every_gaussian_sde(sde_name):
 def test_sde_noise_is_keyed_per_sample():
     sde = VPSDE()
     model = Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
-    solver = Reversible(stochastic=True)
+    solver = Reversible(eta=1)
     big = sample(model, solver, shape=(6, 2), steps=10, seed=[3, 4, 5, 6, 7, 8], dtype=F64)
     small = sample(model, solver, shape=(2, 2), steps=10, seed=[5, 6], sample_index=[2, 3], dtype=F64)
     torch.testing.assert_close(big[2:4], small, rtol=0, atol=1e-12)
@@ -183,15 +183,15 @@ def test_errors():
             Reversible(coupling=bad)
     with pytest.raises(ValueError, match="predict must be"):
         Reversible(predict="x0")
-    with pytest.raises(ValueError, match="predict='noise' with stochastic=True is unstable"):
-        Reversible(predict="noise", stochastic=True)
+    with pytest.raises(ValueError, match="predicts='eps' with stochastic=True is unstable"):
+        Reversible(predicts="eps", eta=1)
     with pytest.raises(TypeError, match="stochastic must be a bool"):
         Reversible(stochastic=1)
     for bad in (-0.5, float("inf"), float("nan"), True, "1"):
         with pytest.raises(ValueError, match="data_std must be a finite number >= 0"):
             Reversible(data_std=bad)
     with pytest.raises(ValueError, match="data_std applies to the data forms"):
-        Reversible(predict="noise", data_std=1.0)
+        Reversible(predicts="eps", data_std=1.0)
     sde = VPSDE()
     model = Model(problems.mixture_2d().net(sde, "eps"), sde, "eps")
     x_T = torch.zeros(3, 2, dtype=F64)
@@ -206,9 +206,9 @@ def test_errors():
 
 
 def test_repr_and_declarations():
-    s = Reversible("rk4", 0.9, predict="data", stochastic=True)
-    assert repr(s) == "Reversible(base='rk4', coupling=0.9, stochastic=True)"
-    assert repr(Reversible(predict="noise")) == "Reversible(base='euler', coupling=0.999, predict='noise')"
+    s = Reversible("rk4", 0.9, predicts="x0", eta=1)
+    assert repr(s) == "Reversible(tableau='rk4', coupling=0.9, eta=1)"
+    assert repr(Reversible(predicts="eps")) == "Reversible(tableau='euler', coupling=0.999, predicts='eps')"
     assert s.nfe_per_step == 8 and s.order == 1 and s.stochastic
     assert Reversible("heun").order == 2 and not Reversible().stochastic
-    assert repr(Reversible("heun", data_std=0.5)) == "Reversible(base='heun', coupling=0.999, data_std=0.5)"
+    assert repr(Reversible("heun", data_std=0.5)) == "Reversible(tableau='heun', coupling=0.999, data_std=0.5)"

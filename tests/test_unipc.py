@@ -46,7 +46,7 @@ def rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 # -- an independent reimplementation (paper / diffusers form) ------------------------------------------------------
 
 
-def reference_unipc(sde, net, x_T, times, order, variant="bh2", predict="data", corrector=True,
+def reference_unipc(sde, net, x_T, times, order, variant="bh2", predicts="x0", corrector=True,
                     lower_order_final=True):
     """UniPC on a 1-D grid, written as diffusers writes it: UniP-p from x_k, and at the start of
     step k the UniC correction of step k-1 recomputed from the kept state x_{k-1} with the new
@@ -172,7 +172,7 @@ def _diffusers_sample(steps, x_T, order, variant, predict_x0, lower_order_final=
                   "sample_max_value": thresholding.max_value}
     sched = UniPCMultistepScheduler(
         num_train_timesteps=N, trained_betas=BETAS.tolist(), solver_order=order, prediction_type="epsilon",
-        predict_x0=predict_x0, solver_type=variant, lower_order_final=lower_order_final,
+        predict_x0=predict_x0, variant=variant, lower_order_final=lower_order_final,
         final_sigmas_type="sigma_min", timestep_spacing="linspace", **kwargs)
     timesteps = float64_timesteps(sched, steps, final_sigma_zero=False)
     x = x_T.clone()
@@ -455,11 +455,11 @@ def test_rectified_flow_refusals_at_alpha_zero():
     with pytest.raises(ValueError, match="bh1"):
         sample(model, UniPC(2, "bh1"), shape=(2, 2), steps=8)
     with pytest.raises(ValueError, match="non-finite coefficient"):  # noise mode: alpha_t/alpha_s at alpha_s = 0
-        sample(model, UniPC(2, predict="noise"), shape=(2, 2), steps=8)
+        sample(model, UniPC(2, predicts="eps"), shape=(2, 2), steps=8)
     # below t = 1 both are fine
     times = grid(sde, 8, t_max=0.99)
     x = torch.randn(2, 2, generator=torch.Generator().manual_seed(11), dtype=F64)
-    for solver in (UniPC(2, "bh1"), UniPC(2, predict="noise")):
+    for solver in (UniPC(2, "bh1"), UniPC(2, predicts="eps")):
         assert torch.isfinite(sample(model, solver, x_T=x, grid=times, dtype=F64)).all()
     # and bh1 without the corrector has no fixed-1/2 corrector weight: finite from t = 1
     assert torch.isfinite(sample(model, UniPC(2, "bh1", corrector=False), shape=(2, 2), steps=8, dtype=F64)).all()
@@ -547,10 +547,10 @@ def test_correct_x0_replaces_the_estimate(order):
 
 
 def test_hooks_need_data_prediction():
-    with pytest.raises(ValueError, match="predict='data'"):
-        UniPC(predict="noise", thresholding=True)
-    with pytest.raises(ValueError, match="predict='data'"):
-        UniPC(predict="noise", correct_x0=lambda x0, t: x0)
+    with pytest.raises(ValueError, match="predicts='x0'"):
+        UniPC(predicts="eps", thresholding=True)
+    with pytest.raises(ValueError, match="predicts='x0'"):
+        UniPC(predicts="eps", correct_x0=lambda x0, t: x0)
 
 
 # -- plan, attributes, errors ---------------------------------------------------------------------------------------
@@ -582,12 +582,12 @@ def test_nfe_is_one_per_step(order, corrector):
 def test_attributes_and_repr():
     s = UniPC()
     assert isinstance(s, Solver) and s.gaussian_only and not s.stochastic and s.nfe_per_step == 1
-    assert (s.solver_order, s.variant, s.predict, s.corrector, s.lower_order_final) == (2, "bh2", "data", True, True)
+    assert (s.order, s.variant, s.predict, s.corrector, s.lower_order_final) == (2, "bh2", "data", True, True)
     assert s.order == 3  # UniC raises the order by one
     assert UniPC(3).order == 4 and UniPC(3, corrector=False).order == 3 and UniPC(1).order == 2
-    assert repr(UniPC(order=2)) == "UniPC(order=2, variant='bh2', predict='data')"
-    assert repr(UniPC(3, "bh1", "noise", corrector=False, lower_order_final=False)) == \
-        "UniPC(order=3, variant='bh1', predict='noise', corrector=False, lower_order_final=False)"
+    assert repr(UniPC(order=2)) == "UniPC(order=2, variant='bh2', predicts='x0')"
+    assert repr(UniPC(3, "bh1", "eps", corrector=False, lower_order_final=False)) == \
+        "UniPC(order=3, variant='bh1', predicts='eps', corrector=False, lower_order_final=False)"
     assert "thresholding=DynamicThresholding" in repr(UniPC(thresholding=True))
 
 
