@@ -83,8 +83,9 @@ def check_choice(name: str, value, choices: Iterable, owner: str | None = None, 
     plain = isinstance(value, (str, int, float, tuple)) and not isinstance(value, bool)
     ok = any(value is c or (plain and value == c) for c in choices)
     if not ok:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{_prefix(owner)}{name} must be one of {allowed}{why}, got {value!r}")
+        names = [repr(c) for c in choices]
+        allowed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise ValueError(f"{_prefix(owner)}{name} must be {allowed}{why}, got {value!r}")
     return value
 
 

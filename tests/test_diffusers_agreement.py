@@ -1,5 +1,5 @@
 """Agreement with diffusers: our DPMSolver(order=2, predicts="x0") (DPM-Solver++ 2M) equals
-DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, variant="midpoint")
+DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
 on the same discrete DDPM schedule, the same timesteps and the same eps network, in float64.
 
 Correspondence.  diffusers' S timesteps n_0 > ... > n_{S-1} are our grid t_k = (n_k + 1)/N
@@ -77,7 +77,7 @@ def float64_timesteps(sched, steps: int, final_sigma_zero: bool) -> torch.Tensor
 def diffusers_sample(steps: int, x_T: torch.Tensor, order: int = 2, float64: bool = True):
     sched = DPMSolverMultistepScheduler(
         num_train_timesteps=N, trained_betas=BETAS.tolist(), algorithm_type="dpmsolver++", solver_order=order,
-        variant="midpoint", prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
+        solver_type="midpoint", prediction_type="epsilon", final_sigmas_type="zero", lower_order_final=True,
         euler_at_final=False, thresholding=False, timestep_spacing="linspace",
     )
     if float64:

@@ -20,7 +20,7 @@ from test_convergence import MIXTURE, mixture_problem
 
 MU, S = 0.7, 0.5
 TOL = 0.2
-PREDICTS = ("data", "noise")
+PREDICTS = ("x0", "eps")
 
 
 def rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,9 +157,9 @@ def test_per_sample_grids():
     model = Model(GaussianX0Net(sde, MU, S), sde, predicts="x0")
     grids = torch.stack([grid(sde, 8, kind) for kind in ("log_snr", "uniform", "quadratic")], dim=1)
     for order in (2, 3):
-        together = sample(model, DPMSolver(order, "noise"), x_T=x_T, grid=grids, final_denoise=False, dtype=F64)
+        together = sample(model, DPMSolver(order, "eps"), x_T=x_T, grid=grids, final_denoise=False, dtype=F64)
         for b in range(3):
-            alone = sample(model, DPMSolver(order, "noise"), x_T=x_T[b:b + 1], grid=grids[:, b],
+            alone = sample(model, DPMSolver(order, "eps"), x_T=x_T[b:b + 1], grid=grids[:, b],
                            final_denoise=False, dtype=F64)
             assert torch.allclose(together[b:b + 1], alone, rtol=1e-13, atol=1e-14)
 
@@ -180,10 +180,18 @@ def test_bad_order(order):
         DPMSolver(order=order)
 
 
-@pytest.mark.parametrize("predict", ["x0", "eps", "Data", None])
-def test_bad_predict(predict):
-    with pytest.raises(ValueError, match="predict must be 'data'"):
-        DPMSolver(predict=predict)
+@pytest.mark.parametrize("predicts", ["v", "X0", "score", None, 1])
+def test_bad_predicts(predicts):
+    with pytest.raises(ValueError, match="predicts must be 'x0' or 'eps'"):
+        DPMSolver(predicts=predicts)
+
+
+@pytest.mark.parametrize("old, new", [("data", "x0"), ("noise", "eps")])
+def test_the_old_spelling_names_the_new_one(old, new):
+    with pytest.raises(ValueError, match=f"predicts='{old}' is spelt predicts='{new}'"):
+        DPMSolver(predicts=old)
+    with pytest.raises(TypeError, match="predict"):
+        DPMSolver(predict=new)
 
 
 # -- singlestep (2S, 3S) --------------------------------------------------------------------------
@@ -204,7 +212,7 @@ def singlestep_reference(net, sde, x_T, times, order, predict):
     for k in range(len(times) - 1):
         s, t = times[k], times[k + 1]
         h = lam(t) - lam(s)
-        if predict == "data":
+        if predict == "x0":
             d_s = D(x, s)
             if order == 2:
                 s1 = at(lam(s) + 0.5 * h)
@@ -289,15 +297,15 @@ def test_singlestep_repr_and_nfe_per_step():
     assert DPMSolver(3, variant="singlestep").nfe_per_step == 3
     assert repr(DPMSolver(2, "eps", variant="singlestep")) == \
         "DPMSolver(order=2, predicts='eps', variant='singlestep')"
-    with pytest.raises(ValueError, match="method must be 'multistep' or 'singlestep'"):
-        DPMSolver(method="single")
+    with pytest.raises(ValueError, match="variant must be 'multistep' or 'singlestep'"):
+        DPMSolver(variant="single")
 
 
 # -- data-prediction hooks ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, order", [("multistep", 1), ("multistep", 2), ("multistep", 3),
-                                           ("singlestep", 2), ("singlestep", 3)])
-def test_correct_x0_sees_every_estimate_and_its_time(method, order):
+@pytest.mark.parametrize("variant, order", [("multistep", 1), ("multistep", 2), ("multistep", 3),
+                                            ("singlestep", 2), ("singlestep", 3)])
+def test_correct_x0_sees_every_estimate_and_its_time(variant, order):
     """An identity correct_x0 changes nothing and is called once per network call at that call's time;
     a shifting one changes the result."""
     sde = make_sde("VP")
@@ -310,15 +318,15 @@ def test_correct_x0_sees_every_estimate_and_its_time(method, order):
         seen.append(t.clone())
         return x0
 
-    plain = sample(model, DPMSolver(order, method=method), x_T=x_T, steps=6, final_denoise=False, dtype=F64)
+    plain = sample(model, DPMSolver(order, variant=variant), x_T=x_T, steps=6, final_denoise=False, dtype=F64)
     net.times.clear()
-    hooked = sample(model, DPMSolver(order, method=method, correct_x0=identity), x_T=x_T, steps=6,
+    hooked = sample(model, DPMSolver(order, variant=variant, correct_x0=identity), x_T=x_T, steps=6,
                     final_denoise=False, dtype=F64)
     assert torch.equal(plain, hooked)
     assert len(seen) == len(net.times)
     for t_hook, t_net in zip(seen, net.times):
         assert torch.allclose(t_hook.expand_as(t_net), t_net, rtol=1e-15, atol=0)
-    shifted = sample(model, DPMSolver(order, method=method, correct_x0=lambda x0, t: x0 + 0.1), x_T=x_T, steps=6,
+    shifted = sample(model, DPMSolver(order, variant=variant, correct_x0=lambda x0, t: x0 + 0.1), x_T=x_T, steps=6,
                      final_denoise=False, dtype=F64)
     assert rms(shifted, plain) > 1e-3
 
@@ -360,7 +368,7 @@ def test_hook_arguments_are_checked():
 
 
 @pytest.mark.parametrize("order", [2, 3])
-@pytest.mark.parametrize("net_predicts, predict", [("eps", "data"), ("x0", "noise"), ("v", "data")])
+@pytest.mark.parametrize("net_predicts, predict", [("eps", "x0"), ("x0", "eps"), ("v", "x0")])
 def test_history_storage_modes_agree(order, net_predicts, predict):
     """The ring holds m/p (one fused pass) when p != 0 at every step, q out when p = 0, m otherwise
     (solvers.multistep.history_tables); an identity x0 hook forces the general form in data mode.
@@ -371,13 +379,12 @@ def test_history_storage_modes_agree(order, net_predicts, predict):
     assert DPMSolver(order, predict).prepare(model, times)["history"] == ["scaled"] * 12
     x_T = torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=F64)
     fast = sample(model, DPMSolver(order, predict), x_T=x_T, grid=times[:, 0], final_denoise=False, dtype=F64)
-    direct_model = Model(GaussianNet(sde, "x0" if predict == "data" else "eps", MU, S), sde,
-                         predicts="x0" if predict == "data" else "eps")
+    direct_model = Model(GaussianNet(sde, predict, MU, S), sde, predicts=predict)
     assert DPMSolver(order, predict).prepare(direct_model, times)["history"] == ["direct"] * 12
     reference = sample(direct_model, DPMSolver(order, predict), x_T=x_T, grid=times[:, 0], final_denoise=False,
                        dtype=F64)
     assert torch.allclose(fast, reference, rtol=1e-12, atol=1e-12)
-    if predict == "data":
+    if predict == "x0":
         general = sample(model, DPMSolver(order, predict, correct_x0=lambda x0, t: x0), x_T=x_T, grid=times[:, 0],
                          final_denoise=False, dtype=F64)
         assert torch.allclose(fast, general, rtol=1e-12, atol=1e-12)
