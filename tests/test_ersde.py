@@ -502,10 +502,11 @@ def test_nfe_is_one_per_step(order):
 def test_attributes_and_repr():
     s = ERSDE()
     assert isinstance(s, Solver) and s.gaussian_only and s.stochastic
-    assert (s.order, s.order, s.nfe_per_step) == (3, 1, 1)
+    assert (s.order, s.convergence_order, s.convergence_mode, s.nfe_per_step) == (3, 1, "weak", 1)
     assert repr(s) == "ERSDE(order=3, noise_scale='sde_5')"
     ode = ERSDE(2, "ode")
-    assert not ode.stochastic and ode.order == 2 and ERSDE.stochastic
+    assert not ode.stochastic and (ode.order, ode.convergence_order, ode.convergence_mode) == (2, 2, "pathwise")
+    assert ERSDE.stochastic
     assert repr(ERSDE(1, "original_sde", thresholding=True)) == \
         "ERSDE(order=1, noise_scale='original_sde', thresholding=DynamicThresholding(ratio=0.995, max_value=1))"
 

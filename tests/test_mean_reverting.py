@@ -487,7 +487,7 @@ def test_bad_mean_state():
     for predicts in ("v", "velocity"):
         with pytest.raises(ValueError, match="not supported"):
             Model(ExactNet(sde), sde, predicts=predicts)
-    with pytest.raises(ValueError, match="noise must be"):
+    with pytest.raises(TypeError, match="OptimalReverse: noise must be True or False"):
         OptimalReverse(noise=1)
     x = make_mu((2, 3), 27)
     for t, s in ((0.3, 0.5), (0.0, 0.0), (float("nan"), 0.1), (0.5, -0.1)):  # s > t, t = 0 (0/0), NaN, s < 0

@@ -117,13 +117,15 @@ def test_rectified_flow_ode_starts_at_alpha_zero():
 
 
 def test_solver_attributes():
-    assert (Euler().order, Euler().nfe_per_step, Euler().stochastic) == (1, 1, False)
+    assert (Euler().convergence_order, Euler().nfe_per_step, Euler().stochastic) == (1, 1, False)
     assert Euler(eta=0.5).stochastic
-    assert (EulerMaruyama().order, EulerMaruyama().stochastic, EulerMaruyama().eta) == (1, True, 1.0)
+    assert (EulerMaruyama().convergence_order, EulerMaruyama().stochastic, EulerMaruyama().eta) == (1, True, 1.0)
+    assert (EulerMaruyama().convergence_mode, Euler().convergence_mode) == ("weak", "pathwise")
     assert not EulerMaruyama(eta=0).stochastic
-    assert (Heun().order, Heun().nfe_per_step, Heun().stochastic) == (2, 2, False)
-    assert (Heun(eta=1).order, Heun(eta=1).stochastic) == (1, True)
-    assert Heun().order == 2  # the stochastic instance did not change the class attribute
+    assert (Heun().convergence_order, Heun().nfe_per_step, Heun().stochastic) == (2, 2, False)
+    assert (Heun(eta=1).convergence_order, Heun(eta=1).convergence_mode, Heun(eta=1).stochastic) == (1, "weak", True)
+    assert Heun().convergence_order == 2  # the stochastic instance did not change the class attribute
+    assert not hasattr(Heun(), "order") and not hasattr(Euler(), "order")  # neither takes an order
     assert repr(Heun(eta=0.5)) == "Heun(eta=0.5)" and repr(EulerMaruyama()) == "EulerMaruyama(eta=1)"
     for solver in (Euler(), Heun(), EulerMaruyama()):
         assert isinstance(solver, Solver) and solver.gaussian_only
