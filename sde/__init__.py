@@ -11,7 +11,6 @@ from .gaussian import (
     VPSDE,
 )
 from .parametrization import PREDICTIONS, conversion
-from . import validation
 
 __all__ = [
     "SDE",

@@ -9,6 +9,7 @@ Booleans are not numbers here: ``True`` is refused where a count or a scale is e
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 __all__ = ["check_number", "check_positive", "check_nonnegative", "check_in_range", "check_count",
@@ -20,7 +21,8 @@ def _prefix(owner: str | None) -> str:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """An int or float (numpy's scalars too), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_number(name: str, value, owner: str | None = None, *, what: str = "a finite number") -> float:
@@ -60,13 +62,13 @@ def check_in_range(name: str, value, low: float, high: float, owner: str | None 
 
 def check_count(name: str, value, owner: str | None = None, *, minimum: int = 1, maximum: int | None = None,
                 why: str = "") -> int:
-    """An int (not a bool) >= ``minimum`` (and <= ``maximum`` when given)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum and (
+    """An int (numpy's too, not a bool) >= ``minimum`` (and <= ``maximum`` when given), as an int."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum and (
         maximum is None or value <= maximum)
     if not ok:
         rule = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{_prefix(owner)}{name} must be an int {rule}{why}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_flag(name: str, value, owner: str | None = None) -> bool:

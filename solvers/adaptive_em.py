@@ -22,8 +22,6 @@ Two things differ from the reference code, both needed for a correct per-sample 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sde.validation import check_count, check_in_range, check_positive

@@ -124,8 +124,8 @@ def test_matches_reference_formulas(order, solver_type, eta):
         for steps in (7, 12):
             times = grid(sde, steps)
             expected = reference_run(net, sde, x_T, times, order, solver_type, eta, seed=3)
-            got = sample(Model(net, sde, predicts="x0"), DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T, grid=times,
-                         seed=3, final_denoise=False, dtype=F64)
+            got = sample(Model(net, sde, predicts="x0"), DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T,
+                         grid=times, seed=3, final_denoise=False, dtype=F64)
             assert torch.isfinite(got).all()
             assert rel(got, expected) < 1e-11, (sde_name, steps, rel(got, expected))
 
@@ -360,7 +360,8 @@ def test_sampler_moments_are_the_chain_moments(sde_name, kind, order1_steps, res
     order1_errors, chain_errors = [], []
     for order, solver_type, eta, steps in [(1, "midpoint", 1.0, s) for s in order1_steps] + MC_RUNS:
         times = grid(sde, steps, kind)
-        x = sample(model, DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T, grid=times, seed=1, final_denoise=False)
+        x = sample(model, DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T, grid=times, seed=1,
+                   final_denoise=False)
         m_hat, v_hat = x.mean().item(), x.var().item()
         m_chain, v_chain = chain_moments(sde, times, order, solver_type, eta, mean_T, var_T)
         se_m, se_v = math.sqrt(v_chain / n), v_chain * math.sqrt(2.0 / n)
@@ -504,7 +505,8 @@ def test_attributes_and_repr():
     assert repr(s) == "DPMSolverSDE(order=2, variant='midpoint', eta=1)"
     assert repr(DPMSolverSDE(3, "heun", eta=0.5, lower_order_final=False)) == \
         "DPMSolverSDE(order=3, variant='heun', eta=0.5, lower_order_final=False)"
-    assert repr(DPMSolverSDE.k_diffusion(3, eta=0.5)) == "DPMSolverSDE.k_diffusion(order=3, variant='midpoint', eta=0.5)"
+    assert repr(DPMSolverSDE.k_diffusion(3, eta=0.5)) == \
+        "DPMSolverSDE.k_diffusion(order=3, variant='midpoint', eta=0.5)"
     assert "thresholding=DynamicThresholding" in repr(DPMSolverSDE(thresholding=True))
     ode = DPMSolverSDE(3, eta=0)
     assert not ode.stochastic and (ode.order, ode.convergence_order, ode.convergence_mode) == (3, 3, "pathwise")

@@ -363,7 +363,8 @@ def test_attributes_and_repr():
                         "corrector=AnnealedLangevin(snr=0.16, n_steps=1))")
     assert repr(AncestralSampling()) == "AncestralSampling(variance='posterior')"
     for solver in (ReverseDiffusion(), AncestralSampling()):
-        assert (solver.convergence_order, solver.nfe_per_step, solver.stochastic, solver.gaussian_only) == (1, 1, True, True)
+        assert (solver.convergence_order, solver.convergence_mode, solver.nfe_per_step, solver.stochastic,
+                solver.gaussian_only) == (1, "weak", 1, True, True)
     assert not isinstance(Langevin(), Solver) and isinstance(Langevin(), Corrector)
     assert (Langevin(n_steps=3).nfe_per_step, Langevin().gaussian_only, AnnealedLangevin().gaussian_only) == (
         3, False, True)

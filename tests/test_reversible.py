@@ -190,7 +190,7 @@ def test_errors():
     with pytest.raises(ValueError, match="predicts='eps' with eta=1 is unstable"):
         Reversible(predicts="eps", eta=1)
     for bad in (0.5, True, "1", None):
-        with pytest.raises(ValueError, match=r"eta must be 0.0 or 1.0 \(0: the probability-flow ODE, 1: the reverse SDE"):
+        with pytest.raises(ValueError, match=r"eta must be 0.0 or 1.0 \(0: the probability-flow ODE, 1: the reverse"):
             Reversible(eta=bad)
     with pytest.raises(TypeError, match="stochastic"):
         Reversible(stochastic=True)
