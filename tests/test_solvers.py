@@ -182,3 +182,44 @@ def test_stochastic_solvers_use_step_keyed_noise():
     x_T = torch.randn(4, 3, dtype=F64)
     one = sample(model, Euler(), x_T=x_T, steps=5, seed=1)
     assert torch.equal(one, sample(model, Euler(), x_T=x_T, steps=5, seed=2))
+
+
+# -- one vocabulary: order, convergence_order/convergence_mode, eta -------------------------------------------
+
+def _exported_solvers():
+    import inspect
+
+    import solvers
+
+    out = []
+    for name in solvers.__all__:
+        cls = getattr(solvers, name)
+        if isinstance(cls, type) and issubclass(cls, Solver) and cls not in (Solver, solvers.AdaptiveSolver):
+            out.append(cls)
+    return out, inspect
+
+
+@pytest.mark.parametrize("cls", _exported_solvers()[0], ids=lambda c: c.__name__)
+def test_order_is_the_constructors_and_convergence_is_declared(cls):
+    """``.order`` exists exactly where the constructor takes ``order`` and equals it; every solver declares
+    an int convergence_order and a convergence_mode, pathwise or weak (weak exactly when it draws noise)."""
+    inspect = _exported_solvers()[1]
+    params = inspect.signature(cls).parameters
+    solver = cls()
+    if "order" in params:
+        assert solver.order == params["order"].default
+    else:
+        assert not hasattr(solver, "order"), cls
+    assert isinstance(solver.convergence_order, int) and solver.convergence_order >= 1
+    assert solver.convergence_mode == ("weak" if solver.stochastic else "pathwise"), cls
+
+
+def test_eta_is_the_diffusion_scale_everywhere():
+    """eta scales the reverse diffusion to eta g in every solver that takes it: the score term of the
+    drift is 1 + eta^2 times the ODE's (the declared score_weight)."""
+    from solvers import DPMSolverSDE, JacobiEulerMaruyama
+
+    for make in (EulerMaruyama, Euler, Heun, JacobiEulerMaruyama, DPMSolverSDE):
+        for eta in (0.0, 0.3, 1.0):
+            assert make(eta=eta).score_weight == pytest.approx(1.0 + eta * eta, rel=1e-15), (make, eta)
+    assert DPMSolverSDE.k_diffusion(eta=0.09).score_weight == 1.09
