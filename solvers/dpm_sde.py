@@ -93,6 +93,9 @@ class DPMSolverSDE(Solver):
         self.variant = check_choice("variant", variant, VARIANTS, why=" (the form of the second-order steps)")
         self.lower_order_final = check_flag("lower_order_final", lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
+        if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta > 1:
+            raise ValueError(f"DPMSolverSDE: eta must be a number in [0, 1] (the reverse diffusion eta g), got {eta!r}; "
+                             "k-diffusion's eta (our eta^2, any value >= 0) is DPMSolverSDE.k_diffusion(eta=...)")
         self.eta = check_eta(eta)
         self._set_noise(self.eta * self.eta, k_diffusion=False)
 
@@ -110,7 +113,7 @@ class DPMSolverSDE(Solver):
         return solver
 
     def _set_noise(self, k_diffusion_eta: float, k_diffusion: bool) -> None:
-        #: k-diffusion's eta (= eta^2), the number the coefficients are computed from
+        # k-diffusion's eta (= eta^2) is the number the coefficients are computed from
         self.k_diffusion_eta = k_diffusion_eta
         self._k_diffusion_spelling = k_diffusion
         self.stochastic = k_diffusion_eta > 0
