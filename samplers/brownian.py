@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from sde.validation import check_count
+
 from .noise import STREAM_TREE, NoiseSource
 
 __all__ = ["VirtualBrownianTree", "DEFAULT_DEPTH"]
@@ -42,12 +44,10 @@ class VirtualBrownianTree:
                  stream: int = STREAM_TREE, dtype=torch.float64, device="cpu"):
         if not (math.isfinite(t0) and math.isfinite(t1) and t0 < t1):
             raise ValueError(f"VirtualBrownianTree: expected finite t0 < t1, got t0={t0}, t1={t1}")
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 30:
-            raise ValueError(f"VirtualBrownianTree: depth must be an int in [1, 30], got {depth!r}")
+        self.depth = check_count("depth", depth, "VirtualBrownianTree", maximum=30)
         self.noise = noise
         self.shape = tuple(shape)
         self.t0, self.t1 = float(t0), float(t1)
-        self.depth = depth
         self.stream = stream
         self.dtype = dtype
         self.device = torch.device(device)

@@ -101,21 +101,6 @@ def _leaves(model: Model, cond: dict, params):
     return params + cond_tensors
 
 
-def _score_weight(solver) -> float | None:
-    """How many times the probability-flow ODE's score term the solver's drift carries: 1 for an ODE
-    solver, 1 + eta^2 for the reverse-SDE family of solvers.euler (diffusion eta g), 1 + eta for
-    DPMSolverSDE (k-diffusion's eta: diffusion sqrt(eta) g); None where not known."""
-    from solvers import DPMSolverSDE, EulerMaruyama, Heun
-
-    if not solver.stochastic:
-        return 1.0
-    if isinstance(solver, (EulerMaruyama, Heun)):
-        return 1.0 + solver.eta**2
-    if isinstance(solver, DPMSolverSDE):
-        return 1.0 + solver.eta
-    return None
-
-
 def _grads_to(outputs, grad_outputs, inputs):
     grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
     return [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
@@ -236,10 +221,10 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if mode in ("backprop", "reversible") and not reversible:
         raise ValueError(f"mode={mode!r} differentiates through solvers.Reversible steps; {solver!r} updates its "
                          "state in place: use mode='adjoint' (the continuous adjoint) or a Reversible solver")
-    score_weight = _score_weight(solver)
+    score_weight = solver.score_weight
     if mode == "adjoint" and score_weight is None:
-        raise ValueError(f"mode='adjoint' knows the drift of the ODE solvers, EulerMaruyama/Heun and DPMSolverSDE; "
-                         f"{solver!r} is none of them")
+        raise ValueError(f"mode='adjoint' needs the drift the solver follows (its score_weight: the ODE solvers, "
+                         f"EulerMaruyama/Heun and DPMSolverSDE declare one); {solver!r} declares none")
     if mode == "adjoint":
         if not isinstance(model.sde, GaussianSDE):
             raise ValueError(f"mode='adjoint' (AdjointDEIS-1, in alpha and the log-SNR) needs a Gaussian-marginal "

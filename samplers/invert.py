@@ -76,7 +76,7 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
             if solver.stochastic:
                 raise ValueError(
                     f"invert: {solver!r} draws noise that x0 does not determine; invert a deterministic solver "
-                    "(the probability-flow ODE) or use solvers.Reversible(stochastic=True), which inverts exactly"
+                    "(the probability-flow ODE) or use solvers.Reversible(eta=1), which inverts exactly"
                 )
             if x0_hat is not None:
                 raise ValueError(f"x0_hat is the second state of solvers.Reversible; {solver!r} carries none")
@@ -87,5 +87,5 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
             state, exact = None, False
     if not bool(torch.isfinite(x).all()):
         raise NonFiniteError(f"invert: the latent became NaN or Inf with {solver!r} on {model.sde!r}; use more steps, "
-                             "float64, or (for Reversible) predict='data'")
+                             "float64, or (for Reversible) predicts='x0'")
     return Inversion(x_T=x.to(dtype), solver_state=state, exact=exact, times=times, seed=seed, nfe=ctx.nfe)

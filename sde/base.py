@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .validation import check_in_range
+
 __all__ = ["SDE", "GaussianSDE", "broadcast_to_state", "check_eta"]
 
 
@@ -92,9 +94,7 @@ class SDE:
 
 def check_eta(eta) -> float:
     """Validate the noise scale of the reverse-time family (0: probability-flow ODE, 1: reverse SDE)."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must be a number in [0, 1] (0: probability-flow ODE, 1: reverse SDE), got {eta!r}")
-    return float(eta)
+    return check_in_range("eta", eta, 0.0, 1.0, why=" (0: probability-flow ODE, 1: reverse SDE)")
 
 
 class GaussianSDE(SDE):

@@ -28,6 +28,7 @@ import math
 import torch
 
 from .base import SDE, _as_time, broadcast_to_state, check_eta
+from .validation import check_count, check_flag, check_in_range, check_positive
 
 __all__ = ["DirichletSDE"]
 
@@ -76,19 +77,14 @@ class DirichletSDE(SDE):
 
     def __init__(self, categories: int, *, alpha=None, beta=None, speed_balanced: bool = True,
                  speed_factor: float = 1.0, t_min: float = 0.01, t_max: float = 4.0, max_terms: int = 4000):
-        if isinstance(categories, bool) or not isinstance(categories, int) or categories < 2:
-            raise ValueError(f"categories must be an int >= 2, got {categories!r}")
+        categories = check_count("categories", categories, minimum=2)
         super().__init__(t_min, t_max)
         if not self.t_min > 0:
             raise ValueError(f"DirichletSDE: t_min must be positive (the transition density is a point mass at "
                              f"t = 0), got {t_min!r}")
-        if isinstance(max_terms, bool) or not isinstance(max_terms, int) or max_terms < 2:
-            raise ValueError(f"max_terms must be an int >= 2, got {max_terms!r}")
-        if not isinstance(speed_balanced, bool):
-            raise TypeError(f"speed_balanced must be a bool, got {type(speed_balanced).__name__}")
-        if isinstance(speed_factor, bool) or not isinstance(speed_factor, (int, float)) or not (
-                math.isfinite(speed_factor) and speed_factor > 0):
-            raise ValueError(f"speed_factor must be a positive finite number, got {speed_factor!r}")
+        max_terms = check_count("max_terms", max_terms, minimum=2)
+        check_flag("speed_balanced", speed_balanced)
+        check_positive("speed_factor", speed_factor)
         self.categories = categories
         dims = categories - 1
         index = torch.arange(1, categories, dtype=torch.float64)
@@ -214,10 +210,8 @@ class DirichletSDE(SDE):
         [boundary_eps, 1 - boundary_eps] after every step (the DDSM noise factory).  ``t``: a number or
         per-sample times (B,)."""
         self._check_state(v0, "v0")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if not (isinstance(boundary_eps, (int, float)) and 0 < boundary_eps < 0.5):
-            raise ValueError(f"boundary_eps must be a number in (0, 0.5), got {boundary_eps!r}")
+        steps = check_count("steps", steps)
+        check_in_range("boundary_eps", boundary_eps, 0.0, 0.5, closed="neither")
         if not bool(((v0 >= 0) & (v0 <= 1)).all()):
             raise ValueError("v0 must lie in [0, 1]")
         t = _as_time(t, v0)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .base import GaussianSDE, _as_time
+from .validation import check_in_range, check_positive
 
 __all__ = [
     "VPSDE",
@@ -17,13 +18,6 @@ __all__ = [
     "DiscreteVPSDE",
     "RectifiedFlowSDE",
 ]
-
-
-def _positive(name: str, value: float, owner: str) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}: {name} must be a positive finite number, got {value!r}")
-    return value
 
 
 def _sigma_from_log_alpha(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -77,8 +71,8 @@ class VPSDE(_VPFamily):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0):
         name = type(self).__name__
-        self.beta_min = _positive("beta_min", beta_min, name)
-        self.beta_max = _positive("beta_max", beta_max, name)
+        self.beta_min = check_positive("beta_min", beta_min, name)
+        self.beta_max = check_positive("beta_max", beta_max, name)
         if self.beta_max < self.beta_min:
             raise ValueError(f"{name}: expected beta_max >= beta_min, got {beta_max} < {beta_min}")
         super().__init__(t_min, t_max)
@@ -138,8 +132,8 @@ class VESDE(GaussianSDE):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5, t_max: float = 1.0):
         name = type(self).__name__
-        self.sigma_min = _positive("sigma_min", sigma_min, name)
-        self.sigma_max = _positive("sigma_max", sigma_max, name)
+        self.sigma_min = check_positive("sigma_min", sigma_min, name)
+        self.sigma_max = check_positive("sigma_max", sigma_max, name)
         if not self.sigma_max > self.sigma_min:
             raise ValueError(f"{name}: expected sigma_max > sigma_min, got {sigma_max} <= {sigma_min}")
         self._log_ratio = math.log(self.sigma_max / self.sigma_min)
@@ -178,8 +172,8 @@ class EDMSDE(GaussianSDE):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         name = type(self).__name__
-        self.sigma_min = _positive("sigma_min", sigma_min, name)
-        self.sigma_max = _positive("sigma_max", sigma_max, name)
+        self.sigma_min = check_positive("sigma_min", sigma_min, name)
+        self.sigma_max = check_positive("sigma_max", sigma_max, name)
         super().__init__(self.sigma_min, self.sigma_max)
 
     def alpha(self, t):
@@ -216,9 +210,7 @@ class CosineVPSDE(_VPFamily):
     """
 
     def __init__(self, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.9946):
-        self.s = float(s)
-        if not (0 <= self.s < 1):
-            raise ValueError(f"CosineVPSDE: s must lie in [0, 1), got {s!r}")
+        self.s = check_in_range("s", s, 0.0, 1.0, "CosineVPSDE", closed="left")
         if not t_max < 1.0:
             raise ValueError(f"CosineVPSDE: t_max must be below 1 (alpha(1) = 0), got {t_max!r}")
         self._log_alpha_0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))

@@ -33,6 +33,7 @@ import math
 import torch
 
 from .base import GaussianSDE, _as_time, broadcast_to_state
+from .validation import check_in_range, check_positive
 
 __all__ = ["MeanRevertingSDE", "THETA_SCHEDULES"]
 
@@ -85,13 +86,9 @@ class MeanRevertingSDE(GaussianSDE):
         if theta_schedule not in THETA_SCHEDULES:
             raise ValueError(f"{name}: theta_schedule must be one of {THETA_SCHEDULES}, got {theta_schedule!r}")
         for arg, value in (("lam", lam), ("T", T)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
-                raise ValueError(f"{name}: {arg} must be a positive finite number, got {value!r}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < 1.0:
-            raise ValueError(f"{name}: eps = exp(-thetabar(T)) must lie in (0, 1), got {eps!r}")
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-            raise ValueError(f"{name}: s (the cosine schedule's offset) must lie in [0, 1), got {s!r}")
+            check_positive(arg, value, name)
+        check_in_range("eps", eps, 0.0, 1.0, name, closed="neither", why=" (eps = exp(-thetabar(T)))")
+        check_in_range("s", s, 0.0, 1.0, name, closed="left", why=" (the cosine schedule's offset)")
         self.theta_schedule = theta_schedule
         self.lam = float(lam)
         self.T = float(T)
@@ -102,8 +99,7 @@ class MeanRevertingSDE(GaussianSDE):
         self._theta_bar_max = -math.log(self.eps)
         self._shape_one = float(self._shape(torch.tensor(1.0, dtype=torch.float64)))
         t_min = self.T / 1000.0 if t_min is None else t_min
-        if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 < t_min < self.T:
-            raise ValueError(f"{name}: t_min must lie in (0, T) = (0, {self.T:g}), got {t_min!r}")
+        check_in_range("t_min", t_min, 0.0, self.T, name, closed="neither", why=" (0 < t_min < T)")
         super().__init__(float(t_min), self.T)
 
     # -- the schedule -----------------------------------------------------------------------------

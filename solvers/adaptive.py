@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple, Protocol
 
 import torch
 
+from sde.validation import check_choice, check_count, check_in_range, check_nonnegative, check_positive, check_predicts
+
 from .base import SolverBase, _left_to_subclasses, check_coefficients_finite
 from .dpm import DPMSolver
 
@@ -155,17 +157,11 @@ class AdaptiveSolver(SolverBase):
     run_methods = ("solve",)
 
     def __init__(self, rtol: float, atol: float, max_steps: int, min_step: float):
-        for name, value in (("rtol", rtol), ("atol", atol)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if rtol == 0 and atol == 0:
+        self.rtol, self.atol = check_nonnegative("rtol", rtol), check_nonnegative("atol", atol)
+        if self.rtol == 0 and self.atol == 0:
             raise ValueError("rtol and atol cannot both be 0: the error test would never pass")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-        if isinstance(min_step, bool) or not isinstance(min_step, (int, float)) or not (min_step > 0 and math.isfinite(min_step)):
-            raise ValueError(f"min_step must be a finite number > 0, got {min_step!r}")
-        self.rtol, self.atol = float(rtol), float(atol)
-        self.max_steps, self.min_step = int(max_steps), float(min_step)
+        self.max_steps = check_count("max_steps", max_steps)
+        self.min_step = check_positive("min_step", min_step)
 
     def with_tolerance(self, rtol: float, atol: float) -> "AdaptiveSolver":
         """A copy of this solver with other tolerances."""
@@ -304,31 +300,26 @@ class AdaptiveDPMSolver(AdaptiveSolver):
     lambda = log(2 atol)/2, where that step's local error is about atol.
 
     ``thresholding`` and ``correct_x0`` act on every x0 estimate as in :class:`DPMSolver` (they
-    need ``predict="data"``); ``correct_x0`` receives the per-sample times of the estimate.
+    need ``predicts="x0"``); ``correct_x0`` receives the per-sample times of the estimate.
     """
 
     stochastic = False
     gaussian_only = True
 
-    def __init__(self, order=(2, 3), predict: str = "data", rtol: float = 0.05, atol: float = 0.0078,
+    def __init__(self, order=(2, 3), predicts: str = "x0", rtol: float = 0.05, atol: float = 0.0078,
                  h_init: float = 0.05, safety: float = 0.9, max_steps: int = 10_000, min_step: float = 1e-8,
                  thresholding=False, correct_x0=None):
         order = tuple(order) if isinstance(order, (tuple, list)) else order
-        if order not in ((1, 2), (2, 3)):
-            raise ValueError(f"order must be (1, 2) or (2, 3), got {order!r}")
+        order = check_choice("order", order, ((1, 2), (2, 3)), why=" (the orders of the embedded pair)")
         super().__init__(rtol, atol, max_steps, min_step)
-        for name, value in (("h_init", h_init), ("safety", safety)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if safety > 1:
-            raise ValueError(f"safety must be in (0, 1], got {safety!r}")
-        self.pair = order
-        self.order = order[1]
-        self.nfe_per_step = order[1]
-        self.predict = predict
-        self.h_init, self.safety = float(h_init), float(safety)
+        self.h_init = check_positive("h_init", h_init)
+        self.safety = check_in_range("safety", safety, 0.0, 1.0, closed="right")
+        self.order = self.pair = order
+        # the error is that of the lower solution; the accepted one is the higher
+        self.convergence_order = self.nfe_per_step = order[1]
+        self.predicts = check_predicts(predicts)
         # the two singlestep formulas (one place: DPMSolver's coefficients), and the x0 hooks
-        self._dpm = DPMSolver(order[1], predict, method="singlestep", thresholding=thresholding,
+        self._dpm = DPMSolver(order[1], predicts, variant="singlestep", thresholding=thresholding,
                               correct_x0=correct_x0)
         self.hooks = self._dpm.hooks
         self._fractions_low = () if order == (1, 2) else (1.0 / 3.0,)
@@ -337,7 +328,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
     def solve(self, model, x, t_start, t_end, ctx):
         sde = model.sde
         batch = x.shape[0]
-        quantity = "x0" if self.predict == "data" else "eps"
+        quantity = self.predicts
         lam_end = batch_independent(sde.log_snr, t_end)
         lam_first = first_log_snr(self.atol)
         x_prev = x.clone()  # the lower-order solution of each sample's last accepted step
@@ -393,7 +384,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             x_prev[acc] = a.x_low[accept]
             m_s_valid[acc] = False
 
-        control = StepControl(safety=self.safety, exponent=1.0 / self.order)
+        control = StepControl(safety=self.safety, exponent=1.0 / self.convergence_order)
         return self.per_sample_loop(x, s, h, s <= t_end, ctx, control, attempt, accepted, variable="lambda")
 
     def _coefficient_rows(self, model, s, t, fractions, index):
@@ -417,5 +408,5 @@ class AdaptiveDPMSolver(AdaptiveSolver):
         return table
 
     def __repr__(self):
-        return (f"AdaptiveDPMSolver(order={self.pair}, predict={self.predict!r}{self.tolerance_args()}"
+        return (f"AdaptiveDPMSolver(order={self.pair}, predicts={self.predicts!r}{self.tolerance_args()}"
                 f"{self.hooks.repr_args()})")

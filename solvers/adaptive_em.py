@@ -22,9 +22,9 @@ Two things differ from the reference code, both needed for a correct per-sample 
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from sde.validation import check_count, check_in_range, check_positive
 
 from .adaptive import AdaptiveSolver, Attempt, StepControl, batch_independent, lands_on_end
 from .euler import reverse_drift_coefficients
@@ -62,7 +62,8 @@ class AdaptiveEM(AdaptiveSolver):
         of 6e-8 of the span).
     """
 
-    order = 1
+    convergence_order = 1
+    convergence_mode = "weak"
     nfe_per_step = 2
     stochastic = True
     gaussian_only = True
@@ -73,15 +74,10 @@ class AdaptiveEM(AdaptiveSolver):
         super().__init__(rtol, 0.0078 if atol is None else atol, max_steps, 1.0 if min_step is None else min_step)
         self.atol_given = atol is not None
         self.min_step_given = min_step is not None
-        for name, value, high in (("h_init", h_init, 1.0), ("safety", safety, 1.0), ("exponent", exponent, None)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-            if high is not None and value > high:
-                raise ValueError(f"{name} must be in (0, {high:g}], got {value!r}")
-        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= 30):
-            raise ValueError(f"depth must be None or an int in [1, 30], got {depth!r}")
-        self.h_init, self.safety, self.exponent = float(h_init), float(safety), float(exponent)
-        self.depth = depth
+        self.h_init = check_in_range("h_init", h_init, 0.0, 1.0, closed="right")
+        self.safety = check_in_range("safety", safety, 0.0, 1.0, closed="right")
+        self.exponent = check_positive("exponent", exponent)
+        self.depth = None if depth is None else check_count("depth", depth, maximum=30, why=" (or None)")
 
     def with_tolerance(self, rtol, atol):
         other = super().with_tolerance(rtol, atol)

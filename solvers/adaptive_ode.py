@@ -35,6 +35,8 @@ import math
 
 import torch
 
+from sde.validation import check_choice, check_in_range, check_positive
+
 from .adaptive import AdaptiveSolver, Attempt, StepControl, batch_independent, first_log_snr, lands_on_end
 from .tableau import TABLEAUX as ALL_TABLEAUX
 from .tableau import Tableau
@@ -48,20 +50,13 @@ TABLEAUX = {name: tableau for name, tableau in ALL_TABLEAUX.items() if tableau.e
 _VARIABLES = ("angle", "lambda", "t")
 
 
-def _number(name, value, positive=True):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (positive and not value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 class AdaptiveODE(AdaptiveSolver):
     """The probability-flow ODE with an embedded Runge-Kutta pair and per-sample error control.
 
     Parameters
     ----------
-    method:
-        ``"dopri5"`` (Dormand-Prince 5(4), 6 calls per step with FSAL), ``"bosh3"``
+    tableau:
+        the embedded Runge-Kutta pair: ``"dopri5"`` (Dormand-Prince 5(4), 6 calls per step with FSAL), ``"bosh3"``
         (Bogacki-Shampine 3(2), 3 calls, FSAL) or ``"fehlberg2"`` (Fehlberg 2(1), 3 calls).
         The higher-order solution is propagated (local extrapolation).
     rtol, atol:
@@ -81,22 +76,17 @@ class AdaptiveODE(AdaptiveSolver):
     stochastic = False
     gaussian_only = True
 
-    def __init__(self, method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, variable: str = "angle",
+    def __init__(self, tableau: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5, variable: str = "angle",
                  h_init: float | None = None, safety: float = 0.9, max_steps: int = 10_000,
                  min_step: float = 1e-10):
-        if not isinstance(method, str) or method not in TABLEAUX:
-            raise ValueError(f"method must be one of {tuple(TABLEAUX)}, got {method!r}")
-        if not isinstance(variable, str) or variable not in _VARIABLES:
-            raise ValueError(f"variable must be one of {_VARIABLES}, got {variable!r}")
+        self.tableau = check_choice("tableau", tableau, TABLEAUX)
+        self.variable = check_choice("variable", variable, _VARIABLES)
         super().__init__(rtol, atol, max_steps, min_step)
-        self.h_init = None if h_init is None else _number("h_init", h_init)
-        self.safety = _number("safety", safety)
-        if self.safety > 1:
-            raise ValueError(f"safety must be in (0, 1], got {safety!r}")
-        self.method, self.variable = method, variable
-        self.tableau = TABLEAUX[method]
-        self.order = self.tableau.order
-        self.nfe_per_step = self.tableau.calls_per_step
+        self.h_init = None if h_init is None else check_positive("h_init", h_init)
+        self.safety = check_in_range("safety", safety, 0.0, 1.0, closed="right")
+        self._rk = TABLEAUX[tableau]
+        self.convergence_order = self._rk.order
+        self.nfe_per_step = self._rk.calls_per_step
 
     # -- the variable: tau(t), t(tau), and dy/dtau = A y + B out with y = c(t) x -------------
     def _tau(self, sde, t):
@@ -191,7 +181,7 @@ class AdaptiveODE(AdaptiveSolver):
         the error test is on (x for :meth:`solve`).  Each row i runs from t_start[i] to t_end[i];
         returns y at t_end.
         """
-        tab = self.tableau
+        tab = self._rk
         batch = y.shape[0]
         t = t_start.clone()
         tau_end = self._tau(sde, t_end)
@@ -298,4 +288,4 @@ class AdaptiveODE(AdaptiveSolver):
             extra += f", max_steps={self.max_steps}"
         if self.min_step != 1e-10:
             extra += f", min_step={self.min_step:g}"
-        return f"AdaptiveODE(method={self.method!r}{self.tolerance_args()}{extra})"
+        return f"AdaptiveODE(tableau={self.tableau!r}{self.tolerance_args()}{extra})"

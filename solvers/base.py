@@ -99,8 +99,11 @@ class SolverBase:
     the ones that differ from the defaults.
     """
 
-    #: convergence order: deterministic (pathwise) for ODE solvers, weak order for SDE solvers
-    order: int = 1
+    #: the order of convergence the tests measure (a solver's ``order``, where it takes one, is the
+    #: order of its formula, which the noise may cap: see ``convergence_mode``)
+    convergence_order: int = 1
+    #: "pathwise" (error on one noise path, or on the ODE) or "weak" (error in distribution)
+    convergence_mode: str = "pathwise"
     #: network calls per step
     nfe_per_step: int = 1
     #: whether the step draws noise (``stochastic`` may depend on parameters such as eta)
@@ -114,6 +117,13 @@ class SolverBase:
     hooks: "X0Hooks | None" = None
     #: the methods a run calls: a subclass implements them
     run_methods: tuple[str, ...] = ()
+
+    @property
+    def score_weight(self) -> float | None:
+        """The score term of the drift the steps follow, in units of the probability-flow ODE's: 1 + eta^2
+        for the reverse-time process with diffusion eta g (1: the ODE, 2: the reverse SDE); None where the
+        steps follow no member of that family (the adjoint gradient of :func:`samplers.sample_grad` needs it)."""
+        return None if self.stochastic else 1.0
 
     def check_sde(self, sde) -> None:
         """Refuse an SDE this solver cannot integrate, with the reason."""

@@ -2,11 +2,11 @@
 
 Lu et al. (2022): with the half log-SNR lambda(t) = log(alpha/sigma) as the time variable, the
 probability-flow ODE's linear part is solved exactly and only the model output is
-interpolated.  With h = lambda_t - lambda_s > 0 and D the x0 estimate (``predict="data"``):
+interpolated.  With h = lambda_t - lambda_s > 0 and D the x0 estimate (``predicts="x0"``):
 
     x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D_s                         (order 1)
 
-and with eps the noise estimate (``predict="noise"``):
+and with eps the noise estimate (``predicts="eps"``):
 
     x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_s                          (order 1)
 
@@ -35,57 +35,54 @@ from __future__ import annotations
 
 import torch
 
+from sde.validation import check_choice, check_flag, check_predicts
+
 from .base import Plan, Solver, X0Hooks
 from .exponential import z_phi_functions
 from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolver"]
 
-_QUANTITY = {"data": "x0", "noise": "eps"}
 #: the singlestep stage fractions of h per order (DPM-Solver's r1 = 1/2; r1 = 1/3, r2 = 2/3)
 STAGE_FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
+#: the two formula variants: one call per step with a history, or ``order`` calls per step
+VARIANTS = ("multistep", "singlestep")
 
 
 class DPMSolver(Solver):
     """DPM-Solver(++) of order 1, 2 or 3 on the probability-flow ODE.
 
-    ``predict="data"`` is DPM-Solver++ (the x0 form, recommended for guided sampling);
-    ``predict="noise"`` is the original DPM-Solver (eps form).  Order 1 is DDIM (eta = 0)
-    in both forms.  ``method="multistep"`` (2M, 3M) costs one network call per step;
-    ``method="singlestep"`` (2S, 3S) costs ``order`` calls per step (a step is one interval of
+    ``predicts="x0"`` is DPM-Solver++ (the data form, recommended for guided sampling);
+    ``predicts="eps"`` is the original DPM-Solver (noise form).  Order 1 is DDIM (eta = 0)
+    in both forms.  ``variant="multistep"`` (2M, 3M) costs one network call per step;
+    ``variant="singlestep"`` (2S, 3S) costs ``order`` calls per step (a step is one interval of
     the grid, so ``steps`` counts intervals; NFE = order x steps).  ``lower_order_final``
-    applies to the multistep method.
+    applies to the multistep variant.  Pathwise convergence order ``order``.
 
     ``thresholding`` (True or a :class:`DynamicThresholding`) and ``correct_x0(x0, t) -> x0``
-    act on every x0 estimate before it is used; they need ``predict="data"``.
+    act on every x0 estimate before it is used; they need ``predicts="x0"``.
     """
 
     stochastic = False
     gaussian_only = True
 
-    def __init__(self, order: int = 2, predict: str = "data", method: str = "multistep",
+    def __init__(self, order: int = 2, predicts: str = "x0", variant: str = "multistep",
                  lower_order_final: bool = True, thresholding=False, correct_x0=None):
-        if isinstance(order, bool) or order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-        if predict not in _QUANTITY:
-            raise ValueError(f"predict must be 'data' (DPM-Solver++) or 'noise' (DPM-Solver), got {predict!r}")
-        if method not in ("multistep", "singlestep"):
-            raise ValueError(f"method must be 'multistep' or 'singlestep', got {method!r}")
-        self.order = int(order)
-        self.predict = predict
-        self.method = method
-        self.lower_order_final = bool(lower_order_final)
+        self.order = self.convergence_order = int(check_choice("order", order, (1, 2, 3)))
+        self.predicts = check_predicts(predicts)
+        self.variant = check_choice("variant", variant, VARIANTS)
+        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
-        if self.hooks.active and predict != "data":
-            raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predict='data'")
-        self.nfe_per_step = 1 if method == "multistep" else self.order
+        if self.hooks.active and predicts != "x0":
+            raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predicts='x0'")
+        self.nfe_per_step = 1 if variant == "multistep" else self.order
 
     def step_orders(self, n_steps: int, h: torch.Tensor | None = None) -> list[int]:
         """The order used at each of ``n_steps`` steps: multistep, see
         :func:`solvers.multistep.multistep_orders` (warm-up, lower_order_final, and, given the steps'
         lengths ``h`` in log-SNR, order 1 after a jump in step length); singlestep, the solver's order,
         except a step starting at alpha = 0 (see the module)."""
-        if self.method == "singlestep":
+        if self.variant == "singlestep":
             return [self.order] * n_steps
         return multistep_orders(self.order, n_steps, self.lower_order_final, h)
 
@@ -95,14 +92,14 @@ class DPMSolver(Solver):
         """[w_1, ..., w_kmax] with w_k = -z phi_k(z) (:mod:`solvers.exponential`), z = -h (data) or h
         (noise): w_1 = 1 - e^{-h} (data), -(e^h - 1) (noise); the step's k-th Taylor term of the
         converted output is weighted by scale * w_k."""
-        z = -h if self.predict == "data" else h
+        z = -h if self.predicts == "x0" else h
         return [-w for w in z_phi_functions(z, kmax)]
 
     def _first_order(self, sde, t_s, t_t):
         """(cx, h, phi1, scale) of the first-order update between times t_s and t_t:
         x_t = cx x + scale phi1 m0 (alpha_t and sigma_t scale the data and noise forms)."""
         h = sde.log_snr(t_t) - sde.log_snr(t_s)
-        if self.predict == "data":
+        if self.predicts == "x0":
             return sde.sigma(t_t) / sde.sigma(t_s), h, self._weights(h, 1)[0], sde.alpha(t_t)
         return sde.alpha(t_t) / sde.alpha(t_s), h, self._weights(h, 1)[0], sde.sigma(t_t)
 
@@ -121,13 +118,13 @@ class DPMSolver(Solver):
                 for r in fractions]
 
     def stage_times(self, model, times):
-        if self.method != "singlestep" or self.order == 1:
+        if self.variant != "singlestep" or self.order == 1:
             return {}
         stages = self._stages_between(model.sde, times[:-1], times[1:], self._stage_fractions())
         return {f"s{j}": t for j, t in enumerate(stages, start=1)}
 
     def prepare(self, model, times):
-        if self.method == "singlestep":
+        if self.variant == "singlestep":
             return self._prepare_singlestep(model, times)
         sde = model.sde
         n = times.shape[0] - 1
@@ -143,7 +140,7 @@ class DPMSolver(Solver):
         # D1 ~ h D'(lam_k) and D2 ~ h^2 D''(lam_k); order 2 keeps the 1/2 phi1 form of 2M
         m0, m1, m2 = exponential_multistep_weights(lam, h, self.step_orders(n, h), c_m0, c_d1_2m, c_d1, c_d2)
 
-        p, q = model.coefficients(_QUANTITY[self.predict], times[:-1])
+        p, q = model.coefficients(self.predicts, times[:-1])
         return history_tables(self.order, cx, (m0, m1, m2), p, q, self.hooks, times)
 
     def _prepare_singlestep(self, model, times):
@@ -189,9 +186,9 @@ class DPMSolver(Solver):
                 coefs["m2"] = torch.where(finite, scale / r2 * self._weights(hf, 2)[1], zero)
                 coefs["m0"] = coefs["m0"] - coefs["m2"]
             for j, t_r in enumerate(stages, start=1):
-                coefs[f"s{j}conv_x"], coefs[f"s{j}conv_out"] = model.coefficients(_QUANTITY[self.predict], t_r)
+                coefs[f"s{j}conv_x"], coefs[f"s{j}conv_out"] = model.coefficients(self.predicts, t_r)
                 coefs[f"s{j}t"] = t_r
-        coefs["conv_x"], coefs["conv_out"] = model.coefficients(_QUANTITY[self.predict], t_s)
+        coefs["conv_x"], coefs["conv_out"] = model.coefficients(self.predicts, t_s)
         return coefs
 
     # -- steps ----------------------------------------------------------------------------------
@@ -205,7 +202,7 @@ class DPMSolver(Solver):
         return m
 
     def step(self, k, x, ctx):
-        if self.method == "singlestep":
+        if self.variant == "singlestep":
             return self._singlestep(k, x, ctx)
         return history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "dpm_m")
 
@@ -213,8 +210,8 @@ class DPMSolver(Solver):
         """The fused CUDA kernel of this step (:mod:`solvers.kernels`): multistep without x0 hooks."""
         from .kernels import KernelUnsupported, multistep_kernel
 
-        if self.method != "multistep":
-            raise KernelUnsupported("DPMSolver(method='singlestep') has no fused kernel")
+        if self.variant != "multistep":
+            raise KernelUnsupported("DPMSolver(variant='singlestep') has no fused kernel")
         return multistep_kernel(self.hooks, self.order, "dpm_m", noise=False)
 
     def _singlestep(self, k, x, ctx):
@@ -233,7 +230,7 @@ class DPMSolver(Solver):
         return x
 
     def __repr__(self):
-        extra = "" if self.method == "multistep" else ", method='singlestep'"
+        extra = "" if self.variant == "multistep" else ", variant='singlestep'"
         if not self.lower_order_final:
             extra += ", lower_order_final=False"
-        return f"{type(self).__name__}(order={self.order}, predict={self.predict!r}{extra}{self.hooks.repr_args()})"
+        return f"{type(self).__name__}(order={self.order}, predicts={self.predicts!r}{extra}{self.hooks.repr_args()})"

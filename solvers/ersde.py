@@ -68,9 +68,9 @@ Choices where the paper (and its code) leaves room:
   measured and not adopted: on VP's uniform-t grid it raises the 20-NFE variance error of orders 2/3
   on Gaussian data (0.019/0.034 -> 0.033/0.025) and lowers it at 50 NFE (0.009/0.004 -> 0.003/0.003).
 
-Convergence.  With phi(x) = x ("ode") the solver is deterministic and ``order`` is its pathwise
-order (1, 2, 3).  With a stochastic phi the D-expansion runs along a Brownian path, and the scheme is
-claimed as weak order 1 in general (``order = 1``; ``solver_order`` is the multistep order), as
+Convergence.  With phi(x) = x ("ode") the solver is deterministic and ``convergence_order`` is its
+pathwise order, ``order`` (1, 2, 3).  With a stochastic phi the D-expansion runs along a Brownian path,
+and the scheme is claimed as weak order 1 in general (``convergence_order = 1``), as
 :class:`solvers.dpm_sde.DPMSolverSDE`: the noise of the linear part is sampled exactly, and on
 Gaussian data with the default phi the moment errors fall with slopes 0.94 / 2.06 / 3.12 (VP,
 log-SNR grid, 16-128 steps) for orders 1 / 2 / 3; at 20 NFE (19 steps + final denoising) the
@@ -84,6 +84,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
+from sde.validation import check_choice
 
 from .base import Solver, X0Hooks, first_true
 from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
@@ -183,17 +185,21 @@ class ERSDE(Solver):
     ``thresholding`` (True or a :class:`DynamicThresholding`) and ``correct_x0(x0, t) -> x0`` act on every
     x0 estimate before it is used.
 
-    ``order`` is the convergence order: pathwise for ``"ode"`` (= the multistep order), weak order 1
-    for a stochastic phi; ``solver_order`` is the multistep order asked for.
+    ``noise_scale`` is not an ``eta``: phi chooses a whole reverse process of the ER-SDE family (the
+    paper's noise scale function), of which ``"ode"`` and ``"original_sde"`` are the probability-flow
+    ODE and the reverse SDE (eta 0 and 1).
+
+    ``order`` is the multistep order; ``convergence_order`` is ``order`` (pathwise) for ``"ode"`` and
+    1 (weak) for a stochastic phi.
     """
 
     nfe_per_step = 1
     stochastic = True
+    convergence_mode = "weak"
     gaussian_only = True
 
     def __init__(self, order: int = 3, noise_scale="sde_5", thresholding=False, correct_x0=None):
-        if isinstance(order, bool) or order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        self.order = int(check_choice("order", order, (1, 2, 3)))
         if isinstance(noise_scale, str) and noise_scale in NOISE_SCALES:
             self.noise_scale_name = noise_scale
             self._phi = NOISE_SCALES[noise_scale]
@@ -206,9 +212,9 @@ class ERSDE(Solver):
                 f"got {noise_scale!r}"
             )
         self.noise_scale = noise_scale
-        self.solver_order = int(order)
         self.stochastic = noise_scale != "ode"
-        self.order = 1 if self.stochastic else self.solver_order
+        self.convergence_order = 1 if self.stochastic else self.order
+        self.convergence_mode = "weak" if self.stochastic else "pathwise"
         self.hooks = X0Hooks(thresholding, correct_x0)
 
     # -- the noise scale function -------------------------------------------------------------------
@@ -283,7 +289,7 @@ class ERSDE(Solver):
 
     def step_orders(self, n_steps: int) -> list[int]:
         """The order of each step: min(order, k + 1) (the paper's warm-up)."""
-        return multistep_orders(self.solver_order, n_steps, lower_order_final=False)
+        return multistep_orders(self.order, n_steps, lower_order_final=False)
 
     def prepare(self, model, times):
         sde = model.sde
@@ -319,7 +325,7 @@ class ERSDE(Solver):
         w = exponential_multistep_weights(lam, ones, self.step_orders(n), c0, c1, c1, c2)
 
         p, q_out = model.coefficients("x0", times[:-1])
-        tables = history_tables(self.solver_order, cx, w, p, q_out, self.hooks, times)
+        tables = history_tables(self.order, cx, w, p, q_out, self.hooks, times)
         if self.stochastic:
             var = 1.0 - q * q
             if bool((var < -VARIANCE_ROUNDOFF).any()):
@@ -340,7 +346,7 @@ class ERSDE(Solver):
     # -- steps ----------------------------------------------------------------------------------
 
     def step(self, k, x, ctx):
-        x = history_step(k, x, ctx.output(x, k), ctx, self.solver_order, self.hooks, "ersde_m")
+        x = history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "ersde_m")
         if self.stochastic:
             x.addcmul_(ctx.coef("noise", k), ctx.noise(k))
         return x
@@ -349,12 +355,12 @@ class ERSDE(Solver):
         """The fused CUDA kernel of this step (:mod:`solvers.kernels`), noise drawn in the kernel."""
         from .kernels import multistep_kernel
 
-        return multistep_kernel(self.hooks, self.solver_order, "ersde_m", noise=self.stochastic)
+        return multistep_kernel(self.hooks, self.order, "ersde_m", noise=self.stochastic)
 
     def __repr__(self):
         scale = repr(self.noise_scale_name) if self.noise_scale_name else getattr(self._phi, "__name__",
                                                                                    type(self._phi).__name__)
-        return f"{type(self).__name__}(order={self.solver_order}, noise_scale={scale}{self.hooks.repr_args()})"
+        return f"{type(self).__name__}(order={self.order}, noise_scale={scale}{self.hooks.repr_args()})"
 
 
 def _points_inside(lam_t: torch.Tensor, lam_s: torch.Tensor) -> torch.Tensor:

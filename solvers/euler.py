@@ -34,15 +34,20 @@ class EulerMaruyama(Solver):
     """Euler-Maruyama on the reverse-time process with noise scale ``eta`` (1: reverse SDE).
 
     One network call per step: x <- x + F(x, t) dt + eta g(t) sqrt(|dt|) z.  Weak order 1.
-    With ``eta=0`` it is the Euler method on the probability-flow ODE.
+    With ``eta=0`` it is the Euler method on the probability-flow ODE (pathwise order 1).
     """
 
-    order = 1
+    convergence_order = 1
     nfe_per_step = 1
 
     def __init__(self, eta: float = 1.0):
         self.eta = check_eta(eta)
         self.stochastic = self.eta > 0
+        self.convergence_mode = "weak" if self.stochastic else "pathwise"
+
+    @property
+    def score_weight(self) -> float:
+        return 1.0 + self.eta**2
 
     def prepare(self, model, times):
         t, dt = times[:-1], times[1:] - times[:-1]
@@ -86,14 +91,18 @@ class Heun(Solver):
     that is the sampler's final denoising step (``final_denoise=True``), which adds one call.
     """
 
-    order = 2
+    convergence_order = 2
     nfe_per_step = 2
 
     def __init__(self, eta: float = 0.0):
         self.eta = check_eta(eta)
         self.stochastic = self.eta > 0
-        if self.stochastic:
-            self.order = 1  # weak order of the stochastic scheme
+        if self.stochastic:  # the stochastic improved Euler scheme is weak order 1
+            self.convergence_order, self.convergence_mode = 1, "weak"
+
+    @property
+    def score_weight(self) -> float:
+        return 1.0 + self.eta**2
 
     def prepare(self, model, times):
         t0, t1 = times[:-1], times[1:]

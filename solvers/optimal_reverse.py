@@ -17,6 +17,8 @@ step, named and documented for the mean-reverting SDE, plus the noise-free varia
 
 from __future__ import annotations
 
+from sde.validation import check_flag
+
 from .pc import AncestralSampling
 
 __all__ = ["OptimalReverse"]
@@ -29,19 +31,19 @@ class OptimalReverse(AncestralSampling):
     of the data distribution (weak order 1, one network call per step).  ``noise=False`` takes the
     maximum-likelihood state itself, deterministically: the paper's reverse step, which keeps the
     posterior mean of each step and so draws no variance below the network's x0 estimate (a
-    deterministic restoration, not a sampler of the distribution).
+    deterministic restoration, not a sampler of the distribution).  ``noise`` is not an ``eta``:
+    without its noise the step is not the probability-flow ODE's.
 
     Works on every Gaussian-marginal SDE; on :class:`sde.MeanRevertingSDE` the driver runs it on
     y = x - mu as every other solver.
     """
 
     def __init__(self, noise: bool = True):
-        if not isinstance(noise, bool):
-            raise ValueError(f"OptimalReverse: noise must be True (posterior sampling) or False (the "
-                             f"maximum-likelihood state), got {noise!r}")
         super().__init__(variance="posterior")
-        self.noise = noise
+        self.noise = check_flag("noise", noise, "OptimalReverse")
         self.stochastic = noise
+        if not noise:  # a deterministic step: it converges, pathwise, to the noise-free reverse SDE
+            self.convergence_mode = "pathwise"
 
     def prepare(self, model, times):
         tables = super().prepare(model, times)

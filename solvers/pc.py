@@ -19,11 +19,10 @@ as its predictor.  Every score conversion is folded into per-step float64 tables
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sde import GaussianSDE
+from sde.validation import check_choice, check_count, check_positive
 
 from .base import Solver, SolverBase
 
@@ -43,19 +42,6 @@ __all__ = [
 CORRECTOR_FIRST_DRAW = 1 << 15
 _MAX_DRAW = 1 << 16
 _VARIANCES = ("posterior", "forward")
-
-
-def _check_positive_number(name: str, value, owner: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{owner}: {name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value, owner: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: {name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def forward_transition(sde, times: torch.Tensor):
@@ -86,7 +72,8 @@ class ReverseDiffusion(Solver):
     ``final_denoise`` (the x0 estimate at t_min) plays that part.
     """
 
-    order = 1
+    convergence_order = 1
+    convergence_mode = "weak"
     nfe_per_step = 1
     stochastic = True
     gaussian_only = True
@@ -115,6 +102,9 @@ class AncestralSampling(Solver):
         variance of the exact posterior given x0 on every SDE (and what SCORE's VE ancestral sampler uses).
       - ``"forward"``: std G, SCORE's (and DDPM's) VP form sigma^2 = beta_i.
 
+    ``variance`` is not an ``eta``: both variances sample the data distribution (the posterior one is
+    DDIM's eta = 1, the forward one is more than that), they differ in their first-order error.
+
     Both are first order and err in opposite directions (Ho et al. 2020: beta-tilde is optimal for a
     point-mass x0, beta for x0 ~ N(0, I)); on N(0.7, 0.5^2) data with 1000 steps the final variance is
     2.7% low with "posterior", 0.9% low with "forward".
@@ -122,15 +112,14 @@ class AncestralSampling(Solver):
     a = alpha(t_k)/alpha(t_{k+1}), G^2 = sigma(t_k)^2 - a^2 sigma(t_{k+1})^2.  One call per step, weak order 1.
     """
 
-    order = 1
+    convergence_order = 1
+    convergence_mode = "weak"
     nfe_per_step = 1
     stochastic = True
     gaussian_only = True
 
     def __init__(self, variance: str = "posterior"):
-        if variance not in _VARIANCES:
-            raise ValueError(f"AncestralSampling: variance must be one of {_VARIANCES}, got {variance!r}")
-        self.variance = variance
+        self.variance = check_choice("variance", variance, _VARIANCES, "AncestralSampling")
 
     def prepare(self, model, times):
         sde = model.sde
@@ -157,15 +146,16 @@ class Corrector:
     ``update`` at grid time k, each one network call and one noise draw.  A corrector is not a
     :class:`Solver`: it does not advance time, so ``samplers.sample`` refuses it on its own."""
 
-    order = 1
+    convergence_order = 1
+    convergence_mode = "weak"
     stochastic = True
     #: whether the corrector needs a Gaussian-marginal SDE (sigma(t))
     gaussian_only = False
 
     def __init__(self, snr: float = 0.16, n_steps: int = 1):
         name = type(self).__name__
-        self.snr = _check_positive_number("snr", snr, name)
-        self.n_steps = _check_count("n_steps", n_steps, name)
+        self.snr = check_positive("snr", snr, name)
+        self.n_steps = check_count("n_steps", n_steps, name)
 
     @property
     def nfe_per_step(self) -> int:
@@ -290,7 +280,8 @@ class PredictorCorrector(Solver):
     ``ctx.noise(k, CORRECTOR_FIRST_DRAW + j)``: independent of the predictor's draws and of each other.
     """
 
-    order = 1  # weak
+    convergence_order = 1
+    convergence_mode = "weak"
 
     def __init__(self, predictor: Solver | None = None, corrector: Corrector | None = None,
                  n_corrector_steps: int | None = None, snr: float | None = None):
@@ -303,9 +294,9 @@ class PredictorCorrector(Solver):
             raise TypeError(f"PredictorCorrector: predictor must be a solvers.Solver instance (a fixed-grid solver such "
                             f"as ReverseDiffusion() or EulerMaruyama()), got {type(predictor).__name__}")
         if snr is not None:
-            snr = _check_positive_number("snr", snr, "PredictorCorrector")
+            snr = check_positive("snr", snr, "PredictorCorrector")
         if n_corrector_steps is not None:
-            n_corrector_steps = _check_count("n_corrector_steps", n_corrector_steps, "PredictorCorrector", minimum=0)
+            n_corrector_steps = check_count("n_corrector_steps", n_corrector_steps, "PredictorCorrector", minimum=0)
         if corrector is None:
             if n_corrector_steps != 0:
                 corrector = AnnealedLangevin(0.16 if snr is None else snr,
@@ -327,7 +318,7 @@ class PredictorCorrector(Solver):
         self.nfe_per_step = predictor.nfe_per_step + self.n_corrector_steps
         self.stochastic = corrector is not None or bool(predictor.stochastic)
         if corrector is None:
-            self.order = predictor.order
+            self.convergence_order, self.convergence_mode = predictor.convergence_order, predictor.convergence_mode
         self.gaussian_only = bool(predictor.gaussian_only) or bool(corrector is not None and corrector.gaussian_only)
         # nested predictor-correctors stack their corrector draws
         self.first_draw = max(CORRECTOR_FIRST_DRAW, predictor.draw_end)

@@ -13,11 +13,11 @@ After the main step that lands on j, it is repeated n_restarts times:
 * a backward ODE pass from T to t_j over n_steps steps, Karras-spaced (rho = 7) in the noise level
   sigma/alpha as in the paper, with a separate copy of ``ode_solver`` (no history is shared).
 
-Units.  t_min and t_max are noise levels sigma(t)/alpha(t) = exp(-lambda(t)) by default
-(``units="sigma"``): that is EDM's sigma, VE's sigma and the VP noise level sqrt(1 - abar)/sqrt(abar)
+Units.  t_min and t_max are noise levels sigma(t)/alpha(t) = exp(-lambda(t)) (``Restart(intervals=...)``,
+``units == "sigma"``): that is EDM's sigma, VE's sigma and the VP noise level sqrt(1 - abar)/sqrt(abar)
 the paper's VP configurations use, so its configurations carry over to every Gaussian SDE.
-``units="time"`` takes them in the SDE's own time t instead.  The snapping compares grid points in
-the same variable as t_min.
+:meth:`Restart.in_time` takes them in the SDE's own time t instead (``units == "time"``).  The snapping
+compares grid points in the same variable as t_min.
 
 Counting.  ``n_steps`` counts steps (the paper's N_restart counts points: N_restart = n_steps + 1);
 the driver's ``steps`` counts main steps from t_max to t_min, and its final denoise (one call) is the
@@ -49,17 +49,17 @@ Not implemented: the paper code's EDM churn inside the backward passes (restart_
 from __future__ import annotations
 
 import copy
-import math
 from typing import NamedTuple
 
 import torch
+
+from sde.validation import check_count, check_positive
 
 from .base import Plan, Solver, SolverBase
 from .spacing import KARRAS_RHO, karras_roots
 
 __all__ = ["Restart", "RestartInterval", "RESTART_PRESETS", "DEFAULT_INTERVALS", "DEFAULT_RESTARTS_PER_STEPS"]
 
-_UNITS = ("sigma", "time")
 
 
 class RestartInterval(NamedTuple):
@@ -108,10 +108,6 @@ def _default_restarts(steps: int) -> int:
     return per * steps // every
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
     try:
         items = list(intervals)
@@ -126,16 +122,12 @@ def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
         except (TypeError, ValueError):
             raise ValueError(f"intervals[{i}] must be (t_min, t_max, n_steps, n_restarts), got {item!r}") from None
         for name, v in (("t_min", t_min), ("t_max", t_max)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"intervals[{i}]: {name} must be a positive finite number "
-                                 f"({'a noise level sigma/alpha' if units == 'sigma' else 'an SDE time'}), got {v!r}")
+            check_positive(name, v, f"intervals[{i}]",
+                           why=f" ({'a noise level sigma/alpha' if units == 'sigma' else 'an SDE time'})")
         if not t_min < t_max:
             raise ValueError(f"intervals[{i}]: expected t_min < t_max, got t_min={t_min!r}, t_max={t_max!r}")
-        if not _is_int(n_steps) or n_steps < 1:
-            raise ValueError(f"intervals[{i}]: n_steps (ODE steps per backward pass) must be an int >= 1, "
-                             f"got {n_steps!r}")
-        if not _is_int(n_restarts) or n_restarts < 0:
-            raise ValueError(f"intervals[{i}]: n_restarts must be an int >= 0, got {n_restarts!r}")
+        check_count("n_steps", n_steps, f"intervals[{i}]", why=" (ODE steps per backward pass)")
+        check_count("n_restarts", n_restarts, f"intervals[{i}]", minimum=0)
         out.append(RestartInterval(float(t_min), float(t_max), int(n_steps), int(n_restarts)))
     out.sort(key=lambda iv: -iv.t_max)
     for hi, lo in zip(out, out[1:]):
@@ -212,13 +204,15 @@ class _PassContext:
 class Restart(Solver):
     """Restart sampling: ``ode_solver`` on the grid, plus restarts (forward jump + backward ODE pass).
 
-    ``intervals``: a list of (t_min, t_max, n_steps, n_restarts), t_min < t_max noise levels
-    sigma/alpha (``units="sigma"``, the paper's convention, default) or SDE times (``units="time"``);
-    n_steps >= 1 ODE steps per backward pass (the paper's N_restart - 1); n_restarts >= 0.  Intervals
-    may touch but not overlap.  ``None`` (default): the paper's configuration for the run's SDE, with
-    restarts in proportion to the grid's steps (:meth:`intervals_for`, the module docstring); then
-    :attr:`intervals` is ``None``.  ``s_noise`` > 0 scales the jump noise (the paper: 1, 1.003 on ImageNet).
-    ``ode_solver``: any deterministic fixed-grid solver (default :class:`Heun`).
+    Every argument is a keyword.  ``intervals``: a list of (t_min, t_max, n_steps, n_restarts), t_min <
+    t_max noise levels sigma/alpha (the paper's convention; :meth:`in_time` takes SDE times, and needs
+    them); n_steps >= 1 ODE steps per backward pass (the paper's N_restart - 1); n_restarts >= 0.
+    Intervals may touch but not overlap.  ``None`` (default): the paper's configuration for the run's SDE,
+    with restarts in proportion to the grid's steps (:meth:`intervals_for`, the module docstring); then
+    :attr:`intervals` is ``None``.  ``s_noise`` > 0 multiplies the jump noise (EDM's S_noise: the paper
+    uses 1, and 1.003 on ImageNet; it is not an ``eta``: the jump is an exact forward transition and
+    the backward passes are ODE passes whatever it is).  ``ode_solver``: any deterministic fixed-grid
+    solver (default :class:`Heun`).
 
     Cost: :meth:`nfe` (``steps`` main steps at the ODE solver's ``nfe_per_step``, the final denoise,
     and the restarts' :meth:`restart_nfe`); :meth:`steps_for_nfe` inverts it.  The paper's
@@ -228,8 +222,18 @@ class Restart(Solver):
 
     gaussian_only = True
 
-    def __init__(self, ode_solver: Solver | None = None, intervals=None, s_noise: float = 1.0, *,
-                 units: str = "sigma"):
+    def __init__(self, *, ode_solver: Solver | None = None, intervals=None, s_noise: float = 1.0):
+        self._setup(ode_solver, intervals, s_noise, "sigma")
+
+    @classmethod
+    def in_time(cls, intervals, *, ode_solver: Solver | None = None, s_noise: float = 1.0) -> "Restart":
+        """Restart with ``intervals`` (t_min, t_max, n_steps, n_restarts) whose t_min, t_max are SDE times
+        t, not noise levels (``units == "time"``); the other arguments as for :class:`Restart`."""
+        solver = cls.__new__(cls)
+        solver._setup(ode_solver, intervals, s_noise, "time")
+        return solver
+
+    def _setup(self, ode_solver, intervals, s_noise, units: str) -> None:
         if ode_solver is None:
             from .euler import Heun
 
@@ -244,28 +248,25 @@ class Restart(Solver):
         if ode_solver.stochastic:
             raise ValueError(f"ode_solver must be deterministic (an ODE solver, e.g. Heun(), Euler(), "
                              f"DPMSolver(), UniPC()); {ode_solver!r} is stochastic")
-        if not isinstance(units, str) or units not in _UNITS:
-            raise ValueError(f"units must be 'sigma' (noise level sigma/alpha, the paper's) or 'time' (SDE time), "
-                             f"got {units!r}")
-        if isinstance(s_noise, bool) or not isinstance(s_noise, (int, float)) or not (
-                math.isfinite(s_noise) and s_noise > 0):
-            raise ValueError(f"s_noise must be a positive finite number, got {s_noise!r}")
+        self.s_noise = check_positive("s_noise", s_noise, "Restart")
         self.ode_solver = ode_solver
         #: a separate instance for the backward passes (no state of the main pass reaches them)
         self.restart_solver = copy.copy(ode_solver)
+        #: "sigma": the intervals are noise levels sigma/alpha; "time": SDE times (:meth:`in_time`)
         self.units = units
         if intervals is None and units != "sigma":
-            raise ValueError("units='time' needs intervals: Restart()'s default intervals are noise levels "
-                             "sigma/alpha (units='sigma')")
+            raise ValueError("Restart.in_time needs intervals (SDE times): Restart()'s default intervals are "
+                             "noise levels sigma/alpha")
         #: the intervals given, or None: the default, chosen per run by :meth:`intervals_for`
         self.intervals = None if intervals is None else _check_intervals(intervals, units)
-        self.s_noise = float(s_noise)
         #: the main pass's steps recommended for this configuration (set by :meth:`preset`)
         self.recommended_steps: int | None = None
-        self.order = ode_solver.order
         self.nfe_per_step = int(ode_solver.nfe_per_step)
         # the default restarts on grids of DEFAULT_RESTARTS_PER_STEPS[1] // 2 + 1 steps or more
         self.stochastic = self.intervals is None or any(iv.n_restarts > 0 for iv in self.intervals)
+        # the ODE solver's order; with restarts the run is compared in distribution
+        self.convergence_order = ode_solver.convergence_order
+        self.convergence_mode = "weak" if self.stochastic else "pathwise"
         # the final denoise applies the ODE solver's x0 hooks (thresholding, correct_x0) too
         self.hooks = ode_solver.hooks
 
@@ -278,7 +279,7 @@ class Restart(Solver):
         if name not in RESTART_PRESETS:
             raise ValueError(f"unknown Restart preset {name!r}; known: {sorted(RESTART_PRESETS)}")
         cfg = RESTART_PRESETS[name]
-        solver = cls(ode_solver, intervals=cfg["intervals"], s_noise=cfg["s_noise"])
+        solver = cls(ode_solver=ode_solver, intervals=cfg["intervals"], s_noise=cfg["s_noise"])
         solver.recommended_steps = cfg["steps"]
         return solver
 
@@ -295,8 +296,7 @@ class Restart(Solver):
         (:data:`DEFAULT_INTERVALS`), restarted 2 steps // 17 times (:data:`DEFAULT_RESTARTS_PER_STEPS`)."""
         if self.intervals is not None:
             return self.intervals
-        if not _is_int(steps) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_count("steps", steps)
         ends = torch.tensor([sde.t_min, sde.t_max], dtype=torch.float64)
         kind = "alpha=1" if bool((sde.alpha(ends) == 1).all()) else "alpha<1"
         return (RestartInterval(*DEFAULT_INTERVALS[kind], _default_restarts(steps)),)
@@ -306,8 +306,7 @@ class Restart(Solver):
         n_steps_k nfe_per_step (independent of ``steps`` when intervals were given; the default's
         counts are the same for every SDE)."""
         if self.intervals is None:
-            if not _is_int(steps) or steps < 1:
-                raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+            check_count("steps", steps)
             return _default_restarts(steps) * _DEFAULT_N_STEPS * self.nfe_per_step
         return sum(iv.n_restarts * iv.n_steps for iv in self.intervals) * self.nfe_per_step
 
@@ -315,8 +314,7 @@ class Restart(Solver):
         """Network calls of a run with ``steps`` main steps (``info.nfe``): steps nfe_per_step
         + final_denoise + :meth:`restart_nfe`.  (A singlestep DPM-Solver step that starts at alpha = 0,
         rectified flow at t = 1, costs one call instead of its order, as without restarts.)"""
-        if not _is_int(steps) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_count("steps", steps)
         return steps * self.nfe_per_step + int(bool(final_denoise)) + self.restart_nfe(steps)
 
     def steps_for_nfe(self, nfe: int, final_denoise: bool = True) -> int:
@@ -485,7 +483,8 @@ class Restart(Solver):
 
     def __repr__(self):
         if self.intervals is None:  # the default: as constructed
-            return f"Restart({self.ode_solver!r}, s_noise={self.s_noise:g})"
+            return f"Restart(ode_solver={self.ode_solver!r}, s_noise={self.s_noise:g})"
         ivs = ", ".join(f"({iv.t_min:g}, {iv.t_max:g}, {iv.n_steps}, {iv.n_restarts})" for iv in self.intervals)
-        extra = "" if self.units == "sigma" else ", units='time'"
-        return f"Restart({self.ode_solver!r}, intervals=[{ivs}], s_noise={self.s_noise:g}{extra})"
+        if self.units == "time":
+            return f"Restart.in_time([{ivs}], ode_solver={self.ode_solver!r}, s_noise={self.s_noise:g})"
+        return f"Restart(ode_solver={self.ode_solver!r}, intervals=[{ivs}], s_noise={self.s_noise:g})"

@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import torch
 
+from sde.validation import check_choice, check_in_range, check_nonnegative, check_predicts
+
 from .base import Plan, Solver
 from .tableau import TABLEAUX as ALL_TABLEAUX
 
@@ -79,8 +81,8 @@ TABLEAUX = {name: tableau for name, tableau in ALL_TABLEAUX.items() if not table
 
 _FLOAT64_PLAN = "reversible_float64_tables"
 
-#: per (predict, stochastic): exponent e of the time variable s = e^{e lambda}, the quantity integrated
-_FORMS = {("data", False): (1.0, "x0"), ("noise", False): (-1.0, "eps"), ("data", True): (2.0, "x0")}
+#: per (predicts, stochastic): exponent e of the time variable s = e^{e lambda}, the quantity integrated
+_FORMS = {("x0", False): (1.0, "x0"), ("eps", False): (-1.0, "eps"), ("x0", True): (2.0, "x0")}
 
 
 class _Float64Steps:
@@ -108,18 +110,19 @@ class _Float64Steps:
 
 
 class Reversible(Solver):
-    """Rex: the algebraically reversible exponential Runge-Kutta solver built on ``base``.
+    """Rex: the algebraically reversible exponential Runge-Kutta solver built on ``tableau``.
 
-    ``base`` is a tableau name in :data:`TABLEAUX` (euler, midpoint, heun, ralston, ssprk3, rk4,
+    ``tableau`` is a name in :data:`TABLEAUX` (euler, midpoint, heun, ralston, ssprk3, rk4,
     rk38); ``coupling`` the McCallum-Foster zeta in (0, 1] (1: the plain MF scheme; below 1 it damps
-    the drift between x and x_hat); ``predict`` ``"data"`` (x0 form, the default: stable on every
-    schedule) or ``"noise"`` (eps form, ODE only: the most precise inverse, for VP/VE-like schedules
-    where sigma/alpha stays moderate; see the module); ``stochastic=True``
-    integrates the reverse SDE with keyed Brownian increments.  ``data_std`` (data forms, default 0:
-    Rex's weights) is the scale c of the Gaussian N(0, c^2) the weight integrates exactly: set at or a
-    little above the data's standard deviation, with a second-order base (``"heun"``), it makes the
-    inverse precise to about the flow's own conditioning (see the module).  ``order`` is the tableau's (weak
-    order 1 for the SDE); ``nfe_per_step`` is 2 x stages.
+    the drift between x and x_hat); ``predicts`` ``"x0"`` (data form, the default: stable on every
+    schedule) or ``"eps"`` (noise form, ODE only: the most precise inverse, for VP/VE-like schedules
+    where sigma/alpha stays moderate; see the module); ``eta`` 0 (the probability-flow ODE, default) or 1
+    (the reverse SDE, with keyed Brownian increments; the reverse family between them has no exact
+    exponential form here).  ``data_std`` (data forms, default 0: Rex's weights) is the scale c of the
+    Gaussian N(0, c^2) the weight integrates exactly: set at or a little above the data's standard
+    deviation, with a second-order tableau (``"heun"``), it makes the inverse precise to about the flow's
+    own conditioning (see the module).  ``convergence_order`` is the tableau's (pathwise; weak order 1
+    for the SDE); ``nfe_per_step`` is 2 x stages.
 
     The solver's state besides x is ``x_hat`` (``state_names``): :func:`samplers.sample` starts it
     at x_T unless ``solver_state={"x_hat": ...}`` is given; :meth:`forward_step` and
@@ -130,38 +133,35 @@ class Reversible(Solver):
     gaussian_only = True
     state_names = ("x_hat",)
 
-    def __init__(self, base: str = "euler", coupling: float = 0.999, *, predict: str = "data",
-                 stochastic: bool = False, data_std: float = 0.0):
-        if base not in TABLEAUX:
-            raise ValueError(f"base must be one of {sorted(TABLEAUX)}, got {base!r}")
-        if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not (0.0 < coupling <= 1.0):
-            raise ValueError(f"coupling must be a number in (0, 1] (the McCallum-Foster zeta), got {coupling!r}")
-        if not isinstance(stochastic, bool):
-            raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
-        if predict not in ("data", "noise"):
-            raise ValueError(f"predict must be 'data' or 'noise', got {predict!r}")
-        if stochastic and predict == "noise":
+    def __init__(self, tableau: str = "euler", coupling: float = 0.999, *, predicts: str = "x0",
+                 eta: float = 0.0, data_std: float = 0.0):
+        owner = "Reversible"
+        self.tableau = check_choice("tableau", tableau, TABLEAUX, owner)
+        self.coupling = check_in_range("coupling", coupling, 0.0, 1.0, owner, closed="right",
+                                       why=" (the McCallum-Foster zeta)")
+        self.predicts = check_predicts(predicts, owner=owner)
+        self.eta = check_choice("eta", eta, (0.0, 1.0), owner, why=" (0: the probability-flow ODE, 1: the reverse "
+                                "SDE; Rex has no exact form for the family between them)")
+        self.stochastic = self.eta == 1.0
+        if self.stochastic and predicts == "eps":
             raise ValueError(
-                "predict='noise' with stochastic=True is unstable: the reverse SDE's drift 2 eps d(sigma/alpha) "
+                "Reversible: predicts='eps' with eta=1 is unstable: the reverse SDE's drift 2 eps d(sigma/alpha) "
                 "makes the coupled pair's parasitic mode grow by about (sigma_max/s_data)^2 over a run, and x_hat "
-                "diverges (measured: variance off by 1e12 at 50 steps); use predict='data'"
+                "diverges (measured: variance off by 1e12 at 50 steps); use predicts='x0'"
             )
-        if isinstance(data_std, bool) or not isinstance(data_std, (int, float)) or not (0.0 <= data_std < float("inf")):
-            raise ValueError(f"data_std must be a finite number >= 0 (the data scale the weight is exact for), "
-                             f"got {data_std!r}")
-        if data_std > 0.0 and predict == "noise":
-            raise ValueError("data_std applies to the data forms (predict='data'); the noise form has no such weight")
-        self.data_std = float(data_std)
-        self.base = base
-        self.coupling = float(coupling)
-        self.predict = predict
-        self.stochastic = stochastic
-        tableau = TABLEAUX[base]
-        self.a, self.b, self.c, order = tableau.a, tableau.b, tableau.c, tableau.order
+        self.data_std = check_nonnegative("data_std", data_std, owner, why=" (the data scale the weight is exact for)")
+        if self.data_std > 0.0 and predicts == "eps":
+            raise ValueError("data_std applies to the data form (predicts='x0'); the noise form has no such weight")
+        self.eta = float(self.eta)
+        rk = TABLEAUX[tableau]
+        self.a, self.b, self.c, order = rk.a, rk.b, rk.c, rk.order
         self.stages = len(self.b)
-        self.order = 1 if stochastic else order  # weak order 1 for the SDE
+        if self.stochastic:  # weak order 1 for the SDE (the order-1.5 ShARK needs the Levy area)
+            self.convergence_order, self.convergence_mode = 1, "weak"
+        else:
+            self.convergence_order = order
         self.nfe_per_step = 2 * self.stages
-        self._exponent, self._quantity = _FORMS[(predict, stochastic)]
+        self._exponent, self._quantity = _FORMS[(self.predicts, self.stochastic)]
         # the fractions of a step (in s) where a stage is taken: c_i going forward, 1 - c_i back
         fractions = sorted({float(c) for c in self.c} | {1.0 - float(c) for c in self.c})
         self._stage_names = {f: f"rex{j}" for j, f in enumerate(fractions) if f not in (0.0, 1.0)}
@@ -169,7 +169,7 @@ class Reversible(Solver):
     # -- tables ---------------------------------------------------------------------------------
 
     def _weight(self, sde, t):
-        if self.predict == "noise":
+        if self.predicts == "eps":
             return sde.alpha(t)
         c2 = self.data_std ** 2
         if self.stochastic:  # (sigma^2 + c^2 alpha^2)/alpha, finite where sigma is small
@@ -179,7 +179,7 @@ class Reversible(Solver):
     def _time_variable(self, sde, t):
         snr = torch.exp(self._exponent * sde.log_snr(t))  # sigma/alpha, alpha/sigma or alpha^2/sigma^2
         c = self.data_std
-        if self.predict == "noise" or c == 0.0:
+        if self.predicts == "eps" or c == 0.0:
             return snr
         if self.stochastic:
             return torch.log1p(c * c * snr) / (c * c)
@@ -188,7 +188,7 @@ class Reversible(Solver):
     def _log_snr_at(self, s):
         """The log-SNR where the time variable equals ``s`` (the inverse of :meth:`_time_variable`)."""
         c = self.data_std
-        if self.predict == "data" and c > 0.0:
+        if self.predicts == "x0" and c > 0.0:
             s = torch.expm1(c * c * s) / (c * c) if self.stochastic else torch.sinh(c * s) / c
         return torch.log(s) / self._exponent
 
@@ -373,7 +373,7 @@ class Reversible(Solver):
         return {"x_hat": x_hat.clone() if dtype is None else x_hat.to(dtype, copy=True)}
 
     def __repr__(self):
-        extra = "" if self.predict == "data" else f", predict={self.predict!r}"
-        extra += ", stochastic=True" if self.stochastic else ""
+        extra = "" if self.predicts == "x0" else f", predicts={self.predicts!r}"
+        extra += ", eta=1" if self.stochastic else ""
         extra += f", data_std={self.data_std:g}" if self.data_std > 0.0 else ""
-        return f"Reversible(base={self.base!r}, coupling={self.coupling:g}{extra})"
+        return f"Reversible(tableau={self.tableau!r}, coupling={self.coupling:g}{extra})"

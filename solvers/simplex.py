@@ -3,21 +3,14 @@ every state inside the simplex (each coordinate in (0, 1))."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sde import DirichletSDE, check_eta
+from sde.validation import check_in_range, check_positive
 
 from .base import Plan, Solver
 
 __all__ = ["JacobiEulerMaruyama"]
-
-
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 class JacobiEulerMaruyama(Solver):
@@ -46,21 +39,26 @@ class JacobiEulerMaruyama(Solver):
         1: the reverse SDE; 0: Euler on the probability-flow ODE.
     """
 
-    order = 1
+    convergence_order = 1
+    convergence_mode = "weak"
     nfe_per_step = 1
     gaussian_only = False
 
     def __init__(self, time_dilation: float = 1.0, dilation_start: float | None = None, boundary_eps: float = 1e-5,
                  eta: float = 1.0):
-        self.time_dilation = _check_positive("time_dilation", time_dilation)
+        self.time_dilation = check_positive("time_dilation", time_dilation)
         if self.time_dilation < 1:
             raise ValueError(f"time_dilation must be >= 1 (it stretches the reverse process), got {time_dilation!r}")
-        self.dilation_start = None if dilation_start is None else _check_positive("dilation_start", dilation_start)
-        if isinstance(boundary_eps, bool) or not isinstance(boundary_eps, (int, float)) or not 0 < boundary_eps < 0.5:
-            raise ValueError(f"boundary_eps must be a number in (0, 0.5), got {boundary_eps!r}")
-        self.boundary_eps = float(boundary_eps)
+        self.dilation_start = None if dilation_start is None else check_positive("dilation_start", dilation_start)
+        self.boundary_eps = check_in_range("boundary_eps", boundary_eps, 0.0, 0.5, closed="neither")
         self.eta = check_eta(eta)
         self.stochastic = self.eta > 0
+        if not self.stochastic:
+            self.convergence_mode = "pathwise"
+
+    @property
+    def score_weight(self) -> float:
+        return 1.0 + self.eta**2
 
     def check_sde(self, sde) -> None:
         if not isinstance(sde, DirichletSDE):

@@ -2,7 +2,7 @@
 
 Like DPM-Solver it integrates the probability-flow ODE in the half log-SNR lambda = log(alpha/sigma),
 solving the linear part exactly and interpolating the converted model output m (the x0 estimate
-for ``predict="data"``, the noise estimate for ``predict="noise"``).  With h = lambda_t - lambda_s,
+for ``predicts="x0"``, the noise estimate for ``predicts="eps"``).  With h = lambda_t - lambda_s,
 z = -h (data) or z = h (noise), and (cx, scale) = (sigma_t/sigma_s, alpha_t) (data) or
 (alpha_t/alpha_s, sigma_t) (noise), one step from s = t_k to t = t_{k+1} is
 
@@ -35,10 +35,10 @@ with g_j = j! z phi_{j+1}(z) (phi_1(z) = (e^z - 1)/z, phi_{j+1} = (phi_j - 1/j!)
 
 Where rho is solved, B(z) cancels (B rho = R^{-1} g), so bh1 and bh2 differ only in the two
 fixed-1/2 weights.  Orders (pathwise, global): UniP-p is order p; UniPC-p (with UniC-p) is
-order p + 1 (the paper: UniC raises the order by one).  ``order`` (the attribute) is that convergence order;
-``solver_order`` is the p of the constructor.
+order p + 1 (the paper: UniC raises the order by one).  ``convergence_order`` is that order;
+``order`` is the p of the constructor.
 
-Step orders: step k of N uses p_k = min(solver_order, k + 1) (warm-up) and, with
+Step orders: step k of N uses p_k = min(order, k + 1) (warm-up) and, with
 ``lower_order_final`` and N < 10, at most N - k (DPMSolver's rule); the corrector of step k uses
 UniC-p_k.  diffusers lowers the last steps at every N: the last step is then an uncorrected
 first-order step whose O(h^2) error caps the asymptotic order at 2 (UniPC-3 on a Gaussian mixture:
@@ -49,7 +49,7 @@ Implementation.  The corrector is linear: x_corrected = x_predicted + sum_j delt
 terms are the same in both, so the state before the predictor need not be kept), and the next
 predictor is linear in x, so step k is one update
     x <- cx_k x + sum_{j=0..J} w_{k,j} m_{k-j}
-with J = solver_order (with the corrector) or solver_order - 1 (without); the converted outputs
+with J = order (with the corrector) or order - 1 (without); the converted outputs
 live in a ring of J + 1 scratch buffers.  Every weight (the B(h) functions, the small Vandermonde
 solves for rho) is computed once per grid in ``prepare`` (float64).  Only alpha, sigma and log_snr
 of the SDE are used.  Rectified flow from t = 1 (alpha = 0, lambda = -inf, an infinite first step):
@@ -65,13 +65,14 @@ import math
 
 import torch
 
+from sde.validation import check_choice, check_flag, check_predicts
+
 from .base import Solver, X0Hooks
 from .exponential import PHI_SERIES_RADIUS, phi_functions
 from .multistep import history_step, history_tables, multistep_orders
 
 __all__ = ["UniPC"]
 
-_QUANTITY = {"data": "x0", "noise": "eps"}
 _VARIANTS = ("bh1", "bh2")
 #: the longest data-form step towards noise (|h| in log-SNR; only a grid run backwards has one) that
 #: UniC corrects: past it the correction amplifies the predictor's error (see the module)
@@ -106,48 +107,38 @@ class UniPC(Solver):
     """UniPC (UniP-p predictor + UniC-p corrector), multistep, one network call per step.
 
     ``order`` p in 1, 2, 3 (diffusers' ``solver_order``); ``variant`` "bh1" (B(h) = h) or "bh2"
-    (B(h) = e^h - 1, default); ``predict="data"`` integrates the x0 estimate (diffusers'
-    ``predict_x0=True``, default), ``"noise"`` the noise estimate.  ``corrector=False`` gives the
-    plain UniP-p multistep predictor.  Convergence order p + 1 with the corrector, p without
-    (the ``order`` attribute).  Step k of N uses order min(p, k + 1) and, with
+    (B(h) = e^h - 1, default); ``predicts="x0"`` integrates the x0 estimate (diffusers'
+    ``predict_x0=True``, default), ``"eps"`` the noise estimate.  ``corrector=False`` gives the
+    plain UniP-p multistep predictor.  Pathwise convergence order p + 1 with the corrector, p without
+    (``convergence_order``).  Step k of N uses order min(p, k + 1) and, with
     ``lower_order_final`` and N < 10, at most N - k (:meth:`step_orders`); no corrector after the last step.
 
     ``thresholding`` (True or a :class:`DynamicThresholding`) and ``correct_x0(x0, t) -> x0`` act on
-    every x0 estimate before it enters the history; they need ``predict="data"``.
+    every x0 estimate before it enters the history; they need ``predicts="x0"``.
     """
 
     nfe_per_step = 1
     stochastic = False
     gaussian_only = True
 
-    def __init__(self, order: int = 2, variant: str = "bh2", predict: str = "data", corrector: bool = True,
+    def __init__(self, order: int = 2, variant: str = "bh2", predicts: str = "x0", corrector: bool = True,
                  lower_order_final: bool = True, thresholding=False, correct_x0=None):
-        if isinstance(order, bool) or order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-        if not isinstance(variant, str) or variant not in _VARIANTS:
-            raise ValueError(f"variant must be 'bh1' (B(h) = h) or 'bh2' (B(h) = e^h - 1), got {variant!r}")
-        if not isinstance(predict, str) or predict not in _QUANTITY:
-            raise ValueError(f"predict must be 'data' (x0 prediction) or 'noise' (eps prediction), got {predict!r}")
-        if not isinstance(corrector, bool):
-            raise ValueError(f"corrector must be True or False, got {corrector!r}")
-        if not isinstance(lower_order_final, bool):
-            raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
-        self.solver_order = int(order)
-        self.variant = variant
-        self.predict = predict
-        self.corrector = corrector
-        self.lower_order_final = lower_order_final
+        self.order = int(check_choice("order", order, (1, 2, 3)))
+        self.variant = check_choice("variant", variant, _VARIANTS, why=" (B(h) = h or e^h - 1)")
+        self.predicts = check_predicts(predicts)
+        self.corrector = check_flag("corrector", corrector)
+        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
-        if self.hooks.active and predict != "data":
-            raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predict='data'")
-        #: pathwise convergence order: UniC raises UniP-p's order by one
-        self.order = self.solver_order + int(corrector)
+        if self.hooks.active and predicts != "x0":
+            raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predicts='x0'")
+        # UniC raises UniP-p's order by one
+        self.convergence_order = self.order + int(corrector)
 
     def step_orders(self, n_steps: int, h: torch.Tensor | None = None) -> list[int]:
         """The predictor order p_k of each of ``n_steps`` steps (the corrector of step k is UniC-p_k):
         :func:`solvers.multistep.multistep_orders` (warm-up, lower_order_final below 10 steps, and,
         given the steps' lengths ``h`` in log-SNR, order 1 after a jump in step length)."""
-        return multistep_orders(self.solver_order, n_steps, self.lower_order_final, h)
+        return multistep_orders(self.order, n_steps, self.lower_order_final, h)
 
     def corrected_steps(self, h: torch.Tensor) -> torch.Tensor:
         """(N,) bool: whether the corrector of each step, of log-SNR lengths ``h`` ((N,) or (N, C)),
@@ -157,7 +148,7 @@ class UniPC(Solver):
         n = h.shape[0]
         corrected = torch.full((n,), self.corrector)
         corrected[-1] = False
-        if self.predict == "data":
+        if self.predicts == "x0":
             long_towards_noise = (h < -MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE).reshape(n, -1).any(dim=1)
             corrected &= ~long_towards_noise
         return corrected
@@ -165,7 +156,7 @@ class UniPC(Solver):
     @property
     def _history(self) -> int:
         """How many earlier outputs a step reads (the ring holds this many + 1)."""
-        return self.solver_order if self.corrector else self.solver_order - 1
+        return self.order if self.corrector else self.order - 1
 
     def prepare(self, model, times):
         sde = model.sde
@@ -173,14 +164,14 @@ class UniPC(Solver):
         lam = sde.log_snr(times)
         h = lam[1:] - lam[:-1]
         alpha, sigma = sde.alpha(times), sde.sigma(times)
-        if self.predict == "data":
+        if self.predicts == "x0":
             cx, z, scale = sigma[1:] / sigma[:-1], -h, alpha[1:]
         else:
             cx, z, scale = alpha[1:] / alpha[:-1], h, sigma[1:]
         first = -scale * torch.expm1(z)  # the coefficient of m_k in the first-order update
         bh = z if self.variant == "bh1" else torch.expm1(z)
         orders = self.step_orders(n, h)
-        p = self.solver_order
+        p = self.order
 
         zeros = torch.zeros_like(h)
         # u_j[k] = 1/r_j = h_k/(lam_{k-j} - lam_k): the node of m_{k-j} in step k (rows k < j unused:
@@ -245,7 +236,7 @@ class UniPC(Solver):
                 "or start the grid below that time"
             )
 
-        pc, qc = model.coefficients(_QUANTITY[self.predict], times[:-1])
+        pc, qc = model.coefficients(self.predicts, times[:-1])
         # the ring of converted outputs, shared with the DPM solvers: solvers.multistep.history_tables
         return history_tables(hist + 1, cx, w, pc, qc, self.hooks, times)
 
@@ -256,5 +247,5 @@ class UniPC(Solver):
         extra = "" if self.corrector else ", corrector=False"
         if not self.lower_order_final:
             extra += ", lower_order_final=False"
-        return (f"{type(self).__name__}(order={self.solver_order}, variant={self.variant!r}, "
-                f"predict={self.predict!r}{extra}{self.hooks.repr_args()})")
+        return (f"{type(self).__name__}(order={self.order}, variant={self.variant!r}, "
+                f"predicts={self.predicts!r}{extra}{self.hooks.repr_args()})")

@@ -44,27 +44,28 @@ def solver_runs() -> dict[str, callable]:
         "OptimalReverse": lambda: OptimalReverse(),
         "OptimalReverse-mean": lambda: OptimalReverse(noise=False),
     }
+    # run ids keep the words of the stored file (predict "data"/"noise" is predicts "x0"/"eps")
     for order in (1, 2, 3):
-        for predict in ("data", "noise"):
-            for method in ("multistep", "singlestep"):
-                runs[f"DPMSolver-{order}-{predict}-{method}"] = (
-                    lambda o=order, p=predict, m=method: DPMSolver(order=o, predict=p, method=m))
+        for predict, predicts in (("data", "x0"), ("noise", "eps")):
+            for variant in ("multistep", "singlestep"):
+                runs[f"DPMSolver-{order}-{predict}-{variant}"] = (
+                    lambda o=order, p=predicts, v=variant: DPMSolver(order=o, predicts=p, variant=v))
             for variant in ("bh1", "bh2"):
                 runs[f"UniPC-{order}-{variant}-{predict}"] = (
-                    lambda o=order, v=variant, p=predict: UniPC(order=o, variant=v, predict=p))
+                    lambda o=order, v=variant, p=predicts: UniPC(order=o, variant=v, predicts=p))
         runs[f"UniPC-{order}-nocorrector"] = lambda o=order: UniPC(order=o, corrector=False)
-        for solver_type in ("midpoint", "heun"):
-            for eta in (0.5, 1.0):
-                runs[f"DPMSolverSDE-{order}-{solver_type}-eta{eta}"] = (
-                    lambda o=order, s=solver_type, e=eta: DPMSolverSDE(order=o, solver_type=s, eta=e))
+        for variant in ("midpoint", "heun"):
+            for eta in (0.5, 1.0):  # the stored runs used k-diffusion's eta
+                runs[f"DPMSolverSDE-{order}-{variant}-eta{eta}"] = (
+                    lambda o=order, v=variant, e=eta: DPMSolverSDE.k_diffusion(order=o, variant=v, eta=e))
         for scale in ("ode", "original_sde", "sde_5"):
             runs[f"ERSDE-{order}-{scale}"] = lambda o=order, s=scale: ERSDE(order=o, noise_scale=s)
-    for method in ("dopri5", "bosh3", "fehlberg2"):
-        runs[f"AdaptiveODE-{method}"] = lambda m=method: AdaptiveODE(method=m, rtol=1e-4, atol=1e-4)
-    for base in ("euler", "midpoint", "ralston", "rk4"):
-        runs[f"Reversible-{base}"] = lambda b=base: Reversible(base=b)
-    runs["Reversible-euler-sde"] = lambda: Reversible(base="euler", stochastic=True)
-    runs["Reversible-euler-noise"] = lambda: Reversible(base="euler", predict="noise")
+    for tableau in ("dopri5", "bosh3", "fehlberg2"):
+        runs[f"AdaptiveODE-{tableau}"] = lambda t=tableau: AdaptiveODE(tableau=t, rtol=1e-4, atol=1e-4)
+    for tableau in ("euler", "midpoint", "ralston", "rk4"):
+        runs[f"Reversible-{tableau}"] = lambda t=tableau: Reversible(tableau=t)
+    runs["Reversible-euler-sde"] = lambda: Reversible(tableau="euler", eta=1)
+    runs["Reversible-euler-noise"] = lambda: Reversible(tableau="euler", predicts="eps")
     return runs
 
 

@@ -92,13 +92,13 @@ def test_per_sample_nfe_accounts_for_every_call():
 
 
 @pytest.mark.parametrize("pair", [(1, 2), (2, 3)])
-@pytest.mark.parametrize("predict", ["data", "noise"])
-def test_gaussian_data_matches_the_exact_flow(pair, predict):
+@pytest.mark.parametrize("predicts", ["x0", "eps"])
+def test_gaussian_data_matches_the_exact_flow(pair, predicts):
     sde = make_sde("VP")
     x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
     reference = gaussian_flow(sde, MU, S, x_T, sde.t_max, sde.t_min)
     model = Model(GaussianNet(sde, "eps", MU, S), sde, predicts="eps")
-    x, _ = run(model, AdaptiveDPMSolver(pair, predict=predict, rtol=1e-6, atol=1e-7), x_T)
+    x, _ = run(model, AdaptiveDPMSolver(pair, predicts=predicts, rtol=1e-6, atol=1e-7), x_T)
     assert rms(x, reference) < 1e-5
 
 
@@ -177,7 +177,7 @@ def test_driver_arguments():
     ({"rtol": 0.0, "atol": 0.0}, "cannot both be 0"), ({"max_steps": 0}, "max_steps must be"),
     ({"max_steps": True}, "max_steps must be"), ({"min_step": 0.0}, "min_step must be"),
     ({"h_init": -0.1}, "h_init must be"), ({"safety": 1.5}, "safety must be"),
-    ({"predict": "x0"}, "predict must be"),
+    ({"predicts": "data"}, "predicts='data' is spelt predicts='x0'"), ({"predicts": "v"}, "predicts must be"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -186,7 +186,7 @@ def test_bad_arguments(kwargs, message):
 
 def test_x0_hooks():
     """An identity correct_x0 changes nothing and sees every estimate at its per-sample times;
-    thresholding bounds the result of an x0 net that overshoots; hooks need predict='data'."""
+    thresholding bounds the result of an x0 net that overshoots; hooks need predicts='x0'."""
     sde = make_sde("VP")
     x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
     net = GaussianX0Net(sde, MU, S, record_times=True)
@@ -206,8 +206,8 @@ def test_x0_hooks():
     x = sample(overshoot, AdaptiveDPMSolver(thresholding=True), x_T=x_T, dtype=F64)
     assert torch.allclose(x, torch.ones_like(x))
     assert "thresholding=DynamicThresholding" in repr(AdaptiveDPMSolver(thresholding=True))
-    with pytest.raises(ValueError, match="need predict='data'"):
-        AdaptiveDPMSolver(predict="noise", thresholding=True)
+    with pytest.raises(ValueError, match="need predicts='x0'"):
+        AdaptiveDPMSolver(predicts="eps", thresholding=True)
 
 
 def test_one_landing_rule_and_one_first_step_for_every_adaptive_solver():

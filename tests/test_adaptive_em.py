@@ -121,8 +121,8 @@ def test_refuses_a_start_where_the_reverse_sde_is_singular():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"rtol": -1}, "rtol must be"), ({"atol": float("nan")}, "atol must be"),
-    ({"h_init": 0}, "h_init must be"), ({"h_init": 2.0}, "h_init must be in"),
-    ({"safety": 1.5}, "safety must be in"), ({"exponent": -1}, "exponent must be"),
+    ({"h_init": 0}, "h_init must be"), ({"h_init": 2.0}, r"h_init must be a number in \(0, 1\]"),
+    ({"safety": 1.5}, r"safety must be a number in \(0, 1\]"), ({"exponent": -1}, "exponent must be"),
     ({"depth": 0}, "depth must be"), ({"max_steps": 0}, "max_steps must be"), ({"min_step": 0}, "min_step must be"),
 ])
 def test_bad_arguments(kwargs, message):

@@ -69,7 +69,7 @@ def test_tableau_is_consistent(method):
     assert math.isclose(sum(tab.b), 1.0, abs_tol=1e-15) and math.isclose(sum(tab.b_low), 1.0, abs_tol=1e-15)
     assert tab.fsal == (method in ("dopri5", "bosh3"))
     solver = AdaptiveODE(method)
-    assert solver.order == tab.order and solver.nfe_per_step == tab.calls_per_step
+    assert solver.convergence_order == tab.order and solver.nfe_per_step == tab.calls_per_step
     assert solver.nfe_per_step == {"dopri5": 6, "bosh3": 3, "fehlberg2": 3}[method]
 
 
@@ -336,7 +336,7 @@ def test_interval_per_sample_and_default_run():
 # -- arguments and repr ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "rk4"}, "method must be"), ({"method": None}, "method must be"),
+    ({"tableau": "rk4"}, "tableau must be"), ({"tableau": None}, "tableau must be"),
     ({"variable": "sigma"}, "variable must be"), ({"rtol": -1.0}, "rtol must be"),
     ({"atol": float("nan")}, "atol must be"), ({"rtol": 0.0, "atol": 0.0}, "cannot both be 0"),
     ({"max_steps": 0}, "max_steps must be"), ({"max_steps": 2.5}, "max_steps must be"),
@@ -346,15 +346,17 @@ def test_interval_per_sample_and_default_run():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdaptiveODE(**kwargs)
+    with pytest.raises(TypeError, match="method"):
+        AdaptiveODE(method="dopri5")
 
 
 def test_repr_and_attributes():
-    assert repr(AdaptiveODE()) == "AdaptiveODE(method='dopri5')"
+    assert repr(AdaptiveODE()) == "AdaptiveODE(tableau='dopri5')"
     assert repr(AdaptiveODE("bosh3", rtol=1e-3, variable="t", h_init=0.01)) == \
-        "AdaptiveODE(method='bosh3', rtol=0.001, variable='t', h_init=0.01)"
+        "AdaptiveODE(tableau='bosh3', rtol=0.001, variable='t', h_init=0.01)"
     solver = AdaptiveODE()
-    assert solver.adaptive and not solver.stochastic and solver.gaussian_only and solver.order == 5
+    assert solver.adaptive and not solver.stochastic and solver.gaussian_only and solver.convergence_order == 5
     other = solver.with_tolerance(1e-3, 1e-4)
-    assert (other.rtol, other.atol, other.method) == (1e-3, 1e-4, "dopri5") and solver.rtol == 1e-5
+    assert (other.rtol, other.atol, other.tableau) == (1e-3, 1e-4, "dopri5") and solver.rtol == 1e-5
     sde = make_sde("VP")
     assert not hasattr(solver, "prepare")  # an adaptive solver has no fixed-grid prepare/step

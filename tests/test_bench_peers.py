@@ -80,7 +80,7 @@ def test_peers_count_their_network_calls_and_converge():
 
 def test_quality_cli_writes_json_and_plots(tmp_path, capsys):
     code = bench.main(["quality", "--problems", "2d", "--sdes", "vp", "--nfe", "5", "12", "--samples", "200",
-                       "--solvers", "Euler(eta=0)", "DPMSolver(order=2, predict='data')", "--out", str(tmp_path)])
+                       "--solvers", "Euler(eta=0)", "DPMSolver(order=2, predicts='x0')", "--out", str(tmp_path)])
     assert code == 0
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "quality.json").read_text())

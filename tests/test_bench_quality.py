@@ -11,8 +11,8 @@ from samplers.cli import bench, demo, registry
 
 def test_quality_small_run(capsys):
     pairs = [(label, f) for label, f in registry.quality_solvers()
-             if label in ("Euler(eta=0)", "DPMSolver(order=2, predict='data')",
-                          "AdaptiveDPMSolver(order=(2, 3), predict='data')")]
+             if label in ("Euler(eta=0)", "DPMSolver(order=2, predicts='x0')",
+                          "AdaptiveDPMSolver(order=(2, 3), predicts='x0')")]
     assert len(pairs) == 3
     results = bench.quality(problems=("2d", "64d"), sdes=("vp",), budgets=(4, 40), samples=200, solver_list=pairs,
                             floor_sets=1)
@@ -25,14 +25,14 @@ def test_quality_small_run(capsys):
         assert any(r["solver"].startswith("AdaptiveDPMSolver") for r in res["records"])
     bench._print_quality(results)
     out = capsys.readouterr().out
-    assert "64d mixture" in out and "DPMSolver(order=2, predict='data')" in out
+    assert "64d mixture" in out and "DPMSolver(order=2, predicts='x0')" in out
 
 
 def test_quality_solvers_include_the_variants_once():
     labels = [label for label, _ in registry.quality_solvers()]
     assert len(labels) == len(set(labels))
     assert set(label for label, _ in registry.solver_factories()) <= set(labels)
-    assert "DPMSolver(order=3, predict='data', method='singlestep')" in labels
+    assert "DPMSolver(order=3, predicts='x0', variant='singlestep')" in labels
 
 
 def test_unknown_problem_is_refused():

@@ -127,7 +127,7 @@ def test_solver_factories_runs_restart_and_shows_a_broken_solver(monkeypatch):
     """Restart() constructs (it was dropped silently: its defaults raised TypeError), and a solver whose
     defaults raise is an error to see, not a solver the demo leaves out quietly."""
     labels = [label for label, _ in registry.solver_factories()]
-    assert "Restart(Heun(eta=0), s_noise=1)" in labels
+    assert "Restart(ode_solver=Heun(eta=0), s_noise=1)" in labels
 
     def broken():
         raise RuntimeError("defaults broken")

@@ -1,4 +1,4 @@
-"""Agreement with diffusers: our DPMSolver(order=2, predict="data") (DPM-Solver++ 2M) equals
+"""Agreement with diffusers: our DPMSolver(order=2, predicts="x0") (DPM-Solver++ 2M) equals
 DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
 on the same discrete DDPM schedule, the same timesteps and the same eps network, in float64.
 
@@ -56,7 +56,7 @@ def our_sample(timesteps: torch.Tensor, x_T: torch.Tensor, order: int = 2):
     model = Model(ddpm_eps_net, sde, predicts="eps", time_input="discrete")
     times = (timesteps.to(F64) + 1.0) / DDPM_N
     assert bool((times[1:] < times[:-1]).all()) and times.min() >= 1.0 / DDPM_N and times.max() <= 1.0
-    return sample(model, DPMSolver(order=order, predict="data"), x_T=x_T, grid=times, final_denoise=True,
+    return sample(model, DPMSolver(order=order, predicts="x0"), x_T=x_T, grid=times, final_denoise=True,
                   dtype=F64)
 
 

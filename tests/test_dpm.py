@@ -1,4 +1,4 @@
-"""DPMSolver: multistep DPM-Solver (predict="noise") and DPM-Solver++ (predict="data"), float64.
+"""DPMSolver: multistep DPM-Solver (predicts="eps") and DPM-Solver++ (predicts="x0"), float64.
 
 Convergence orders are measured as in test_convergence.py: pathwise error at t_min against the
 exact probability-flow map from the same x_T, least-squares slope of log error against log N.
@@ -29,7 +29,7 @@ from solvers import DPMSolver, Solver
 
 MU, S = 0.7, 0.5
 TOL = 0.2
-PREDICTS = ("data", "noise")
+PREDICTS = ("x0", "eps")
 
 
 def errors_for(model, solver, x_T, reference, sde, kind, steps):
@@ -162,20 +162,20 @@ def test_per_sample_grids():
     model = Model(GaussianX0Net(sde, MU, S), sde, predicts="x0")
     grids = torch.stack([grid(sde, 8, kind) for kind in ("log_snr", "uniform", "quadratic")], dim=1)
     for order in (2, 3):
-        together = sample(model, DPMSolver(order, "noise"), x_T=x_T, grid=grids, final_denoise=False, dtype=F64)
+        together = sample(model, DPMSolver(order, "eps"), x_T=x_T, grid=grids, final_denoise=False, dtype=F64)
         for b in range(3):
-            alone = sample(model, DPMSolver(order, "noise"), x_T=x_T[b:b + 1], grid=grids[:, b],
+            alone = sample(model, DPMSolver(order, "eps"), x_T=x_T[b:b + 1], grid=grids[:, b],
                            final_denoise=False, dtype=F64)
             assert torch.allclose(together[b:b + 1], alone, rtol=1e-13, atol=1e-14)
 
 
 def test_attributes_and_repr():
-    s = DPMSolver(order=2, predict="data")
+    s = DPMSolver(order=2, predicts="x0")
     assert isinstance(s, Solver) and s.gaussian_only and not s.stochastic
     assert (s.order, s.nfe_per_step) == (2, 1)
-    assert repr(s) == "DPMSolver(order=2, predict='data')"
-    assert repr(DPMSolver(3, "noise", lower_order_final=False)) == \
-        "DPMSolver(order=3, predict='noise', lower_order_final=False)"
+    assert repr(s) == "DPMSolver(order=2, predicts='x0')"
+    assert repr(DPMSolver(3, "eps", lower_order_final=False)) == \
+        "DPMSolver(order=3, predicts='eps', lower_order_final=False)"
     assert DPMSolver(1).order == 1 and DPMSolver(3).order == 3
 
 
@@ -185,10 +185,18 @@ def test_bad_order(order):
         DPMSolver(order=order)
 
 
-@pytest.mark.parametrize("predict", ["x0", "eps", "Data", None])
-def test_bad_predict(predict):
-    with pytest.raises(ValueError, match="predict must be 'data'"):
-        DPMSolver(predict=predict)
+@pytest.mark.parametrize("predicts", ["v", "X0", "score", None, 1])
+def test_bad_predicts(predicts):
+    with pytest.raises(ValueError, match="predicts must be 'x0' or 'eps'"):
+        DPMSolver(predicts=predicts)
+
+
+@pytest.mark.parametrize("old, new", [("data", "x0"), ("noise", "eps")])
+def test_the_old_spelling_names_the_new_one(old, new):
+    with pytest.raises(ValueError, match=f"predicts='{old}' is spelt predicts='{new}'"):
+        DPMSolver(predicts=old)
+    with pytest.raises(TypeError, match="predict"):
+        DPMSolver(predict=new)
 
 
 # -- singlestep (2S, 3S) --------------------------------------------------------------------------
@@ -209,7 +217,7 @@ def singlestep_reference(net, sde, x_T, times, order, predict):
     for k in range(len(times) - 1):
         s, t = times[k], times[k + 1]
         h = lam(t) - lam(s)
-        if predict == "data":
+        if predict == "x0":
             d_s = D(x, s)
             if order == 2:
                 s1 = at(lam(s) + 0.5 * h)
@@ -251,7 +259,7 @@ def test_singlestep_matches_the_formulas(sde_name, kind, order, predict):
     times = grid(sde, 7, kind)
     net = MIXTURE.net(sde, "x0")
     expected = singlestep_reference(net, sde, x_T, times, order, predict)
-    got = sample(Model(net, sde, predicts="x0"), DPMSolver(order, predict, method="singlestep"), x_T=x_T,
+    got = sample(Model(net, sde, predicts="x0"), DPMSolver(order, predict, variant="singlestep"), x_T=x_T,
                  grid=times, final_denoise=False, dtype=F64)
     assert torch.allclose(got, expected, rtol=1e-11, atol=1e-11 * sde.prior_std), rms(got, expected)
 
@@ -262,7 +270,7 @@ def test_singlestep_orders_mixture(sde_name, predict):
     sde, x_T, reference = mixture_problem(sde_name)
     model = Model(MIXTURE.net(sde, "x0"), sde, predicts="x0")
     for order, steps in ((2, [16, 32, 64, 128]), (3, [32, 64, 128, 256])):
-        errors = errors_for(model, DPMSolver(order, predict, method="singlestep"), x_T, reference, sde, "log_snr",
+        errors = errors_for(model, DPMSolver(order, predict, variant="singlestep"), x_T, reference, sde, "log_snr",
                             steps)
         slope = fitted_order(steps, errors)
         assert abs(slope - order) <= TOL, (order, slope, errors)
@@ -273,7 +281,7 @@ def test_singlestep_nfe_and_rectified_flow_start(order):
     """NFE = order per step; on rectified flow the step from t = 1 (alpha = 0) is the exact-limit first
     order step (one call), and the result still converges to the exact flow."""
     net_vp = GaussianX0Net(make_sde("VP"), MU, S)
-    _, info = sample(Model(net_vp, net_vp.sde, predicts="x0"), DPMSolver(order, method="singlestep"),
+    _, info = sample(Model(net_vp, net_vp.sde, predicts="x0"), DPMSolver(order, variant="singlestep"),
                      shape=(3, 2), steps=5, dtype=F64, return_info=True)
     assert info.nfe == order * 5 + 1 and net_vp.calls == info.nfe
     sde = make_sde("RectifiedFlow")
@@ -283,7 +291,7 @@ def test_singlestep_nfe_and_rectified_flow_start(order):
     errors = []
     for n in (16, 32, 64):
         net.calls = 0
-        x = sample(Model(net, sde, predicts="x0"), DPMSolver(order, method="singlestep"), x_T=x_T, steps=n,
+        x = sample(Model(net, sde, predicts="x0"), DPMSolver(order, variant="singlestep"), x_T=x_T, steps=n,
                    final_denoise=False, dtype=F64)
         assert net.calls == order * n - (order - 1)
         errors.append(rms(x, reference))
@@ -291,18 +299,18 @@ def test_singlestep_nfe_and_rectified_flow_start(order):
 
 
 def test_singlestep_repr_and_nfe_per_step():
-    assert DPMSolver(3, method="singlestep").nfe_per_step == 3
-    assert repr(DPMSolver(2, "noise", method="singlestep")) == \
-        "DPMSolver(order=2, predict='noise', method='singlestep')"
-    with pytest.raises(ValueError, match="method must be 'multistep' or 'singlestep'"):
-        DPMSolver(method="single")
+    assert DPMSolver(3, variant="singlestep").nfe_per_step == 3
+    assert repr(DPMSolver(2, "eps", variant="singlestep")) == \
+        "DPMSolver(order=2, predicts='eps', variant='singlestep')"
+    with pytest.raises(ValueError, match="variant must be 'multistep' or 'singlestep'"):
+        DPMSolver(variant="single")
 
 
 # -- data-prediction hooks ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, order", [("multistep", 1), ("multistep", 2), ("multistep", 3),
-                                           ("singlestep", 2), ("singlestep", 3)])
-def test_correct_x0_sees_every_estimate_and_its_time(method, order):
+@pytest.mark.parametrize("variant, order", [("multistep", 1), ("multistep", 2), ("multistep", 3),
+                                            ("singlestep", 2), ("singlestep", 3)])
+def test_correct_x0_sees_every_estimate_and_its_time(variant, order):
     """An identity correct_x0 changes nothing and is called once per network call at that call's time;
     a shifting one changes the result."""
     sde = make_sde("VP")
@@ -315,15 +323,15 @@ def test_correct_x0_sees_every_estimate_and_its_time(method, order):
         seen.append(t.clone())
         return x0
 
-    plain = sample(model, DPMSolver(order, method=method), x_T=x_T, steps=6, final_denoise=False, dtype=F64)
+    plain = sample(model, DPMSolver(order, variant=variant), x_T=x_T, steps=6, final_denoise=False, dtype=F64)
     net.times.clear()
-    hooked = sample(model, DPMSolver(order, method=method, correct_x0=identity), x_T=x_T, steps=6,
+    hooked = sample(model, DPMSolver(order, variant=variant, correct_x0=identity), x_T=x_T, steps=6,
                     final_denoise=False, dtype=F64)
     assert torch.equal(plain, hooked)
     assert len(seen) == len(net.times)
     for t_hook, t_net in zip(seen, net.times):
         assert torch.allclose(t_hook.expand_as(t_net), t_net, rtol=1e-15, atol=0)
-    shifted = sample(model, DPMSolver(order, method=method, correct_x0=lambda x0, t: x0 + 0.1), x_T=x_T, steps=6,
+    shifted = sample(model, DPMSolver(order, variant=variant, correct_x0=lambda x0, t: x0 + 0.1), x_T=x_T, steps=6,
                      final_denoise=False, dtype=F64)
     assert rms(shifted, plain) > 1e-3
 
@@ -348,8 +356,8 @@ def test_dynamic_thresholding_clips_the_x0_estimate():
 def test_hook_arguments_are_checked():
     from solvers import DynamicThresholding
 
-    with pytest.raises(ValueError, match="need predict='data'"):
-        DPMSolver(predict="noise", thresholding=True)
+    with pytest.raises(ValueError, match="need predicts='x0'"):
+        DPMSolver(predicts="eps", thresholding=True)
     with pytest.raises(ValueError, match="thresholding must be"):
         DPMSolver(thresholding="yes")
     with pytest.raises(ValueError, match="correct_x0 must be a callable"):
@@ -365,7 +373,7 @@ def test_hook_arguments_are_checked():
 
 
 @pytest.mark.parametrize("order", [2, 3])
-@pytest.mark.parametrize("net_predicts, predict", [("eps", "data"), ("x0", "noise"), ("v", "data")])
+@pytest.mark.parametrize("net_predicts, predict", [("eps", "x0"), ("x0", "eps"), ("v", "x0")])
 def test_history_storage_modes_agree(order, net_predicts, predict):
     """The ring holds m/p (one fused pass) when p != 0 at every step, q out when p = 0, m otherwise
     (solvers.multistep.history_tables); an identity x0 hook forces the general form in data mode.
@@ -376,13 +384,12 @@ def test_history_storage_modes_agree(order, net_predicts, predict):
     assert DPMSolver(order, predict).prepare(model, times)["history"] == ["scaled"] * 12
     x_T = torch.randn(5, 3, generator=torch.Generator().manual_seed(9), dtype=F64)
     fast = sample(model, DPMSolver(order, predict), x_T=x_T, grid=times[:, 0], final_denoise=False, dtype=F64)
-    direct_model = Model(GaussianNet(sde, "x0" if predict == "data" else "eps", MU, S), sde,
-                         predicts="x0" if predict == "data" else "eps")
+    direct_model = Model(GaussianNet(sde, predict, MU, S), sde, predicts=predict)
     assert DPMSolver(order, predict).prepare(direct_model, times)["history"] == ["direct"] * 12
     reference = sample(direct_model, DPMSolver(order, predict), x_T=x_T, grid=times[:, 0], final_denoise=False,
                        dtype=F64)
     assert torch.allclose(fast, reference, rtol=1e-12, atol=1e-12)
-    if predict == "data":
+    if predict == "x0":
         general = sample(model, DPMSolver(order, predict, correct_x0=lambda x0, t: x0), x_T=x_T, grid=times[:, 0],
                          final_denoise=False, dtype=F64)
         assert torch.allclose(fast, general, rtol=1e-12, atol=1e-12)

@@ -1,4 +1,5 @@
-"""DPMSolverSDE: SDE-DPM-Solver++ (1, 2M midpoint/heun, 3M) with k-diffusion's eta, float64.
+"""DPMSolverSDE: SDE-DPM-Solver++ (1, 2M midpoint/heun, 3M), float64.  The references are written with
+k-diffusion's eta (e = our eta^2), so most runs build the solver with DPMSolverSDE.k_diffusion.
 
 - diffusers: ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")`` on the same discrete
   schedule, timesteps, eps network and the same (keyed) noise, handed to ``step(variance_noise=...)``.
@@ -10,14 +11,14 @@
   ~1e-15 with the factor 2 and the corrected sign.
 - a reference written from the formulas (k-diffusion's r0, r1, D1_0, D1_1 form generalised to any
   alpha, any eta), on every Gaussian SDE, nonlinear (mixture) data, the same keyed noise.
-- eta = 0 is DPMSolver(order, predict="data") (and the heun 2M the ODE DPM-Solver++ heun).
+- eta = 0 is DPMSolver(order, predicts="x0") (and the heun 2M the ODE DPM-Solver++ heun).
 - weak order on Gaussian data N(mu, s^2) with the exact denoiser: the chain is linear, so its exact
   mean/variance follow a recurrence (3 lagged states for the multistep history); the sampler's
   Monte Carlo moments must match it to 5 standard errors (a 2% wrong noise scale is > 15 off), and
   the recurrence's error against the exact marginal gives the order: the mean is exact for every
   order (D of the mean is the data mean), the variance converges with slope 1 (order 1) and, on
   Gaussian data, 2 (2M and 3M: the history terms correct the linear problem's variance to second
-  order).  The solver's declared ``order`` is the weak order 1 it has in general.
+  order).  The solver's declared ``convergence_order`` is the weak order 1 it has in general.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from conftest import (
 from samplers import Model, grid, sample
 from samplers.noise import STREAM_STEP, NoiseSource
 from sde import SDE, RectifiedFlowSDE
-from solvers import DPMSolver, Solver
+from solvers import DPMSolver, EulerMaruyama, Solver
 from solvers.dpm_sde import DPMSolverSDE
 
 MU, S = 0.7, 0.5
@@ -130,8 +131,8 @@ def test_matches_reference_formulas(order, solver_type, eta):
         for steps in (7, 12):
             times = grid(sde, steps)
             expected = reference_run(net, sde, x_T, times, order, solver_type, eta, seed=3)
-            got = sample(Model(net, sde, predicts="x0"), DPMSolverSDE(order, solver_type, eta), x_T=x_T, grid=times,
-                         seed=3, final_denoise=False, dtype=F64)
+            got = sample(Model(net, sde, predicts="x0"), DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T,
+                         grid=times, seed=3, final_denoise=False, dtype=F64)
             assert torch.isfinite(got).all()
             assert rel(got, expected) < 1e-11, (sde_name, steps, rel(got, expected))
 
@@ -148,7 +149,7 @@ def test_eta_zero_is_dpm_solver_pp(order):
         x_T = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=F64) * sde.prior_std
         for steps, lof in ((6, True), (6, False), (14, True)):
             times = grid(sde, steps, kind)
-            ode = sample(model, DPMSolver(order, "data", lower_order_final=lof), x_T=x_T, grid=times, dtype=F64)
+            ode = sample(model, DPMSolver(order, "x0", lower_order_final=lof), x_T=x_T, grid=times, dtype=F64)
             ours, info = sample(model, DPMSolverSDE(order, eta=0.0, lower_order_final=lof), x_T=x_T, grid=times,
                                 dtype=F64, return_info=True)
             assert rel(ours, ode) < 1e-12, (sde_name, steps, lof, rel(ours, ode))
@@ -364,7 +365,8 @@ def test_sampler_moments_are_the_chain_moments(sde_name, kind, order1_steps, res
     order1_errors, chain_errors = [], []
     for order, solver_type, eta, steps in [(1, "midpoint", 1.0, s) for s in order1_steps] + MC_RUNS:
         times = grid(sde, steps, kind)
-        x = sample(model, DPMSolverSDE(order, solver_type, eta), x_T=x_T, grid=times, seed=1, final_denoise=False)
+        x = sample(model, DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T, grid=times, seed=1,
+                   final_denoise=False)
         m_hat, v_hat = x.mean().item(), x.var().item()
         m_chain, v_chain = chain_moments(sde, times, order, solver_type, eta, mean_T, var_T)
         se_m, se_v = math.sqrt(v_chain / n), v_chain * math.sqrt(2.0 / n)
@@ -414,7 +416,7 @@ def test_point_mass_data_is_exact_in_law(sde_name, kind):
             expected = decay * expected + math.sqrt(1.0 - decay**2) * src.normal(shape[1:], counter=k, dtype=F64)
         expected = alpha[-1] * MU + sigma[-1] * expected
         for order, solver_type in CONFIGS:
-            got = sample(model, DPMSolverSDE(order, solver_type, eta), x_T=x_T, grid=times, seed=9,
+            got = sample(model, DPMSolverSDE.k_diffusion(order, solver_type, eta), x_T=x_T, grid=times, seed=9,
                          final_denoise=False, dtype=F64)
             assert (got - expected).abs().max().item() < 1e-10 * (1 + MU), (eta, order, solver_type)
         n = got.numel()
@@ -432,7 +434,7 @@ def test_rectified_flow_starts_at_alpha_zero(order, solver_type):
     times = grid(sde, 8)
     assert float(times[0]) == 1.0 and float(sde.alpha(times[0])) == 0.0
     for eta in (1.0, 0.0, 0.4):
-        solver = DPMSolverSDE(order, solver_type, eta)
+        solver = DPMSolverSDE.k_diffusion(order, solver_type, eta)
         tables = solver.prepare(model, times[:, None])
         for name, table in tables.items():
             assert isinstance(table, list) or bool(torch.isfinite(table).all()), (eta, name)
@@ -504,14 +506,29 @@ def test_step_orders_and_nfe():
 def test_attributes_and_repr():
     s = DPMSolverSDE()
     assert isinstance(s, Solver) and s.gaussian_only and s.stochastic
-    assert (s.order, s.solver_order, s.nfe_per_step, s.eta) == (1, 2, 1, 1.0)
-    assert repr(s) == "DPMSolverSDE(order=2, solver_type='midpoint', eta=1)"
+    assert (s.convergence_order, s.convergence_mode, s.order, s.nfe_per_step, s.eta) == (1, "weak", 2, 1, 1.0)
+    assert repr(s) == "DPMSolverSDE(order=2, variant='midpoint', eta=1)"
     assert repr(DPMSolverSDE(3, "heun", eta=0.5, lower_order_final=False)) == \
-        "DPMSolverSDE(order=3, solver_type='heun', eta=0.5, lower_order_final=False)"
+        "DPMSolverSDE(order=3, variant='heun', eta=0.5, lower_order_final=False)"
+    assert repr(DPMSolverSDE.k_diffusion(3, eta=0.5)) == \
+        "DPMSolverSDE.k_diffusion(order=3, variant='midpoint', eta=0.5)"
     assert "thresholding=DynamicThresholding" in repr(DPMSolverSDE(thresholding=True))
     ode = DPMSolverSDE(3, eta=0)
-    assert not ode.stochastic and ode.order == 3  # the ODE solver: its pathwise order
-    assert DPMSolverSDE.order == 1 and DPMSolverSDE(3, eta=2.0).order == 1
+    assert not ode.stochastic and (ode.order, ode.convergence_order, ode.convergence_mode) == (3, 3, "pathwise")
+    assert DPMSolverSDE.k_diffusion(3, eta=2.0).convergence_order == 1 and DPMSolverSDE(3).order == 3
+
+
+def test_eta_is_the_diffusion_scale_and_k_diffusion_takes_its_square():
+    """DPMSolverSDE(eta=e) integrates the reverse family with diffusion e g, as EulerMaruyama(eta=e):
+    k-diffusion's noise scale is e^2, kept as given by the named constructor (no square root and back)."""
+    ours, theirs = DPMSolverSDE(2, eta=0.5), DPMSolverSDE.k_diffusion(2, eta=0.25)
+    assert (ours.eta, ours.k_diffusion_eta, theirs.eta, theirs.k_diffusion_eta) == (0.5, 0.25, 0.5, 0.25)
+    assert ours.score_weight == theirs.score_weight == EulerMaruyama(eta=0.5).score_weight == 1.25
+    assert DPMSolverSDE.k_diffusion(eta=0.5).k_diffusion_eta == 0.5
+    sde = make_sde("VP")
+    model = Model(GaussianX0Net(sde, MU, S), sde, predicts="x0")
+    kw = {"shape": (4, 3), "steps": 6, "seed": 2, "dtype": F64}
+    assert torch.equal(sample(model, ours, **kw), sample(model, theirs, **kw))
 
 
 @pytest.mark.parametrize("order", [0, 4, 2.5, "2", True, None])
@@ -520,16 +537,26 @@ def test_bad_order(order):
         DPMSolverSDE(order=order)
 
 
-@pytest.mark.parametrize("solver_type", ["Midpoint", "taylor", "bh2", None, 1])
-def test_bad_solver_type(solver_type):
-    with pytest.raises(ValueError, match="solver_type must be 'midpoint' or 'heun'"):
-        DPMSolverSDE(solver_type=solver_type)
+@pytest.mark.parametrize("variant", ["Midpoint", "taylor", "bh2", None, 1])
+def test_bad_variant(variant):
+    with pytest.raises(ValueError, match="variant must be 'midpoint' or 'heun'"):
+        DPMSolverSDE(variant=variant)
+    with pytest.raises(TypeError, match="solver_type"):
+        DPMSolverSDE(solver_type="heun")
 
 
 @pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf"), True, "1", None])
 def test_bad_eta(eta):
-    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\]"):
         DPMSolverSDE(eta=eta)
+    with pytest.raises(ValueError, match="DPMSolverSDE.k_diffusion: eta must be a finite number >= 0"):
+        DPMSolverSDE.k_diffusion(eta=eta)
+
+
+def test_eta_above_one_only_in_k_diffusion_words():
+    with pytest.raises(ValueError, match=r"eta must be a number in \[0, 1\].*DPMSolverSDE.k_diffusion\(eta=...\)"):
+        DPMSolverSDE(eta=1.5)
+    assert DPMSolverSDE.k_diffusion(eta=2.0).eta == math.sqrt(2.0)
 
 
 @pytest.mark.parametrize("order, solver_type", CONFIGS, ids=CONFIG_IDS)

@@ -3,7 +3,7 @@
 - a reference written from the paper's formulas (lambda = sigma/alpha, S and S' by scipy's quad, the
   interpolating-polynomial derivatives, the same keyed noise) on every Gaussian SDE, rectified flow from
   t = 1 (alpha = 0) included;
-- phi(x) = x is DDIM (DPMSolver(1, "data")); point-mass data is exact in law for any phi;
+- phi(x) = x is DDIM (DPMSolver(1, "x0")); point-mass data is exact in law for any phi;
 - pathwise orders 1, 2, 3 with phi(x) = x on the Gaussian mixture (DOP853 reference), and the paper's
   plain backward difference in the third-order scheme measuring only ~2;
 - weak order on Gaussian data N(mu, s^2) with the exact denoiser: the chain is linear, so its exact
@@ -179,7 +179,7 @@ def test_ode_order_one_is_ddim(sde_name, kind, predicts):
     model = Model(GaussianNet(sde, predicts, MU, S), sde, predicts=predicts)
     x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=F64) * sde.prior_std
     times = grid(sde, 12, kind)
-    ddim = sample(model, DPMSolver(1, "data"), x_T=x_T, grid=times, final_denoise=False, dtype=F64)
+    ddim = sample(model, DPMSolver(1, "x0"), x_T=x_T, grid=times, final_denoise=False, dtype=F64)
     got = sample(model, ERSDE(1, "ode"), x_T=x_T, grid=times, final_denoise=False, dtype=F64, seed=1)
     assert rel(got, ddim) < 1e-12, rel(got, ddim)
     # no noise at any order: another seed gives the same result
@@ -505,10 +505,11 @@ def test_nfe_is_one_per_step(order):
 def test_attributes_and_repr():
     s = ERSDE()
     assert isinstance(s, Solver) and s.gaussian_only and s.stochastic
-    assert (s.solver_order, s.order, s.nfe_per_step) == (3, 1, 1)
+    assert (s.order, s.convergence_order, s.convergence_mode, s.nfe_per_step) == (3, 1, "weak", 1)
     assert repr(s) == "ERSDE(order=3, noise_scale='sde_5')"
     ode = ERSDE(2, "ode")
-    assert not ode.stochastic and ode.order == 2 and ERSDE.stochastic
+    assert not ode.stochastic and (ode.order, ode.convergence_order, ode.convergence_mode) == (2, 2, "pathwise")
+    assert ERSDE.stochastic
     assert repr(ERSDE(1, "original_sde", thresholding=True)) == \
         "ERSDE(order=1, noise_scale='original_sde', thresholding=DynamicThresholding(ratio=0.995, max_value=1))"
 

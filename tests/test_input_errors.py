@@ -18,7 +18,10 @@ from torch import nn
 from samplers import Model, NonFiniteError, grid, invert, likelihood, sample, sample_grad
 from samplers.limits import MAX_STEPS, check_steps, run_memory_bytes
 from sde import RectifiedFlowSDE, VPSDE
-from solvers import AdaptiveDPMSolver, AdaptiveODE, DPMSolver, Euler, Heun, Solver
+from sde.validation import (check_choice, check_count, check_flag, check_in_range, check_nonnegative, check_number,
+                            check_positive, check_predicts)
+from solvers import (AdaptiveDPMSolver, AdaptiveODE, DPMSolver, DPMSolverSDE, Euler, Heun, Restart, Reversible, Solver,
+                     UniPC)
 
 
 class ScaleNet(nn.Module):
@@ -180,14 +183,14 @@ def test_adaptive_dpm_refuses_an_eps_network_at_alpha_zero_like_the_fixed_grid_s
     net = ScaleNet()
     model = Model(net, sde, predicts="eps")
     singular = r"has a non-finite coefficient .*; the SDE or the model's parametrisation is singular there"
-    with pytest.raises(ValueError, match=r"DPMSolver\(order=2, predict='data'\): the step from t=1 .*" + singular):
+    with pytest.raises(ValueError, match=r"DPMSolver\(order=2, predicts='x0'\): the step from t=1 .*" + singular):
         sample(model, DPMSolver(2), shape=(2, 3), steps=4)
-    with pytest.raises(ValueError, match=r"AdaptiveDPMSolver\(order=\(2, 3\), predict='data'\): sample 0: the step "
+    with pytest.raises(ValueError, match=r"AdaptiveDPMSolver\(order=\(2, 3\), predicts='x0'\): sample 0: the step "
                                          r"from t=1 to t=\S+ has a non-finite coefficient 'conv_x'; .*singular there"):
         sample(model, AdaptiveDPMSolver(), shape=(2, 3))
     # the noise form is singular there for any network: alpha_t / alpha_s from alpha_s = 0
     with pytest.raises(ValueError, match=r"sample 0: the step from t=1 .* non-finite coefficient 'x'; .*singular"):
-        sample(Model(net, sde, predicts="x0"), AdaptiveDPMSolver(predict="noise"), shape=(2, 3))
+        sample(Model(net, sde, predicts="x0"), AdaptiveDPMSolver(predicts="eps"), shape=(2, 3))
     assert net.calls == 0
     # below t = 1 it runs
     out = sample(model, AdaptiveDPMSolver(), x_T=torch.zeros(2, 3), grid=torch.tensor([0.99, 1e-3]))
@@ -294,3 +297,44 @@ def test_adaptive_grid_must_be_two_times():
         with pytest.raises(ValueError, match=r"grid: an adaptive solver takes grid=\(t_start, t_end\)"):
             sample(model, AdaptiveODE(), shape=(2, 3), grid=bad)
     assert net.calls == 0
+
+
+# -- sde.validation: the shared argument checks ---------------------------------------------------------
+
+@pytest.mark.parametrize("check, args, error, message", [
+    (check_positive, ("snr", 0.0, "Langevin"), ValueError, r"Langevin: snr must be a positive finite number, got 0.0"),
+    (check_positive, ("snr", True), ValueError, r"snr must be a positive finite number, got True"),
+    (check_positive, ("snr", "0.1"), ValueError, r"got '0.1'"),
+    (check_nonnegative, ("atol", float("nan")), ValueError, r"atol must be a finite number >= 0, got nan"),
+    (check_in_range, ("coupling", 1.5, 0.0, 1.0, None), ValueError, r"coupling must be a number in \[0, 1\]"),
+    (lambda *a: check_in_range(*a, closed="left"), ("s", 1.0, 0.0, 1.0, "CosineVPSDE"), ValueError,
+     r"CosineVPSDE: s must be a number in \[0, 1\)"),
+    (check_count, ("steps", 2.0), ValueError, r"steps must be an int >= 1, got 2.0"),
+    (lambda *a: check_count(*a, maximum=30), ("depth", 31), ValueError, r"depth must be an int in \[1, 30\], got 31"),
+    (check_flag, ("corrector", 1), TypeError, r"corrector must be True or False, got 1"),
+    (check_choice, ("order", True, (1, 2, 3)), ValueError, r"order must be 1, 2 or 3, got True"),
+    (check_choice, ("variant", torch.tensor(1), ("bh1", "bh2")), ValueError, r"variant must be 'bh1' or 'bh2'"),
+    (check_predicts, ("noise",), ValueError, r"predicts='noise' is spelt predicts='eps'"),
+    (check_predicts, ("v",), ValueError, r"predicts must be 'x0' or 'eps', got 'v'"),
+])
+def test_validation_messages_name_the_argument_and_what_is_allowed(check, args, error, message):
+    with pytest.raises(error, match=message):
+        check(*args)
+
+
+def test_validation_returns_the_working_type():
+    assert check_positive("x", np.float32(2.0)) == 2.0 and type(check_positive("x", 2)) is float
+    assert check_count("n", np.int64(3), maximum=30) == 3 and type(check_count("n", np.int64(3))) is int
+    assert check_in_range("c", 1, 0.0, 1.0, closed="right") == 1.0
+    assert check_choice("order", 2, (1, 2, 3)) == 2 and check_predicts("x0") == "x0"
+    assert check_flag("f", False) is False and check_number("x", -3) == -3.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DPMSolver(predict="x0"), lambda: DPMSolver(method="singlestep"), lambda: UniPC(predict="x0"),
+    lambda: DPMSolverSDE(solver_type="heun"), lambda: AdaptiveODE(method="bosh3"), lambda: Reversible(base="heun"),
+    lambda: Reversible(stochastic=True), lambda: Restart(units="time"), lambda: Restart(Heun()),
+])
+def test_old_keywords_are_refused_by_python(make):
+    with pytest.raises(TypeError):
+        make()

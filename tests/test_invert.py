@@ -30,13 +30,13 @@ def _model(sde_name):
 
 
 @pytest.mark.parametrize("sde_name", ["VP", "VE"])
-@pytest.mark.parametrize("base", ["euler", "heun"])
-def test_ode_round_trip_is_exact(sde_name, base):
+@pytest.mark.parametrize("tableau", ["euler", "heun"])
+def test_ode_round_trip_is_exact(sde_name, tableau):
     """50 steps, noise form: measured 2e-15 / 5e-13 (VP / VE, float64, absolute) and
     1e-7 / 2e-7 relative in float32 (whose pair is carried in float64)."""
     sde = _model(sde_name).sde
     for dtype, bound, relative in ((F64, 1e-9, False), (torch.float32, 1e-4, True)):
-        err, rel = example.round_trip_error(sde, Reversible(base, predict="noise"), dtype, steps=50, batch=32)
+        err, rel = example.round_trip_error(sde, Reversible(tableau, predicts="eps"), dtype, steps=50, batch=32)
         assert (rel if relative else err) < bound, (dtype, err, rel)
 
 
@@ -49,7 +49,7 @@ def test_data_std_round_trip_meets_the_targets(sde_name, stochastic):
     relative 1.1e-7 / 9.2e-8 (ODE) and 3.1e-5 / 9.9e-6 (SDE).  Rex's own weights (data_std=0): 2e-5 /
     5e-5 (SDE, float64) and no digits in float32; data_std=1: float32 SDE 2.2e-4 on VP (see the docs)."""
     sde = _model(sde_name).sde
-    solver = Reversible("heun", stochastic=stochastic, data_std=2.0)
+    solver = Reversible("heun", eta=float(stochastic), data_std=2.0)
     err, _ = example.round_trip_error(sde, solver, F64, steps=50, batch=32)
     _, rel32 = example.round_trip_error(sde, solver, torch.float32, steps=50, batch=32)
     assert err < 1e-9, err
@@ -62,8 +62,8 @@ def test_data_form_and_sde_round_trips(sde_name):
     solvers.reversible), measured relative errors in float64 are 9e-12 / 2.5e-11 (ODE, VP / VE) and
     9e-6 / 4e-7 (SDE).  The float32 SDE round trip has no correct digits; these bounds record what holds."""
     sde = _model(sde_name).sde
-    _, rel_ode = example.round_trip_error(sde, Reversible(predict="data"), F64, steps=50, batch=32)
-    _, rel_sde = example.round_trip_error(sde, Reversible(stochastic=True), F64, steps=50, batch=32)
+    _, rel_ode = example.round_trip_error(sde, Reversible(predicts="x0"), F64, steps=50, batch=32)
+    _, rel_sde = example.round_trip_error(sde, Reversible(eta=1), F64, steps=50, batch=32)
     assert rel_ode < 1e-9, rel_ode
     assert rel_sde < 1e-4, rel_sde
 
@@ -82,8 +82,8 @@ def test_ddim_inversion_is_approximate_and_first_order(sde_name):
 # -- the ODE run backwards: the solver's order, and no step that amplifies its own error ---------------------------
 
 INVERSION_STEPS = (64, 128, 256, 512)
-INVERSION_SOLVERS = ([DPMSolver(order, predict=predict) for predict in ("data", "noise") for order in (1, 2, 3)]
-                     + [UniPC(order, variant=variant, predict=predict) for predict in ("data", "noise")
+INVERSION_SOLVERS = ([DPMSolver(order, predicts=predicts) for predicts in ("x0", "eps") for order in (1, 2, 3)]
+                     + [UniPC(order, variant=variant, predicts=predicts) for predicts in ("x0", "eps")
                         for variant in ("bh1", "bh2") for order in (1, 2, 3)])
 
 
@@ -109,7 +109,7 @@ def mixture_latents():
 @pytest.mark.parametrize("solver", INVERSION_SOLVERS, ids=repr)
 def test_inversion_converges_with_the_solver_order(solver, exact_latents):
     """invert (the ODE from x0 to x_T on the reversed log-SNR grid, the solvers' defaults) against the
-    exact latent: the RMS error falls with the solver's order (``order``: p for DPM-Solver, p + 1 for
+    exact latent: the RMS error falls with the solver's order (``convergence_order``: p for DPM-Solver, p + 1 for
     UniPC-p).  Measured slopes over 64-512 steps: DPM-Solver 0.99 / 1.98 / 2.93 (data) and 0.99 / 2.00 /
     2.98 (noise); UniPC bh1 1.96 / 2.98 / 3.90 (data), 2.02 / 3.04 / 3.99 (noise); bh2 2.00 / 3.02 / 3.88
     (data), 1.99 / 3.03 / 3.99 (noise).  Before the step-ratio rule measured lengths, every step of a
@@ -121,7 +121,7 @@ def test_inversion_converges_with_the_solver_order(solver, exact_latents):
     errors = [(invert(model, solver, x0, steps=n, grid_kind="log_snr").x_T - latents).pow(2).mean().sqrt().item()
               for n in INVERSION_STEPS]
     slope = fitted_order(INVERSION_STEPS, errors)
-    assert solver.order - 0.3 <= slope <= solver.order + 0.3, (slope, errors)
+    assert abs(slope - solver.convergence_order) <= 0.3, (slope, errors)
 
 
 def test_inverse_multistep_orders_are_those_of_the_forward_grid():
@@ -136,9 +136,9 @@ def test_inverse_multistep_orders_are_those_of_the_forward_grid():
     x0 = problems.mixture_2d().sample(8, generator=torch.Generator().manual_seed(2))
     latent = {repr(s): invert(model, s, x0, steps=20, grid_kind="log_snr").x_T
               for s in (DPMSolver(1), DPMSolver(3), DPMSolver(3, lower_order_final=False))}
-    torch.testing.assert_close(latent["DPMSolver(order=3, predict='data')"],
-                               latent["DPMSolver(order=3, predict='data', lower_order_final=False)"], rtol=0, atol=0)
-    assert float((latent["DPMSolver(order=3, predict='data')"] - latent["DPMSolver(order=1, predict='data')"])
+    torch.testing.assert_close(latent["DPMSolver(order=3, predicts='x0')"],
+                               latent["DPMSolver(order=3, predicts='x0', lower_order_final=False)"], rtol=0, atol=0)
+    assert float((latent["DPMSolver(order=3, predicts='x0')"] - latent["DPMSolver(order=1, predicts='x0')"])
                  .abs().max()) > 1e-2
 
 
@@ -170,11 +170,11 @@ def test_unipc_corrects_every_step_but_long_data_form_steps_towards_noise():
     assert UniPC(variant="bh1").corrected_steps(back[:, None].expand(5, 3)).tolist() == [False, True, False, True,
                                                                                           False]
     assert UniPC().corrected_steps(-back).tolist() == [True] * 4 + [False]
-    assert UniPC(predict="noise").corrected_steps(back).tolist() == [True] * 4 + [False]
+    assert UniPC(predicts="eps").corrected_steps(back).tolist() == [True] * 4 + [False]
     assert UniPC(corrector=False).corrected_steps(-back).tolist() == [False] * 5
 
 
-@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(stochastic=True)], ids=repr)
+@pytest.mark.parametrize("solver", [Reversible("midpoint"), Reversible(eta=1)], ids=repr)
 def test_inverting_data_regenerates_it(solver):
     """Data that no run produced: its inversion (x_hat_0 = x0) regenerates it through sample(solver_state=)."""
     model = _model("VP")
@@ -195,7 +195,7 @@ def test_inverting_data_regenerates_it(solver):
 @given(rows=st.lists(st.integers(0, 5), min_size=1, max_size=4, unique=True), stochastic=st.booleans())
 def test_inversion_is_batch_invariant(rows, stochastic):
     model = _model("VE")
-    solver = Reversible(stochastic=stochastic)
+    solver = Reversible(eta=float(stochastic))
     x0 = problems.mixture_2d().sample(6, generator=torch.Generator().manual_seed(3))
     seeds = [10, 11, 12, 13, 14, 15]
     full = invert(model, solver, x0, steps=6, seed=seeds)

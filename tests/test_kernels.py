@@ -359,8 +359,8 @@ def _net(x, t):
 
 SOLVERS = [
     EulerMaruyama(), Euler(), EulerMaruyama(eta=0.5), Heun(), Heun(eta=1.0),
-    DPMSolver(1), DPMSolver(2), DPMSolver(3), DPMSolver(2, predict="noise"),
-    DPMSolverSDE(1), DPMSolverSDE(2), DPMSolverSDE(2, solver_type="heun"), DPMSolverSDE(3), DPMSolverSDE(2, eta=0.0),
+    DPMSolver(1), DPMSolver(2), DPMSolver(3), DPMSolver(2, predicts="eps"),
+    DPMSolverSDE(1), DPMSolverSDE(2), DPMSolverSDE(2, variant="heun"), DPMSolverSDE(3), DPMSolverSDE(2, eta=0.0),
     ERSDE(1), ERSDE(2), ERSDE(3),
 ]
 
@@ -555,7 +555,7 @@ def test_backend_choice_without_cupy(no_cupy):
     (EulerMaruyama(), "cpu", torch.float32, "need a CUDA device"),
     (EulerMaruyama(), "cuda", torch.float64, "float32, float16 or bfloat16"),
     (UniPC(), "cuda", torch.float32, "UniPC has no fused kernel"),
-    (DPMSolver(2, method="singlestep"), "cuda", torch.float32, "singlestep"),
+    (DPMSolver(2, variant="singlestep"), "cuda", torch.float32, "singlestep"),
     (DPMSolver(2, thresholding=True), "cuda", torch.float32, "thresholding"),
     (DPMSolverSDE(2, thresholding=True), "cuda", torch.float32, "thresholding"),
     (ERSDE(2, correct_x0=lambda x0, t: x0), "cuda", torch.float32, "correct_x0"),
@@ -698,8 +698,8 @@ def test_bench_kernels_logic_with_host_kernels(harness, monkeypatch):
     # bytes: state-sized float32 passes read + written by the launched kernels
     assert rows["EulerMaruyama(eta=1)"]["bytes"] == 3 * 4 * elements
     assert rows["Heun(eta=1)"]["bytes"] == 7 * 4 * elements
-    assert rows["DPMSolver(order=3, predict='data')"]["bytes"] == 6 * 4 * elements
-    assert rows["DPMSolverSDE(order=2, solver_type='midpoint', eta=1)"]["bytes"] == 5 * 4 * elements
+    assert rows["DPMSolver(order=3, predicts='x0')"]["bytes"] == 6 * 4 * elements
+    assert rows["DPMSolverSDE(order=2, variant='midpoint', eta=1)"]["bytes"] == 5 * 4 * elements
     for r in result["rows"]:
         assert r["max_rel_diff"] < 1e-5, r
 
@@ -805,7 +805,7 @@ def test_bench_gpu_kernel_agreement_with_host_kernels(harness, monkeypatch, pair
         launched_by[repr(solver)] = launched
     assert launched_by["EulerMaruyama(eta=1)"] == ["euler_step_noise"]
     assert launched_by["Heun(eta=0)"] == ["heun_correct", "heun_predict"]
-    assert launched_by["DPMSolver(order=3, predict='data')"] == ["multistep_h0", "multistep_h1", "multistep_h2"]
+    assert launched_by["DPMSolver(order=3, predicts='x0')"] == ["multistep_h0", "multistep_h1", "multistep_h2"]
     assert launched_by["ERSDE(order=3, noise_scale='sde_5')"] == ["multistep_h0_noise", "multistep_h1_noise",
                                                                    "multistep_h2_noise"]
 

@@ -43,9 +43,9 @@ def _rows(counted):
     ("Euler(eta=0)", 2.0),
     ("Heun(eta=0)", 2.34),
     ("EulerMaruyama(eta=1)", 3.0),  # besides the one write of the keyed draw
-    ("DPMSolver(order=2, predict='data')", 4.0),  # the target: 8
-    ("UniPC(order=2, variant='bh2', predict='data')", 5.0),
-    ("DPMSolverSDE(order=2, solver_type='midpoint', eta=1)", 5.0),
+    ("DPMSolver(order=2, predicts='x0')", 4.0),  # the target: 8
+    ("UniPC(order=2, variant='bh2', predicts='x0')", 5.0),
+    ("DPMSolverSDE(order=2, variant='midpoint', eta=1)", 5.0),
     ("ERSDE(order=3, noise_scale='sde_5')", 6.0),
 ])
 def test_counted_passes_per_model_call(counted, solver, bound):
@@ -55,7 +55,7 @@ def test_counted_passes_per_model_call(counted, solver, bound):
 def test_dpm_solver_pp_2m_half_of_diffusers(counted):
     pytest.importorskip("diffusers")
     (peer,) = counted["peers"]
-    assert _rows(counted)["DPMSolver(order=2, predict='data')"] <= 0.5 * peer["passes_per_model_call"], counted
+    assert _rows(counted)["DPMSolver(order=2, predicts='x0')"] <= 0.5 * peer["passes_per_model_call"], counted
 
 
 def test_keyed_noise_costs_at_most_1_2_randn():

@@ -358,19 +358,21 @@ def test_corrector_noise_is_independent_of_the_predictor_and_of_each_other():
 def test_attributes_and_repr():
     pc = PredictorCorrector()
     assert isinstance(pc, Solver) and isinstance(pc.predictor, ReverseDiffusion)
-    assert (pc.order, pc.stochastic, pc.gaussian_only, pc.nfe_per_step, pc.snr) == (1, True, True, 2, 0.16)
+    assert (pc.convergence_order, pc.stochastic, pc.gaussian_only, pc.nfe_per_step, pc.snr) == (1, True, True, 2, 0.16)
     assert repr(pc) == ("PredictorCorrector(predictor=ReverseDiffusion(), "
                         "corrector=AnnealedLangevin(snr=0.16, n_steps=1))")
     assert repr(AncestralSampling()) == "AncestralSampling(variance='posterior')"
     for solver in (ReverseDiffusion(), AncestralSampling()):
-        assert (solver.order, solver.nfe_per_step, solver.stochastic, solver.gaussian_only) == (1, 1, True, True)
+        assert (solver.convergence_order, solver.convergence_mode, solver.nfe_per_step, solver.stochastic,
+                solver.gaussian_only) == (1, "weak", 1, True, True)
     assert not isinstance(Langevin(), Solver) and isinstance(Langevin(), Corrector)
     assert (Langevin(n_steps=3).nfe_per_step, Langevin().gaussian_only, AnnealedLangevin().gaussian_only) == (
         3, False, True)
     assert repr(AnnealedLangevin(snr=0.1, n_steps=2)) == "AnnealedLangevin(snr=0.1, n_steps=2)"
     bare = PredictorCorrector(Heun(), n_corrector_steps=0)  # the predictor alone
-    assert (bare.corrector, bare.order, bare.stochastic, bare.nfe_per_step) == (None, 2, False, 2)
-    assert PredictorCorrector(Heun()).order == 1 and PredictorCorrector(Heun()).stochastic
+    assert (bare.corrector, bare.convergence_order, bare.stochastic, bare.nfe_per_step) == (None, 2, False, 2)
+    assert bare.convergence_mode == "pathwise" and not hasattr(bare, "order")
+    assert PredictorCorrector(Heun()).convergence_order == 1 and PredictorCorrector(Heun()).stochastic
 
 
 class _OU(SDE):
@@ -423,7 +425,7 @@ def test_gaussian_only_refusals():
     (lambda: PredictorCorrector(corrector=Langevin(), n_corrector_steps=0), ValueError,
      r"n_corrector_steps=0 conflicts with the corrector's n_steps=1"),
     (lambda: AncestralSampling(variance="ddim"), ValueError,
-     r"AncestralSampling: variance must be one of \('posterior', 'forward'\), got 'ddim'"),
+     r"AncestralSampling: variance must be 'posterior' or 'forward', got 'ddim'"),
 ])
 def test_argument_errors(make, error, match):
     with pytest.raises(error, match=match):

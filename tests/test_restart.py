@@ -29,7 +29,7 @@ ODE_SOLVERS = {
     "Heun": Heun,
     "Euler": Euler,
     "DPM2M": lambda: DPMSolver(2),
-    "DPM3S": lambda: DPMSolver(3, method="singlestep"),
+    "DPM3S": lambda: DPMSolver(3, variant="singlestep"),
     "UniPC": UniPC,
 }
 SDES = {"VP": VPSDE, "EDM": EDMSDE, "VE": VESDE}
@@ -49,7 +49,7 @@ def test_no_restarts_equals_ode_solver(sde_name, solver_name):
     x_T = sde.prior_std * torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     ode = ODE_SOLVERS[solver_name]()
     plain, info_p = sample(model, ode, x_T=x_T, steps=14, return_info=True)
-    restart = Restart(ODE_SOLVERS[solver_name](), intervals=[(0.1, 0.5, 3, 0), (1.0, 3.0, 2, 0)])
+    restart = Restart(ode_solver=ODE_SOLVERS[solver_name](), intervals=[(0.1, 0.5, 3, 0), (1.0, 3.0, 2, 0)])
     assert not restart.stochastic
     out, info_r = sample(model, restart, x_T=x_T, steps=14, return_info=True)
     assert torch.equal(out, plain)
@@ -70,12 +70,12 @@ def test_preset_nfe_is_the_papers(name):
     sde = EDMSDE() if "vp" not in name else VPSDE()
     _, info = sample(gaussian_model(sde), solver, shape=(2, 3), return_info=True, **kwargs)
     assert info.nfe == cfg["nfe"]
-    assert solver.stochastic and solver.order == 2 and solver.nfe_per_step == 2
+    assert solver.stochastic and solver.convergence_order == 2 and solver.nfe_per_step == 2
 
 
 @pytest.mark.parametrize("solver_name", ["Euler", "DPM2M", "DPM3S", "UniPC"])
 def test_nfe_other_solvers_and_budget(solver_name):
-    solver = Restart(ODE_SOLVERS[solver_name](), intervals=[(0.05, 0.3, 3, 2), (0.5, 2.0, 2, 3)])
+    solver = Restart(ode_solver=ODE_SOLVERS[solver_name](), intervals=[(0.05, 0.3, 3, 2), (0.5, 2.0, 2, 3)])
     sde = EDMSDE()
     for steps in (6, 11):
         _, info = sample(gaussian_model(sde), solver, shape=(2, 3), steps=steps, return_info=True)
@@ -102,7 +102,7 @@ def test_snapping_and_restart_times(sde_name):
     times = grid(sde, steps, "karras")
     levels = torch.exp(-sde.log_snr(times))
     intervals = [(0.07, 0.35, 3, 1), (0.8, 2.5, 2, 1)]
-    solver = Restart(Heun(), intervals=intervals)
+    solver = Restart(ode_solver=Heun(), intervals=intervals)
     model = gaussian_model(sde, record_times=True)
     js = solver.snapped_indices(model, times)
     for (t_min, _, _, _), j in zip(sorted(intervals, key=lambda iv: -iv[1]), js):
@@ -154,7 +154,7 @@ def test_exact_restarts_keep_the_marginal(sde_name):
     m0, v0 = gaussian_marginal(sde, MU, S, t0)
     n, d = 8000, 4
     x_T = m0 + math.sqrt(v0) * torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=F64)
-    solver = Restart(DPMSolver(3), intervals=[(0.1, 3.0, 40, 4)])
+    solver = Restart(ode_solver=DPMSolver(3), intervals=[(0.1, 3.0, 40, 4)])
     x = sample(gaussian_model(sde), solver, x_T=x_T, grid=times, final_denoise=False, seed=5)
     m, v = gaussian_marginal(sde, MU, S, t_end)
     se_mean = math.sqrt(v / (n * d))
@@ -173,7 +173,7 @@ def test_heun_restart_error_shrinks_with_n_steps():
     x_T = sde.prior_std * torch.randn(256, 4, generator=torch.Generator().manual_seed(2), dtype=F64)
 
     def run(ode, n):
-        return sample(model, Restart(ode, intervals=[(0.1, 2.0, n, 2)]), x_T=x_T, steps=20, seed=3,
+        return sample(model, Restart(ode_solver=ode, intervals=[(0.1, 2.0, n, 2)]), x_T=x_T, steps=20, seed=3,
                       final_denoise=False)
 
     reference = run(DPMSolver(3), 200)
@@ -188,7 +188,7 @@ def test_heun_restart_error_shrinks_with_n_steps():
        sde_name=st.sampled_from(["VP", "EDM"]))
 def test_batch_invariance(index, solver_name, sde_name):
     sde = SDES[sde_name]()
-    solver = Restart(ODE_SOLVERS[solver_name](), intervals=[(0.05, 0.4, 3, 2), (0.6, 2.0, 2, 1)])
+    solver = Restart(ode_solver=ODE_SOLVERS[solver_name](), intervals=[(0.05, 0.4, 3, 2), (0.6, 2.0, 2, 1)])
     model = gaussian_model(sde)
     full = sample(model, solver, shape=(64, 3), steps=8, seed=11, dtype=F64)
     one = sample(model, solver, shape=(1, 3), steps=8, seed=11, sample_index=[index], dtype=F64)
@@ -237,8 +237,8 @@ def restart_for_budget(nfe: int, ode=None) -> Restart:
     """The Restart configuration of the benchmark: one interval (0.2, 1.5), 4 Heun steps per pass (8 with
     DPM-Solver++), about a quarter of the budget in restarts."""
     if ode is None:
-        return Restart(Heun(), intervals=[(0.2, 1.5, 4, max(1, nfe // 25))])
-    return Restart(ode, intervals=[(0.2, 1.5, 8, max(1, nfe // 32))])
+        return Restart(ode_solver=Heun(), intervals=[(0.2, 1.5, 4, max(1, nfe // 25))])
+    return Restart(ode_solver=ode, intervals=[(0.2, 1.5, 8, max(1, nfe // 32))])
 
 
 @pytest.mark.parametrize("sde_name", ["EDM", "VP"])
@@ -264,7 +264,7 @@ def test_default_is_the_papers_configuration_scaled_to_the_grid():
     """Restart() takes the paper's CIFAR-10 EDM interval where alpha = 1 and its VP interval otherwise, with
     2 restarts per 17 main steps: the paper's 43-NFE run at 17 steps, its ODE solver below 9 steps."""
     r = Restart()
-    assert r.intervals is None and r.stochastic and repr(r) == "Restart(Heun(eta=0), s_noise=1)"
+    assert r.intervals is None and r.stochastic and repr(r) == "Restart(ode_solver=Heun(eta=0), s_noise=1)"
     assert r.intervals_for(EDMSDE(), 17) == r.intervals_for(VESDE(), 17) == ((0.14, 0.30, 2, 2),)
     assert r.intervals_for(VPSDE(), 17) == ((0.06, 0.30, 2, 2),)
     assert [r.intervals_for(VPSDE(), n)[0].n_restarts for n in (1, 8, 9, 16, 17, 25, 26)] == [0, 0, 1, 1, 2, 2, 3]
@@ -301,17 +301,17 @@ def test_default_samples_the_mixture_as_well_as_heun(sde_name):
 # -- attributes and errors ------------------------------------------------------------------------------
 
 def test_attributes_and_repr():
-    r = Restart(DPMSolver(3), intervals=[(0.1, 0.5, 3, 1)])
-    assert r.order == 3 and r.nfe_per_step == 1 and r.stochastic
+    r = Restart(ode_solver=DPMSolver(3), intervals=[(0.1, 0.5, 3, 1)])
+    assert r.convergence_order == 3 and r.nfe_per_step == 1 and r.stochastic and r.convergence_mode == "weak"
+    assert not hasattr(r, "order")  # Restart takes no order
     assert r.restart_solver is not r.ode_solver and type(r.restart_solver) is DPMSolver
-    assert "Restart(DPMSolver(order=3" in repr(r) and "(0.1, 0.5, 3, 1)" in repr(r)
+    assert "Restart(ode_solver=DPMSolver(order=3" in repr(r) and "(0.1, 0.5, 3, 1)" in repr(r)
     assert Restart(intervals=[(0.1, 0.5, 3, 0)]).stochastic is False
     assert isinstance(Restart(intervals=[(0.1, 0.5, 3, 1)]).ode_solver, Heun)
     assert Restart.preset("imagenet64").s_noise == 1.003
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(units="time"), "units='time' needs intervals"),
     (dict(intervals=[]), "at least one"),
     (dict(intervals=[(0.5, 0.1, 2, 1)]), "t_min < t_max"),
     (dict(intervals=[(0.1, 0.5, 0, 1)]), "n_steps"),
@@ -324,7 +324,7 @@ def test_attributes_and_repr():
     (dict(intervals=[(0.1, 0.5, 2, 1), (0.4, 1.0, 2, 1)]), "overlap"),
     (dict(intervals=[(0.1, 0.5, 2, 1)], s_noise=0.0), "s_noise"),
     (dict(intervals=[(0.1, 0.5, 2, 1)], s_noise=float("nan")), "s_noise"),
-    (dict(intervals=[(0.1, 0.5, 2, 1)], units="lambda"), "units"),
+    (dict(intervals=[(0.1, 0.5, 2, 1)], units="time"), "unexpected keyword argument 'units'"),
     (dict(ode_solver=Heun(eta=1.0), intervals=[(0.1, 0.5, 2, 1)]), "deterministic"),
     (dict(ode_solver=Restart(intervals=[(0.1, 0.5, 2, 1)]), intervals=[(0.1, 0.5, 2, 1)]), "not another Restart"),
 ])
@@ -333,13 +333,25 @@ def test_argument_errors(kwargs, match):
         Restart(**kwargs)
 
 
+def test_arguments_are_keywords_and_in_time_needs_intervals():
+    with pytest.raises(TypeError, match="positional"):
+        Restart(Heun())
+    with pytest.raises(TypeError, match="intervals"):
+        Restart.in_time()
+    with pytest.raises(ValueError, match="Restart.in_time needs intervals"):
+        Restart.in_time(None)
+    r = Restart.in_time([(0.1, 0.5, 2, 1)], s_noise=1.5)
+    assert r.units == "time" and r.s_noise == 1.5
+    assert repr(r) == "Restart.in_time([(0.1, 0.5, 2, 1)], ode_solver=Heun(eta=0), s_noise=1.5)"
+
+
 def test_refuses_adaptive_and_non_solvers():
     from solvers import AdaptiveDPMSolver
 
     with pytest.raises(ValueError, match="adaptive"):
-        Restart(AdaptiveDPMSolver(), intervals=[(0.1, 0.5, 2, 1)])
+        Restart(ode_solver=AdaptiveDPMSolver(), intervals=[(0.1, 0.5, 2, 1)])
     with pytest.raises(TypeError, match="ode_solver"):
-        Restart("Heun", intervals=[(0.1, 0.5, 2, 1)])
+        Restart(ode_solver="Heun", intervals=[(0.1, 0.5, 2, 1)])
     with pytest.raises(ValueError, match="unknown Restart preset"):
         Restart.preset("cifar100")
 
@@ -352,7 +364,7 @@ def test_touching_intervals_and_time_units():
     t_lo, t_hi = (float(sde.t_from_log_snr(-torch.log(torch.tensor(v, dtype=F64)))) for v in (0.1, 0.8))
     times = grid(sde, 12, "karras")
     a = sample(gaussian_model(sde), Restart(intervals=[(0.1, 0.8, 3, 2)]), shape=(4, 2), grid=times, seed=1, dtype=F64)
-    b = sample(gaussian_model(sde), Restart(intervals=[(t_lo, t_hi, 3, 2)], units="time"), shape=(4, 2), grid=times,
+    b = sample(gaussian_model(sde), Restart.in_time([(t_lo, t_hi, 3, 2)]), shape=(4, 2), grid=times,
                seed=1, dtype=F64)
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 

@@ -352,7 +352,7 @@ def test_model_errors():
         (lambda: VESDE(sigma_min=0.0), "sigma_min must be a positive finite number"),
         (lambda: EDMSDE(sigma_max=-1.0), "sigma_max must be a positive finite number"),
         (lambda: EDMSDE(sigma_min=5.0, sigma_max=1.0), "expected finite t_min < t_max"),
-        (lambda: CosineVPSDE(s=1.0), r"s must lie in \[0, 1\)"),
+        (lambda: CosineVPSDE(s=1.0), r"CosineVPSDE: s must be a number in \[0, 1\)"),
         (lambda: CosineVPSDE(t_max=1.0), "t_max must be below 1"),
         (lambda: DiscreteVPSDE(), "pass exactly one of betas or alphas_cumprod"),
         (lambda: DiscreteVPSDE(betas=[0.1, 0.2], alphas_cumprod=[0.9, 0.8]), "pass exactly one of"),

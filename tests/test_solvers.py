@@ -117,13 +117,15 @@ def test_rectified_flow_ode_starts_at_alpha_zero():
 
 
 def test_solver_attributes():
-    assert (Euler().order, Euler().nfe_per_step, Euler().stochastic) == (1, 1, False)
+    assert (Euler().convergence_order, Euler().nfe_per_step, Euler().stochastic) == (1, 1, False)
     assert Euler(eta=0.5).stochastic
-    assert (EulerMaruyama().order, EulerMaruyama().stochastic, EulerMaruyama().eta) == (1, True, 1.0)
+    assert (EulerMaruyama().convergence_order, EulerMaruyama().stochastic, EulerMaruyama().eta) == (1, True, 1.0)
+    assert (EulerMaruyama().convergence_mode, Euler().convergence_mode) == ("weak", "pathwise")
     assert not EulerMaruyama(eta=0).stochastic
-    assert (Heun().order, Heun().nfe_per_step, Heun().stochastic) == (2, 2, False)
-    assert (Heun(eta=1).order, Heun(eta=1).stochastic) == (1, True)
-    assert Heun().order == 2  # the stochastic instance did not change the class attribute
+    assert (Heun().convergence_order, Heun().nfe_per_step, Heun().stochastic) == (2, 2, False)
+    assert (Heun(eta=1).convergence_order, Heun(eta=1).convergence_mode, Heun(eta=1).stochastic) == (1, "weak", True)
+    assert Heun().convergence_order == 2  # the stochastic instance did not change the class attribute
+    assert not hasattr(Heun(), "order") and not hasattr(Euler(), "order")  # neither takes an order
     assert repr(Heun(eta=0.5)) == "Heun(eta=0.5)" and repr(EulerMaruyama()) == "EulerMaruyama(eta=1)"
     for solver in (Euler(), Heun(), EulerMaruyama()):
         assert isinstance(solver, Solver) and solver.gaussian_only
@@ -180,3 +182,44 @@ def test_stochastic_solvers_use_step_keyed_noise():
     x_T = torch.randn(4, 3, dtype=F64)
     one = sample(model, Euler(), x_T=x_T, steps=5, seed=1)
     assert torch.equal(one, sample(model, Euler(), x_T=x_T, steps=5, seed=2))
+
+
+# -- one vocabulary: order, convergence_order/convergence_mode, eta -------------------------------------------
+
+def _exported_solvers():
+    import inspect
+
+    import solvers
+
+    out = []
+    for name in solvers.__all__:
+        cls = getattr(solvers, name)
+        if isinstance(cls, type) and issubclass(cls, Solver) and cls not in (Solver, solvers.AdaptiveSolver):
+            out.append(cls)
+    return out, inspect
+
+
+@pytest.mark.parametrize("cls", _exported_solvers()[0], ids=lambda c: c.__name__)
+def test_order_is_the_constructors_and_convergence_is_declared(cls):
+    """``.order`` exists exactly where the constructor takes ``order`` and equals it; every solver declares
+    an int convergence_order and a convergence_mode, pathwise or weak (weak exactly when it draws noise)."""
+    inspect = _exported_solvers()[1]
+    params = inspect.signature(cls).parameters
+    solver = cls()
+    if "order" in params:
+        assert solver.order == params["order"].default
+    else:
+        assert not hasattr(solver, "order"), cls
+    assert isinstance(solver.convergence_order, int) and solver.convergence_order >= 1
+    assert solver.convergence_mode == ("weak" if solver.stochastic else "pathwise"), cls
+
+
+def test_eta_is_the_diffusion_scale_everywhere():
+    """eta scales the reverse diffusion to eta g in every solver that takes it: the score term of the
+    drift is 1 + eta^2 times the ODE's (the declared score_weight)."""
+    from solvers import DPMSolverSDE, JacobiEulerMaruyama
+
+    for make in (EulerMaruyama, Euler, Heun, JacobiEulerMaruyama, DPMSolverSDE):
+        for eta in (0.0, 0.3, 1.0):
+            assert make(eta=eta).score_weight == pytest.approx(1.0 + eta * eta, rel=1e-15), (make, eta)
+    assert DPMSolverSDE.k_diffusion(eta=0.09).score_weight == 1.09

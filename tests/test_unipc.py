@@ -47,13 +47,13 @@ MU, S = 0.7, 0.5
 TOL = 0.2
 ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
-PREDICTS = ("data", "noise")
+PREDICTS = ("x0", "eps")
 
 
 # -- an independent reimplementation (paper / diffusers form) ------------------------------------------------------
 
 
-def reference_unipc(sde, net, x_T, times, order, variant="bh2", predict="data", corrector=True,
+def reference_unipc(sde, net, x_T, times, order, variant="bh2", predict="x0", corrector=True,
                     lower_order_final=True):
     """UniPC on a 1-D grid, written as diffusers writes it: UniP-p from x_k, and at the start of
     step k the UniC correction of step k-1 recomputed from the kept state x_{k-1} with the new
@@ -63,7 +63,7 @@ def reference_unipc(sde, net, x_T, times, order, variant="bh2", predict="data", 
     lam = [float(v) for v in sde.log_snr(times)]
     a = [float(v) for v in sde.alpha(times)]
     s = [float(v) for v in sde.sigma(times)]
-    data = predict == "data"
+    data = predict == "x0"
 
     def convert(x, k):
         x0 = net(x, times[k].expand(x.shape[0]))
@@ -213,7 +213,7 @@ def test_matches_diffusers_float64(order, variant, predict, steps):
     # below 10 steps both lower the last steps the same way; above, diffusers lowers them at every N
     # and we by the step-ratio rule (solvers.multistep.multistep_orders): compare fixed orders there
     lof = steps < 10
-    theirs, times = _diffusers_sample(steps, x_T, order, variant, predict == "data", lower_order_final=lof)
+    theirs, times = _diffusers_sample(steps, x_T, order, variant, predict == "x0", lower_order_final=lof)
     ours = _ours(times, x_T, UniPC(order, variant, predict, lower_order_final=lof))
     assert torch.isfinite(ours).all()
     assert rel(ours, theirs) < 1e-10, f"max|ours - diffusers| / max|diffusers| = {rel(ours, theirs):.3e}"
@@ -303,7 +303,7 @@ def _errors(model, solver, x_T, reference, sde, steps, kind="log_snr"):
 
 #: the default form on both SDEs; the noise form and bh1 (which differs from bh2 only in the fixed-1/2
 #: weights of UniP-2 and UniC-1) on one each, to keep the file fast
-MIXTURE_CASES = [("VP", "bh2", "data"), ("VE", "bh2", "data"), ("VE", "bh2", "noise"), ("VP", "bh1", "data")]
+MIXTURE_CASES = [("VP", "bh2", "x0"), ("VE", "bh2", "x0"), ("VE", "bh2", "eps"), ("VP", "bh1", "x0")]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS), ids=CONFIG_IDS)
@@ -313,14 +313,14 @@ def test_order_mixture_data(sde_name, variant, predict, config):
     sde, x_T, reference = _mixture(sde_name)
     model = Model(MIXTURE.net(sde, "x0"), sde, predicts="x0")
     solver = UniPC(p, variant, predict, corrector=corrector, lower_order_final=False)
-    assert solver.order == theory
+    assert solver.convergence_order == theory and solver.convergence_mode == "pathwise"
     errors = _errors(model, solver, x_T, reference, sde, steps)
     slope = fitted_order(steps, errors)
     assert errors[-1] > 1e-12, errors  # not at the roundoff floor
     assert abs(slope - theory) <= TOL, (slope, errors)
 
 
-GAUSSIAN_CASES = [("VP", "data"), ("VE", "data"), ("VE", "noise")]
+GAUSSIAN_CASES = [("VP", "x0"), ("VE", "x0"), ("VE", "eps")]
 
 
 @pytest.mark.parametrize("config", list(CONFIGS), ids=CONFIG_IDS)
@@ -331,7 +331,7 @@ def test_order_gaussian_data(sde_name, predict, config):
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=F64) * sde.prior_std
     reference = gaussian_flow(sde, MU, S, x_T, sde.t_max, sde.t_min)
     model = Model(GaussianX0Net(sde, MU, S), sde, predicts="x0")
-    errors = _errors(model, UniPC(p, predict=predict, corrector=corrector, lower_order_final=False), x_T,
+    errors = _errors(model, UniPC(p, predicts=predict, corrector=corrector, lower_order_final=False), x_T,
                      reference, sde, steps)
     slope = fitted_order(steps, errors)
     assert errors[-1] > 1e-12, errors
@@ -353,7 +353,7 @@ def test_lower_order_final_at_every_n_would_cap_the_order(sde_name):
     steps = [256, 512]
     times = [grid(sde, n, "log_snr") for n in steps]
     net = MIXTURE.net(sde, "x0")
-    capped = fitted_order(steps, [rms(reference_unipc(sde, net, x_T, t, 3, "bh2", "data", corrector=True,
+    capped = fitted_order(steps, [rms(reference_unipc(sde, net, x_T, t, 3, "bh2", "x0", corrector=True,
                                                       lower_order_final=True), reference) for t in times])
     default = fitted_order(steps, _errors(model, UniPC(3), x_T, reference, sde, steps))
     assert capped < 3.0 and default > 3.7, (capped, default)
@@ -458,11 +458,11 @@ def test_rectified_flow_refusals_at_alpha_zero():
     with pytest.raises(ValueError, match="bh1"):
         sample(model, UniPC(2, "bh1"), shape=(2, 2), steps=8)
     with pytest.raises(ValueError, match="non-finite coefficient"):  # noise mode: alpha_t/alpha_s at alpha_s = 0
-        sample(model, UniPC(2, predict="noise"), shape=(2, 2), steps=8)
+        sample(model, UniPC(2, predicts="eps"), shape=(2, 2), steps=8)
     # below t = 1 both are fine
     times = grid(sde, 8, t_max=0.99)
     x = torch.randn(2, 2, generator=torch.Generator().manual_seed(11), dtype=F64)
-    for solver in (UniPC(2, "bh1"), UniPC(2, predict="noise")):
+    for solver in (UniPC(2, "bh1"), UniPC(2, predicts="eps")):
         assert torch.isfinite(sample(model, solver, x_T=x, grid=times, dtype=F64)).all()
     # and bh1 without the corrector has no fixed-1/2 corrector weight: finite from t = 1
     assert torch.isfinite(sample(model, UniPC(2, "bh1", corrector=False), shape=(2, 2), steps=8, dtype=F64)).all()
@@ -476,10 +476,10 @@ def test_per_sample_grids():
     grids = torch.stack([grid(sde, 9, kind) for kind in ("log_snr", "uniform", "quadratic")], dim=1)
     for order in ORDERS:
         for predict in PREDICTS:
-            together = sample(model, UniPC(order, predict=predict), x_T=x_T, grid=grids, final_denoise=False,
+            together = sample(model, UniPC(order, predicts=predict), x_T=x_T, grid=grids, final_denoise=False,
                               dtype=F64)
             for b in range(3):
-                alone = sample(model, UniPC(order, predict=predict), x_T=x_T[b:b + 1], grid=grids[:, b],
+                alone = sample(model, UniPC(order, predicts=predict), x_T=x_T[b:b + 1], grid=grids[:, b],
                                final_denoise=False, dtype=F64)
                 assert torch.allclose(together[b:b + 1], alone, rtol=1e-13, atol=1e-14)
 
@@ -550,10 +550,10 @@ def test_correct_x0_replaces_the_estimate(order):
 
 
 def test_hooks_need_data_prediction():
-    with pytest.raises(ValueError, match="predict='data'"):
-        UniPC(predict="noise", thresholding=True)
-    with pytest.raises(ValueError, match="predict='data'"):
-        UniPC(predict="noise", correct_x0=lambda x0, t: x0)
+    with pytest.raises(ValueError, match="predicts='x0'"):
+        UniPC(predicts="eps", thresholding=True)
+    with pytest.raises(ValueError, match="predicts='x0'"):
+        UniPC(predicts="eps", correct_x0=lambda x0, t: x0)
 
 
 # -- plan, attributes, errors ---------------------------------------------------------------------------------------
@@ -585,12 +585,13 @@ def test_nfe_is_one_per_step(order, corrector):
 def test_attributes_and_repr():
     s = UniPC()
     assert isinstance(s, Solver) and s.gaussian_only and not s.stochastic and s.nfe_per_step == 1
-    assert (s.solver_order, s.variant, s.predict, s.corrector, s.lower_order_final) == (2, "bh2", "data", True, True)
-    assert s.order == 3  # UniC raises the order by one
-    assert UniPC(3).order == 4 and UniPC(3, corrector=False).order == 3 and UniPC(1).order == 2
-    assert repr(UniPC(order=2)) == "UniPC(order=2, variant='bh2', predict='data')"
-    assert repr(UniPC(3, "bh1", "noise", corrector=False, lower_order_final=False)) == \
-        "UniPC(order=3, variant='bh1', predict='noise', corrector=False, lower_order_final=False)"
+    assert (s.order, s.variant, s.predicts, s.corrector, s.lower_order_final) == (2, "bh2", "x0", True, True)
+    assert s.convergence_order == 3  # UniC raises the order by one
+    assert UniPC(3).order == 3 and UniPC(3).convergence_order == 4 and UniPC(3, corrector=False).convergence_order == 3
+    assert UniPC(1).convergence_order == 2
+    assert repr(UniPC(order=2)) == "UniPC(order=2, variant='bh2', predicts='x0')"
+    assert repr(UniPC(3, "bh1", "eps", corrector=False, lower_order_final=False)) == \
+        "UniPC(order=3, variant='bh1', predicts='eps', corrector=False, lower_order_final=False)"
     assert "thresholding=DynamicThresholding" in repr(UniPC(thresholding=True))
 
 
@@ -604,9 +605,10 @@ def test_attributes_and_repr():
     ({"variant": "bh3"}, "variant must be 'bh1'"),
     ({"variant": "BH2"}, "variant must be 'bh1'"),
     ({"variant": None}, "variant must be 'bh1'"),
-    ({"predict": "x0"}, "predict must be 'data'"),
-    ({"predict": "eps"}, "predict must be 'data'"),
-    ({"predict": None}, "predict must be 'data'"),
+    ({"predicts": "data"}, "predicts='data' is spelt predicts='x0'"),
+    ({"predicts": "noise"}, "predicts='noise' is spelt predicts='eps'"),
+    ({"predicts": "v"}, "predicts must be 'x0' or 'eps'"),
+    ({"predicts": None}, "predicts must be 'x0' or 'eps'"),
     ({"corrector": 1}, "corrector must be True or False"),
     ({"corrector": "yes"}, "corrector must be True or False"),
     ({"lower_order_final": None}, "lower_order_final must be True or False"),
@@ -614,5 +616,5 @@ def test_attributes_and_repr():
     ({"correct_x0": 3}, "correct_x0 must be a callable"),
 ])
 def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         UniPC(**kwargs)

@@ -78,7 +78,7 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
     from ..noise import NoiseSource
 
     solvers = KERNEL_BENCH_SOLVERS() if solvers is None else solvers
-    warm = max(solver.order for solver in solvers) + 2  # steps run before the timed ones (history filled)
+    warm = max(solver.convergence_order for solver in solvers) + 2  # steps run before the timed ones (history filled)
     if steps <= warm:
         raise ValueError(f"steps must exceed {warm} (the untimed warm-up steps of these solvers), got {steps}")
     if rounds < 1:
@@ -105,11 +105,11 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
         model = Model(lambda x, t: out, VPSDE(), predicts="eps")
         for solver in solvers:
             fused = solver.fused_step()
-            timed = range(solver.order + 2, steps)  # steady-state steps (history filled)
+            timed = range(solver.convergence_order + 2, steps)  # steady-state steps (history filled)
 
             x_t = x0.clone()
             ctx_t = _context(model, solver, x_t, noise, steps)
-            for k in range(solver.order + 2):
+            for k in range(solver.convergence_order + 2):
                 solver.step(k, x_t, ctx_t)
 
             def torch_round():
@@ -128,7 +128,7 @@ def bench_kernels(shapes=SHAPES, solvers=None, steps: int = 30, rounds: int = 3,
                 return record(source, kernel, *args, **kw)
 
             runner.launch = counting_launch
-            for k in range(solver.order + 2):
+            for k in range(solver.convergence_order + 2):
                 fused.step(k, x_f, ctx_f)
             launched.clear()
             fused.step(timed[0], x_f, ctx_f)

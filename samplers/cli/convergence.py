@@ -11,7 +11,8 @@ runs every fixed-step solver of ``bench quality`` (the demo's list and the param
   (the dynamics are elementwise); the Monte Carlo standard error is reported beside it, and a
   slope is flagged ``mc_limited`` when the finest error is within 3 standard errors of it.
 
-The theoretical order is the solver's ``order`` (pathwise for ODE solvers, weak for SDE solvers).
+The theoretical order is the solver's ``convergence_order`` (``convergence_mode``: pathwise for ODE
+solvers, weak for SDE solvers).
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def measure_orders(sdes=("edm", "vp"), solver_list=None, ode_steps=DEFAULT_ODE_S
             solver = factory()
             if getattr(solver, "adaptive", False):
                 continue
-            row = {"sde": sde_name, "solver": label, "theory": float(solver.order),
-                   "kind": "weak" if solver.stochastic else "pathwise"}
+            row = {"sde": sde_name, "solver": label, "theory": float(solver.convergence_order),
+                   "kind": solver.convergence_mode}
             try:
                 if solver.stochastic:
                     errors, se = _weak_errors(solver, sde, sde_steps, weak_samples)

@@ -185,7 +185,7 @@ def _kdiffusion_peers() -> list[Peer]:
         Peer("sample_dpm_2", "k-diffusion", two, _kdiff_run("sample_dpm_2", False)),
         Peer("sample_lms", "k-diffusion", one, _kdiff_run("sample_lms", False)),
         Peer("sample_dpmpp_2m", "k-diffusion", one, _kdiff_run("sample_dpmpp_2m", False),
-             same_as=lambda: DPMSolver(2, "data"), note="ours lowers the last order below 10 steps"),
+             same_as=lambda: DPMSolver(2, "x0"), note="ours lowers the last order below 10 steps"),
         Peer("sample_euler_ancestral", "k-diffusion", one, _kdiff_run("sample_euler_ancestral", True), True,
              same_as=lambda: DPMSolverSDE(1)),
         Peer("sample_dpmpp_2s_ancestral", "k-diffusion", two, _kdiff_run("sample_dpmpp_2s_ancestral", True), True),

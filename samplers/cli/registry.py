@@ -134,9 +134,9 @@ def _variants():
 
     out = [
         (None, lambda: DPMSolver(3)),
-        (None, lambda: DPMSolver(2, "noise")),
-        (None, lambda: DPMSolver(2, method="singlestep")),
-        (None, lambda: DPMSolver(3, method="singlestep")),
+        (None, lambda: DPMSolver(2, "eps")),
+        (None, lambda: DPMSolver(2, variant="singlestep")),
+        (None, lambda: DPMSolver(3, variant="singlestep")),
         (None, lambda: AdaptiveDPMSolver((1, 2))),
         (None, lambda: DPMSolverSDE(2, "heun")),
         (None, lambda: DPMSolverSDE(3)),
@@ -229,7 +229,7 @@ def kernel_agreement_solvers():
     from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun
 
     return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(1), DPMSolver(2), DPMSolver(3),
-            DPMSolver(2, predict="noise"), DPMSolverSDE(2), DPMSolverSDE(3, solver_type="heun"), ERSDE(1), ERSDE(3)]
+            DPMSolver(2, predicts="eps"), DPMSolverSDE(2), DPMSolverSDE(3, variant="heun"), ERSDE(1), ERSDE(3)]
 
 
 def sync_solvers():
