@@ -70,7 +70,7 @@ def test_preset_nfe_is_the_papers(name):
     sde = EDMSDE() if "vp" not in name else VPSDE()
     _, info = sample(gaussian_model(sde), solver, shape=(2, 3), return_info=True, **kwargs)
     assert info.nfe == cfg["nfe"]
-    assert solver.stochastic and solver.convergence_order == 2 and solver.nfe_per_step == 2
+    assert solver.stochastic and solver.convergence_order == 0 and solver.nfe_per_step == 2
 
 
 @pytest.mark.parametrize("solver_name", ["Euler", "DPM2M", "DPM3S", "UniPC"])
@@ -302,8 +302,11 @@ def test_default_samples_the_mixture_as_well_as_heun(sde_name):
 
 def test_attributes_and_repr():
     r = Restart(ode_solver=DPMSolver(3), intervals=[(0.1, 0.5, 3, 1)])
-    assert r.convergence_order == 3 and r.nfe_per_step == 1 and r.stochastic and r.convergence_mode == "weak"
+    assert r.convergence_order == 0 and r.nfe_per_step == 1 and r.stochastic and r.convergence_mode == "weak"
     assert not hasattr(r, "order")  # Restart takes no order
+    # without restarts it is its ODE solver, order included
+    plain = Restart(ode_solver=DPMSolver(3), intervals=[(0.1, 0.5, 3, 0)])
+    assert plain.convergence_order == 3 and plain.convergence_mode == "pathwise" and not plain.stochastic
     assert r.restart_solver is not r.ode_solver and type(r.restart_solver) is DPMSolver
     assert "Restart(ode_solver=DPMSolver(order=3" in repr(r) and "(0.1, 0.5, 3, 1)" in repr(r)
     assert Restart(intervals=[(0.1, 0.5, 3, 0)]).stochastic is False
