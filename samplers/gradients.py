@@ -1,22 +1,11 @@
 """Gradients through sampling: d(samples)/d(x_T, conditioning, network parameters) with torch.autograd.
 
-Three modes of :func:`sample_grad`:
-
-* ``"backprop"`` (:class:`solvers.Reversible`): autograd records every step; memory grows with the
-  number of steps (each network call's activations are kept).
-* ``"reversible"`` (:class:`solvers.Reversible`): a custom autograd function runs the steps without
-  recording them and keeps only the final pair.  Its backward walks the grid back, rebuilding the
-  pair before each step with the solver's exact inverse step, and backpropagates through that one
-  recomputed step at a time: memory independent of the number of steps, the gradient of the discrete
-  scheme (to rounding of the reconstruction), at about 3x the network calls of backprop (each step is
-  run forward, inverted and run again).
-* ``"adjoint"`` (any deterministic fixed-grid solver, and EulerMaruyama / Heun / DPMSolverSDE):
-  AdjointDEIS-1 (Blasingame & Liu 2024), the continuous adjoint integrated from the data end back to
-  the noise end with the first-order exponential rule; it keeps the forward trajectory (states only,
-  no graph).  For an SDE solver it is the adjoint along the sampled Brownian path (the diffusion term
-  drops out; the score term is doubled for the reverse SDE, 1 + eta^2 in general).  The gradient is
-  that of the exact flow (pathwise) up to an O(h) discretisation error, not the gradient of the
-  solver's discrete map.
+:func:`sample_grad` has three modes: ``"backprop"`` (autograd records every step), ``"reversible"``
+(:class:`solvers.Reversible`: the backward pass rebuilds each step with the exact inverse step, so
+memory does not grow with the steps, at about 3x the calls) and ``"adjoint"`` (AdjointDEIS-1 for
+any deterministic fixed-grid solver and EulerMaruyama / Heun / DPMSolverSDE: the gradient of the
+exact flow up to O(h), not of the discrete map).  Modes, formulas and measured memory and errors:
+docs/inversion.md, "Gradients through sampling".
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Log-likelihood through the probability-flow ODE (Song et al. 2021, Score SDE section 1.3).
 
-The probability-flow ODE dx/dt = f~(x, t) carries p_{t_start} onto p_{t_end}, and along a path
-d log p_t(x_t)/dt = -div f~(x_t, t), so
-
-    log p_{t_start}(x) = log p_{t_end}(z) + int_{t_start}^{t_end} div f~(x_t, t) dt,   z = x_{t_end}.
-
-:func:`likelihood` integrates the augmented state (x, the divergence integral) with the
-per-sample embedded Runge-Kutta loop of :class:`solvers.AdaptiveODE` (any of its pairs and
-integration variables).  In the variable tau the solver integrates y = c(tau) x with
-dy/dtau = A y + B net(x, t) (``AdaptiveODE.flow_coefficients``, built on the Model conversion
-point), whose divergence is D A + (B / c) tr(d net / d x): the linear part is exact, only the
-network's trace is estimated.  Changing variables from x to y shifts every log-density by
--D log c, hence the D (log c_start - log c_end) term added at the end.
-
-The trace is exact (one vector-Jacobian product per dimension) or Hutchinson's estimate
-eps^T (d net / d x) eps with ``probes`` fixed probes per sample (Rademacher or Gaussian), keyed
-like all noise here by (seed, sample index), so a sample's probes do not depend on the batch (nor its
-result, with a batch-invariant network: docs/noise.md, "What is the same in any batch").
-Each probe gets its own integral along the one shared path; the reported log p is their mean and
-the standard error is their spread over sqrt(probes).
+log p(x) is log p at the end of the probability-flow ODE plus the integral of its divergence along
+the path.  :func:`likelihood` integrates that augmented state with the per-sample embedded
+Runge-Kutta loop of :class:`solvers.AdaptiveODE`, in that solver's variables, where the linear part
+of the divergence is exact and only the network's trace is computed (exactly, or by Hutchinson
+probes keyed like all noise here, so a sample's result does not depend on its batch).  Formulas,
+trace estimators and measured accuracy: docs/likelihood.md.
 """
 
 from __future__ import annotations
