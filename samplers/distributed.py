@@ -1,17 +1,11 @@
 """Sampling beyond one device: a batch of N sharded over the ranks of a ``torch.distributed`` group.
 
-Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
-on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
-(seed, global sample index, counter, stream), so sample i gets the same noise and the same
-arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in:
-bit-identical samples with a batch-invariant network (docs/noise.md, "What is the same in any
-batch").  The result is either gathered (padded
-``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard files with a
-checksummed index, for runs that do not fit in one host's memory and that must survive being
-killed: a rerun recomputes only the shards no index records with the file's SHA-256, and a
-directory written with other settings (or other network weights, :func:`network_fingerprint`) is
-refused.  The directory layout (``shard-*.pt``, ``progress-*.json``, ``index.json``) is in
-docs/distributed.md, "The output directory".
+Each rank samples a contiguous range of global sample indices with :func:`samplers.sample`, and
+because the noise is keyed by the global sample index the result is the same whatever the number of
+ranks or chunks (bit-identical with a batch-invariant network).  The result is gathered, or written
+as shard files with a checksummed index so that a run too large for one host survives being
+killed and a rerun recomputes only the missing shards.  API and the directory layout:
+docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """The one conversion point between what a network predicts and what a solver needs.
 
-Every parametrisation of a Gaussian-marginal SDE is linear in the state: for a network output
-``out`` at state ``x`` and time ``t``, each quantity Q in {x0, eps, score, velocity, v} is
-Q = p(t) x + q(t) out.  :func:`conversion` returns (p, q), so solvers fold the conversion into
-their own per-step coefficients (computed once per grid, in float64) instead of spending a
-pass over the batch on it.
-
-Definitions (x = alpha x0 + sigma eps):
-- ``x0``: the denoised data estimate;  ``eps``: the noise estimate;
-- ``score`` = -eps / sigma;
-- ``v`` = alpha eps - sigma x0 (Salimans & Ho);
-- ``velocity`` = alpha' x0 + sigma' eps, the probability-flow ODE's dx/dt (flow matching's u).
+Every parametrisation of a Gaussian-marginal SDE is linear in the state: each quantity Q in
+{x0, eps, score, velocity, v} is Q = p(t) x + q(t) out for a network output ``out`` at state ``x``.
+:func:`conversion` returns (p, q), so solvers fold the conversion into their own per-step float64
+coefficients instead of spending a pass over the batch on it.  With x = alpha x0 + sigma eps:
+score = -eps / sigma, v = alpha eps - sigma x0 (Salimans & Ho), velocity = alpha' x0 + sigma' eps
+(the probability-flow ODE's dx/dt, flow matching's u).  The table: docs/getting-started.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """Fused CUDA step kernels (``cuda/*.cu``), compiled at run time with CuPy and launched on torch's stream.
 
-A fused kernel does a solver's whole step update in one pass over the batch: it reads the state,
-the network output and (multistep solvers) the history, draws the step's Gaussian noise inside
-the kernel from the same keyed counter-based generator as :class:`samplers.NoiseSource`
-(Philox4x32-10 keyed by seed, sample index, step and stream; ``cuda/philox.cuh``), and writes the
-new state in place.  No noise tensor is read or written and the host never waits for the device.
-
-Each supported solver declares its kernel with ``fused_step()``, which returns one of the
-:class:`FusedStep` classes below (or raises :class:`KernelUnsupported` with the reason).  The
-kernels take the solver's own per-step coefficient tables (``prepare``), packed as one float32
-row per coefficient and sample, so the fused step computes what ``Solver.step`` computes, in
-float32 arithmetic for float32, float16 and bfloat16 states.
-
-The sampling driver chooses with ``sample(..., backend="auto" | "torch" | "cupy")``: see
-:func:`resolve_backend`.  The CuPy side (:class:`CupyRunner`) compiles each ``.cu`` file once per
-process with NVRTC (``cupy.RawModule``; CuPy also caches the binary on disk), hands the kernels torch
-tensors' device addresses (no copy, no per-launch view) and launches on ``torch.cuda.current_stream()``.
+A fused kernel does a solver's whole step in one pass over the batch, drawing the step's keyed
+Gaussian noise inside the kernel with the same Philox generator as :class:`samplers.NoiseSource`,
+so no noise tensor is read or written and the host never waits.  Each solver declares its kernel
+with ``fused_step()`` (a :class:`FusedStep`, or :class:`KernelUnsupported` with the reason), and the
+kernels read the solver's own ``prepare`` tables, so they compute what ``Solver.step`` computes
+(in float32 arithmetic).  Backends, launch and measurements: docs/gpu.md.
 """
 
 from __future__ import annotations

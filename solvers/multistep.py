@@ -1,17 +1,11 @@
 """Derivatives of the model output from its history: one rule for every multistep solver.
 
-A multistep solver of order p keeps the converted outputs f_0 (newest), f_1, f_2 at nodes
-u_0, u_1, u_2 of its integration variable (the log-SNR for DPM-Solver and UniPC, sigma/alpha for
-ER-SDE) and Taylor-expands f around u_0.  The derivatives come from the polynomial through the
-nodes, in Newton form with divided differences f[u0,u1] and f[u0,u1,u2]:
-
-    f'(u0)  ~ f[u0,u1] + (u0 - u1) f[u0,u1,u2]
-    f''(u0) ~ 2 f[u0,u1,u2]
-
-Both are exact for polynomials of degree len(nodes) - 1, so the local error of the expansion
-is O(h^{p+1}).  (Dropping the factor 2, as DPM-Solver's reference 3M does, or using the plain
-backward difference for f'(u0) in a third-order scheme leaves an O(h^3) local error and a
-second-order method.)
+The derivatives come from the interpolating polynomial through the newest nodes (Newton form), which
+is exact for polynomials of the history's degree, so a solver of order p has an O(h^{p+1}) local
+error; the reference codes' shortcuts (a missing factor 2, a plain backward difference) leave
+second-order methods.  The step-order rule, the weight tables and the history step that these
+solvers share are here too.  Formulas: docs/solvers.md, "History derivatives" and "Order of the
+last steps".
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Predictor-corrector sampling (Song et al. 2021, "Score SDE"): SCORE's predictors and correctors.
 
-Predictors are ordinary solvers.  Both are built on the forward one-step transition of a
-Gaussian-marginal SDE from t_{k+1} down the grid to t_k (the grid runs from high t to low t):
-
-    x_{t_k} = a x_{t_{k+1}} + G z,   a = alpha(t_k)/alpha(t_{k+1}),   G^2 = sigma(t_k)^2 - a^2 sigma(t_{k+1})^2.
-
-- :class:`ReverseDiffusion`: x <- (2 - a) x + G^2 score(x, t_k) + G z.  On VP (a = sqrt(1 - beta_i),
-  G^2 = beta_i) this is SCORE's (2 - sqrt(1 - beta_i)) x + beta_i s; on VE (a = 1) it is
-  x + (sigma_i^2 - sigma_{i-1}^2) s.
-- :class:`AncestralSampling`: x <- (x + G^2 score)/a + std z with the DDPM posterior std
-  G sigma(t_{k+1})/sigma(t_k) (SCORE's VE form) or the forward std G (SCORE's VP form, sigma^2 = beta).
-
-Correctors (:class:`Langevin`, :class:`AnnealedLangevin`) are not solvers: they move x at a fixed
-grid time towards p_t and are run by :class:`PredictorCorrector`, which wraps any fixed-grid solver
-as its predictor.  Every score conversion is folded into per-step float64 tables, as elsewhere in
-:mod:`solvers`, so a predictor step is x <- A x + B out + C z.
+The predictors (:class:`ReverseDiffusion`, :class:`AncestralSampling`) are ordinary solvers built on
+the forward one-step transition of a Gaussian-marginal SDE, so SCORE's VP and VE formulas become one
+formula for every such SDE, with every score conversion folded into per-step float64 tables.  The
+correctors (:class:`Langevin`, :class:`AnnealedLangevin`) are not solvers: they move x at a fixed
+grid time and are run by :class:`PredictorCorrector`, which wraps any fixed-grid solver as its
+predictor.  Formulas: docs/solvers.md, "Predictor-corrector sampling".
 """
 
 from __future__ import annotations
@@ -275,6 +266,8 @@ class PredictorCorrector(Solver):
     snr:
         the default corrector's signal-to-noise ratio (default 0.16, SCORE's CIFAR-10 value).
 
+    Notes
+    -----
     With a corrector given, ``snr``/``n_corrector_steps`` must be left out or agree with it.  NFE per
     step: the predictor's plus n_corrector_steps.  Corrector iteration j of step k draws
     ``ctx.noise(k, CORRECTOR_FIRST_DRAW + j)``: independent of the predictor's draws and of each other.
