@@ -58,11 +58,9 @@ def multistep_orders(order: int, n_steps: int, lower_order_final: bool = True,
     * step ratio: with the steps ``h`` ((N,) or (N, C), of either sign: a grid run backwards, as
       :func:`samplers.invert` does, has h < 0), a step more than :data:`MAX_STEP_RATIO` times as long
       as the previous one (|h|, in any column) is first order.  That is the
-      last step of a VP grid uniform in t (3.5x the previous in log-SNR at 50 steps, 2.9x at
-      100), where extrapolating the history's slope over the long step costs 3-14x in error
-      against order 1 (measured on a 2-D mixture, DPM-Solver++ and UniPC, 10-50 steps), and with
-      SDE-DPM-Solver++(3M) at 100 steps widened the 2-D mixture's samples (sliced Wasserstein
-      0.14 against 0.08 with the rule); grids uniform in log-SNR or of Karras type never trigger it.
+      last step of a VP grid uniform in t, where extrapolating the history's slope over the long
+      step was measured to cost more than a first-order step (docs/measurements.md, "Step orders
+      of multistep solvers"); grids uniform in log-SNR or of Karras type never trigger it.
     """
     jump = [False] * n_steps
     if lower_order_final and h is not None and n_steps > 1:
