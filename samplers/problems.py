@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sde.parametrization import PREDICTIONS
+from sde.validation import check_predicts
 
 __all__ = [
     "GaussianMixture",
@@ -257,8 +258,7 @@ class ExactNet:
     """
 
     def __init__(self, mixture: GaussianMixture, sde, predicts: str = "x0"):
-        if predicts not in PREDICTIONS:
-            raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
+        check_predicts(predicts, PREDICTIONS, "ExactNet")
         self.mixture = mixture
         self.sde = sde
         self.predicts = predicts

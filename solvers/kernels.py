@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sde.validation import check_count
+
 from .base import Solver
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
@@ -461,9 +463,8 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device must be a CUDA device, got {device}")
-    for name, value in (("counter", counter), ("stream", stream)):  # the kernels' 32-bit counter words
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-            raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+    counter = check_count("counter", counter, minimum=0, maximum=2**32 - 1, why=" (a 32-bit counter word)")
+    stream = check_count("stream", stream, minimum=0, maximum=2**32 - 1, why=" (a 32-bit counter word)")
     reason = cupy_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"keyed_normal needs CuPy: {reason}")
