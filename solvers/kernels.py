@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sde.validation import check_count
+from sde.validation import check_choice, check_count
 
 from .base import Solver
 
@@ -76,8 +76,7 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 def kernel_source(name: str) -> str:
     """The text of kernel file ``name`` with its local ``#include "..."`` headers inlined (each once),
     so NVRTC needs no include path and CuPy's cache key covers the headers too."""
-    if name not in KERNEL_FILES:
-        raise ValueError(f"name must be one of {KERNEL_FILES}, got {name!r}")
+    check_choice("name", name, KERNEL_FILES)
     root = cuda_source_dir()
     seen: set[str] = set()
 
@@ -493,8 +492,7 @@ def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[s
     ``"auto"``: the fused kernels where they can run (their sources compile), else torch, with the
     reason.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch", None, "backend='torch' was asked for"
     device = torch.device(device)

@@ -229,7 +229,7 @@ def test_cli_killed_mid_run_resumes_without_loss_duplication_or_corruption(tmp_p
     (["--model", "nets:model", "--sde", "vp"], "already a samplers.Model"),
     (["--model", "nets:net"], "pass --sde"),
     (["--model", "nets:net", "--sde", "nope"], "--sde must be one of"),
-    (["--model", "nets:net", "--sde", "vp", "--predicts", "noise"], "--predicts must be one of"),
+    (["--model", "nets:net", "--sde", "vp", "--predicts", "noise"], "--predicts: predicts='noise' is spelt predicts='eps'"),
     (["--model", "nets:model", "--solver", "adaptive-em", "--steps", "5"], "--steps"),
     (["--model", "nets:model", "--steps", None], "--steps is required"),
     (["--model", "nets:model", "--rtol", "0.1"], "--rtol/--atol apply only"),
