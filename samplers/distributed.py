@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sde.validation import check_choice, check_count
+from sde.validation import check_choice, check_count, check_flag
 
 from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
 from .model import Model, network_module, network_placement
@@ -539,11 +539,15 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     if not isinstance(model, Model):
         raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
     n = check_count("n", n)
-    if isinstance(shape, int):
-        shape = (shape,)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be the shape of one sample (positive sizes, no batch dimension), got {shape}")
+    return_info = check_flag("return_info", return_info)
+    try:  # sizes are ints, never truncated (2.5 is refused, not read as 2)
+        sizes = tuple(map(as_integer, (shape,) if as_integer(shape) is not None else shape))
+    except TypeError:
+        sizes = ()
+    if not sizes or None in sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"shape must be the shape of one sample (positive int sizes, no batch dimension), got "
+                         f"{shape!r}")
+    shape = sizes
     for bad in ("x_T", "sample_index", "shape", "return_info", "callback", "progress"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is not supported by sample_distributed (it picks each rank's samples itself)")

@@ -102,6 +102,7 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         ``info.backend_reason`` say which ran and why.  See docs/gpu.md.
     """
     final_denoise = check_flag("final_denoise", final_denoise, allow_none=True)
+    return_info = check_flag("return_info", return_info)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step_info) (a samplers.StepInfo), got "
                         f"{type(callback).__name__}")

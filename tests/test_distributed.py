@@ -96,8 +96,11 @@ def test_sample_distributed_argument_errors(tmp_path):
         sample_distributed(model, solver, 4, (2,), seed=None, steps=3)
     with pytest.raises(ValueError, match="x_T"):
         sample_distributed(model, solver, 4, (2,), x_T=torch.zeros(4, 2), steps=3)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         sample_distributed(model, solver, 0, (2,), steps=3)
+    for shape in ((2.5,), (0,), (), 2.0, None):
+        with pytest.raises(ValueError, match=r"shape must be the shape of one sample \(positive int sizes"):
+            sample_distributed(model, solver, 4, shape, steps=3)
     with pytest.raises(ValueError, match="batch_size"):
         sample_distributed(model, solver, 4, (2,), batch_size=0, steps=3)
     with pytest.raises(ValueError, match="shard_size"):

@@ -288,6 +288,10 @@ def test_callback_and_final_denoise_types_are_checked_before_any_step():
             sample(model, Euler(), shape=(2, 3), steps=2, final_denoise=bad)
     with pytest.raises(TypeError, match=r"final_denoise must be True or False, got 'yes'"):
         sample_grad(model, DPMSolver(1), torch.zeros(2, 3), steps=2, final_denoise="yes")
+    with pytest.raises(TypeError, match=r"return_state must be True or False, got 1"):
+        sample_grad(model, DPMSolver(1), torch.zeros(2, 3), steps=2, return_state=1)
+    with pytest.raises(TypeError, match=r"return_info must be True or False, got 'no'"):
+        sample(model, Euler(), shape=(2, 3), steps=2, return_info="no")
     assert net.calls == 0
 
 

@@ -292,6 +292,7 @@ def test_batch_invariance(b, n):
     ({"bins": 256, "data_range": (1.0, -1.0)}, ValueError, "data_range must be finite with lo < hi"),
     ({"bins": 256, "data_range": 3}, ValueError, "data_range must be a pair"),
     ({"dequantize_data": False}, ValueError, "dequantize_data=False applies only with bins"),
+    ({"bins": 256, "dequantize_data": "no"}, TypeError, "dequantize_data must be True or False, got 'no'"),
     ({"cond": [1]}, TypeError, "cond must be a dict"),
     ({"dtype": torch.int32}, ValueError, "dtype must be a floating torch.dtype"),
 ])
