@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from sde import GaussianSDE
+from sde.validation import check_choice, check_flag
 from solvers import Solver
 from solvers.reversible import Reversible
 
-from .driver import check_flag, check_solver_state, fixed_grid_context, plan_run
+from .driver import check_solver_state, fixed_grid_context, plan_run
 from .model import Model
 
 __all__ = ["sample_grad", "GRAD_MODES", "SavedTensorMeter"]
@@ -198,14 +199,14 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     """
     if mode is None:
         mode = "reversible" if isinstance(solver, Reversible) else "adjoint"
-    if mode not in GRAD_MODES:
-        raise ValueError(f"mode must be one of {GRAD_MODES}, got {mode!r}")
+    check_choice("mode", mode, GRAD_MODES)
     if isinstance(x_T, torch.Tensor) and x_T.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x_T must be float32 or float64 to differentiate through sampling, got {x_T.dtype}")
     plan = plan_run(model, solver, x=x_T, state_name="x_T", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, fixed_grid_for="sample_grad", own_state=False)
     table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     final_denoise = check_flag("final_denoise", final_denoise)
+    return_state = check_flag("return_state", return_state)
     reversible = isinstance(solver, Reversible)
     if mode in ("backprop", "reversible") and not reversible:
         raise ValueError(f"mode={mode!r} differentiates through solvers.Reversible steps; {solver!r} updates its "

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from sde.validation import check_choice, check_count, check_flag, check_number
 from solvers import AdaptiveODE
 
 from .model import Model
@@ -30,6 +31,7 @@ DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_NOISES = ("rademacher", "gaussian")
 #: divergence="auto" computes the trace exactly up to this many dimensions (one backward pass each)
 EXACT_DIVERGENCE_MAX_DIM = 16
+_BINS_EXAMPLE = " (256 for 8-bit data)"
 
 
 @dataclass
@@ -70,18 +72,12 @@ def _check_data_range(data_range) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_bins(bins) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"bins must be an int >= 2 (256 for 8-bit data), got {bins!r}")
-    return bins
-
-
 def bits_per_dim_offset(bins: int = 256, data_range=(-1.0, 1.0)) -> float:
     """log2(bins / (hi - lo)): the bits per dimension that turn a density of data quantised into
     ``bins`` equal bins over ``data_range`` into a bound on the discrete data's bits per dimension
     (7 for 8-bit data in [-1, 1], 8 for [0, 1], as in the Score SDE code)."""
     lo, hi = _check_data_range(data_range)
-    return math.log2(_check_bins(bins) / (hi - lo))
+    return math.log2(check_count("bins", bins, minimum=2, why=_BINS_EXAMPLE) / (hi - lo))
 
 
 def dequantize(x: torch.Tensor, bins: int = 256, data_range=(-1.0, 1.0), *, seed=0, sample_index=None) -> torch.Tensor:
@@ -91,7 +87,7 @@ def dequantize(x: torch.Tensor, bins: int = 256, data_range=(-1.0, 1.0), *, seed
     (the Score SDE code's (U + 255 x) / 256 for [0, 1] data).  Off-grid values are refused."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError("x must be a floating tensor of shape (B, ...) with B >= 1")
-    bins = _check_bins(bins)
+    bins = check_count("bins", bins, minimum=2, why=_BINS_EXAMPLE)
     lo, hi = _check_data_range(data_range)
     x64 = x.detach().to(torch.float64)
     level = (x64 - lo) / (hi - lo) * (bins - 1)
@@ -163,10 +159,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     cond = check_run_arguments(model, solver, cond)
     sde = model.sde
     check_state(x, "x")
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if not isinstance(probe_noise, str) or probe_noise not in PROBE_NOISES:
-        raise ValueError(f"probe_noise must be one of {PROBE_NOISES}, got {probe_noise!r}")
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("probe_noise", probe_noise, PROBE_NOISES)
+    dequantize_data = check_flag("dequantize_data", dequantize_data)
     shape = tuple(x.shape[1:])
     batch, dim = x.shape[0], math.prod(shape)
     if divergence == "auto":
@@ -176,11 +171,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
             raise ValueError("probes applies to divergence='hutchinson'; the exact trace uses no probes")
         n_probes = 1
     else:
-        n_probes = 1 if probes is None else probes
-        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"probes must be a positive int, got {probes!r}")
-    t_start = sde.t_min if t_start is None else _time("t_start", t_start)
-    t_end = sde.t_max if t_end is None else _time("t_end", t_end)
+        n_probes = 1 if probes is None else check_count("probes", probes)
+    t_start = sde.t_min if t_start is None else check_number("t_start", t_start)
+    t_end = sde.t_max if t_end is None else check_number("t_end", t_end)
     if not sde.t_min <= t_start < t_end <= sde.t_max:
         raise ValueError(f"need t_min <= t_start < t_end <= t_max = [{sde.t_min:g}, {sde.t_max:g}], "
                          f"got t_start={t_start:g}, t_end={t_end:g}")
@@ -276,9 +269,3 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         t_start=t_start, t_end=t_end, solver=repr(solver), nfe=ctx.nfe, nfe_per_sample=ctx.nfe_per_sample,
         vjp_per_call=dim if divergence == "exact" else n_probes, accepted_per_sample=ctx.accepted,
         rejected_per_sample=ctx.rejected, wall_time=time.perf_counter() - start_time)
-
-
-def _time(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from sde.validation import check_count
+
 __all__ = ["MAX_STEPS", "MAX_SAMPLES", "MAX_SHARDS", "check_steps", "available_memory", "format_bytes",
            "check_memory", "run_memory_bytes", "check_state_memory"]
 
@@ -31,8 +33,7 @@ MAX_SHARDS = 100_000
 
 def check_steps(steps, name: str = "steps") -> int:
     """``steps`` as an int in [1, MAX_STEPS], or a ValueError naming ``name``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{name} must be a positive int (at most MAX_STEPS={MAX_STEPS}), got {steps!r}")
+    steps = check_count(name, steps, why=f" (at most MAX_STEPS={MAX_STEPS})")
     if steps > MAX_STEPS:
         raise ValueError(f"{name}={steps} is more than MAX_STEPS={MAX_STEPS} (samplers.limits): no sampler needs "
                          "that many steps, and the plan's per-step tables would be allocated before the first step")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sde.parametrization import PREDICTIONS
+from sde.validation import check_positive, check_predicts
 
 __all__ = [
     "GaussianMixture",
@@ -249,8 +250,7 @@ class ExactNet:
     """
 
     def __init__(self, mixture: GaussianMixture, sde, predicts: str = "x0"):
-        if predicts not in PREDICTIONS:
-            raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
+        check_predicts(predicts, PREDICTIONS, "ExactNet")
         self.mixture = mixture
         self.sde = sde
         self.predicts = predicts
@@ -287,9 +287,7 @@ def gaussian(mean, std, dim=None) -> GaussianMixture:
         raise ValueError(f"mean must be a scalar or have shape (d,), got {tuple(mean.shape)}")
     if dim is not None and int(dim) != mean.shape[0]:
         raise ValueError(f"dim={dim} does not match mean of length {mean.shape[0]}")
-    std = float(std)
-    if not (math.isfinite(std) and std > 0):
-        raise ValueError(f"std must be a positive finite number, got {std!r}")
+    std = check_positive("std", std)
     return GaussianMixture(mean[None], stds=torch.tensor([std], dtype=_F64))
 
 

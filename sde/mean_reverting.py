@@ -15,7 +15,7 @@ import math
 import torch
 
 from .base import GaussianSDE, _as_time, broadcast_to_state
-from .validation import check_in_range, check_positive
+from .validation import check_choice, check_in_range, check_positive
 
 __all__ = ["MeanRevertingSDE", "THETA_SCHEDULES"]
 
@@ -65,8 +65,7 @@ class MeanRevertingSDE(GaussianSDE):
     def __init__(self, theta_schedule: str = "cosine", lam: float = 10.0 / 255.0, T: float = 1.0,
                  eps: float = 0.005, t_min: float | None = None, s: float = 0.008):
         name = type(self).__name__
-        if theta_schedule not in THETA_SCHEDULES:
-            raise ValueError(f"{name}: theta_schedule must be one of {THETA_SCHEDULES}, got {theta_schedule!r}")
+        check_choice("theta_schedule", theta_schedule, THETA_SCHEDULES, name)
         for arg, value in (("lam", lam), ("T", T)):
             check_positive(arg, value, name)
         check_in_range("eps", eps, 0.0, 1.0, name, closed="neither", why=" (eps = exp(-thetabar(T)))")

@@ -13,15 +13,11 @@ from __future__ import annotations
 import torch
 
 from .base import GaussianSDE, _as_time
+from .validation import check_choice, check_predicts
 
 __all__ = ["PREDICTIONS", "conversion"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
-
-
-def _check_prediction(name: str, what: str) -> None:
-    if what not in PREDICTIONS:
-        raise ValueError(f"{name} must be one of {PREDICTIONS}, got {what!r}")
 
 
 def _x0_eps_from(sde: GaussianSDE, predicts: str, t: torch.Tensor):
@@ -50,8 +46,8 @@ def conversion(sde: GaussianSDE, predicts: str, quantity: str, t) -> tuple[torch
     singular (eps at alpha = 0, x0 at sigma = 0) the coefficients are not finite, and the
     caller reports it.
     """
-    _check_prediction("predicts", predicts)
-    _check_prediction("quantity", quantity)
+    check_predicts(predicts, PREDICTIONS)
+    check_choice("quantity", quantity, PREDICTIONS)
     t = _as_time(t)
     if quantity == predicts:
         return torch.zeros_like(t), torch.ones_like(t)

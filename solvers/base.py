@@ -11,11 +11,13 @@ network calls plus a handful of passes over the batch.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
 
 from sde import GaussianSDE
+from sde.validation import check_in_range
 
 __all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "first_true",
            "check_coefficients_finite"]
@@ -205,12 +207,10 @@ class DynamicThresholding:
     """
 
     def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
-        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
-            raise ValueError(f"ratio must be a quantile in (0, 1], got {ratio!r}")
-        if not (isinstance(max_value, (int, float)) and max_value >= 1.0):
-            raise ValueError(f"max_value must be >= 1 (the threshold never shrinks below 1), got {max_value!r}")
-        self.ratio = float(ratio)
-        self.max_value = float(max_value)
+        self.ratio = check_in_range("ratio", ratio, 0.0, 1.0, "DynamicThresholding", closed="right",
+                                    why=" (a quantile)")
+        self.max_value = check_in_range("max_value", max_value, 1.0, math.inf, "DynamicThresholding",
+                                        why=" (the threshold never shrinks below 1)")
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         flat = x0.reshape(x0.shape[0], -1)

@@ -54,10 +54,8 @@ class DPMSolverSDE(Solver):
         self.variant = check_choice("variant", variant, VARIANTS, why=" (the form of the second-order steps)")
         self.lower_order_final = check_flag("lower_order_final", lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
-        if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta > 1:
-            raise ValueError(f"DPMSolverSDE: eta must be a number in [0, 1] (the reverse diffusion eta g), got {eta!r}; "
-                             "k-diffusion's eta (our eta^2, any value >= 0) is DPMSolverSDE.k_diffusion(eta=...)")
-        self.eta = check_eta(eta)
+        self.eta = check_eta(eta, "DPMSolverSDE", hint="; k-diffusion's eta, our eta^2, any value >= 0, is "
+                                                         "DPMSolverSDE.k_diffusion(eta=...)")
         self._set_noise(self.eta * self.eta, k_diffusion=False)
 
     @classmethod

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sde.validation import check_choice, check_count
+
 from .base import Solver
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
@@ -64,8 +66,7 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 def kernel_source(name: str) -> str:
     """The text of kernel file ``name`` with its local ``#include "..."`` headers inlined (each once),
     so NVRTC needs no include path and CuPy's cache key covers the headers too."""
-    if name not in KERNEL_FILES:
-        raise ValueError(f"name must be one of {KERNEL_FILES}, got {name!r}")
+    check_choice("name", name, KERNEL_FILES)
     root = cuda_source_dir()
     seen: set[str] = set()
 
@@ -451,9 +452,8 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device must be a CUDA device, got {device}")
-    for name, value in (("counter", counter), ("stream", stream)):  # the kernels' 32-bit counter words
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-            raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+    counter = check_count("counter", counter, minimum=0, maximum=2**32 - 1, why=" (a 32-bit counter word)")
+    stream = check_count("stream", stream, minimum=0, maximum=2**32 - 1, why=" (a 32-bit counter word)")
     reason = cupy_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"keyed_normal needs CuPy: {reason}")
@@ -482,8 +482,7 @@ def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[s
     ``"auto"``: the fused kernels where they can run (their sources compile), else torch, with the
     reason.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch", None, "backend='torch' was asked for"
     device = torch.device(device)
