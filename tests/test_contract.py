@@ -39,6 +39,9 @@ def fixed_grid_runs() -> dict[str, callable]:
     runs["PC-no-corrector"] = lambda: PredictorCorrector(n_corrector_steps=0)
     runs["Restart-dpm2"] = lambda: Restart(ode_solver=DPMSolver(order=2))
     runs["Restart-intervals"] = lambda: Restart(intervals=[(0.1, 2.0, 2, 2)])
+    runs["Restart-dpm2-intervals"] = lambda: Restart(ode_solver=DPMSolver(order=2), intervals=[(0.1, 2.0, 3, 1)])
+    runs["Restart-singlestep-intervals"] = lambda: Restart(ode_solver=DPMSolver(order=3, variant="singlestep"),
+                                                           intervals=[(0.1, 2.0, 2, 1)])
     runs["Reversible-rk4-sde"] = lambda: Reversible(tableau="rk4", eta=1)
     return runs
 
@@ -82,7 +85,7 @@ def _undeclared_ok(name: str) -> bool:
 def test_declared_tables_and_plans_are_prepared_and_read(run_id, sde_name, monkeypatch):
     sde = {"VP": VPSDE, "EDM": EDMSDE}[sde_name]()
     model = Model(problems.mixture_2d().net(sde, "x0"), sde, predicts="x0")
-    steps = 6
+    steps = 10
     tables, plans = _record_reads(monkeypatch)
     solver = fixed_grid_runs()[run_id]()
     # float64 reads the tables through the context, float32 the Reversible's float64 plan
