@@ -12,7 +12,8 @@ network calls plus a handful of passes over the batch.
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
 

@@ -6,13 +6,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from golden_runs import solver_runs
+
 from samplers import Model, invert, problems, sample, sample_grad
-from samplers.driver import FixedGridContext
+from samplers.driver import FixedGridContext, plan_run
 from sde import EDMSDE, VPSDE, DirichletSDE
-from solvers import (ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun, JacobiEulerMaruyama, Plan,
-                     PredictorCorrector, Restart, Reversible, Solver, UniPC)
+from solvers import (
+    ERSDE,
+    DPMSolver,
+    DPMSolverSDE,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    JacobiEulerMaruyama,
+    Plan,
+    PredictorCorrector,
+    Restart,
+    Reversible,
+    Solver,
+    UniPC,
+)
 from solvers.pc import Langevin
 
 F64 = torch.float64
@@ -66,8 +79,6 @@ def _record_reads(monkeypatch) -> tuple[set, set]:
 
 def _prepared(solver, model, steps):
     """What prepare returns on the run's grid (the grid `sample` builds for a float64 run)."""
-    from samplers.driver import plan_run
-
     run = plan_run(model, solver, shape=(2, 2), steps=steps, seed=0, dtype=F64)
     return solver.prepare(model, run.table_times)
 
