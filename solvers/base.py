@@ -212,7 +212,7 @@ class Solver(SolverBase):
             parts = []
             for name in names:
                 if name in prepared:
-                    parts.append(f"{name!r} (returned as a {other_kind})")
+                    parts.append(f"{name!r} (prepare returned it as a {other_kind})")
                 else:
                     close = difflib.get_close_matches(name, list(prepared), n=1)
                     parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
@@ -221,8 +221,8 @@ class Solver(SolverBase):
         wanted = [described(missing_tables, "coefficient tables", "solvers.Plan")] if missing_tables else []
         if missing_plans:
             wanted.append(described(missing_plans, "plans", "coefficient table, not a solvers.Plan"))
-        raise ValueError(f"{self!r}: its steps read {' and '.join(wanted)}, which prepare did not return; prepare "
-                         f"returned the tables {tables} and the plans {plans}")
+        raise ValueError(f"{self!r}: its steps read {' and '.join(wanted)}, missing from what prepare returned: "
+                         f"the tables {tables} and the plans {plans}")
 
     def read_state(self, ctx: StepContext, dtype: torch.dtype | None = None) -> dict | None:
         """The state besides x after the last step (:attr:`state_names` -> tensors), or None for a solver

@@ -162,12 +162,12 @@ def test_a_misspelt_table_fails_after_prepare_before_any_network_call():
     assert net.calls == 0
     message = str(err.value)
     assert "MisspeltEuler" in message and "'out'" in message and "did you mean 'ot'?" in message
-    assert "prepare returned the tables ['ot', 'x']" in message
+    assert "missing from what prepare returned: the tables ['ot', 'x'] and the plans []" in message
 
 
 def test_a_plan_returned_as_a_table_names_the_kind():
     model, net = _counting_model()
-    with pytest.raises(ValueError, match="plans 'history' \\(returned as a coefficient table"):
+    with pytest.raises(ValueError, match="plans 'history' \\(prepare returned it as a coefficient table"):
         sample(model, PlanAsTable(order=2), shape=(3, 2), steps=4, seed=0, dtype=F64)
     assert net.calls == 0
 
