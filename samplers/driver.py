@@ -248,6 +248,7 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
     device, compute, batch = x.device, x.dtype, x.shape[0]
     n_steps = table_times.shape[0] - 1
     raw_tables = solver.prepare(model, table_times)
+    solver.check_prepared(raw_tables)  # a misspelt table name fails here, before any network call
     # Plans are the solver's per-step host-side choices (each step's order), the rest are coefficient
     # tables moved to the device once
     plans = {name: tab for name, tab in raw_tables.items() if isinstance(tab, Plan)}

@@ -17,7 +17,7 @@ from sde.validation import check_choice, check_flag, check_predicts
 
 from .base import Plan, Solver, X0Hooks
 from .exponential import z_phi_functions
-from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
+from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolver"]
 
@@ -120,6 +120,22 @@ class DPMSolver(Solver):
 
         p, q = model.coefficients(self.predicts, times[:-1])
         return history_tables(self.order, cx, (m0, m1, m2), p, q, self.hooks, times)
+
+    def table_names(self):
+        if self.variant == "multistep":
+            return history_names(self.order, self.hooks)[0]
+        names = {"x", "m0", "conv_x", "conv_out"} | self.hooks.table_names()
+        for j in range(1, self.order):
+            names |= {f"s{j}x", f"s{j}conv_x", f"s{j}conv_out", *(f"s{j}m{i}" for i in range(j))}
+            names |= self.hooks.table_names(f"x0_hook_s{j}")
+        if self.order > 1:
+            names.add(f"m{self.order - 1}")
+        return frozenset(names)
+
+    def plan_names(self):
+        if self.variant == "multistep":
+            return history_names(self.order, self.hooks)[1]
+        return frozenset({"orders"})
 
     def _prepare_singlestep(self, model, times):
         tables = self.singlestep_coefficients(model, times[:-1], times[1:], self._stage_fractions())

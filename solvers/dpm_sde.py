@@ -20,7 +20,7 @@ from sde.validation import check_choice, check_flag, check_nonnegative
 
 from .base import Solver, X0Hooks
 from .exponential import z_phi_functions
-from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
+from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolverSDE"]
 
@@ -118,6 +118,13 @@ class DPMSolverSDE(Solver):
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
+
+    def table_names(self):
+        tables = history_names(self.order, self.hooks)[0]
+        return tables | {"noise"} if self.stochastic else tables
+
+    def plan_names(self):
+        return history_names(self.order, self.hooks)[1]
 
     def step(self, k, x, ctx):
         x = history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "dpm_sde_m")

@@ -20,7 +20,7 @@ import torch
 from sde.validation import check_choice
 
 from .base import Solver, X0Hooks, first_true
-from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
+from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["ERSDE", "NOISE_SCALES", "noise_scale_integrals"]
 
@@ -276,6 +276,13 @@ class ERSDE(Solver):
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
+
+    def table_names(self):
+        tables = history_names(self.order, self.hooks)[0]
+        return tables | {"noise"} if self.stochastic else tables
+
+    def plan_names(self):
+        return history_names(self.order, self.hooks)[1]
 
     def step(self, k, x, ctx):
         x = history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "ersde_m")

@@ -133,6 +133,16 @@ def history_tables(order: int, cx: torch.Tensor, weights, p: torch.Tensor, q: to
     return tables
 
 
+def history_names(order: int, hooks) -> tuple[frozenset[str], frozenset[str]]:
+    """(tables, plans) that :func:`history_step` reads whatever the grid, for a solver's ``table_names`` and
+    ``plan_names``: the conversion tables (conv_x/conv_out/conv_ratio) are left out, as the "history"
+    plan written with them chooses which are read."""
+    if order == 1 and not hooks.active:
+        return frozenset({"x", "out"}), frozenset()
+    weights = {f"m{j}" for j in range(order)}
+    return frozenset({"x", *weights}) | hooks.table_names(), frozenset({"history"})
+
+
 def history_step(k: int, x: torch.Tensor, out: torch.Tensor, ctx, order: int, hooks, ring_name: str) -> torch.Tensor:
     """x <- cx x + sum_j w_j m_{k-j} with the tables of :func:`history_tables`; this step's m goes
     into ring buffer k % order (named ``ring_name`` + index)."""

@@ -43,6 +43,9 @@ class OptimalReverse(AncestralSampling):
             del tables["noise"]
         return tables
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"} if self.noise else {"x", "out"})
+
     def step(self, k, x, ctx):
         if self.noise:
             return super().step(k, x, ctx)

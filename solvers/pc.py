@@ -74,6 +74,9 @@ class ReverseDiffusion(Solver):
         p, q = _score_coefficients(model, times[:-1])
         return {"x": 2.0 - a + g2 * p, "out": g2 * q, "noise": torch.sqrt(g2)}
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"})
+
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
@@ -123,6 +126,9 @@ class AncestralSampling(Solver):
         var = g2 * s1sq / s0sq if self.variance == "posterior" else g2
         return {"x": c_x + c_x0 * p, "out": c_x0 * q, "noise": torch.sqrt(var)}
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"})
+
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
@@ -162,6 +168,11 @@ class Corrector:
     def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tables (N, C) for the corrector at the grid times ``times[:-1]``."""
         raise NotImplementedError
+
+    def table_names(self) -> frozenset[str]:
+        """The tables ``update`` reads (before the prefix), as :meth:`solvers.Solver.table_names`;
+        default: none declared."""
+        return frozenset()
 
     def update(self, k: int, x: torch.Tensor, ctx, draw: int, prefix: str = "") -> torch.Tensor:
         """One corrector iteration at grid time k, in place, with noise ``ctx.noise(k, draw)``; the
@@ -209,6 +220,9 @@ class Langevin(Corrector):
         p, q = _score_coefficients(model, times[:-1])
         return {"score_x": p, "score_out": q, "alpha": _alpha_i(model, times)}
 
+    def table_names(self):
+        return frozenset({"score_x", "score_out", "alpha"})
+
     def update(self, k, x, ctx, draw, prefix=""):
         out = ctx.output(x, k)
         g = torch.mul(x, ctx.coef(prefix + "score_x", k), out=ctx.scratch(prefix + "langevin_g"))
@@ -239,6 +253,9 @@ class AnnealedLangevin(Corrector):
         eps = 2.0 * _alpha_i(model, times) * (self.snr * model.sde.sigma(t)) ** 2
         p, q = _score_coefficients(model, t)
         return {"x": 1.0 + eps * p, "out": eps * q, "noise": torch.sqrt(2.0 * eps)}
+
+    def table_names(self):
+        return frozenset({"x", "out", "noise"})
 
     def update(self, k, x, ctx, draw, prefix=""):
         out = ctx.output(x, k)
@@ -349,6 +366,15 @@ class PredictorCorrector(Solver):
         for name, table in self.corrector.prepare(model, times).items():
             tables[prefix + name] = table
         return tables
+
+    def table_names(self):
+        tables = self.predictor.table_names()
+        if self.corrector is None:
+            return tables
+        return tables | {self._prefix + name for name in self.corrector.table_names()}
+
+    def plan_names(self):
+        return self.predictor.plan_names()
 
     def step(self, k, x, ctx):
         if self.corrector is not None:

@@ -216,6 +216,9 @@ class Restart(Solver):
         self.ode_solver = ode_solver
         #: a separate instance for the backward passes (no state of the main pass reaches them)
         self.restart_solver = copy.copy(ode_solver)
+        # the passes the last prepare laid out (main-pass segments, intervals with restarts): the prefixes
+        # of the parts' tables, for table_names/plan_names
+        self._passes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         #: "sigma": the intervals are noise levels sigma/alpha; "time": SDE times (:meth:`in_time`)
         self.units = units
         if intervals is None and units != "sigma":
@@ -422,10 +425,30 @@ class Restart(Solver):
             s_top, s_j = sde.sigma(t_top) / a_top, sde.sigma(t_j) / a_j
             tables[f"restart{i}/jump_x"] = (a_top / a_j)[None]
             tables[f"restart{i}/jump_noise"] = (self.s_noise * a_top * torch.sqrt(s_top * s_top - s_j * s_j))[None]
+        self._passes = (tuple(s for s, _, _ in self._segments(layout)), tuple(layout.sub_grids))
         tables["restart/segment"] = Plan(segment_of)
         tables["restart/after"] = Plan(after)
         tables["restart/intervals"] = Plan(layout.intervals)
         return tables
+
+    def table_names(self):
+        """The parts' tables under the prefixes of the passes the last ``prepare`` laid out (the default
+        intervals depend on the SDE and the grid), and each restart's jump."""
+        segments, restarted = self._passes
+        names = {f"main{s}/{name}" for s in segments for name in self.ode_solver.table_names()}
+        for i in restarted:
+            names |= {f"restart{i}/{name}" for name in self.restart_solver.table_names()}
+            names |= {f"restart{i}/jump_x", f"restart{i}/jump_noise"}
+        return frozenset(names)
+
+    def plan_names(self):
+        segments, restarted = self._passes
+        names = {"restart/segment", "restart/after"} | ({"restart/intervals"} if restarted else set())
+        names |= {f"main{s}/{name}" for s in segments for name in self.ode_solver.plan_names()}
+        for i in restarted:
+            names |= {f"restart{i}/{name}" for name in self.restart_solver.plan_names()}
+            names.add(f"restart{i}/times")
+        return frozenset(names)
 
     def step(self, k, x, ctx):
         s, a = ctx.plan("restart/segment")[k]

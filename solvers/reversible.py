@@ -201,6 +201,26 @@ class Reversible(Solver):
         tables[_FLOAT64_PLAN] = Plan([dict(tables)])
         return tables
 
+    def table_names(self):
+        """The tables of :meth:`step` and of :meth:`inverse_step` (``samplers.invert``, the adjoint)."""
+        names = {"x_x", "x_hat", "r", "inv_r", "inv_x_x"}
+        for d in ("f", "b"):
+            for i in range(len(self.c)):
+                names |= {f"{d}{i}_p", f"{d}{i}_q"}
+                if i == 0:
+                    continue
+                names.add(f"{d}{i}_x")
+                names |= {f"{d}{i}_k{j}" for j, a_ij in enumerate(self.a[i - 1]) if a_ij != 0.0}
+                if self.stochastic:
+                    names.add(f"{d}{i}_z")
+            names |= {f"{d}_b{i}" for i, b_i in enumerate(self.b) if b_i != 0.0}
+            if self.stochastic:
+                names.add(f"{d}_z")
+        return frozenset(names)
+
+    def plan_names(self):
+        return frozenset({_FLOAT64_PLAN})
+
     # -- steps ----------------------------------------------------------------------------------
 
     def _where(self, k: int, frac: float):

@@ -19,7 +19,7 @@ from sde.validation import check_choice, check_flag, check_predicts
 
 from .base import Solver, X0Hooks
 from .exponential import PHI_SERIES_RADIUS, phi_functions
-from .multistep import history_step, history_tables, multistep_orders
+from .multistep import history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["UniPC"]
 
@@ -189,6 +189,12 @@ class UniPC(Solver):
         pc, qc = model.coefficients(self.predicts, times[:-1])
         # the ring of converted outputs, shared with the DPM solvers: solvers.multistep.history_tables
         return history_tables(hist + 1, cx, w, pc, qc, self.hooks, times)
+
+    def table_names(self):
+        return history_names(self._history + 1, self.hooks)[0]
+
+    def plan_names(self):
+        return history_names(self._history + 1, self.hooks)[1]
 
     def step(self, k, x, ctx):
         return history_step(k, x, ctx.output(x, k), ctx, self._history + 1, self.hooks, "unipc_m")
