@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from sde.validation import check_count
+from sde.validation import check_count, check_number
 
 from .noise import STREAM_TREE, NoiseSource
 
@@ -42,12 +42,13 @@ class VirtualBrownianTree:
 
     def __init__(self, noise: NoiseSource, shape, t0: float, t1: float, *, depth: int = DEFAULT_DEPTH,
                  stream: int = STREAM_TREE, dtype=torch.float64, device="cpu"):
-        if not (math.isfinite(t0) and math.isfinite(t1) and t0 < t1):
+        t0, t1 = check_number("t0", t0, "VirtualBrownianTree"), check_number("t1", t1, "VirtualBrownianTree")
+        if not t0 < t1:
             raise ValueError(f"VirtualBrownianTree: expected finite t0 < t1, got t0={t0}, t1={t1}")
         self.depth = check_count("depth", depth, "VirtualBrownianTree", maximum=30)
         self.noise = noise
         self.shape = tuple(shape)
-        self.t0, self.t1 = float(t0), float(t1)
+        self.t0, self.t1 = t0, t1
         self.stream = stream
         self.dtype = dtype
         self.device = torch.device(device)

@@ -1,17 +1,11 @@
 """Sampling beyond one device: a batch of N sharded over the ranks of a ``torch.distributed`` group.
 
-Rank r of W takes a contiguous range of global sample indices and calls :func:`samplers.sample`
-on it in chunks, with ``sample_index`` set to the global indices.  The noise is keyed by
-(seed, global sample index, counter, stream), so sample i gets the same noise and the same
-arithmetic whatever the number of ranks, the rank that drew it or the chunk it was drawn in:
-bit-identical samples with a batch-invariant network (docs/noise.md, "What is the same in any
-batch").  The result is either gathered (padded
-``all_gather`` / ``gather``, which gloo and NCCL both support) or written as shard files with a
-checksummed index, for runs that do not fit in one host's memory and that must survive being
-killed: a rerun recomputes only the shards no index records with the file's SHA-256, and a
-directory written with other settings (or other network weights, :func:`network_fingerprint`) is
-refused.  The directory layout (``shard-*.pt``, ``progress-*.json``, ``index.json``) is in
-docs/distributed.md, "The output directory".
+Each rank samples a contiguous range of global sample indices with :func:`samplers.sample`, and
+because the noise is keyed by the global sample index the result is the same whatever the number of
+ranks or chunks (bit-identical with a batch-invariant network).  The result is gathered, or written
+as shard files with a checksummed index so that a run too large for one host survives being
+killed and a rerun recomputes only the missing shards.  API and the directory layout:
+docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -27,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from sde.validation import check_choice, check_count, check_flag
 
 from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
 from .model import Model, network_module, network_placement
@@ -51,11 +47,9 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     The sizes differ by at most one (the first ``n % world`` ranks take one more); ranks beyond
     ``n`` get an empty range.  The ranges of ranks 0 ... world-1 cover 0 ... n-1 in order.
     """
-    for name, v in (("n", n), ("rank", rank), ("world", world)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int, got {v!r}")
-    if n < 0 or world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need n >= 0, world >= 1 and 0 <= rank < world, got n={n}, rank={rank}, world={world}")
+    n = check_count("n", n, minimum=0)
+    world = check_count("world", world)
+    rank = check_count("rank", rank, minimum=0, maximum=world - 1, why=" (0 <= rank < world)")
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
@@ -63,8 +57,7 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
     """The global output shards of a run of ``n``: [0, s), [s, 2s), ... (the last may be shorter)."""
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    shard_size = check_count("shard_size", shard_size)
     return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
 
 
@@ -539,13 +532,16 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     t0 = time.perf_counter()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if isinstance(shape, int):
-        shape = (shape,)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be the shape of one sample (positive sizes, no batch dimension), got {shape}")
+    n = check_count("n", n)
+    return_info = check_flag("return_info", return_info)
+    try:  # sizes are ints, never truncated (2.5 is refused, not read as 2)
+        sizes = tuple(map(as_integer, (shape,) if as_integer(shape) is not None else shape))
+    except TypeError:
+        sizes = ()
+    if not sizes or None in sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"shape must be the shape of one sample (positive int sizes, no batch dimension), got "
+                         f"{shape!r}")
+    shape = sizes
     for bad in ("x_T", "sample_index", "shape", "return_info", "callback", "progress"):
         if bad in sample_kwargs:
             raise ValueError(f"{bad} is not supported by sample_distributed (it picks each rank's samples itself)")
@@ -559,8 +555,7 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         seed = per_sample_integers(seed, "seed", n, 0, 2**64, broadcast=True)  # a sequence: one per sample
     if batch_size is None:
         batch_size = n
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_count("batch_size", batch_size)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if dtype is None:  # as sample() does without x_T: a module's parameters decide, else torch's default
@@ -574,10 +569,8 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
     else:
         if gather not in (None, False):
             raise ValueError("out_dir writes the samples to shard files: pass no gather (read them with load_shards)")
-        shard_size = 1024 if shard_size is None else shard_size
-        shard_ranges(1, shard_size)  # validates shard_size
-        if shard_format not in _FORMATS:
-            raise ValueError(f"shard_format must be one of {_FORMATS}, got {shard_format!r}")
+        shard_size = 1024 if shard_size is None else check_count("shard_size", shard_size)
+        check_choice("shard_format", shard_format, _FORMATS)
         if shard_format == "npz" and dtype == torch.bfloat16:
             raise ValueError("shard_format='npz' cannot store bfloat16 (numpy has no bfloat16): use 'pt'")
     group, rank, world = _group_rank_world(group)

@@ -29,7 +29,7 @@ from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
 
 __all__ = ["RunPlan", "StepInfo", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext", "AdaptiveRunContext",
-           "fixed_grid_context", "NonFiniteError", "builds_no_graph", "check_run_arguments", "check_flag",
+           "fixed_grid_context", "NonFiniteError", "builds_no_graph", "check_run_arguments",
            "check_shape", "check_state", "check_device", "check_finite", "check_solver_state", "resolve_dtypes",
            "run_grid", "per_sample_cond"]
 
@@ -248,6 +248,7 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
     device, compute, batch = x.device, x.dtype, x.shape[0]
     n_steps = table_times.shape[0] - 1
     raw_tables = solver.prepare(model, table_times)
+    solver.check_prepared(raw_tables)  # a misspelt table name fails here, before any network call
     # Plans are the solver's per-step host-side choices (each step's order), the rest are coefficient
     # tables moved to the device once
     plans = {name: tab for name, tab in raw_tables.items() if isinstance(tab, Plan)}
@@ -318,15 +319,6 @@ def check_run_arguments(model: Model, solver: Solver, cond) -> dict:
     if not isinstance(cond, dict):
         raise TypeError(f"cond must be a dict of keyword arguments for the network, got {type(cond).__name__}")
     return cond
-
-
-def check_flag(name: str, value, *, allow_none: bool = False):
-    """A boolean argument as given, refusing anything but True/False (and None where it means a default):
-    a string such as "no" would otherwise count as true."""
-    if (value is None and allow_none) or isinstance(value, bool):
-        return value
-    allowed = "True, False or None (the default)" if allow_none else "True or False"
-    raise TypeError(f"{name} must be {allowed}, got {value!r}")
 
 
 def check_shape(shape) -> tuple[int, ...]:

@@ -1,22 +1,11 @@
 """Gradients through sampling: d(samples)/d(x_T, conditioning, network parameters) with torch.autograd.
 
-Three modes of :func:`sample_grad`:
-
-* ``"backprop"`` (:class:`solvers.Reversible`): autograd records every step; memory grows with the
-  number of steps (each network call's activations are kept).
-* ``"reversible"`` (:class:`solvers.Reversible`): a custom autograd function runs the steps without
-  recording them and keeps only the final pair.  Its backward walks the grid back, rebuilding the
-  pair before each step with the solver's exact inverse step, and backpropagates through that one
-  recomputed step at a time: memory independent of the number of steps, the gradient of the discrete
-  scheme (to rounding of the reconstruction), at about 3x the network calls of backprop (each step is
-  run forward, inverted and run again).
-* ``"adjoint"`` (any deterministic fixed-grid solver, and EulerMaruyama / Heun / DPMSolverSDE):
-  AdjointDEIS-1 (Blasingame & Liu 2024), the continuous adjoint integrated from the data end back to
-  the noise end with the first-order exponential rule; it keeps the forward trajectory (states only,
-  no graph).  For an SDE solver it is the adjoint along the sampled Brownian path (the diffusion term
-  drops out; the score term is doubled for the reverse SDE, 1 + eta^2 in general).  The gradient is
-  that of the exact flow (pathwise) up to an O(h) discretisation error, not the gradient of the
-  solver's discrete map.
+:func:`sample_grad` has three modes: ``"backprop"`` (autograd records every step), ``"reversible"``
+(:class:`solvers.Reversible`: the backward pass rebuilds each step with the exact inverse step, so
+memory does not grow with the steps, at about 3x the calls) and ``"adjoint"`` (AdjointDEIS-1 for
+any deterministic fixed-grid solver and EulerMaruyama / Heun / DPMSolverSDE: the gradient of the
+exact flow up to O(h), not of the discrete map).  Modes, formulas and measured memory and errors:
+docs/inversion.md, "Gradients through sampling".
 """
 
 from __future__ import annotations
@@ -24,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from sde import GaussianSDE
+from sde.validation import check_choice, check_flag
 from solvers import Solver
 from solvers.reversible import Reversible
 
-from .driver import check_flag, check_solver_state, fixed_grid_context, plan_run
+from .driver import check_solver_state, fixed_grid_context, plan_run
 from .model import Model
 
 __all__ = ["sample_grad", "GRAD_MODES", "SavedTensorMeter"]
@@ -209,14 +199,14 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     """
     if mode is None:
         mode = "reversible" if isinstance(solver, Reversible) else "adjoint"
-    if mode not in GRAD_MODES:
-        raise ValueError(f"mode must be one of {GRAD_MODES}, got {mode!r}")
+    check_choice("mode", mode, GRAD_MODES)
     if isinstance(x_T, torch.Tensor) and x_T.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x_T must be float32 or float64 to differentiate through sampling, got {x_T.dtype}")
     plan = plan_run(model, solver, x=x_T, state_name="x_T", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, fixed_grid_for="sample_grad", own_state=False)
     table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     final_denoise = check_flag("final_denoise", final_denoise)
+    return_state = check_flag("return_state", return_state)
     reversible = isinstance(solver, Reversible)
     if mode in ("backprop", "reversible") and not reversible:
         raise ValueError(f"mode={mode!r} differentiates through solvers.Reversible steps; {solver!r} updates its "

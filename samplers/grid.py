@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sde import SDE, GaussianSDE
+from sde.validation import check_choice, check_positive
 from solvers.base import first_true
 from solvers.spacing import KARRAS_RHO, karras_roots
 
@@ -28,12 +27,10 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
       - ``quadratic``: equal steps in sqrt(t) (DPM-Solver's time_quadratic);
       - ``None``: the SDE's ``default_grid``.
     """
-    check_steps(steps)
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
-        raise ValueError(f"rho must be a finite number > 0 (EDM's karras grid uses 7), got {rho!r}")
+    steps = check_steps(steps)
+    rho = check_positive("rho", rho, why=" (EDM's karras grid uses 7)")
     kind = getattr(sde, "default_grid", "uniform") if kind is None else kind
-    if kind not in GRID_KINDS:
-        raise ValueError(f"kind must be one of {GRID_KINDS} or None, got {kind!r}")
+    check_choice("kind", kind, GRID_KINDS, why=" (or None: the SDE's default_grid)")
     hi = sde.t_max if t_max is None else float(t_max)
     lo = sde.t_min if t_min is None else float(t_min)
     if not sde.t_min <= lo < hi <= sde.t_max:

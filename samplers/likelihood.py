@@ -1,24 +1,11 @@
 """Log-likelihood through the probability-flow ODE (Song et al. 2021, Score SDE section 1.3).
 
-The probability-flow ODE dx/dt = f~(x, t) carries p_{t_start} onto p_{t_end}, and along a path
-d log p_t(x_t)/dt = -div f~(x_t, t), so
-
-    log p_{t_start}(x) = log p_{t_end}(z) + int_{t_start}^{t_end} div f~(x_t, t) dt,   z = x_{t_end}.
-
-:func:`likelihood` integrates the augmented state (x, the divergence integral) with the
-per-sample embedded Runge-Kutta loop of :class:`solvers.AdaptiveODE` (any of its pairs and
-integration variables).  In the variable tau the solver integrates y = c(tau) x with
-dy/dtau = A y + B net(x, t) (``AdaptiveODE.flow_coefficients``, built on the Model conversion
-point), whose divergence is D A + (B / c) tr(d net / d x): the linear part is exact, only the
-network's trace is estimated.  Changing variables from x to y shifts every log-density by
--D log c, hence the D (log c_start - log c_end) term added at the end.
-
-The trace is exact (one vector-Jacobian product per dimension) or Hutchinson's estimate
-eps^T (d net / d x) eps with ``probes`` fixed probes per sample (Rademacher or Gaussian), keyed
-like all noise here by (seed, sample index), so a sample's probes do not depend on the batch (nor its
-result, with a batch-invariant network: docs/noise.md, "What is the same in any batch").
-Each probe gets its own integral along the one shared path; the reported log p is their mean and
-the standard error is their spread over sqrt(probes).
+log p(x) is log p at the end of the probability-flow ODE plus the integral of its divergence along
+the path.  :func:`likelihood` integrates that augmented state with the per-sample embedded
+Runge-Kutta loop of :class:`solvers.AdaptiveODE`, in that solver's variables, where the linear part
+of the divergence is exact and only the network's trace is computed (exactly, or by Hutchinson
+probes keyed like all noise here, so a sample's result does not depend on its batch).  Formulas,
+trace estimators and measured accuracy: docs/likelihood.md.
 """
 
 from __future__ import annotations
@@ -30,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from sde.validation import check_choice, check_count, check_flag, check_number
 from solvers import AdaptiveODE
 
 from .model import Model
@@ -43,6 +31,7 @@ DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_NOISES = ("rademacher", "gaussian")
 #: divergence="auto" computes the trace exactly up to this many dimensions (one backward pass each)
 EXACT_DIVERGENCE_MAX_DIM = 16
+_BINS_EXAMPLE = " (256 for 8-bit data)"
 
 
 @dataclass
@@ -83,18 +72,12 @@ def _check_data_range(data_range) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_bins(bins) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"bins must be an int >= 2 (256 for 8-bit data), got {bins!r}")
-    return bins
-
-
 def bits_per_dim_offset(bins: int = 256, data_range=(-1.0, 1.0)) -> float:
     """log2(bins / (hi - lo)): the bits per dimension that turn a density of data quantised into
     ``bins`` equal bins over ``data_range`` into a bound on the discrete data's bits per dimension
     (7 for 8-bit data in [-1, 1], 8 for [0, 1], as in the Score SDE code)."""
     lo, hi = _check_data_range(data_range)
-    return math.log2(_check_bins(bins) / (hi - lo))
+    return math.log2(check_count("bins", bins, minimum=2, why=_BINS_EXAMPLE) / (hi - lo))
 
 
 def dequantize(x: torch.Tensor, bins: int = 256, data_range=(-1.0, 1.0), *, seed=0, sample_index=None) -> torch.Tensor:
@@ -104,7 +87,7 @@ def dequantize(x: torch.Tensor, bins: int = 256, data_range=(-1.0, 1.0), *, seed
     (the Score SDE code's (U + 255 x) / 256 for [0, 1] data).  Off-grid values are refused."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError("x must be a floating tensor of shape (B, ...) with B >= 1")
-    bins = _check_bins(bins)
+    bins = check_count("bins", bins, minimum=2, why=_BINS_EXAMPLE)
     lo, hi = _check_data_range(data_range)
     x64 = x.detach().to(torch.float64)
     level = (x64 - lo) / (hi - lo) * (bins - 1)
@@ -176,10 +159,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     cond = check_run_arguments(model, solver, cond)
     sde = model.sde
     check_state(x, "x")
-    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if not isinstance(probe_noise, str) or probe_noise not in PROBE_NOISES:
-        raise ValueError(f"probe_noise must be one of {PROBE_NOISES}, got {probe_noise!r}")
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_choice("probe_noise", probe_noise, PROBE_NOISES)
+    dequantize_data = check_flag("dequantize_data", dequantize_data)
     shape = tuple(x.shape[1:])
     batch, dim = x.shape[0], math.prod(shape)
     if divergence == "auto":
@@ -189,11 +171,9 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
             raise ValueError("probes applies to divergence='hutchinson'; the exact trace uses no probes")
         n_probes = 1
     else:
-        n_probes = 1 if probes is None else probes
-        if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-            raise ValueError(f"probes must be a positive int, got {probes!r}")
-    t_start = sde.t_min if t_start is None else _time("t_start", t_start)
-    t_end = sde.t_max if t_end is None else _time("t_end", t_end)
+        n_probes = 1 if probes is None else check_count("probes", probes)
+    t_start = sde.t_min if t_start is None else check_number("t_start", t_start)
+    t_end = sde.t_max if t_end is None else check_number("t_end", t_end)
     if not sde.t_min <= t_start < t_end <= sde.t_max:
         raise ValueError(f"need t_min <= t_start < t_end <= t_max = [{sde.t_min:g}, {sde.t_max:g}], "
                          f"got t_start={t_start:g}, t_end={t_end:g}")
@@ -289,9 +269,3 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
         t_start=t_start, t_end=t_end, solver=repr(solver), nfe=ctx.nfe, nfe_per_sample=ctx.nfe_per_sample,
         vjp_per_call=dim if divergence == "exact" else n_probes, accepted_per_sample=ctx.accepted,
         rejected_per_sample=ctx.rejected, wall_time=time.perf_counter() - start_time)
-
-
-def _time(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)

@@ -1,23 +1,12 @@
 """Size limits of a run, checked in its plan before anything is allocated.
 
 A step count, a number of samples or a state the machine cannot hold is refused with a message
-naming the argument and the limit, instead of an allocation that grows until the kernel kills the
-process (``sample(..., steps=10**7)`` allocated 2.8 GB of tables before the first step; the CLI
-with ``--steps 1000000000`` grew to 24 GB and was killed).  The limits are refusals of what cannot
-work, never of what merely is slow, and they are defined here once for every entry point:
-``samplers.sample`` / ``invert`` / ``likelihood`` (:func:`check_steps`, :func:`check_state_memory`)
-and ``samplers.distributed.sample_distributed`` / ``python -m samplers sample``
-(``samplers.distributed.check_run_size``, before the network is loaded or called).
-
-* :data:`MAX_STEPS` bounds the steps of a grid.  Diffusion sampling uses 1 to a few thousand steps
-  (DDPM's 1000, Restart's largest preset 519 NFE, a 4000-step Euler-Maruyama reference); at
-  100 000 steps a plan already costs about 0.2 s and 28 MB of float64 tables, and the loop about
-  65 us a step on top of the network, so more is a typo.
-* A run's memory is compared with what its device can still allocate (:func:`available_memory`):
-  the caller computes a lower bound on what the run must hold at once (for one ``sample`` call: the
-  state and the network's output, which every solver holds, plus the network's times and one
-  float64 table; history, noise buffers and the network's own activations come on top), so a
-  refusal is certain to be right.
+naming the argument and the limit, instead of an allocation that grows until the process is
+killed.  The limits refuse what cannot work, never what merely is slow, and are defined here once
+for every entry point (``sample``, ``invert``, ``likelihood``, ``sample_distributed``, the CLI).
+Memory is checked against a lower bound of what the run must hold, so a refusal is always right.
+Details: docs/api.md, "samplers.limits"; why the bounds are where they are: docs/measurements.md,
+"Size limits".
 """
 
 from __future__ import annotations
@@ -26,6 +15,8 @@ import math
 import os
 
 import torch
+
+from sde.validation import check_count
 
 __all__ = ["MAX_STEPS", "MAX_SAMPLES", "MAX_SHARDS", "check_steps", "available_memory", "format_bytes",
            "check_memory", "run_memory_bytes", "check_state_memory"]
@@ -42,8 +33,7 @@ MAX_SHARDS = 100_000
 
 def check_steps(steps, name: str = "steps") -> int:
     """``steps`` as an int in [1, MAX_STEPS], or a ValueError naming ``name``."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{name} must be a positive int (at most MAX_STEPS={MAX_STEPS}), got {steps!r}")
+    steps = check_count(name, steps, why=f" (at most MAX_STEPS={MAX_STEPS})")
     if steps > MAX_STEPS:
         raise ValueError(f"{name}={steps} is more than MAX_STEPS={MAX_STEPS} (samplers.limits): no sampler needs "
                          "that many steps, and the plan's per-step tables would be allocated before the first step")

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from sde import GaussianSDE, PREDICTIONS, SDE, conversion
+from sde.validation import check_predicts
 
 __all__ = ["Model", "compute_dtype", "network_placement"]
 
@@ -73,8 +74,7 @@ class Model:
             raise TypeError(f"net must be callable as net(x, t, **cond), got {type(net).__name__}")
         if not isinstance(sde, SDE):
             raise TypeError(f"sde must be an sde.SDE instance, got {type(sde).__name__}")
-        if predicts not in PREDICTIONS:
-            raise ValueError(f"predicts must be one of {PREDICTIONS}, got {predicts!r}")
+        check_predicts(predicts, PREDICTIONS)
         if not isinstance(sde, GaussianSDE) and predicts != "score":
             raise ValueError(f"predicts={predicts!r} needs a Gaussian-marginal SDE; {sde!r} supports only 'score'")
         # an SDE with a state offset (sde.MeanRevertingSDE: y = x - mu) is integrated in y; the

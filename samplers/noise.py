@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from sde.validation import check_count
+
 __all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "STREAM_PROBE", "STREAM_DEQUANTIZE",
            "STREAM_STEP_DRAWS", "step_stream", "native_available"]
 
@@ -44,8 +46,7 @@ STREAM_STEP_DRAWS = 1 << 16
 
 def step_stream(draw: int) -> int:
     """The stream of draw ``draw`` (0, 1, ...) of a step: STREAM_STEP for the first draw."""
-    if isinstance(draw, bool) or not isinstance(draw, int) or not 0 <= draw < STREAM_STEP_DRAWS:
-        raise ValueError(f"draw must be an int in [0, {STREAM_STEP_DRAWS}), got {draw!r}")
+    draw = check_count("draw", draw, minimum=0, maximum=STREAM_STEP_DRAWS - 1)
     return STREAM_STEP if draw == 0 else STREAM_STEP_DRAWS + draw
 
 _ITEM_CALLS = 1024  # must equal ITEM_CALLS in _native/philox.c
@@ -310,8 +311,7 @@ class NoiseSource:
     """
 
     def __init__(self, seed, batch_size: int, *, sample_index=None):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_count("batch_size", batch_size)
         self.batch_size = batch_size
         self.seeds = _as_uint64_seeds(seed, batch_size)
         if sample_index is None:

@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 
+from sde.validation import check_flag
 from solvers import AdaptiveSolver, SolverBase
 
-from .driver import (AdaptiveRun, FixedGridRun, NonFiniteError, StepInfo, builds_no_graph, check_flag,
-                     fixed_grid_context, finish, per_sample_cond, plan_run)
+from .driver import (AdaptiveRun, FixedGridRun, NonFiniteError, StepInfo, builds_no_graph, fixed_grid_context,
+                     finish, per_sample_cond, plan_run)
 from .model import Model
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph", "fixed_grid_context",
@@ -101,6 +102,7 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         ``info.backend_reason`` say which ran and why.  See docs/gpu.md.
     """
     final_denoise = check_flag("final_denoise", final_denoise, allow_none=True)
+    return_info = check_flag("return_info", return_info)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(step_info) (a samplers.StepInfo), got "
                         f"{type(callback).__name__}")

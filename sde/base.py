@@ -92,9 +92,10 @@ class SDE:
         return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
 
 
-def check_eta(eta) -> float:
-    """Validate the noise scale of the reverse-time family (0: probability-flow ODE, 1: reverse SDE)."""
-    return check_in_range("eta", eta, 0.0, 1.0, why=" (0: probability-flow ODE, 1: reverse SDE)")
+def check_eta(eta, owner: str | None = None, *, hint: str = "") -> float:
+    """Validate the noise scale of the reverse-time family (0: probability-flow ODE, 1: reverse SDE);
+    ``hint`` is added to the rule in the message (e.g. where another convention lives)."""
+    return check_in_range("eta", eta, 0.0, 1.0, owner, why=f" (0: probability-flow ODE, 1: reverse SDE{hint})")
 
 
 class GaussianSDE(SDE):

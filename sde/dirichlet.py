@@ -1,24 +1,11 @@
 """The Dirichlet diffusion (DDSM, Avdeyev et al. 2023): categorical data on the probability simplex.
 
-A point x of the simplex with K categories is written in stick-breaking coordinates
-v in (0, 1)^(K-1):  x_1 = v_1,  x_k = v_k prod_{j<k} (1 - v_j),  x_K = prod_{j<K} (1 - v_j).
-Each coordinate follows an independent Jacobi process
-
-    dv_i = (s_i / 2) [a_i (1 - v_i) - b_i v_i] dt + sqrt(s_i v_i (1 - v_i)) dw_i,
-
-whose stationary law is Beta(a_i, b_i); with the default a_i = 1, b_i = K - i the stationary law
-of x is the flat Dirichlet(1, ..., 1).  The state a solver carries is v (shape (B, ..., K-1)), and
-the network is a score network in v: net(v, t) = grad_v log p_t(v).
-
-The transition density is the Jacobi-polynomial series
-
-    p(v_t | v_0) = Beta(v_t; a, b) sum_n exp(lambda_n t) p_n(2 v_0 - 1) p_n(2 v_t - 1),
-    lambda_n = -(s / 2) n (n - 1 + a + b),
-
-with p_n the Jacobi polynomials P_n^(b-1, a-1) normalised to unit variance under Beta(a, b).  The
-normalised three-term recurrence keeps every term of order one away from the boundary and at most
-polynomially large at it, the truncation is chosen per call from a bound on the terms, and the score
-is the ratio of the differentiated series to the series (no autograd).  Everything runs in float64.
+The simplex is written in stick-breaking coordinates v, each an independent Jacobi process whose
+stationary laws make the flat Dirichlet; the state a solver carries is v and the network is a
+score network in v.  The transition density is the Jacobi-polynomial series, built by the
+normalised three-term recurrence and truncated per call from a bound on its terms, with the score
+as the ratio of the differentiated series to the series (no autograd), in float64.  Formulas and
+accuracy: docs/dirichlet.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,11 @@
 """The mean-reverting SDE of image restoration (IR-SDE, Luo et al. 2023).
 
-    dx = theta(t) (mu - x) dt + sigma(t) dw,     sigma(t)^2 / theta(t) = 2 lam^2,
-
-pulls the clean image x(0) towards the mean state mu (the degraded image) and adds noise of
-stationary variance lam^2.  With thetabar(t) = int_0^t theta the marginal is
-
-    x_t = mu + (x_0 - mu) e^{-thetabar(t)} + lam sqrt(1 - e^{-2 thetabar(t)}) z,
-
-i.e. the shifted state y = x - mu is a Gaussian-marginal SDE with alpha(t) = e^{-thetabar(t)} and
-sigma(t) = lam sqrt(1 - e^{-2 thetabar(t)}) (drift f = -theta, g^2 = 2 lam^2 theta).  The class is
-therefore a :class:`GaussianSDE` *in y*: every solver that needs only alpha, sigma and the log-SNR
-(Euler-Maruyama, the probability-flow ODE solvers, DPM-Solver, ER-SDE, ...) integrates it unchanged.
-The mean state reaches the sampler as the condition ``cond={"mu": mu}``: ``samplers.sample``
-starts from y_T = x_T - mu and returns y + mu, and ``samplers.Model`` hands the network
-x = y + mu (and mu itself, as a keyword), so networks and users only ever see x.
-
-The schedule.  thetabar(T) = -log(eps), so e^{-thetabar(T)} = eps and the prior N(mu, lam^2 I) is
-the marginal at T up to eps (IR-SDE's choice: eps = 0.005 in its configs).  With u = t/T,
-thetabar(t) = -log(eps) shape(u)/shape(1), where theta's shape is that of IR-SDE's discrete
-schedules, in continuous time:
-
-- ``"cosine"``: theta(u) proportional to 1 - cos^2(a (u + s))/cos^2(a s), a = pi/(2 (1 + s)), s = 0.008
-  (IR-SDE's "one minus the cumulative cosine alphas"); theta(0) = 0, so thetabar ~ u^2 near 0;
-- ``"linear"``: theta(u) proportional to 1 + 199 u (IR-SDE's linspace from 1e-4 to 0.02, scaled);
-- ``"constant"``: theta constant, thetabar linear in t.
+dx = theta(t) (mu - x) dt + sigma(t) dw pulls the clean image towards the mean state mu (the
+degraded image).  In the shifted state y = x - mu it is an ordinary Gaussian-marginal SDE, so the
+class is a :class:`GaussianSDE` in y and every solver that uses only alpha, sigma and the log-SNR
+integrates it unchanged; mu travels as the condition ``cond={"mu": mu}``, and ``samplers.sample``
+and ``samplers.Model`` shift, so networks and users only ever see x.  The theta schedules are
+IR-SDE's discrete ones in continuous time.  Marginal, shift and schedules: docs/mean-reverting.md.
 """
 
 from __future__ import annotations
@@ -33,7 +15,7 @@ import math
 import torch
 
 from .base import GaussianSDE, _as_time, broadcast_to_state
-from .validation import check_in_range, check_positive
+from .validation import check_choice, check_in_range, check_positive
 
 __all__ = ["MeanRevertingSDE", "THETA_SCHEDULES"]
 
@@ -83,8 +65,7 @@ class MeanRevertingSDE(GaussianSDE):
     def __init__(self, theta_schedule: str = "cosine", lam: float = 10.0 / 255.0, T: float = 1.0,
                  eps: float = 0.005, t_min: float | None = None, s: float = 0.008):
         name = type(self).__name__
-        if theta_schedule not in THETA_SCHEDULES:
-            raise ValueError(f"{name}: theta_schedule must be one of {THETA_SCHEDULES}, got {theta_schedule!r}")
+        check_choice("theta_schedule", theta_schedule, THETA_SCHEDULES, name)
         for arg, value in (("lam", lam), ("T", T)):
             check_positive(arg, value, name)
         check_in_range("eps", eps, 0.0, 1.0, name, closed="neither", why=" (eps = exp(-thetabar(T)))")

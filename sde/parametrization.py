@@ -1,16 +1,11 @@
 """The one conversion point between what a network predicts and what a solver needs.
 
-Every parametrisation of a Gaussian-marginal SDE is linear in the state: for a network output
-``out`` at state ``x`` and time ``t``, each quantity Q in {x0, eps, score, velocity, v} is
-Q = p(t) x + q(t) out.  :func:`conversion` returns (p, q), so solvers fold the conversion into
-their own per-step coefficients (computed once per grid, in float64) instead of spending a
-pass over the batch on it.
-
-Definitions (x = alpha x0 + sigma eps):
-- ``x0``: the denoised data estimate;  ``eps``: the noise estimate;
-- ``score`` = -eps / sigma;
-- ``v`` = alpha eps - sigma x0 (Salimans & Ho);
-- ``velocity`` = alpha' x0 + sigma' eps, the probability-flow ODE's dx/dt (flow matching's u).
+Every parametrisation of a Gaussian-marginal SDE is linear in the state: each quantity Q in
+{x0, eps, score, velocity, v} is Q = p(t) x + q(t) out for a network output ``out`` at state ``x``.
+:func:`conversion` returns (p, q), so solvers fold the conversion into their own per-step float64
+coefficients instead of spending a pass over the batch on it.  With x = alpha x0 + sigma eps:
+score = -eps / sigma, v = alpha eps - sigma x0 (Salimans & Ho), velocity = alpha' x0 + sigma' eps
+(the probability-flow ODE's dx/dt, flow matching's u).  The table: docs/getting-started.md.
 """
 
 from __future__ import annotations
@@ -18,15 +13,11 @@ from __future__ import annotations
 import torch
 
 from .base import GaussianSDE, _as_time
+from .validation import check_choice, check_predicts
 
 __all__ = ["PREDICTIONS", "conversion"]
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
-
-
-def _check_prediction(name: str, what: str) -> None:
-    if what not in PREDICTIONS:
-        raise ValueError(f"{name} must be one of {PREDICTIONS}, got {what!r}")
 
 
 def _x0_eps_from(sde: GaussianSDE, predicts: str, t: torch.Tensor):
@@ -55,8 +46,8 @@ def conversion(sde: GaussianSDE, predicts: str, quantity: str, t) -> tuple[torch
     singular (eps at alpha = 0, x0 at sigma = 0) the coefficients are not finite, and the
     caller reports it.
     """
-    _check_prediction("predicts", predicts)
-    _check_prediction("quantity", quantity)
+    check_predicts(predicts, PREDICTIONS)
+    check_choice("quantity", quantity, PREDICTIONS)
     t = _as_time(t)
     if quantity == predicts:
         return torch.zeros_like(t), torch.ones_like(t)

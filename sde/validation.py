@@ -71,11 +71,13 @@ def check_count(name: str, value, owner: str | None = None, *, minimum: int = 1,
     return int(value)
 
 
-def check_flag(name: str, value, owner: str | None = None) -> bool:
-    """True or False (a string such as "no", or 1, would otherwise count as a truth value)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{_prefix(owner)}{name} must be True or False, got {value!r}")
-    return value
+def check_flag(name: str, value, owner: str | None = None, *, allow_none: bool = False) -> bool | None:
+    """True or False, or None where ``allow_none`` (None meaning the default): a string such as "no", or
+    1, would otherwise count as a truth value."""
+    if isinstance(value, bool) or (value is None and allow_none):
+        return value
+    allowed = "True, False or None (the default)" if allow_none else "True or False"
+    raise TypeError(f"{_prefix(owner)}{name} must be {allowed}, got {value!r}")
 
 
 def check_choice(name: str, value, choices: Iterable, owner: str | None = None, *, why: str = ""):

@@ -1,23 +1,12 @@
 """Gotta Go Fast: adaptive step size for the reverse SDE, with a step size per sample.
 
-Jolicoeur-Martineau et al. (2021).  Each attempt from (x, t) with step h (backwards in t) takes
-one Brownian increment dW = W(t) - W(t - h) and two stages that share it,
-
-    K1 = -h F(x, t) + g(t) dW,           x'  = x + K1           (Euler-Maruyama)
-    K2 = -h F(x + K1, t - h) + g(t - h) dW,
-    x'' = x + (K1 + K2) / 2                                      (improved Euler)
-
-with F the reverse-SDE drift.  E = RMS((x'' - x') / delta), delta = max(atol, rtol max(|x'|,
-|x'_prev|)) (x'_prev: the Euler proposal of the last accepted step); the step is accepted where
-E <= 1 and then keeps x'' ("extrapolation"); h <- min(t - t_end, safety h E^(-exponent)) after
-every attempt, accepted or not.
-
-Two things differ from the reference code, both needed for a correct per-sample method:
-- dW comes from the run's virtual Brownian tree (one fixed path per sample), not a fresh draw, so
-  a retried step after a rejection integrates the same path; a fresh draw would bias the
-  accepted steps towards small noise.
-- Each sample has its own t, h and decision; the network is called only on running samples, and
-  a rejected sample reuses its drift at the step's start, so a retry costs one call, not two.
+Jolicoeur-Martineau et al. (2021): Euler-Maruyama and improved Euler share one Brownian increment,
+their difference is the error estimate, and the improved-Euler state is kept.  Two things differ
+from the reference code, both needed for a correct per-sample method: the increment comes from the
+run's virtual Brownian tree, so a retried step integrates the same path (a fresh draw biases the
+accepted steps towards small noise), and each sample has its own t, h and decision, a rejected
+sample reusing its drift at the step's start.  Details: docs/solvers.md, "Gotta Go Fast on the
+reverse SDE, per sample".
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
 """Embedded Runge-Kutta pairs for the probability-flow ODE, with error control per sample.
 
-:class:`AdaptiveODE` integrates dx/dt = p(t) x + q(t) net(x, t) (``model.coefficients("velocity")``)
-with an embedded pair (Dormand-Prince 5(4), Bogacki-Shampine 3(2), Fehlberg 2(1)).  As in
-:class:`solvers.AdaptiveDPMSolver`, every sample has its own time, step size and accept/reject
-decision; the network is called only on the samples still running.
-
-Integration variable (``variable=``):
-
-``"angle"`` (default)
-    phi = atan2(sigma, alpha), with the state z = x / sqrt(alpha^2 + sigma^2).  Then
-    dz/dphi = v = cos(phi) eps - sin(phi) x0 (the v-prediction of Salimans & Ho), for every
-    Gaussian SDE: phi is finite at both ends (rectified flow's t = 1 is phi = pi/2, VE/EDM's
-    sigma = 80 is phi = pi/2 - 1/80), z and dz/dphi stay O(|x0| + |eps|) (no exp(lambda) growth
-    for VE/EDM), and the steps land where the marginals change, not where t happens to.
-``"lambda"``
-    the half log-SNR lambda = log(alpha/sigma) with the same state z (dz/dlambda =
-    -sin(phi) cos(phi) v: flat at both ends).  A sample that starts where alpha = 0 (lambda =
-    -inf, rectified flow at t = 1) first takes the exact-limit Euler step in phi to
-    lambda = log(2 atol)/2, whose local error is about atol (:func:`solvers.adaptive.first_log_snr`).
-``"t"``
-    the SDE's own time with the state x, as torchdiffeq / scipy ``solve_ivp`` / the SCORE code
-    (RK45 in t, rtol = atol = 1e-5) do.
-
-Whatever the variable, the error test is on x: E = RMS((x_high - x_low)/max(atol, rtol
-max(|x_low|, |x_prev|))) per sample (:meth:`AdaptiveSolver.error_norm`), a step is accepted
-where E <= 1, and h <- h min(10, max(0.2, safety E^(-1/k))) (k the higher order; the growth is
-capped at 1 right after a rejection).  The first step is Hairer's heuristic (one extra network
-call per sample) unless ``h_init`` is given (in the variable's units).
+:class:`AdaptiveODE` integrates the ODE with Dormand-Prince 5(4), Bogacki-Shampine 3(2) or
+Fehlberg 2(1); as every adaptive solver here, each sample has its own time, step size and
+accept/reject decision, and only running samples call the network.  The default integration
+variable is the angle atan2(sigma, alpha), in which the ODE is the v-prediction: finite at both
+ends for every Gaussian SDE and stepping where the marginals change.  Variables, error test and
+step rule: docs/solvers.md, "Probability-flow ODE with embedded Runge-Kutta pairs".
 """
 
 from __future__ import annotations

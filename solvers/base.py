@@ -11,11 +11,15 @@ network calls plus a handful of passes over the batch.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import torch
 
 from sde import GaussianSDE
+from sde.validation import check_in_range
 
 __all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "first_true",
            "check_coefficients_finite"]
@@ -182,6 +186,46 @@ class Solver(SolverBase):
         """Advance x from grid time k to k+1 (in place where possible) and return it."""
         raise NotImplementedError(self._unimplemented(["step"]))
 
+    def table_names(self) -> frozenset[str]:
+        """The coefficient tables ``step`` (and the fused kernel) read with ``ctx.coef``: names ``prepare``
+        must return as tensors, checked by :meth:`check_prepared` right after ``prepare``, so that a
+        misspelt or missing name fails before any network call.  A table a step reads only where a plan
+        written beside it says so (the conversion tables of :func:`solvers.multistep.history_tables`,
+        chosen with its "history" plan) may be left out.  Default: none declared, nothing checked."""
+        return frozenset()
+
+    def plan_names(self) -> frozenset[str]:
+        """The plans ``step`` reads with ``ctx.plan``: names ``prepare`` must return as a :class:`Plan`
+        (see :meth:`table_names`).  Default: none declared."""
+        return frozenset()
+
+    def check_prepared(self, prepared: Mapping[str, object]) -> None:
+        """Refuse what ``prepare`` returned when a declared table (:meth:`table_names`) or plan
+        (:meth:`plan_names`) is missing or of the other kind, naming the solver, the names and the
+        prepared ones.  The driver calls it on every fixed-grid run before the first step."""
+        missing_tables = sorted(n for n in self.table_names() if n not in prepared or isinstance(prepared[n], Plan))
+        missing_plans = sorted(n for n in self.plan_names() if not isinstance(prepared.get(n), Plan))
+        if not missing_tables and not missing_plans:
+            return
+        tables = sorted(n for n, v in prepared.items() if not isinstance(v, Plan))
+        plans = sorted(n for n, v in prepared.items() if isinstance(v, Plan))
+
+        def described(names: list[str], kind: str, other_kind: str) -> str:
+            parts = []
+            for name in names:
+                if name in prepared:
+                    parts.append(f"{name!r} (prepare returned it as a {other_kind})")
+                else:
+                    close = difflib.get_close_matches(name, list(prepared), n=1)
+                    parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            return f"the {kind} {', '.join(parts)}"
+
+        wanted = [described(missing_tables, "coefficient tables", "solvers.Plan")] if missing_tables else []
+        if missing_plans:
+            wanted.append(described(missing_plans, "plans", "coefficient table, not a solvers.Plan"))
+        raise ValueError(f"{self!r}: its steps read {' and '.join(wanted)}, missing from what prepare returned: "
+                         f"the tables {tables} and the plans {plans}")
+
     def read_state(self, ctx: StepContext, dtype: torch.dtype | None = None) -> dict | None:
         """The state besides x after the last step (:attr:`state_names` -> tensors), or None for a solver
         that carries none (``SampleInfo.solver_state``)."""
@@ -205,12 +249,10 @@ class DynamicThresholding:
     """
 
     def __init__(self, ratio: float = 0.995, max_value: float = 1.0):
-        if not (isinstance(ratio, (int, float)) and 0.0 < ratio <= 1.0):
-            raise ValueError(f"ratio must be a quantile in (0, 1], got {ratio!r}")
-        if not (isinstance(max_value, (int, float)) and max_value >= 1.0):
-            raise ValueError(f"max_value must be >= 1 (the threshold never shrinks below 1), got {max_value!r}")
-        self.ratio = float(ratio)
-        self.max_value = float(max_value)
+        self.ratio = check_in_range("ratio", ratio, 0.0, 1.0, "DynamicThresholding", closed="right",
+                                    why=" (a quantile)")
+        self.max_value = check_in_range("max_value", max_value, 1.0, math.inf, "DynamicThresholding",
+                                        why=" (the threshold never shrinks below 1)")
 
     def __call__(self, x0: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         flat = x0.reshape(x0.shape[0], -1)
@@ -252,6 +294,11 @@ class X0Hooks:
         """The table the hooks read a step's time from (the grid ``times`` without its last row);
         empty when ``correct_x0`` is unset."""
         return {"x0_hook_t": times[:-1]} if self.correct_x0 is not None else {}
+
+    def table_names(self, name: str = "x0_hook_t") -> frozenset[str]:
+        """The time table the hooks read under ``name`` (see :meth:`time_table`), for a solver's
+        :meth:`Solver.table_names`; empty when ``correct_x0`` is unset."""
+        return frozenset({name}) if self.correct_x0 is not None else frozenset()
 
     def stage_time_table(self, name: str, stage_times: torch.Tensor) -> dict[str, torch.Tensor]:
         """The same for estimates taken at (N, C) stage times, under table ``name``."""

@@ -1,34 +1,12 @@
 """DPM-Solver (noise prediction) and DPM-Solver++ (data prediction) for the ODE, multistep and singlestep.
 
-Lu et al. (2022): with the half log-SNR lambda(t) = log(alpha/sigma) as the time variable, the
-probability-flow ODE's linear part is solved exactly and only the model output is
-interpolated.  With h = lambda_t - lambda_s > 0 and D the x0 estimate (``predicts="x0"``):
-
-    x_t = (sigma_t/sigma_s) x_s + alpha_t (1 - e^{-h}) D_s                         (order 1)
-
-and with eps the noise estimate (``predicts="eps"``):
-
-    x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_s                          (order 1)
-
-Orders 2 and 3 are the multistep variants (2M, 3M): they add finite differences of the
-previous one or two converted outputs, so every step costs one network call.  Step k uses
-order min(order, k+1) (warm-up) and, with ``lower_order_final`` and fewer than 10 steps,
-at most N - k (DPM-Solver's rule for the last steps).
-
-Only alpha(t), sigma(t) and log_snr(t) of the Gaussian SDE are used.  The network output is
-converted (m = p x + q out, the model's linear parametrisation) into a ring of ``order``
-scratch buffers that holds the history; every per-step scalar is precomputed in ``prepare``.
-
-Singlestep (2S, 3S): each step spends ``order`` network calls at intermediate half log-SNRs
-lambda_s + r h (r = 1/2; r = 1/3, 2/3) and needs no history.  A step whose start has alpha = 0
-(rectified flow at t = 1: h is infinite, so lambda_s + r h is undefined) is taken with order 1,
-the exact limit x_t = (sigma_t/sigma_s) x + alpha_t D_s, and costs one call.
-
-Order 3 (3M): with D1_0 = (m0 - m1)/r0, D1_1 = (m1 - m2)/r1 (r0 = h_0/h, r1 = h_1/h),
-D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1) ~ h D' and D2 = 2 (D1_0 - D1_1)/(r0 + r1) ~ h^2 D''.
-The reference implementation (and diffusers) use D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 D''/2
-with the same phi3, which leaves an O(h^3) local error: that scheme converges with order 2
-only (measured ~2.1 on Gaussian data); with the factor 2 it converges with order 3.
+Lu et al. (2022): in the half log-SNR the probability-flow ODE's linear part is solved exactly and
+only the converted model output is interpolated, from the history (multistep, one call per step)
+or from intermediate calls (singlestep 2S/3S).  Every per-step scalar is precomputed in
+``prepare`` and the history lives in a ring of scratch buffers.  3M keeps the factor 2 in D2 that
+the reference code drops, which is what makes it third order.  Formulas and rules:
+docs/solvers.md, "DPM-Solver (multistep and singlestep)"; measured orders: docs/measurements.md,
+"DPM-Solver".
 """
 
 from __future__ import annotations
@@ -39,7 +17,7 @@ from sde.validation import check_choice, check_flag, check_predicts
 
 from .base import Plan, Solver, X0Hooks
 from .exponential import z_phi_functions
-from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
+from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolver"]
 
@@ -142,6 +120,22 @@ class DPMSolver(Solver):
 
         p, q = model.coefficients(self.predicts, times[:-1])
         return history_tables(self.order, cx, (m0, m1, m2), p, q, self.hooks, times)
+
+    def table_names(self):
+        if self.variant == "multistep":
+            return history_names(self.order, self.hooks)[0]
+        names = {"x", "m0", "conv_x", "conv_out"} | self.hooks.table_names()
+        for j in range(1, self.order):
+            names |= {f"s{j}x", f"s{j}conv_x", f"s{j}conv_out", *(f"s{j}m{i}" for i in range(j))}
+            names |= self.hooks.table_names(f"x0_hook_s{j}")
+        if self.order > 1:
+            names.add(f"m{self.order - 1}")
+        return frozenset(names)
+
+    def plan_names(self):
+        if self.variant == "multistep":
+            return history_names(self.order, self.hooks)[1]
+        return frozenset({"orders"})
 
     def _prepare_singlestep(self, model, times):
         tables = self.singlestep_coefficients(model, times[:-1], times[1:], self._stage_fractions())

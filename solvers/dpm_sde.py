@@ -1,52 +1,12 @@
 """SDE-DPM-Solver++: multistep exponential integrators of the reverse SDE in data prediction (1, 2M, 3M).
 
-Lu et al. (2022, DPM-Solver++ and its SDE variant in diffusers' ``sde-dpmsolver++``); k-diffusion's
-``sample_dpmpp_2m_sde``/``sample_dpmpp_3m_sde`` through :meth:`DPMSolverSDE.k_diffusion`.  In the half
-log-SNR lambda = log(alpha/sigma) the reverse-time family with diffusion eta g (as everywhere in the
-library; k-diffusion's noise scale is e = eta^2)
-
-    dx = [f x - (1 + e)/2 g^2 score] dt + sqrt(e) g dW       (e = eta^2; 1: the reverse SDE, 0: the ODE)
-
-is linear in x given the data prediction D (score = (alpha D - x)/sigma^2), and its exact solution
-from s to t (h = lambda_t - lambda_s > 0, h_eta = (1 + e) h) is
-
-    x_t = (sigma_t/sigma_s) e^{-e h} x_s + (1 + e) alpha_t int_{lambda_s}^{lambda_t} e^{-(1+e)(lambda_t - l)} D(l) dl
-          + sigma_t sqrt(1 - e^{-2 e h}) z.
-
-Expanding D around lambda_s (D1 ~ h D', D2 ~ h^2 D'' from the history) gives, with
-phi1 = 1 - e^{-h_eta}, phi2 = 1 - phi1/h_eta, phi3 = phi2/h_eta - 1/2:
-
-    order 1:           x_t = c_x x + alpha_t phi1 D0 + sigma_t sqrt(1 - e^{-2 e h}) z
-    2M, "midpoint":    ... + 1/2 alpha_t phi1 D1          (diffusers' default)
-    2M, "heun":        ... + alpha_t phi2 D1              (the exact weight of the linear term)
-    3M:                ... + alpha_t phi2 D1 - alpha_t phi3 D2
-
-with c_x = (sigma_t/sigma_s) e^{-e h}.  eta = 1 is diffusers' ``sde-dpmsolver++`` (h_eta = 2h);
-eta = 0 is the probability-flow ODE's DPM-Solver++ (``DPMSolver(order, predicts="x0")``, whose
-order-2 steps use the midpoint form).  ``variant`` chooses the form of every second-order step
-(the 2M steps, and the warm-up / final order-2 steps of 3M, as in diffusers).
-
-The derivatives come from :func:`solvers.multistep.derivative_weights` (the interpolating
-polynomial through the newest 2 or 3 outputs), so D2 ~ h^2 D''.  Our 3M therefore differs from
-k-diffusion's and diffusers' 3M SDE: they use D2 = (D1_0 - D1_1)/(r0 + r1) ~ h^2 D''/2 (the
-reference DPM-Solver's missing factor 2, see :mod:`solvers.dpm`), and diffusers' 3M SDE branch
-(checked in 0.42.1) further weights D2 by alpha_t ((1 - e^{-2h} - 2h)/(2h)^2 - 1/2), whose
-constant term has the wrong sign (the expansion gives -phi3 = 1/2 + (1 - e^{-2h} - 2h)/(2h)^2,
-which is O(h), while theirs tends to -1): an O(h^2) error per step in the drift integral.
-
-Only alpha, sigma and the log-SNR of the Gaussian SDE are used.  Where a step starts at alpha = 0
-(rectified flow at t = 1, lambda = -inf) h is infinite and the coefficients take their limits:
-c_x = 0 (eta > 0) or sigma_t/sigma_s (eta = 0), phi1 = 1, noise sigma_t (eta > 0): the step draws
-x_t = alpha_t D0 + sigma_t z, and the history weights of that node vanish in the next steps.
-
-Convergence: for eta > 0 the method is a weak order 1 scheme (``convergence_order = 1``; the multistep
-order ``order`` improves the deterministic part, the noise of the linear part is sampled
-exactly).  On Gaussian data (a linear problem) the exact moment recurrence shows more: the mean is
-exact for every order and the variance error falls with slope 1 for order 1 (measured 0.95-0.98)
-and 2 for 2M and 3M (1.99-2.07 on VP/VE log-SNR grids, 64-512 steps; 2M 2.03-2.06 on EDM Karras
-grids, where 3M settles slowly, 1.5; see tests/test_dpm_sde.py).  Weak order 1 is what is
-claimed in general.  For eta = 0 it is the ODE solver and ``convergence_order`` is its pathwise
-order, ``order``.
+Lu et al. (2022, diffusers' ``sde-dpmsolver++``); k-diffusion's ``sample_dpmpp_2m_sde`` /
+``sample_dpmpp_3m_sde`` through :meth:`DPMSolverSDE.k_diffusion`.  The linear part and the noise of
+the reverse process with diffusion eta g are integrated exactly in the half log-SNR and the data
+prediction is expanded from the history with the one derivative rule of :mod:`solvers.multistep`
+(so 3M is third order in its deterministic part, unlike k-diffusion's and diffusers' 3M).  Weak
+order 1 for eta > 0; eta = 0 is DPM-Solver++.  Derivation: docs/solvers.md, "SDE-DPM-Solver++: the
+derivation"; measured orders: docs/measurements.md, "SDE-DPM-Solver++".
 """
 
 from __future__ import annotations
@@ -60,7 +20,7 @@ from sde.validation import check_choice, check_flag, check_nonnegative
 
 from .base import Solver, X0Hooks
 from .exponential import z_phi_functions
-from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
+from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["DPMSolverSDE"]
 
@@ -94,10 +54,8 @@ class DPMSolverSDE(Solver):
         self.variant = check_choice("variant", variant, VARIANTS, why=" (the form of the second-order steps)")
         self.lower_order_final = check_flag("lower_order_final", lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
-        if isinstance(eta, (int, float)) and not isinstance(eta, bool) and eta > 1:
-            raise ValueError(f"DPMSolverSDE: eta must be a number in [0, 1] (the reverse diffusion eta g), got {eta!r}; "
-                             "k-diffusion's eta (our eta^2, any value >= 0) is DPMSolverSDE.k_diffusion(eta=...)")
-        self.eta = check_eta(eta)
+        self.eta = check_eta(eta, "DPMSolverSDE", hint="; k-diffusion's eta, our eta^2, any value >= 0, is "
+                                                         "DPMSolverSDE.k_diffusion(eta=...)")
         self._set_noise(self.eta * self.eta, k_diffusion=False)
 
     @classmethod
@@ -160,6 +118,13 @@ class DPMSolverSDE(Solver):
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
+
+    def table_names(self):
+        tables = history_names(self.order, self.hooks)[0]
+        return tables | {"noise"} if self.stochastic else tables
+
+    def plan_names(self):
+        return history_names(self.order, self.hooks)[1]
 
     def step(self, k, x, ctx):
         x = history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "dpm_sde_m")

@@ -1,80 +1,12 @@
 """ER-SDE-Solver (Cui et al. 2023, arXiv 2309.06169): exact-in-the-linear-part solvers of the
 extended reverse SDE family, in data prediction, orders 1, 2 and 3 (multistep, one call per step).
 
-The family.  With the noise-to-signal ratio lambda = sigma/alpha (not the log-SNR; for VE and
-EDM alpha = 1 and lambda = sigma) and a *noise scale function* phi, the reverse process whose
-diffusion is set by phi has, between lambda_s > lambda_t, the exact solution
-
-    x_t = (alpha_t/alpha_s) r x_s + alpha_t phi(lambda_t) int_{lambda_t}^{lambda_s} phi'(l)/phi(l)^2 D(l) dl
-          + alpha_t sqrt(lambda_t^2 - lambda_s^2 r^2) z,              r = phi(lambda_t)/phi(lambda_s),
-
-with D the data prediction (x0 estimate).  phi(x) = x is the probability-flow ODE (DDIM), phi(x) = x^2
-the original reverse SDE (the DDPM posterior); the default ``"sde_5"`` is the paper's choice.  The noise
-variance is real iff lambda phi'/phi >= 1 (the paper's constraint, App. A.8); the solver checks it.
-
-The steps.  Expanding D around lambda_s (integrating by parts, exactly):
-
-    order 1:  x_t = c_x x_s + alpha_t (1 - r) D_s + noise
-    order 2:  ... + alpha_t (lambda_t - lambda_s + S phi(lambda_t)) D'(lambda_s)
-    order 3:  ... + alpha_t ((lambda_t - lambda_s)^2/2 + S' phi(lambda_t)) D''(lambda_s)
-
-with S = int_{lambda_t}^{lambda_s} dl/phi(l), S' = int_{lambda_t}^{lambda_s} (l - lambda_s)/phi(l) dl.
-Written with rho(l) = l/phi(l) (non-increasing by the constraint): c_x = (sigma_t/sigma_s) q and
-noise = sigma_t sqrt(1 - q^2) z with q = rho(lambda_s)/rho(lambda_t) <= 1, r = q lambda_t/lambda_s.
-Only alpha and sigma of the Gaussian SDE are used: one form for VP, sub-VP, VE, EDM, cosine, discrete
-and rectified flow (the paper's "VP version"; its VE version is the case alpha = 1).
-
-Choices where the paper (and its code) leaves room:
-
-* History derivatives.  D' and D'' come from :func:`solvers.multistep.derivative_weights` over the
-  newest 2 or 3 outputs at their lambdas (the interpolating polynomial, Newton form; D'' = 2 f[0,1,2]
-  as in the paper).  The paper's code takes D' = (D_i - D_{i-1})/(lambda_i - lambda_{i-1}), a plain
-  backward difference, also in the third-order scheme; its O(h) error times the O(h^2) weight leaves
-  an O(h^3) local error.  Measured with phi(x) = x on the 3-component 2-D Gaussian mixture (DOP853
-  reference, grids uniform in log-SNR, 32-256 steps): the paper's rule converges with slope 2.12 (VP)
-  / 2.11 (VE), the interpolating polynomial with 2.98 / 2.98 (orders 1 and 2: 1.00 and 2.02 on both;
-  Gaussian data, exact flow, 16-128 steps: 0.97 / 2.06 / 3.06).  We use the latter.
-* The integrals S, S'.  The paper's code uses 100-point left Riemann sums in lambda.  Their error,
-  ~h^2/200 times the integrand's slope, is as large as the weights it feeds (which are O(h^2) and
-  O(h^3) after the cancellation of their leading terms: for phi = x the D' weight is
-  lambda_t - lambda_s + lambda_t log(lambda_s/lambda_t) = O(h^2)); measured with phi = x on the mixture
-  (VP, 64-256 steps) it caps order 3 at slope 1.36 and order 2 at 1.78, with a 20x larger error at
-  256 steps.  We use composite Gauss-Legendre quadrature in u = log lambda (S = int rho du,
-  S' = int (l - lambda_s) rho du, nodes placed relative to lambda_t): in u the integrands of every
-  phi in the table (powers, exponentials of powers, logarithms) are smooth over decades, and
-  ``QUADRATURE_NODES`` nodes per panel no wider than ``PANEL_WIDTH`` integrate them to float64
-  round-off (checked against the closed forms for phi = x^p in 50-digit arithmetic, for steps from
-  1e-6 relative length to 4.6 decades: within 2 ulp; sde_5 against scipy's quad).
-* The noise variance.  The paper's code zeroes lambda_t^2 - lambda_s^2 r^2 when below 1e-6 (in
-  lambda^2 units: at EDM's sigma_min = 0.002 that removes the noise of the last steps).  We keep the
-  variance sigma_t^2 (1 - q^2) as computed, zeroing only |1 - q^2| within 16 ulp (the round-off of
-  q = 1, a phi linear over the step; otherwise sqrt would turn it into 1e-8 sigma_t of noise); below
-  -1e-12 the constraint is broken and it is an error, not a clip.
-* The constraint lambda phi'/phi >= 1 is checked in ``prepare`` by a central difference of log phi in
-  log lambda (accurate to ~1e-9; tolerance 1e-6) at every grid point and 4 points inside every step,
-  and beyond the grid's largest lambda when the grid starts at alpha = 0.
-* Steps from alpha_s = 0 (rectified flow at t = 1, lambda_s = inf).  With rho(inf) = lim l/phi(l)
-  the coefficients have finite limits: r = 0, c_x = (sigma_t/sigma_s) rho(inf)/rho(lambda_t),
-  noise sigma_t sqrt(1 - q^2).  For phi growing faster than x (rho(inf) = 0) the step is the jump
-  x_t = alpha_t D_s + sigma_t z, exact in law; for phi = x it is DDIM's limit
-  x_t = (sigma_t/sigma_s) x_s + alpha_t D_s.  rho(inf) is exact for the named functions ("sde_1" is
-  ~11 x, rho(inf) = 1/11; "sde_4" grows like x^0.9 log x and breaks the constraint for lambda > ~1.1e3,
-  so it is refused on such grids); for a callable it is the smallest rho(10^k) with phi(10^k)
-  finite, k up to 300 (exact for c x, and ~0 for phi growing like x^{1.05} or faster).  Such a step
-  is the first, so first order (warm-up), and the node lambda = inf gets weight 0 in later derivatives.
-* Step orders: the paper's warm-up, step k uses order min(order, k + 1), and no lowering at the end
-  (the grid never reaches sigma = 0: that is the driver's final denoising).  DPM-Solver's rule of
-  order 1 after a >3x (now 2x) jump in log-SNR step length (:data:`solvers.multistep.MAX_STEP_RATIO`) was
-  measured and not adopted: on VP's uniform-t grid it raises the 20-NFE variance error of orders 2/3
-  on Gaussian data (0.019/0.034 -> 0.033/0.025) and lowers it at 50 NFE (0.009/0.004 -> 0.003/0.003).
-
-Convergence.  With phi(x) = x ("ode") the solver is deterministic and ``convergence_order`` is its
-pathwise order, ``order`` (1, 2, 3).  With a stochastic phi the D-expansion runs along a Brownian path,
-and the scheme is claimed as weak order 1 in general (``convergence_order = 1``), as
-:class:`solvers.dpm_sde.DPMSolverSDE`: the noise of the linear part is sampled exactly, and on
-Gaussian data with the default phi the moment errors fall with slopes 0.94 / 2.06 / 3.12 (VP,
-log-SNR grid, 16-128 steps) for orders 1 / 2 / 3; at 20 NFE (19 steps + final denoising) the
-variance errors are 0.057 / 0.015 / 0.0062 (VP, log-SNR) and 0.066 / 0.015 / 0.0032 (EDM, Karras).
+The variable is lambda = sigma/alpha and a noise scale function phi picks the reverse process; only
+alpha and sigma are used, so one form serves every Gaussian SDE.  Two choices differ from the
+paper's code because measurement decided: history derivatives from the interpolating polynomial
+(:mod:`solvers.multistep`) and the step integrals by Gauss-Legendre quadrature in log lambda.
+Derivation and choices: docs/solvers.md, "ER-SDE: the derivation and the choices"; the numbers
+behind them: docs/measurements.md, "ER-SDE".
 """
 
 from __future__ import annotations
@@ -88,7 +20,7 @@ import torch
 from sde.validation import check_choice
 
 from .base import Solver, X0Hooks, first_true
-from .multistep import exponential_multistep_weights, history_step, history_tables, multistep_orders
+from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["ERSDE", "NOISE_SCALES", "noise_scale_integrals"]
 
@@ -344,6 +276,13 @@ class ERSDE(Solver):
         return tables
 
     # -- steps ----------------------------------------------------------------------------------
+
+    def table_names(self):
+        tables = history_names(self.order, self.hooks)[0]
+        return tables | {"noise"} if self.stochastic else tables
+
+    def plan_names(self):
+        return history_names(self.order, self.hooks)[1]
 
     def step(self, k, x, ctx):
         x = history_step(k, x, ctx.output(x, k), ctx, self.order, self.hooks, "ersde_m")

@@ -57,6 +57,9 @@ class EulerMaruyama(Solver):
             tables["noise"] = g * torch.sqrt(-dt)
         return tables
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"} if self.stochastic else {"x", "out"})
+
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
@@ -122,6 +125,10 @@ class Heun(Solver):
             tables["pred_noise"] = g0 * sqrt_dt
             tables["next_noise"] = 0.5 * g1 * sqrt_dt
         return tables
+
+    def table_names(self):
+        names = {"pred_x", "pred_out", "next_pred", "next_out"}
+        return frozenset(names | {"pred_noise", "next_noise"} if self.stochastic else names)
 
     def step(self, k, x, ctx):
         out = ctx.output(x, k)

@@ -1,21 +1,11 @@
 """Fused CUDA step kernels (``cuda/*.cu``), compiled at run time with CuPy and launched on torch's stream.
 
-A fused kernel does a solver's whole step update in one pass over the batch: it reads the state,
-the network output and (multistep solvers) the history, draws the step's Gaussian noise inside
-the kernel from the same keyed counter-based generator as :class:`samplers.NoiseSource`
-(Philox4x32-10 keyed by seed, sample index, step and stream; ``cuda/philox.cuh``), and writes the
-new state in place.  No noise tensor is read or written and the host never waits for the device.
-
-Each supported solver declares its kernel with ``fused_step()``, which returns one of the
-:class:`FusedStep` classes below (or raises :class:`KernelUnsupported` with the reason).  The
-kernels take the solver's own per-step coefficient tables (``prepare``), packed as one float32
-row per coefficient and sample, so the fused step computes what ``Solver.step`` computes, in
-float32 arithmetic for float32, float16 and bfloat16 states.
-
-The sampling driver chooses with ``sample(..., backend="auto" | "torch" | "cupy")``: see
-:func:`resolve_backend`.  The CuPy side (:class:`CupyRunner`) compiles each ``.cu`` file once per
-process with NVRTC (``cupy.RawModule``; CuPy also caches the binary on disk), hands the kernels torch
-tensors' device addresses (no copy, no per-launch view) and launches on ``torch.cuda.current_stream()``.
+A fused kernel does a solver's whole step in one pass over the batch, drawing the step's keyed
+Gaussian noise inside the kernel with the same Philox generator as :class:`samplers.NoiseSource`,
+so no noise tensor is read or written and the host never waits.  Each solver declares its kernel
+with ``fused_step()`` (a :class:`FusedStep`, or :class:`KernelUnsupported` with the reason), and the
+kernels read the solver's own ``prepare`` tables, so they compute what ``Solver.step`` computes
+(in float32 arithmetic).  Backends, launch and measurements: docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -27,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from sde.validation import check_choice, check_count
 
 from .base import Solver
 
@@ -74,8 +66,7 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 def kernel_source(name: str) -> str:
     """The text of kernel file ``name`` with its local ``#include "..."`` headers inlined (each once),
     so NVRTC needs no include path and CuPy's cache key covers the headers too."""
-    if name not in KERNEL_FILES:
-        raise ValueError(f"name must be one of {KERNEL_FILES}, got {name!r}")
+    check_choice("name", name, KERNEL_FILES)
     root = cuda_source_dir()
     seen: set[str] = set()
 
@@ -461,9 +452,8 @@ def keyed_normal(noise_source, shape, *, counter: int = 0, stream: int = 0, dtyp
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(f"device must be a CUDA device, got {device}")
-    for name, value in (("counter", counter), ("stream", stream)):  # the kernels' 32-bit counter words
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
-            raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
+    counter = check_count("counter", counter, minimum=0, maximum=2**32 - 1, why=" (a 32-bit counter word)")
+    stream = check_count("stream", stream, minimum=0, maximum=2**32 - 1, why=" (a 32-bit counter word)")
     reason = cupy_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"keyed_normal needs CuPy: {reason}")
@@ -492,8 +482,7 @@ def resolve_backend(backend: str, solver, device, dtype: torch.dtype) -> tuple[s
     ``"auto"``: the fused kernels where they can run (their sources compile), else torch, with the
     reason.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     if backend == "torch":
         return "torch", None, "backend='torch' was asked for"
     device = torch.device(device)

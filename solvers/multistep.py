@@ -1,17 +1,11 @@
 """Derivatives of the model output from its history: one rule for every multistep solver.
 
-A multistep solver of order p keeps the converted outputs f_0 (newest), f_1, f_2 at nodes
-u_0, u_1, u_2 of its integration variable (the log-SNR for DPM-Solver and UniPC, sigma/alpha for
-ER-SDE) and Taylor-expands f around u_0.  The derivatives come from the polynomial through the
-nodes, in Newton form with divided differences f[u0,u1] and f[u0,u1,u2]:
-
-    f'(u0)  ~ f[u0,u1] + (u0 - u1) f[u0,u1,u2]
-    f''(u0) ~ 2 f[u0,u1,u2]
-
-Both are exact for polynomials of degree len(nodes) - 1, so the local error of the expansion
-is O(h^{p+1}).  (Dropping the factor 2, as DPM-Solver's reference 3M does, or using the plain
-backward difference for f'(u0) in a third-order scheme leaves an O(h^3) local error and a
-second-order method.)
+The derivatives come from the interpolating polynomial through the newest nodes (Newton form), which
+is exact for polynomials of the history's degree, so a solver of order p has an O(h^{p+1}) local
+error; the reference codes' shortcuts (a missing factor 2, a plain backward difference) leave
+second-order methods.  The step-order rule, the weight tables and the history step that these
+solvers share are here too.  Formulas: docs/solvers.md, "History derivatives" and "Order of the
+last steps".
 """
 
 from __future__ import annotations
@@ -64,11 +58,9 @@ def multistep_orders(order: int, n_steps: int, lower_order_final: bool = True,
     * step ratio: with the steps ``h`` ((N,) or (N, C), of either sign: a grid run backwards, as
       :func:`samplers.invert` does, has h < 0), a step more than :data:`MAX_STEP_RATIO` times as long
       as the previous one (|h|, in any column) is first order.  That is the
-      last step of a VP grid uniform in t (3.5x the previous in log-SNR at 50 steps, 2.9x at
-      100), where extrapolating the history's slope over the long step costs 3-14x in error
-      against order 1 (measured on a 2-D mixture, DPM-Solver++ and UniPC, 10-50 steps), and with
-      SDE-DPM-Solver++(3M) at 100 steps widened the 2-D mixture's samples (sliced Wasserstein
-      0.14 against 0.08 with the rule); grids uniform in log-SNR or of Karras type never trigger it.
+      last step of a VP grid uniform in t, where extrapolating the history's slope over the long
+      step was measured to cost more than a first-order step (docs/measurements.md, "Step orders
+      of multistep solvers"); grids uniform in log-SNR or of Karras type never trigger it.
     """
     jump = [False] * n_steps
     if lower_order_final and h is not None and n_steps > 1:
@@ -139,6 +131,16 @@ def history_tables(order: int, cx: torch.Tensor, weights, p: torch.Tensor, q: to
     tables.update({"x": cx, "history": Plan([mode] * n), **hooks.time_table(times)})
     tables.update({f"m{j}": w[j] for j in range(order)})
     return tables
+
+
+def history_names(order: int, hooks) -> tuple[frozenset[str], frozenset[str]]:
+    """(tables, plans) that :func:`history_step` reads whatever the grid, for a solver's ``table_names`` and
+    ``plan_names``: the conversion tables (conv_x/conv_out/conv_ratio) are left out, as the "history"
+    plan written with them chooses which are read."""
+    if order == 1 and not hooks.active:
+        return frozenset({"x", "out"}), frozenset()
+    weights = {f"m{j}" for j in range(order)}
+    return frozenset({"x", *weights}) | hooks.table_names(), frozenset({"history"})
 
 
 def history_step(k: int, x: torch.Tensor, out: torch.Tensor, ctx, order: int, hooks, ring_name: str) -> torch.Tensor:

@@ -1,18 +1,10 @@
 """IR-SDE's maximum-likelihood reverse step (Luo et al. 2023), on any Gaussian-marginal SDE.
 
-Given x_0, the reverse transition q(x_s | x_t, x_0) (s < t) of a Gaussian-marginal SDE is Gaussian.  IR-SDE
-takes its mean, the maximum-likelihood reverse state, as the step: on the mean-reverting SDE
-(alpha = e^{-thetabar}, sigma^2 = lam^2 (1 - alpha^2), y = x - mu)
-
-    y*_s = [(1 - e^{-2 thetabar_s})/(1 - e^{-2 thetabar_t})] e^{-(thetabar_t - thetabar_s)} y_t
-         + [(1 - e^{-2 (thetabar_t - thetabar_s)})/(1 - e^{-2 thetabar_t})] e^{-thetabar_s} y0_hat,
-
-with the network's x_0 estimate in place of x_0, and its posterior sampler adds the posterior noise of
-variance lam^2 (1 - e^{-2 (thetabar_t - thetabar_s)}) (1 - e^{-2 thetabar_s})/(1 - e^{-2 thetabar_t}).
-In alpha/sigma form this is the DDPM posterior: mean (a sigma_s^2/sigma_t^2) y_t + (alpha_s G^2/sigma_t^2)
-y0_hat and variance G^2 sigma_s^2/sigma_t^2, a = alpha_t/alpha_s, G^2 = sigma_t^2 - a^2 sigma_s^2, which
-:class:`solvers.AncestralSampling` (``variance="posterior"``) already computes: this solver is that
-step, named and documented for the mean-reverting SDE, plus the noise-free variant.
+IR-SDE steps to the mean of the reverse transition q(x_s | x_t, x_0) with the network's x_0
+estimate, and its posterior sampler adds that transition's noise.  In alpha/sigma form this is the
+DDPM posterior step that :class:`solvers.AncestralSampling` (``variance="posterior"``) computes, so
+this solver is that step under IR-SDE's name, plus the noise-free variant.  Formulas:
+docs/mean-reverting.md, "solvers.OptimalReverse".
 """
 
 from __future__ import annotations
@@ -50,6 +42,9 @@ class OptimalReverse(AncestralSampling):
         if not self.noise:
             del tables["noise"]
         return tables
+
+    def table_names(self):
+        return frozenset({"x", "out", "noise"} if self.noise else {"x", "out"})
 
     def step(self, k, x, ctx):
         if self.noise:

@@ -1,20 +1,11 @@
 """Predictor-corrector sampling (Song et al. 2021, "Score SDE"): SCORE's predictors and correctors.
 
-Predictors are ordinary solvers.  Both are built on the forward one-step transition of a
-Gaussian-marginal SDE from t_{k+1} down the grid to t_k (the grid runs from high t to low t):
-
-    x_{t_k} = a x_{t_{k+1}} + G z,   a = alpha(t_k)/alpha(t_{k+1}),   G^2 = sigma(t_k)^2 - a^2 sigma(t_{k+1})^2.
-
-- :class:`ReverseDiffusion`: x <- (2 - a) x + G^2 score(x, t_k) + G z.  On VP (a = sqrt(1 - beta_i),
-  G^2 = beta_i) this is SCORE's (2 - sqrt(1 - beta_i)) x + beta_i s; on VE (a = 1) it is
-  x + (sigma_i^2 - sigma_{i-1}^2) s.
-- :class:`AncestralSampling`: x <- (x + G^2 score)/a + std z with the DDPM posterior std
-  G sigma(t_{k+1})/sigma(t_k) (SCORE's VE form) or the forward std G (SCORE's VP form, sigma^2 = beta).
-
-Correctors (:class:`Langevin`, :class:`AnnealedLangevin`) are not solvers: they move x at a fixed
-grid time towards p_t and are run by :class:`PredictorCorrector`, which wraps any fixed-grid solver
-as its predictor.  Every score conversion is folded into per-step float64 tables, as elsewhere in
-:mod:`solvers`, so a predictor step is x <- A x + B out + C z.
+The predictors (:class:`ReverseDiffusion`, :class:`AncestralSampling`) are ordinary solvers built on
+the forward one-step transition of a Gaussian-marginal SDE, so SCORE's VP and VE formulas become one
+formula for every such SDE, with every score conversion folded into per-step float64 tables.  The
+correctors (:class:`Langevin`, :class:`AnnealedLangevin`) are not solvers: they move x at a fixed
+grid time and are run by :class:`PredictorCorrector`, which wraps any fixed-grid solver as its
+predictor.  Formulas: docs/solvers.md, "Predictor-corrector sampling".
 """
 
 from __future__ import annotations
@@ -83,6 +74,9 @@ class ReverseDiffusion(Solver):
         p, q = _score_coefficients(model, times[:-1])
         return {"x": 2.0 - a + g2 * p, "out": g2 * q, "noise": torch.sqrt(g2)}
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"})
+
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
@@ -132,6 +126,9 @@ class AncestralSampling(Solver):
         var = g2 * s1sq / s0sq if self.variance == "posterior" else g2
         return {"x": c_x + c_x0 * p, "out": c_x0 * q, "noise": torch.sqrt(var)}
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"})
+
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
@@ -171,6 +168,11 @@ class Corrector:
     def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Tables (N, C) for the corrector at the grid times ``times[:-1]``."""
         raise NotImplementedError
+
+    def table_names(self) -> frozenset[str]:
+        """The tables ``update`` reads (before the prefix), as :meth:`solvers.Solver.table_names`;
+        default: none declared."""
+        return frozenset()
 
     def update(self, k: int, x: torch.Tensor, ctx, draw: int, prefix: str = "") -> torch.Tensor:
         """One corrector iteration at grid time k, in place, with noise ``ctx.noise(k, draw)``; the
@@ -218,6 +220,9 @@ class Langevin(Corrector):
         p, q = _score_coefficients(model, times[:-1])
         return {"score_x": p, "score_out": q, "alpha": _alpha_i(model, times)}
 
+    def table_names(self):
+        return frozenset({"score_x", "score_out", "alpha"})
+
     def update(self, k, x, ctx, draw, prefix=""):
         out = ctx.output(x, k)
         g = torch.mul(x, ctx.coef(prefix + "score_x", k), out=ctx.scratch(prefix + "langevin_g"))
@@ -249,6 +254,9 @@ class AnnealedLangevin(Corrector):
         p, q = _score_coefficients(model, t)
         return {"x": 1.0 + eps * p, "out": eps * q, "noise": torch.sqrt(2.0 * eps)}
 
+    def table_names(self):
+        return frozenset({"x", "out", "noise"})
+
     def update(self, k, x, ctx, draw, prefix=""):
         out = ctx.output(x, k)
         x.mul_(ctx.coef(prefix + "x", k)).addcmul_(ctx.coef(prefix + "out", k), out)
@@ -275,6 +283,8 @@ class PredictorCorrector(Solver):
     snr:
         the default corrector's signal-to-noise ratio (default 0.16, SCORE's CIFAR-10 value).
 
+    Notes
+    -----
     With a corrector given, ``snr``/``n_corrector_steps`` must be left out or agree with it.  NFE per
     step: the predictor's plus n_corrector_steps.  Corrector iteration j of step k draws
     ``ctx.noise(k, CORRECTOR_FIRST_DRAW + j)``: independent of the predictor's draws and of each other.
@@ -356,6 +366,15 @@ class PredictorCorrector(Solver):
         for name, table in self.corrector.prepare(model, times).items():
             tables[prefix + name] = table
         return tables
+
+    def table_names(self):
+        tables = self.predictor.table_names()
+        if self.corrector is None:
+            return tables
+        return tables | {self._prefix + name for name in self.corrector.table_names()}
+
+    def plan_names(self):
+        return self.predictor.plan_names()
 
     def step(self, k, x, ctx):
         if self.corrector is not None:

@@ -1,49 +1,13 @@
 """Restart sampling (Xu et al., NeurIPS 2023): an ODE sampler that, at a few noise levels, jumps
 forward with exact noise and integrates the ODE back again.
 
-The main pass integrates the probability-flow ODE with ``ode_solver`` on the driver's grid.  An
-interval (t_min, t_max, n_steps, n_restarts) is attached to the grid index j whose noise level is
-nearest to t_min (the paper's snapping rule: the restart's lower end is the grid point, not t_min).
-After the main step that lands on j, it is repeated n_restarts times:
-
-* forward jump with the SDE's exact marginal transition from t_j to T = t(t_max):
-      x <- (alpha_T/alpha_j) x + s_noise sqrt(sigma_T^2 - (alpha_T/alpha_j)^2 sigma_j^2) z
-  which is x + s_noise sqrt(t_max^2 - sigma_j^2) z under VE/EDM (alpha = 1, sigma = t), as in
-  the paper; z is the step's keyed draw ``ctx.noise(k, draw)`` with draw = 1, 2, ... (one per jump);
-* a backward ODE pass from T to t_j over n_steps steps, Karras-spaced (rho = 7) in the noise level
-  sigma/alpha as in the paper, with a separate copy of ``ode_solver`` (no history is shared).
-
-Units.  t_min and t_max are noise levels sigma(t)/alpha(t) = exp(-lambda(t)) (``Restart(intervals=...)``,
-``units == "sigma"``): that is EDM's sigma, VE's sigma and the VP noise level sqrt(1 - abar)/sqrt(abar)
-the paper's VP configurations use, so its configurations carry over to every Gaussian SDE.
-:meth:`Restart.in_time` takes them in the SDE's own time t instead (``units == "time"``).  The snapping
-compares grid points in the same variable as t_min.
-
-Counting.  ``n_steps`` counts steps (the paper's N_restart counts points: N_restart = n_steps + 1);
-the driver's ``steps`` counts main steps from t_max to t_min, and its final denoise (one call) is the
-paper's last Euler step to sigma = 0 (the paper's N_main = steps + 1).  With Heun the run costs
-    2 steps + 1 + sum_k 2 K_k n_steps_k  =  (2 N_main - 1) + sum_k 2 K_k (N_restart_k - 1),
-the paper's NFE formula; :meth:`Restart.nfe` gives it for any ODE solver.
-
-Multistep solvers (DPMSolver multistep, UniPC): a restart replaces the state at t_j by another point
-of the marginal, so the main pass's history before j belongs to a different trajectory.  The main
-grid is therefore cut at every restart index and each piece is prepared as a run of its own (warm-up
-after every restart, and ``lower_order_final`` applies to the piece before a restart).  Solvers whose
-tables are per step (Euler, Heun, singlestep DPM-Solver) give the same tables cut or not; with no
-restarts (every n_restarts = 0) nothing is cut and Restart is exactly its ODE solver.
-
-Default (``Restart()``, no intervals).  The paper's CIFAR-10 configuration for the SDE at hand, scaled
-to the run's grid: one interval in noise levels, (0.14, 0.30) when alpha = 1 (VE, EDM: the paper's EDM
-configuration) and (0.06, 0.30) otherwise (VP and the other SDEs with alpha < 1: its VP configuration),
-N_restart = 3 (2 steps per backward pass), and K restarts in the paper's proportion of 2 per 17 main
-steps (N_main = 18), rounded down: K = 2 steps // 17.  At 17 main steps this is exactly the paper's
-43-NFE configuration; with fewer than 9 steps K = 0 and Restart() is its ODE solver.  A fixed K would
-cost 8 calls however few the main steps: measured on the 2-D mixture at 11 NFE (1 main step + 2
-restarts) its error was 4-20 times Heun's (VP 0.46 vs 0.13, EDM 15.5 vs 0.71); at 21-101 NFE the
-paper's interval and Heun agree within the sampling noise on every SDE of the demo.
-
-Not implemented: the paper code's EDM churn inside the backward passes (restart_gamma = 0.05 for
-0.01 <= sigma <= 1): the backward passes are pure ODE passes.
+The main pass runs ``ode_solver`` on the driver's grid; each interval, snapped to the nearest grid
+point, adds forward jumps (the SDE's exact transition, keyed noise) and backward ODE passes on a
+Karras grid with a separate copy of the solver.  Intervals are noise levels sigma/alpha, so the
+paper's configurations carry over to every Gaussian SDE; the grid is cut at every restart so that
+multistep solvers restart their history.  ``Restart()`` scales the paper's restarts with the steps
+because a fixed count was measured to cost too much at few steps.  Details: docs/solvers.md,
+"Restart sampling" and "Restart: the details"; numbers: docs/measurements.md, "Restart".
 """
 
 from __future__ import annotations
@@ -252,6 +216,9 @@ class Restart(Solver):
         self.ode_solver = ode_solver
         #: a separate instance for the backward passes (no state of the main pass reaches them)
         self.restart_solver = copy.copy(ode_solver)
+        # the passes the last prepare laid out (main-pass segments, intervals with restarts): the prefixes
+        # of the parts' tables, for table_names/plan_names
+        self._passes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         #: "sigma": the intervals are noise levels sigma/alpha; "time": SDE times (:meth:`in_time`)
         self.units = units
         if intervals is None and units != "sigma":
@@ -460,10 +427,30 @@ class Restart(Solver):
             s_top, s_j = sde.sigma(t_top) / a_top, sde.sigma(t_j) / a_j
             tables[f"restart{i}/jump_x"] = (a_top / a_j)[None]
             tables[f"restart{i}/jump_noise"] = (self.s_noise * a_top * torch.sqrt(s_top * s_top - s_j * s_j))[None]
+        self._passes = (tuple(s for s, _, _ in self._segments(layout)), tuple(layout.sub_grids))
         tables["restart/segment"] = Plan(segment_of)
         tables["restart/after"] = Plan(after)
         tables["restart/intervals"] = Plan(layout.intervals)
         return tables
+
+    def table_names(self):
+        """The parts' tables under the prefixes of the passes the last ``prepare`` laid out (the default
+        intervals depend on the SDE and the grid), and each restart's jump."""
+        segments, restarted = self._passes
+        names = {f"main{s}/{name}" for s in segments for name in self.ode_solver.table_names()}
+        for i in restarted:
+            names |= {f"restart{i}/{name}" for name in self.restart_solver.table_names()}
+            names |= {f"restart{i}/jump_x", f"restart{i}/jump_noise"}
+        return frozenset(names)
+
+    def plan_names(self):
+        segments, restarted = self._passes
+        names = {"restart/segment", "restart/after"} | ({"restart/intervals"} if restarted else set())
+        names |= {f"main{s}/{name}" for s in segments for name in self.ode_solver.plan_names()}
+        for i in restarted:
+            names |= {f"restart{i}/{name}" for name in self.restart_solver.plan_names()}
+            names.add(f"restart{i}/times")
+        return frozenset(names)
 
     def step(self, k, x, ctx):
         s, a = ctx.plan("restart/segment")[k]

@@ -1,68 +1,12 @@
 """Rex: algebraically reversible exponential (stochastic) Runge-Kutta solvers (Blasingame & Liu).
 
-The state is a pair (x, x_hat), started with x_hat = x.  Written in a variable y = x / w in which
-the probability-flow ODE (or the reverse SDE) has no linear part,
-
-    data prediction, ODE:   w = sigma,         s = alpha/sigma = e^lambda,    dy/ds = x0_hat
-    noise prediction, ODE:  w = alpha,         s = sigma/alpha = e^-lambda,   dy/ds = eps_hat
-    data prediction, SDE:   w = sigma^2/alpha, s = alpha^2/sigma^2 = e^2lambda, dy = x0_hat ds + dW_s
-
-an explicit Runge-Kutta method Psi_h(s, x) (the increment of y over a step h from the state x at s)
-is coupled with the McCallum-Foster scheme (coupling zeta in (0, 1]).  With h = s_{n+1} - s_n and
-r = w_{n+1}/w_n, a step and its exact inverse are
-
-    x_{n+1}     = r (zeta x_n + (1 - zeta) x_hat_n) + w_{n+1} Psi_h(s_n, x_hat_n)
-    x_hat_{n+1} = r x_hat_n - w_{n+1} Psi_{-h}(s_{n+1}, x_{n+1})
-
-    x_hat_n = (x_hat_{n+1} + w_{n+1} Psi_{-h}(s_{n+1}, x_{n+1})) / r
-    x_n     = (x_{n+1} - r (1 - zeta) x_hat_n - w_{n+1} Psi_h(s_n, x_hat_n)) / (r zeta)
-
-Each line of the inverse undoes one line of the step with the same network calls at the same
-states, so the pair is recovered up to rounding whatever the network is (nothing is stored).  A
-step costs 2 x stages network calls (Psi_h and Psi_{-h}).  In the SDE, Psi adds the Brownian
-increment W over [s_n, s_{n+1}] (stage i adds its share c_i W, the stochastic RK form for additive
-noise), and Psi_{-h} adds -W: the same keyed draw ``ctx.noise(k)`` serves the step and its inverse.
-With Euler the SDE step is SDE-DPM-Solver++(1) on x_hat.  The SDE's order is weak order 1 (Rex's
-order-1.5 ShARK needs the space-time Levy area, which this solver does not draw).
-
-Rounding.  One step is undone to 1e-16; over a run the inverse is limited by the pair's conditioning,
-not by a defect: perturbing the final pair by one rounding unit moves the recovered x_T by up to
-sigma_max(d x_T / d(x_N, x_hat_N)) ulp, measured 3.6e3 (ODE, VP) and 5e11 (SDE, VP) with Rex's
-weights, which is the measured round trip (float64 2e-11 and 2e-5).  The reason: the pair map keeps
-the volume in y up to zeta^N, so the parasitic mode shrinks going forward by the factor G by which
-the physical solution in y grows, and grows by G again in the inverse.  In x units its inverse
-amplification is G^2 / S, S = |d x_0 / d x_T| of the flow itself.  Rex's data-form weights make G
-large (y = x/sigma grows like alpha s_data / sigma, y = x alpha/sigma^2 like alpha^2 s_data^2/sigma^2:
-some 1e2 and 1e4 on VP), which is what keeps the explicit step and the pair stable while sampling.
-
-``data_std = c > 0`` moves the weight to the Gaussian N(0, c^2) (the data forms only):
-
-    ODE:  w = sqrt(sigma^2 + c^2 alpha^2),  s = asinh(c alpha/sigma)/c,           dy/ds = x0_hat - K x
-    SDE:  w = (sigma^2 + c^2 alpha^2)/alpha, s = log(1 + c^2 alpha^2/sigma^2)/c^2, dy = (x0_hat - K x) ds + dW_v
-
-with K = c^2 alpha/(sigma^2 + c^2 alpha^2) (x0_hat = K x for that Gaussian, which the step then
-integrates exactly) and v = (1 - e^{-c^2 s})/c^2 the Brownian clock (Var dy = (g/w)^2 dt); c -> 0 gives
-Rex's weights.  For data of scale up to about c, y barely grows (G <~ 1) and the round trip is limited
-by the flow's own conditioning: 50 steps, 2-D mixture (per-coordinate std 1.4), c = 2, heun: float64
-3e-15 (ODE) and 4e-13 (SDE) absolute on VP, float32 2e-7 (ODE) and 5e-5 (SDE) relative.  Where the
-data is narrower than c the integrated variable contracts and the explicit step sees it: with euler
-the samples are worse (sliced W2 0.08-0.34 against 0.05 for c = 0 on that mixture); heun samples
-about as well as c = 0 (0.049-0.060 against 0.041-0.055).
-Float32 (and half) runs carry the pair and do its algebra in float64, with the float64 tables and the
-run's own noise cast (:meth:`Reversible.float64_context`); only the network sees the run's dtype, and
-:func:`samplers.invert` and :func:`samplers.sample_grad` do the same.  What float32 still costs is
-handing the final pair over in float32: with c = 1, x0 rounded to float32 alone moves the recovered
-x_T by up to 1e-4 (VP) and 2e-5 (VE) relative for the worst of 256 samples (90% below 3e-5), the
-reverse SDE itself contracting x_T by some 1e-4 on the way to the data (c = 2: worst 6e-5 on VP); with
-Rex's weights the same rounding costs 1e2-1e3 relative.
-
-Stability while sampling, measured: the McCallum-Foster pair has a parasitic mode (x - x_hat) that
-grows by the inverse of the physical contraction of the integrated variable y.  In the data forms y
-expands towards the data and the parasitic mode is damped: they sample every Gaussian SDE here
-(default).  In the noise form y = x/alpha contracts by about s_data/(sigma/alpha at t_max): harmless
-on VP (sigma/alpha = 150 at t = 1) and VE, but on cosine schedules, where alpha(t_max) is nearly 0,
-x_hat diverges (Gaussian data: variance 4.4 and 2e4 instead of 0.25 at 40 steps).  For the reverse
-SDE the contraction is squared and the noise form diverges everywhere: it is refused.
+An explicit Runge-Kutta step in a variable y = x / w without linear part is coupled with the
+McCallum-Foster scheme, so the pair (x, x_hat) has an exact algebraic inverse step that reuses the
+same network calls and the same keyed noise: inversion and memory-constant gradients need nothing
+stored.  The data forms (default) are the ones that stay stable while sampling; ``data_std`` moves
+the weight to a Gaussian of that scale so that the inverse is also well conditioned; float32 runs
+carry the pair in float64.  Forms, stability and the measured round trips: docs/inversion.md,
+"Reversible solvers (Rex)" and "Measured round trips".
 """
 
 from __future__ import annotations
@@ -256,6 +200,26 @@ class Reversible(Solver):
         # so float32 runs find the float64 originals here (see float64_context)
         tables[_FLOAT64_PLAN] = Plan([dict(tables)])
         return tables
+
+    def table_names(self):
+        """The tables of :meth:`step` and of :meth:`inverse_step` (``samplers.invert``, the adjoint)."""
+        names = {"x_x", "x_hat", "r", "inv_r", "inv_x_x"}
+        for d in ("f", "b"):
+            for i in range(len(self.c)):
+                names |= {f"{d}{i}_p", f"{d}{i}_q"}
+                if i == 0:
+                    continue
+                names.add(f"{d}{i}_x")
+                names |= {f"{d}{i}_k{j}" for j, a_ij in enumerate(self.a[i - 1]) if a_ij != 0.0}
+                if self.stochastic:
+                    names.add(f"{d}{i}_z")
+            names |= {f"{d}_b{i}" for i, b_i in enumerate(self.b) if b_i != 0.0}
+            if self.stochastic:
+                names.add(f"{d}_z")
+        return frozenset(names)
+
+    def plan_names(self):
+        return frozenset({_FLOAT64_PLAN})
 
     # -- steps ----------------------------------------------------------------------------------
 

@@ -77,6 +77,12 @@ class JacobiEulerMaruyama(Solver):
         noise[-1] = 0.0  # no noise on the last step: the output is the mean of the final transition
         return {"h": h, "noise": noise, "noisy": Plan([self.stochastic] * (h.shape[0] - 1) + [False])}
 
+    def table_names(self):
+        return frozenset({"h", "noise"} if self.stochastic else {"h"})
+
+    def plan_names(self):
+        return frozenset({"noisy"})
+
     def step(self, k, v, ctx):
         if k == 0:
             # a state on or outside the boundary (x_T = a vertex, a NaN) would reach the network and turn

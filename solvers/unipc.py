@@ -1,62 +1,12 @@
 """UniPC: the unified predictor-corrector multistep solver (Zhao et al. 2023) for the ODE.
 
-Like DPM-Solver it integrates the probability-flow ODE in the half log-SNR lambda = log(alpha/sigma),
-solving the linear part exactly and interpolating the converted model output m (the x0 estimate
-for ``predicts="x0"``, the noise estimate for ``predicts="eps"``).  With h = lambda_t - lambda_s,
-z = -h (data) or z = h (noise), and (cx, scale) = (sigma_t/sigma_s, alpha_t) (data) or
-(alpha_t/alpha_s, sigma_t) (noise), one step from s = t_k to t = t_{k+1} is
-
-    x_t = cx x_s - scale (e^z - 1) m_k - scale B(z) sum_i rho_i D_i,     D_i = (m_{k-i} - m_k)/r_i,
-
-with r_i = (lambda_{k-i} - lambda_k)/h the history nodes (r < 0) and B(z) = z (``variant="bh1"``)
-or e^z - 1 (``variant="bh2"``).  The weights solve  sum_i rho_i r_i^{j-1} = g_j/B(z),  j = 1..n,
-with g_j = j! z phi_{j+1}(z) (phi_1(z) = (e^z - 1)/z, phi_{j+1} = (phi_j - 1/j!)/z).
-
-* UniP-p (predictor, order p): nodes r_1..r_{p-1} (n = p - 1 equations); for p = 2 the weight is
-  rho_1 = 1/2 instead of the solved g_1/B(z) (as in the paper's code and diffusers).
-* UniC-p (corrector of a step of order p): after the step, the network is called at the predicted
-  x_t anyway (for the next step); that output m_{k+1} is one more node, r = 1, and the step is redone
-  from x_s with nodes r_1..r_{p-1}, 1 (n = p equations); for p = 1 the weight is rho = 1/2.
-  The corrector costs no network call: the corrected state is not evaluated again, the output at
-  the predicted point is reused by the next predictor (and stored in the history), as in the paper
-  and diffusers.  The last step is not corrected (there is no next call to reuse).
-* Steps towards noise (a grid run backwards, as ``samplers.invert`` does: h < 0).  In the noise form
-  such a step has z = h < 0 and bounded weights, the mirror image of the data form while sampling.
-  In the data form it has z = -h > 0: the step multiplies x0 estimates by scale (e^z - 1) =
-  alpha_s sigma_t/sigma_s - alpha_t, and UniC adds the estimate at the *predicted* point, error and
-  all, with weight scale B(z)/2 (bh2: half the first-order weight), or scale g_1(z) if solved; while
-  sampling |B| < 1.  On the first step of an inversion on a grid uniform in t (VP: |h| = 3.5 at 10
-  steps) bh2's weight is 15.9 alpha_t: latents off by 8.3 where DDIM is off by 0.74 (16 samples of
-  the 2-D mixture).  Solving the weight instead (exact for an x0 linear in lambda over the step)
-  still gave 3.9: x0 is far from linear over such a step.  So a data-form step towards noise longer than
-  :data:`MAX_CORRECTED_DATA_STEP_TOWARDS_NOISE` (log 2, where bh2's |B| reaches 1) is not corrected;
-  its output still feeds the next predictor.  Grids with shorter steps (log-SNR grids from ~14 steps
-  on VP) keep every corrector and the order p + 1.
-
-Where rho is solved, B(z) cancels (B rho = R^{-1} g), so bh1 and bh2 differ only in the two
-fixed-1/2 weights.  Orders (pathwise, global): UniP-p is order p; UniPC-p (with UniC-p) is
-order p + 1 (the paper: UniC raises the order by one).  ``convergence_order`` is that order;
-``order`` is the p of the constructor.
-
-Step orders: step k of N uses p_k = min(order, k + 1) (warm-up) and, with
-``lower_order_final`` and N < 10, at most N - k (DPMSolver's rule); the corrector of step k uses
-UniC-p_k.  diffusers lowers the last steps at every N: the last step is then an uncorrected
-first-order step whose O(h^2) error caps the asymptotic order at 2 (UniPC-3 on a Gaussian mixture:
-slope ~2.6 over 128-1024 steps, ~3.9 without the lowering), so here the lowering, which only
-helps stability at very few steps, stops at 10 steps as in DPM-Solver.  For N < 10 the two agree.
-
-Implementation.  The corrector is linear: x_corrected = x_predicted + sum_j delta_j m_j (the x_s
-terms are the same in both, so the state before the predictor need not be kept), and the next
-predictor is linear in x, so step k is one update
-    x <- cx_k x + sum_{j=0..J} w_{k,j} m_{k-j}
-with J = order (with the corrector) or order - 1 (without); the converted outputs
-live in a ring of J + 1 scratch buffers.  Every weight (the B(h) functions, the small Vandermonde
-solves for rho) is computed once per grid in ``prepare`` (float64).  Only alpha, sigma and log_snr
-of the SDE are used.  Rectified flow from t = 1 (alpha = 0, lambda = -inf, an infinite first step):
-in data mode the first step is x_1 = (sigma_1/sigma_0) x + alpha_1 m_0 and a history node at
-lambda = -inf gets weight 0 (the limit of the solve, taken by solving in u = 1/r), so the tables
-stay finite; bh1's B(z) = z is infinite there and its fixed-1/2 corrector weight with it, which is
-refused with a clear error.
+Exponential integrator in the half log-SNR, like DPM-Solver: the predictor UniP-p interpolates the
+converted outputs of the history, and the corrector UniC-p reuses the network output at the
+predicted point (which the next predictor needs anyway), so it raises the order to p + 1 for free.
+Every weight is computed once per grid in ``prepare``, so a step is one linear update.  Two rules
+differ from diffusers, both measured: the last steps are lowered only below 10 steps, and a long
+data-form step towards noise (inversion) is not corrected.  Derivation and choices: docs/solvers.md,
+"UniPC: the derivation and the choices"; numbers: docs/measurements.md, "UniPC".
 """
 
 from __future__ import annotations
@@ -69,7 +19,7 @@ from sde.validation import check_choice, check_flag, check_predicts
 
 from .base import Solver, X0Hooks
 from .exponential import PHI_SERIES_RADIUS, phi_functions
-from .multistep import history_step, history_tables, multistep_orders
+from .multistep import history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["UniPC"]
 
@@ -239,6 +189,12 @@ class UniPC(Solver):
         pc, qc = model.coefficients(self.predicts, times[:-1])
         # the ring of converted outputs, shared with the DPM solvers: solvers.multistep.history_tables
         return history_tables(hist + 1, cx, w, pc, qc, self.hooks, times)
+
+    def table_names(self):
+        return history_names(self._history + 1, self.hooks)[0]
+
+    def plan_names(self):
+        return history_names(self._history + 1, self.hooks)[1]
 
     def step(self, k, x, ctx):
         return history_step(k, x, ctx.output(x, k), ctx, self._history + 1, self.hooks, "unipc_m")

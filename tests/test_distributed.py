@@ -96,8 +96,11 @@ def test_sample_distributed_argument_errors(tmp_path):
         sample_distributed(model, solver, 4, (2,), seed=None, steps=3)
     with pytest.raises(ValueError, match="x_T"):
         sample_distributed(model, solver, 4, (2,), x_T=torch.zeros(4, 2), steps=3)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         sample_distributed(model, solver, 0, (2,), steps=3)
+    for shape in ((2.5,), (0,), (), 2.0, None):
+        with pytest.raises(ValueError, match=r"shape must be the shape of one sample \(positive int sizes"):
+            sample_distributed(model, solver, 4, shape, steps=3)
     with pytest.raises(ValueError, match="batch_size"):
         sample_distributed(model, solver, 4, (2,), batch_size=0, steps=3)
     with pytest.raises(ValueError, match="shard_size"):
@@ -229,7 +232,7 @@ def test_cli_killed_mid_run_resumes_without_loss_duplication_or_corruption(tmp_p
     (["--model", "nets:model", "--sde", "vp"], "already a samplers.Model"),
     (["--model", "nets:net"], "pass --sde"),
     (["--model", "nets:net", "--sde", "nope"], "--sde must be one of"),
-    (["--model", "nets:net", "--sde", "vp", "--predicts", "noise"], "--predicts must be one of"),
+    (["--model", "nets:net", "--sde", "vp", "--predicts", "noise"], "--predicts: predicts='noise' is spelt predicts='eps'"),
     (["--model", "nets:model", "--solver", "adaptive-em", "--steps", "5"], "--steps"),
     (["--model", "nets:model", "--steps", None], "--steps is required"),
     (["--model", "nets:model", "--rtol", "0.1"], "--rtol/--atol apply only"),

@@ -211,7 +211,7 @@ def test_adjoint_parameter_gradient_converges():
 
 def test_errors():
     sde, net, model, x_T, _, _ = _setup("VP")
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="mode must be 'backprop', 'reversible' or 'adjoint', got 'checkpoint'"):
         sample_grad(model, Reversible(), x_T, steps=3, mode="checkpoint")
     with pytest.raises(ValueError, match="mode='backprop' differentiates through solvers.Reversible"):
         sample_grad(model, Euler(), x_T, steps=3, mode="backprop")

@@ -259,7 +259,7 @@ def test_empty_and_complex_states_are_refused():
 
 @pytest.mark.parametrize("rho", [0, -1, float("inf"), True])
 def test_karras_rho_must_be_positive(rho):
-    with pytest.raises(ValueError, match=r"rho must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"rho must be a positive finite number \(EDM's karras grid uses 7\)"):
         grid(VPSDE(), 5, "karras", rho=rho)
 
 
@@ -288,6 +288,10 @@ def test_callback_and_final_denoise_types_are_checked_before_any_step():
             sample(model, Euler(), shape=(2, 3), steps=2, final_denoise=bad)
     with pytest.raises(TypeError, match=r"final_denoise must be True or False, got 'yes'"):
         sample_grad(model, DPMSolver(1), torch.zeros(2, 3), steps=2, final_denoise="yes")
+    with pytest.raises(TypeError, match=r"return_state must be True or False, got 1"):
+        sample_grad(model, DPMSolver(1), torch.zeros(2, 3), steps=2, return_state=1)
+    with pytest.raises(TypeError, match=r"return_info must be True or False, got 'no'"):
+        sample(model, Euler(), shape=(2, 3), steps=2, return_info="no")
     assert net.calls == 0
 
 
@@ -312,6 +316,9 @@ def test_adaptive_grid_must_be_two_times():
     (check_count, ("steps", 2.0), ValueError, r"steps must be an int >= 1, got 2.0"),
     (lambda *a: check_count(*a, maximum=30), ("depth", 31), ValueError, r"depth must be an int in \[1, 30\], got 31"),
     (check_flag, ("corrector", 1), TypeError, r"corrector must be True or False, got 1"),
+    (check_flag, ("corrector", None), TypeError, r"corrector must be True or False, got None"),
+    (lambda *a: check_flag(*a, allow_none=True), ("final_denoise", "no"), TypeError,
+     r"final_denoise must be True, False or None \(the default\), got 'no'"),
     (check_choice, ("order", True, (1, 2, 3)), ValueError, r"order must be 1, 2 or 3, got True"),
     (check_choice, ("variant", torch.tensor(1), ("bh1", "bh2")), ValueError, r"variant must be 'bh1' or 'bh2'"),
     (check_predicts, ("noise",), ValueError, r"predicts='noise' is spelt predicts='eps'"),
@@ -328,6 +335,7 @@ def test_validation_returns_the_working_type():
     assert check_in_range("c", 1, 0.0, 1.0, closed="right") == 1.0
     assert check_choice("order", 2, (1, 2, 3)) == 2 and check_predicts("x0") == "x0"
     assert check_flag("f", False) is False and check_number("x", -3) == -3.0
+    assert check_flag("f", None, allow_none=True) is None
 
 
 @pytest.mark.parametrize("make", [

@@ -277,11 +277,11 @@ def test_batch_invariance(b, n):
 # -- input errors ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    ({"divergence": "trace"}, ValueError, "divergence must be one of"),
-    ({"probe_noise": "uniform"}, ValueError, "probe_noise must be one of"),
+    ({"divergence": "trace"}, ValueError, "divergence must be 'auto', 'exact' or 'hutchinson', got 'trace'"),
+    ({"probe_noise": "uniform"}, ValueError, "probe_noise must be 'rademacher' or 'gaussian', got 'uniform'"),
     ({"divergence": "exact", "probes": 4}, ValueError, "probes applies to divergence='hutchinson'"),
-    ({"divergence": "hutchinson", "probes": 0}, ValueError, "probes must be a positive int"),
-    ({"divergence": "hutchinson", "probes": 2.0}, ValueError, "probes must be a positive int"),
+    ({"divergence": "hutchinson", "probes": 0}, ValueError, "probes must be an int >= 1"),
+    ({"divergence": "hutchinson", "probes": 2.0}, ValueError, "probes must be an int >= 1"),
     ({"solver": Euler()}, TypeError, "solver must be a solvers.AdaptiveODE"),
     ({"t_start": 0.5, "t_end": 0.5}, ValueError, "need t_min <= t_start < t_end <= t_max"),
     ({"t_start": 0.0}, ValueError, "need t_min <= t_start"),
@@ -292,6 +292,7 @@ def test_batch_invariance(b, n):
     ({"bins": 256, "data_range": (1.0, -1.0)}, ValueError, "data_range must be finite with lo < hi"),
     ({"bins": 256, "data_range": 3}, ValueError, "data_range must be a pair"),
     ({"dequantize_data": False}, ValueError, "dequantize_data=False applies only with bins"),
+    ({"bins": 256, "dequantize_data": "no"}, TypeError, "dequantize_data must be True or False, got 'no'"),
     ({"cond": [1]}, TypeError, "cond must be a dict"),
     ({"dtype": torch.int32}, ValueError, "dtype must be a floating torch.dtype"),
 ])

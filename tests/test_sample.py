@@ -220,11 +220,11 @@ def test_grid_sub_range_and_errors():
     sde = VPSDE()
     times = grid(sde, 4, t_max=0.5, t_min=0.1)
     assert times[0].item() == 0.5 and times[-1].item() == 0.1
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         grid(sde, 0)
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         grid(sde, 2.0)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match=r"kind must be 'uniform', 'log_snr', 'karras' or 'quadratic' \(or None"):
         grid(sde, 4, "cosine")
     with pytest.raises(ValueError, match=r"expected 0.001 <= t_min < t_max <= 1"):
         grid(sde, 4, t_max=1.5)
@@ -398,7 +398,7 @@ def test_argument_errors():
         sample(model, Euler(), shape=(0, 3), steps=3)
     with pytest.raises(ValueError, match="grid_kind applies only with steps"):
         sample(model, Euler(), shape=(2, 3), grid=grid(sde, 3), grid_kind="uniform")
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match=r"kind must be 'uniform', 'log_snr', 'karras' or 'quadratic' \(or None"):
         sample(model, Euler(), shape=(2, 3), steps=3, grid_kind="linear")
     with pytest.raises(ValueError, match="grid must be strictly decreasing"):
         sample(model, Euler(), shape=(2, 3), grid=torch.tensor([1.0, 0.2, 0.5, 0.1]))
@@ -426,7 +426,7 @@ def test_argument_errors():
         sample(model, Euler, shape=(2, 3), steps=3)
     with pytest.raises(TypeError, match="cond must be a dict"):
         sample(model, Euler(), shape=(2, 3), steps=3, cond=[1])
-    with pytest.raises(ValueError, match="steps must be a positive int"):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
         sample(model, Euler(), shape=(2, 3), steps=0)
 
 
@@ -436,7 +436,9 @@ def test_wrong_output_shape_and_unknown_predicts():
         sample(Model(lambda x, t: x[:, :1].clone(), sde), Euler(), shape=(2, 3), steps=2)
     with pytest.raises(ValueError, match=r"net output has shape \(3,\), expected the state's shape \(2, 3\)"):
         sample(Model(lambda x, t: x[0].clone(), sde), Heun(), shape=(2, 3), steps=2)
-    with pytest.raises(ValueError, match=r"predicts must be one of \('eps', 'x0', 'v', 'score', 'velocity'\), got 'noise'"):
+    with pytest.raises(ValueError, match=r"predicts must be 'eps', 'x0', 'v', 'score' or 'velocity', got 'denoised'"):
+        Model(lambda x, t: x, sde, predicts="denoised")
+    with pytest.raises(ValueError, match=r"predicts='noise' is spelt predicts='eps' \(the Model's names"):
         Model(lambda x, t: x, sde, predicts="noise")
 
 

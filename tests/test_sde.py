@@ -255,9 +255,11 @@ def test_conversion_identity_and_errors():
     for a in PREDICTIONS:
         p, q = conversion(sde, a, a, t)
         assert torch.equal(p, torch.zeros_like(t)) and torch.equal(q, torch.ones_like(t))
-    with pytest.raises(ValueError, match="predicts must be one of"):
+    with pytest.raises(ValueError, match=r"predicts='noise' is spelt predicts='eps'"):
         conversion(sde, "noise", "x0", t)
-    with pytest.raises(ValueError, match="quantity must be one of"):
+    with pytest.raises(ValueError, match=r"predicts must be 'eps', 'x0', 'v', 'score' or 'velocity', got 'denoised'"):
+        conversion(sde, "denoised", "x0", t)
+    with pytest.raises(ValueError, match=r"quantity must be 'eps', 'x0', 'v', 'score' or 'velocity', got 'denoised'"):
         conversion(sde, "eps", "denoised", t)
 
 
@@ -315,7 +317,7 @@ def test_model_discrete_time_input_gets_integer_timesteps():
 def test_model_errors():
     sde = VPSDE()
     net = lambda x, t: x  # noqa: E731
-    with pytest.raises(ValueError, match="predicts must be one of"):
+    with pytest.raises(ValueError, match=r"predicts='noise' is spelt predicts='eps' \(the Model's names"):
         Model(net, sde, predicts="noise")
     with pytest.raises(ValueError, match="time_input='discrete' needs an SDE with discrete timesteps"):
         Model(net, sde, time_input="discrete")

@@ -35,6 +35,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 def load_model(spec: str, sde: str | None = None, predicts: str | None = None):
     """The Model named by ``module:attr`` (a samplers.Model, or a callable net with sde/predicts)."""
     from sde import PREDICTIONS
+    from sde.validation import check_predicts
 
     from ..model import Model
 
@@ -64,8 +65,10 @@ def load_model(spec: str, sde: str | None = None, predicts: str | None = None):
     if sde not in SDES:
         raise ValueError(f"--sde must be one of {', '.join(sorted(SDES))}, got {sde!r}")
     predicts = predicts or "eps"
-    if predicts not in PREDICTIONS:
-        raise ValueError(f"--predicts must be one of {', '.join(PREDICTIONS)}, got {predicts!r}")
+    try:  # the Model's own check, named as the flag
+        check_predicts(predicts, PREDICTIONS)
+    except ValueError as exc:
+        raise ValueError(f"--predicts: {exc}") from None
     if isinstance(obj, torch.nn.Module):
         obj.eval().requires_grad_(False)
     return Model(obj, SDES[sde](), predicts)
