@@ -34,7 +34,7 @@ from torch import nn
 
 from samplers import Model, problems, sample
 from sde import VPSDE
-from solvers import DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun, UniPC
+from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun, UniPC
 
 NULL_CLASS = 10  # the "no label" class of classifier-free guidance
 

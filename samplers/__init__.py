@@ -1,8 +1,8 @@
 """What a user calls: sample(), model wrappers, time grids, keyed noise, test problems."""
 
 from . import problems
-from .grid import GRID_KINDS, grid, validate_grid
 from .brownian import VirtualBrownianTree
+from .grid import GRID_KINDS, grid, validate_grid
 from .model import Model
 from .noise import NoiseSource
 from .sample import NonFiniteError, SampleInfo, StepInfo, sample

@@ -61,7 +61,8 @@ class VirtualBrownianTree:
         if t.dim() == 0:
             t = t.expand(self.noise.batch_size)
         if t.shape != (self.noise.batch_size,):
-            raise ValueError(f"VirtualBrownianTree: expected a time or {self.noise.batch_size} times, got shape {tuple(t.shape)}")
+            raise ValueError(f"VirtualBrownianTree: expected a time or {self.noise.batch_size} times, "
+                             f"got shape {tuple(t.shape)}")
         if bool(((t < self.t0) | (t > self.t1)).any()):
             raise ValueError(f"VirtualBrownianTree: times must lie in [{self.t0:g}, {self.t1:g}], got {t.tolist()}")
         return t

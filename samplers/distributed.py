@@ -24,10 +24,10 @@ import torch
 
 from sde.validation import check_choice, check_count, check_flag
 
+from .driver import per_sample_cond
 from .limits import MAX_SAMPLES, MAX_SHARDS, check_memory, check_steps
 from .model import Model, network_module, network_placement
 from .noise import as_integer, per_sample_integers
-from .driver import per_sample_cond
 from .sample import sample
 
 __all__ = ["shard_range", "shard_ranges", "sample_distributed", "DistributedInfo", "load_shards", "verify_shards",
@@ -228,7 +228,8 @@ def _sample_range(model, solver, n, shape, start, end, seed, batch_size, sample_
         b = min(a + batch_size, end)
         chunk_seed = seed[a:b] if isinstance(seed, list) else seed
         x, info = sample(model, solver, shape=(b - a,) + shape, seed=chunk_seed, sample_index=range(a, b),
-                         cond=_slice_cond(model.sde, cond, n, shape, a, b), dtype=dtype, device=device, return_info=True, **rest)
+                         cond=_slice_cond(model.sde, cond, n, shape, a, b), dtype=dtype, device=device,
+                         return_info=True, **rest)
         pieces.append(x)
         nfe += info.nfe
     if not pieces:
@@ -474,7 +475,7 @@ def _gather(x, n, shape, group, rank, world, dst):
         dist.gather(buf, parts, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
         if rank != dst:
             return None
-    return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes)])
+    return torch.cat([p[: e - s] for p, (s, e) in zip(parts, sizes, strict=True)])
 
 
 def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=None, batch_size: int | None = None,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -28,7 +28,8 @@ from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
 
-__all__ = ["RunPlan", "StepInfo", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext", "AdaptiveRunContext",
+__all__ = ["RunPlan", "StepInfo", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext",
+           "AdaptiveRunContext",
            "fixed_grid_context", "NonFiniteError", "builds_no_graph", "check_run_arguments",
            "check_shape", "check_state", "check_device", "check_finite", "check_solver_state", "resolve_dtypes",
            "run_grid", "per_sample_cond"]
@@ -264,7 +265,8 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
     for name, stage in solver.stage_times(model, table_times).items():
         stage = torch.as_tensor(stage, dtype=torch.float64)
         if stage.shape != (n_steps, table_times.shape[1]) or not bool(torch.isfinite(stage).all()):
-            raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped {(n_steps, table_times.shape[1])}")
+            raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped "
+                             f"{(n_steps, table_times.shape[1])}")
         stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
     return FixedGridContext(model, cond, tables, times_net, noise, x, net_dtype, stage_net, plans)
 

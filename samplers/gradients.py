@@ -93,7 +93,7 @@ def _leaves(model: Model, cond: dict, params):
 
 def _grads_to(outputs, grad_outputs, inputs):
     grads = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
-    return [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs)]
+    return [torch.zeros_like(i) if g is None else g for g, i in zip(grads, inputs, strict=True)]
 
 
 class _ReversibleSolve(torch.autograd.Function):
@@ -125,7 +125,7 @@ class _ReversibleSolve(torch.autograd.Function):
                 x_next, x_hat_next = solver.forward_step(k, x_in, x_hat_in, ctx)
                 grads = _grads_to((x_next, x_hat_next), (grad_x, grad_x_hat), [x_in, x_hat_in, *leaves])
             grad_x, grad_x_hat = grads[0], grads[1]
-            for acc, g in zip(grad_leaves, grads[2:]):
+            for acc, g in zip(grad_leaves, grads[2:], strict=True):
                 acc.add_(g)
         return (None, grad_x, grad_x_hat, *grad_leaves)
 
@@ -135,7 +135,7 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(fctx, run, x, *leaves):
-        solver, ctx, n_steps, model, table_times, _ = run
+        solver, ctx, n_steps, _model, _table_times, _ = run
         trajectory = [x.detach().clone()]
         with torch.no_grad():
             x = x.detach().clone()
@@ -147,7 +147,7 @@ class _AdjointSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(fctx, grad_x):
-        solver, ctx, n_steps, model, table_times, score_weight = fctx.run
+        _solver, ctx, n_steps, model, table_times, score_weight = fctx.run
         sde = model.sde
         leaves = ctx.grad_leaves
         grad_leaves = [torch.zeros_like(leaf) for leaf in leaves]
@@ -174,7 +174,7 @@ class _AdjointSolve(torch.autograd.Function):
                    + column(alpha[t] ** 2 / alpha[s] * integral) * grads[0])
             # one weight for the batch: sample_grad refuses per-sample grids when there are leaves
             weight = float(alpha[t, 0] * integral[0])
-            for acc, g in zip(grad_leaves, grads[1:]):
+            for acc, g in zip(grad_leaves, grads[1:], strict=True):
                 acc.add_(g, alpha=weight)
         return (None, a_x, *grad_leaves)
 

@@ -35,7 +35,8 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
     lo = sde.t_min if t_min is None else float(t_min)
     if not sde.t_min <= lo < hi <= sde.t_max:
         raise ValueError(
-            f"grid: expected {sde.t_min:g} <= t_min < t_max <= {sde.t_max:g} for {sde!r}, got t_min={lo:g}, t_max={hi:g}"
+            f"grid: expected {sde.t_min:g} <= t_min < t_max <= {sde.t_max:g} for {sde!r}, "
+            f"got t_min={lo:g}, t_max={hi:g}"
         )
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     ends = torch.tensor([hi, lo], dtype=torch.float64)

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from sde.validation import check_choice, check_count, check_flag, check_number
 from solvers import AdaptiveODE
 
+from .driver import AdaptiveRunContext, builds_no_graph, check_run_arguments, check_state, plan_run
 from .model import Model
 from .noise import STREAM_DEQUANTIZE, STREAM_PROBE, NoiseSource
-from .driver import AdaptiveRunContext, builds_no_graph, check_run_arguments, check_state, plan_run
 
 __all__ = ["likelihood", "LikelihoodResult", "dequantize", "bits_per_dim_offset", "DIVERGENCES", "PROBE_NOISES",
            "EXACT_DIVERGENCE_MAX_DIM"]
@@ -155,7 +155,8 @@ def likelihood(model: Model, x: torch.Tensor, *, divergence: str = "auto", probe
     if solver is None:
         solver = AdaptiveODE("dopri5", rtol=1e-5, atol=1e-5)
     elif not isinstance(solver, AdaptiveODE):
-        raise TypeError(f"solver must be a solvers.AdaptiveODE (the likelihood's ODE engine), got {type(solver).__name__}")
+        raise TypeError(f"solver must be a solvers.AdaptiveODE (the likelihood's ODE engine), "
+                        f"got {type(solver).__name__}")
     cond = check_run_arguments(model, solver, cond)
     sde = model.sde
     check_state(x, "x")

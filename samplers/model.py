@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from sde import GaussianSDE, PREDICTIONS, SDE, conversion
+from sde import PREDICTIONS, SDE, GaussianSDE, conversion
 from sde.validation import check_predicts
 
 __all__ = ["Model", "compute_dtype", "network_placement"]
@@ -21,7 +21,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def network_module(net) -> "torch.nn.Module | None":
+def network_module(net) -> torch.nn.Module | None:
     """The ``torch.nn.Module`` behind a network: the network itself, the one a :class:`Model` wraps, or
     the owner of a bound method such as ``net.forward``; None for any other callable."""
     if isinstance(net, Model):
@@ -32,12 +32,13 @@ def network_module(net) -> "torch.nn.Module | None":
     return net if isinstance(net, torch.nn.Module) else None
 
 
-def network_placement(model: "Model", what: str):
+def network_placement(model: Model, what: str):
     """The dtype (``what="dtype"``) or device (``what="device"``) of the floating parameters of
-    ``model.net`` when it is a ``torch.nn.Module`` (or a bound method of one): the default of a run that is given neither that
-    argument nor a starting state, since a module computes in its parameters' dtype and on their
-    device (a float16 convolution refuses a float32 input).  None when ``net`` is not a module or has
-    no floating parameters; a ValueError naming the argument to pass when the parameters disagree."""
+    ``model.net`` when it is a ``torch.nn.Module`` (or a bound method of one): the default of a run
+    that is given neither that argument nor a starting state, since a module computes in its
+    parameters' dtype and on their device (a float16 convolution refuses a float32 input).  None when
+    ``net`` is not a module or has no floating parameters; a ValueError naming the argument to pass
+    when the parameters disagree."""
     if what not in ("dtype", "device"):
         raise ValueError(f"what must be 'dtype' or 'device', got {what!r}")
     net = network_module(model.net)
@@ -88,7 +89,8 @@ class Model:
             self._net_time = None
         elif time_input == "discrete":
             if not hasattr(sde, "timestep"):
-                raise ValueError(f"time_input='discrete' needs an SDE with discrete timesteps (DiscreteVPSDE), got {sde!r}")
+                raise ValueError(f"time_input='discrete' needs an SDE with discrete timesteps (DiscreteVPSDE), "
+                                 f"got {sde!r}")
             self._net_time = sde.timestep
         else:
             raise ValueError(f"time_input must be one of {_TIME_INPUTS} or a callable, got {time_input!r}")
@@ -160,4 +162,5 @@ class Model:
         return self.predict("velocity", x, t, **cond)
 
     def __repr__(self):
-        return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.sde!r}, predicts={self.predicts!r})"
+        net_name = getattr(self.net, "__name__", type(self.net).__name__)
+        return f"Model({net_name}, {self.sde!r}, predicts={self.predicts!r})"

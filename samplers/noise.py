@@ -1,8 +1,8 @@
 """Keyed Gaussian noise: sample i's numbers depend on (seed_i, sample index i, counter, stream) only.
 
 The generator is Philox4x32-10 with Box-Muller.  On the CPU it runs as a small C library
-(``_native/philox.c``, OpenMP on torch's thread count) compiled on first use with the system C compiler and cached; on other
-devices, and where no compiler is available, a torch port of the same counter mapping runs
+(``_native/philox.c``, OpenMP on torch's thread count) compiled on first use with the system C
+compiler and cached; on other devices, and where no compiler is available, a torch port of the same counter mapping runs
 instead (same Philox words; normals equal up to the last bits of log/cos).
 
 Streams keep the draws of different purposes apart: the prior draw, the per-step noise of
@@ -291,7 +291,7 @@ def _noise_kernel_ready() -> bool:
     ``cuda/noise.cu`` compiles; settled once per process) rather than the torch port, whose ~150
     tensor ops a draw cost ~2 ms of launches on a GPU whatever the batch.  Both give the generator's
     numbers: they agree with the CPU's to 1e-6 (the last bits of log/cos)."""
-    from solvers.kernels import noise_kernel_reason  # noqa: PLC0415 - solvers.kernels imports CuPy lazily
+    from solvers.kernels import noise_kernel_reason
 
     return noise_kernel_reason() is None
 
@@ -333,7 +333,7 @@ class NoiseSource:
         self._counter_cache: dict[int, torch.Tensor] = {}
         self._device_keys: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def subset(self, index) -> "NoiseSource":
+    def subset(self, index) -> NoiseSource:
         """The source of rows ``index`` (int64; repeats allowed): row j draws what row index[j] of
         this source draws, so a solver that works on part of the batch sees the same numbers."""
         index = torch.as_tensor(index, dtype=torch.int64).flatten().cpu()
@@ -408,7 +408,7 @@ class NoiseSource:
             writes_out = out is not None and out.is_contiguous() and out.dtype in kernel_dtypes
             target = out if writes_out else torch.empty(full, dtype=torch.float32, device=device)
             if target.numel():
-                from solvers.kernels import fill_keyed_normal  # noqa: PLC0415 - only with CuPy on a GPU
+                from solvers.kernels import fill_keyed_normal
 
                 fill_keyed_normal(target, seeds, index32, counter, int(stream))
         else:

@@ -10,7 +10,7 @@ pathwise errors.  Formulas: docs/problems.md.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -174,14 +174,14 @@ class GaussianMixture:
         """E[eps | x_t = x] = (x - alpha x0hat) / sigma = sum_k r_k sigma C_k^{-1} (x - alpha mu_k)."""
         return self._quantity(sde, x, t, "eps")
 
-    def net(self, sde, predicts: str = "x0") -> "ExactNet":
+    def net(self, sde, predicts: str = "x0") -> ExactNet:
         """The exact network net(x, t) predicting ``predicts`` (one of sde.parametrization.PREDICTIONS)."""
         return ExactNet(self, sde, predicts)
 
     # -- internals --------------------------------------------------------------------------------
     def _flatten(self, x):
         x = torch.as_tensor(x)
-        if x.dim() < 1 or x[0].numel() != self.dim or x.dim() == 1 and self.dim != 1:
+        if x.dim() < 1 or x[0].numel() != self.dim or (x.dim() == 1 and self.dim != 1):
             raise ValueError(f"x must have shape (B, d) or (B, *dims) with prod(dims) = d = {self.dim}, "
                              f"got {tuple(x.shape)}")
         return x.reshape(x.shape[0], self.dim).to(_F64), x.shape

@@ -7,16 +7,25 @@ and :func:`samplers.likelihood` share them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from sde.validation import check_flag
 from solvers import AdaptiveSolver, SolverBase
 
-from .driver import (AdaptiveRun, FixedGridRun, NonFiniteError, StepInfo, builds_no_graph, fixed_grid_context,
-                     finish, per_sample_cond, plan_run)
+from .driver import (
+    AdaptiveRun,
+    FixedGridRun,
+    NonFiniteError,
+    StepInfo,
+    builds_no_graph,
+    finish,
+    fixed_grid_context,
+    per_sample_cond,
+    plan_run,
+)
 from .model import Model
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph", "fixed_grid_context",

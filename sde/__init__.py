@@ -2,13 +2,13 @@
 
 from .base import SDE, GaussianSDE, broadcast_to_state, check_eta
 from .gaussian import (
-    CosineVPSDE,
-    DiscreteVPSDE,
     EDMSDE,
-    RectifiedFlowSDE,
-    SubVPSDE,
     VESDE,
     VPSDE,
+    CosineVPSDE,
+    DiscreteVPSDE,
+    RectifiedFlowSDE,
+    SubVPSDE,
 )
 from .parametrization import PREDICTIONS, conversion
 

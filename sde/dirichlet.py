@@ -335,7 +335,7 @@ class DirichletSDE(SDE):
                 lin = A[n] * y + B[n]
                 p_prev, p, dp_prev, dp = p, lin * p - C[n] * p_prev, dp, A[n] * p + lin * dp - C[n] * dp_prev
                 q = [(qq[1], (A[n] * y0 + B[n]) * qq[1] - C[n] * qq[0]) if qq is not None else None
-                     for qq, y0 in zip(q, tensor_starts)]
+                     for qq, y0 in zip(q, tensor_starts, strict=True)]
             weight = torch.exp(eigen[n] * t)
             for j, start in enumerate(starts):
                 c = q[j][1] if q[j] is not None else ends[float(start)][n]
@@ -344,7 +344,7 @@ class DirichletSDE(SDE):
                 sums[j] = sums[j] + term
                 dsums[j] = dsums[j] + wc * dp
                 abs_sums[j] = abs_sums[j] + term.abs()
-        return [(s, 2.0 * ds, a) for s, ds, a in zip(sums, dsums, abs_sums)]
+        return [(s, 2.0 * ds, a) for s, ds, a in zip(sums, dsums, abs_sums, strict=True)]
 
     def _log_density_and_score(self, v64: torch.Tensor, t64: torch.Tensor, v0, series):
         total, dtotal, abs_total = series

@@ -97,7 +97,8 @@ class VPSDE(_VPFamily):
         return self._t_from_log_alpha(_log_alpha_from_log_snr_vp(_as_time(log_snr)))
 
     def __repr__(self):
-        return f"VPSDE(beta_min={self.beta_min:g}, beta_max={self.beta_max:g}, t_min={self.t_min:g}, t_max={self.t_max:g})"
+        return (f"VPSDE(beta_min={self.beta_min:g}, beta_max={self.beta_max:g}, t_min={self.t_min:g}, "
+                f"t_max={self.t_max:g})")
 
 
 class SubVPSDE(VPSDE):
@@ -162,7 +163,8 @@ class VESDE(GaussianSDE):
         return self.sigma_max
 
     def __repr__(self):
-        return f"VESDE(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}, t_min={self.t_min:g}, t_max={self.t_max:g})"
+        return (f"VESDE(sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}, t_min={self.t_min:g}, "
+                f"t_max={self.t_max:g})")
 
 
 class EDMSDE(GaussianSDE):

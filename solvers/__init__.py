@@ -4,8 +4,8 @@ from .base import DynamicThresholding, Plan, Solver, SolverBase, StepContext, X0
 from .dpm import DPMSolver
 from .euler import Euler, EulerMaruyama, Heun
 
-__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler", "Heun",
-           "DPMSolver"]
+__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler",
+           "Heun", "DPMSolver"]
 from .adaptive import AdaptiveContext, AdaptiveDPMSolver, AdaptiveSolver, StepSizeError
 
 __all__ += ["AdaptiveSolver", "AdaptiveContext", "AdaptiveDPMSolver", "StepSizeError"]

@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -163,7 +164,7 @@ class AdaptiveSolver(SolverBase):
         self.max_steps = check_count("max_steps", max_steps)
         self.min_step = check_positive("min_step", min_step)
 
-    def with_tolerance(self, rtol: float, atol: float) -> "AdaptiveSolver":
+    def with_tolerance(self, rtol: float, atol: float) -> AdaptiveSolver:
         """A copy of this solver with other tolerances."""
         other = copy.copy(self)
         AdaptiveSolver.__init__(other, rtol, atol, self.max_steps, self.min_step)
@@ -228,7 +229,8 @@ class AdaptiveSolver(SolverBase):
                           f"below {limit}", int(idx[j]), float(t[idx[j]]))
         return x
 
-    def below_min_step(self, proposal: torch.Tensor, accept: torch.Tensor, attempt: Attempt) -> tuple[torch.Tensor, str]:
+    def below_min_step(self, proposal: torch.Tensor, accept: torch.Tensor,
+                       attempt: Attempt) -> tuple[torch.Tensor, str]:
         """The default step floor of :meth:`per_sample_loop`: a proposal below :attr:`min_step`."""
         return proposal < self.min_step, f"min_step={self.min_step:g}"
 
@@ -400,7 +402,7 @@ class AdaptiveDPMSolver(AdaptiveSolver):
             return tuple(table[name] for name in names)
 
         values = batch_independent(rows, s, t)
-        table = dict(zip(names, values))
+        table = dict(zip(names, values, strict=True))
         for name, value in table.items():
             if name not in ("h", "finite"):  # h is infinite from alpha = 0, where the step takes its exact limit
                 check_coefficients_finite(self, name, value, lambda row, _: f"sample {int(index[row])}: the step "

@@ -10,8 +10,6 @@ step rule: docs/solvers.md, "Probability-flow ODE with embedded Runge-Kutta pair
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sde.validation import check_choice, check_in_range, check_positive

@@ -118,7 +118,7 @@ class SolverBase:
     adaptive: bool = False
     #: the x0 hooks (:class:`X0Hooks`: thresholding, correct_x0) the driver also applies to the final
     #: denoised sample; None for a solver without them
-    hooks: "X0Hooks | None" = None
+    hooks: X0Hooks | None = None
     #: the methods a run calls: a subclass implements them
     run_methods: tuple[str, ...] = ()
 

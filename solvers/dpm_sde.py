@@ -59,7 +59,7 @@ class DPMSolverSDE(Solver):
         self._set_noise(self.eta * self.eta, k_diffusion=False)
 
     @classmethod
-    def k_diffusion(cls, order: int = 2, variant: str = "midpoint", eta: float = 1.0, **options) -> "DPMSolverSDE":
+    def k_diffusion(cls, order: int = 2, variant: str = "midpoint", eta: float = 1.0, **options) -> DPMSolverSDE:
         """The solver with k-diffusion's noise scale ``eta`` (``sample_dpmpp_2m_sde``/``_3m_sde``): diffusion
         sqrt(eta) g, so ``DPMSolverSDE.k_diffusion(eta=e)`` is ``DPMSolverSDE(eta=sqrt(e))``, with e kept
         as given (no square root and back); any e >= 0, as k-diffusion allows.  ``options``: the other

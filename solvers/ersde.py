@@ -187,7 +187,8 @@ class ERSDE(Solver):
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             raise ValueError(
-                f"noise_scale {self._noise_scale_label()} breaks the ER-SDE constraint lambda phi'(lambda)/phi(lambda) >= 1 "
+                f"noise_scale {self._noise_scale_label()} breaks the ER-SDE constraint "
+                f"lambda phi'(lambda)/phi(lambda) >= 1 "
                 f"(needed for a real noise variance): it is {slope[i].item():.6g} at lambda = sigma/alpha = "
                 f"{lam[i].item():.6g}{where}; use another noise scale, or a grid that avoids that range"
             )

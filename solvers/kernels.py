@@ -23,8 +23,9 @@ from sde.validation import check_choice, check_count
 from .base import Solver
 
 __all__ = ["BACKENDS", "KERNEL_FILES", "HEADER_FILES", "KernelUnsupported", "FusedStep", "LinearStep", "HeunStep",
-           "MultistepStep", "multistep_kernel", "kernel_compile_reason", "CupyRunner", "cuda_source_dir", "kernel_source", "resolve_backend", "make_runner",
-           "keyed_normal", "fill_keyed_normal", "noise_kernel_reason", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
+           "MultistepStep", "multistep_kernel", "kernel_compile_reason", "CupyRunner", "cuda_source_dir",
+           "kernel_source", "resolve_backend", "make_runner", "keyed_normal", "fill_keyed_normal",
+           "noise_kernel_reason", "cupy_unavailable_reason", "storage_suffix", "kernel_names", "STORAGE_PAIRS"]
 
 BACKENDS = ("auto", "torch", "cupy")
 #: the kernel sources, each compiled as one module
@@ -136,7 +137,7 @@ class FusedStep:
                 rows.append(None)
         n_steps = next(r.shape[0] for r in rows if r is not None)
         rows = [torch.full((n_steps, batch), float(c), dtype=torch.float32, device=x.device) if r is None else r
-                for r, c in zip(rows, columns)]
+                for r, c in zip(rows, columns, strict=True)]
         return torch.stack(rows, dim=1).contiguous()
 
     def _output(self, x, k, ctx):
@@ -251,7 +252,7 @@ def multistep_kernel(hooks, order: int, ring_name: str, noise: bool) -> Multiste
 
 
 def _import_cupy():
-    import cupy  # noqa: PLC0415 - optional dependency, imported on first use
+    import cupy
 
     return cupy
 

@@ -36,7 +36,7 @@ def derivative_weights(nodes: list[torch.Tensor]) -> tuple[list[torch.Tensor], l
         inv12, inv02 = 1.0 / (u1 - u2), 1.0 / (u0 - u2)
         # f[u0,u1,u2] = (f[u0,u1] - f[u1,u2]) / (u0 - u2)
         second = [inv01 * inv02, (-inv01 - inv12) * inv02, inv12 * inv02]
-        w1 = [a + (u0 - u1) * b for a, b in zip(w1, second)]
+        w1 = [a + (u0 - u1) * b for a, b in zip(w1, second, strict=True)]
         w2 = [2.0 * b for b in second]
     return w1[: len(nodes)] + [zero] * (3 - len(nodes)), w2
 

@@ -301,8 +301,8 @@ class PredictorCorrector(Solver):
             raise ValueError(f"PredictorCorrector: predictor must be a fixed-grid solver; {predictor!r} is adaptive "
                              "(it chooses its own times, so there are no grid times to correct at)")
         elif not isinstance(predictor, Solver):
-            raise TypeError(f"PredictorCorrector: predictor must be a solvers.Solver instance (a fixed-grid solver such "
-                            f"as ReverseDiffusion() or EulerMaruyama()), got {type(predictor).__name__}")
+            raise TypeError(f"PredictorCorrector: predictor must be a solvers.Solver instance (a fixed-grid "
+                            f"solver such as ReverseDiffusion() or EulerMaruyama()), got {type(predictor).__name__}")
         if snr is not None:
             snr = check_positive("snr", snr, "PredictorCorrector")
         if n_corrector_steps is not None:
@@ -316,8 +316,8 @@ class PredictorCorrector(Solver):
                             f"AnnealedLangevin(...)), got {type(corrector).__name__}")
         else:
             if snr is not None and snr != corrector.snr:
-                raise ValueError(f"PredictorCorrector: snr={snr:g} conflicts with the corrector's snr={corrector.snr:g}: "
-                                 "set snr on the corrector only")
+                raise ValueError(f"PredictorCorrector: snr={snr:g} conflicts with the corrector's "
+                                 f"snr={corrector.snr:g}: set snr on the corrector only")
             if n_corrector_steps is not None and n_corrector_steps != corrector.n_steps:
                 raise ValueError(f"PredictorCorrector: n_corrector_steps={n_corrector_steps} conflicts with the "
                                  f"corrector's n_steps={corrector.n_steps}: set n_steps on the corrector only")

@@ -13,6 +13,7 @@ because a fixed count was measured to cost too much at few steps.  Details: docs
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -76,7 +77,8 @@ def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
     try:
         items = list(intervals)
     except TypeError:
-        raise ValueError(f"intervals must be a list of (t_min, t_max, n_steps, n_restarts), got {intervals!r}") from None
+        raise ValueError(f"intervals must be a list of (t_min, t_max, n_steps, n_restarts), "
+                         f"got {intervals!r}") from None
     if not items:
         raise ValueError("intervals must hold at least one (t_min, t_max, n_steps, n_restarts)")
     out = []
@@ -94,7 +96,7 @@ def _check_intervals(intervals, units: str) -> tuple[RestartInterval, ...]:
         check_count("n_restarts", n_restarts, f"intervals[{i}]", minimum=0)
         out.append(RestartInterval(float(t_min), float(t_max), int(n_steps), int(n_restarts)))
     out.sort(key=lambda iv: -iv.t_max)
-    for hi, lo in zip(out, out[1:]):
+    for hi, lo in itertools.pairwise(out):
         if lo.t_max > hi.t_min:
             raise ValueError(f"intervals overlap: ({lo.t_min:g}, {lo.t_max:g}) and ({hi.t_min:g}, {hi.t_max:g}) "
                              "(intervals may touch, not overlap)")
@@ -117,7 +119,7 @@ class _PassContext:
     (``offset`` + local index) and stages; a restart pass at its own sub-grid's times ``pass_times``
     (``ctx.model_output``)."""
 
-    __slots__ = ("ctx", "prefix", "offset", "pass_times", "stage_prefix")
+    __slots__ = ("ctx", "offset", "pass_times", "prefix", "stage_prefix")
 
     def __init__(self, ctx, prefix: str, offset: int = 0, pass_times: dict | None = None, stage_prefix: str = ""):
         self.ctx, self.prefix, self.offset = ctx, prefix, offset
@@ -190,7 +192,7 @@ class Restart(Solver):
         self._setup(ode_solver, intervals, s_noise, "sigma")
 
     @classmethod
-    def in_time(cls, intervals, *, ode_solver: Solver | None = None, s_noise: float = 1.0) -> "Restart":
+    def in_time(cls, intervals, *, ode_solver: Solver | None = None, s_noise: float = 1.0) -> Restart:
         """Restart with ``intervals`` (t_min, t_max, n_steps, n_restarts) whose t_min, t_max are SDE times
         t, not noise levels (``units == "time"``); the other arguments as for :class:`Restart`."""
         solver = cls.__new__(cls)
@@ -242,7 +244,7 @@ class Restart(Solver):
     # -- presets and cost --------------------------------------------------------------------------
 
     @classmethod
-    def preset(cls, name: str, ode_solver: Solver | None = None) -> "Restart":
+    def preset(cls, name: str, ode_solver: Solver | None = None) -> Restart:
         """The paper's configuration ``name`` (see :data:`RESTART_PRESETS`); its main step count is
         ``.recommended_steps`` (and :meth:`preset_kwargs`)."""
         if name not in RESTART_PRESETS:

@@ -148,7 +148,7 @@ def rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 MIXTURE = GaussianMixture([[1.0, 0.5], [-1.0, -0.5], [0.0, 1.5]], stds=[0.4, 0.5, 0.3], weights=[0.3, 0.5, 0.2])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mixture_problem(sde_name):
     """(sde, x_T, the probability-flow ODE's end point from x_T by DOP853 at rtol = atol = 1e-12)."""
     sde = make_sde(sde_name)

@@ -14,11 +14,27 @@ from pathlib import Path
 
 import torch
 
-from sde import EDMSDE, VPSDE
 from samplers import Model, invert, likelihood, problems, sample, sample_grad
-from solvers import (ERSDE, AdaptiveDPMSolver, AdaptiveEM, AdaptiveODE, AncestralSampling, AnnealedLangevin,
-                     DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun, Langevin, OptimalReverse,
-                     PredictorCorrector, Restart, Reversible, UniPC)
+from sde import EDMSDE, VPSDE
+from solvers import (
+    ERSDE,
+    AdaptiveDPMSolver,
+    AdaptiveEM,
+    AdaptiveODE,
+    AncestralSampling,
+    AnnealedLangevin,
+    DPMSolver,
+    DPMSolverSDE,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    Langevin,
+    OptimalReverse,
+    PredictorCorrector,
+    Restart,
+    Reversible,
+    UniPC,
+)
 
 PATH = Path(__file__).with_name("data") / "golden_runs.pt"
 F64 = torch.float64

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-
 from conftest import F64, MIXTURE, GaussianNet, GaussianX0Net, gaussian_flow, make_sde, mixture_problem, rms
+
 from samplers import Model, NonFiniteError, sample
 from solvers import AdaptiveDPMSolver, Solver, SolverBase, StepSizeError
 
@@ -79,7 +78,6 @@ def test_each_sample_has_its_own_steps_and_is_batch_invariant():
 def test_per_sample_nfe_accounts_for_every_call():
     sde = make_sde("VP")
     net = GaussianX0Net(sde, MU, S)
-    model = Model(net, sde, predicts="x0")
     x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     rows = []
     counting = lambda x, t: (rows.append(x.shape[0]), net(x, t))[1]

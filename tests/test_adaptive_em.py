@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import F64, GaussianX0Net, make_sde
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import F64, GaussianX0Net, make_sde
 from samplers import Model, NonFiniteError, problems, sample
 from solvers import AdaptiveEM, EulerMaruyama, StepSizeError
 

@@ -183,7 +183,7 @@ def test_harder_samples_take_more_steps():
         assert torch.allclose(x[i], exact, atol=1e-4 * max(1.0, exact.abs().max().item())), (i, x[i], exact)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _batch_of_64():
     sde = make_sde("VP")
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(7), dtype=F64) * sde.prior_std
@@ -358,5 +358,4 @@ def test_repr_and_attributes():
     assert solver.adaptive and not solver.stochastic and solver.gaussian_only and solver.convergence_order == 5
     other = solver.with_tolerance(1e-3, 1e-4)
     assert (other.rtol, other.atol, other.tableau) == (1e-3, 1e-4, "dopri5") and solver.rtol == 1e-5
-    sde = make_sde("VP")
     assert not hasattr(solver, "prepare")  # an adaptive solver has no fixed-grid prepare/step

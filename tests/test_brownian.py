@@ -16,7 +16,7 @@ def test_marginal_variance_and_independent_increments():
     w = tree(n)
     a, b = w.value(0.3), w.value(0.8)
     # Var W(0.3) = 0.3, Var(W(0.8) - W(0.3)) = 0.5, Cov(W(0.3), W(0.8) - W(0.3)) = 0
-    se = lambda v: v * math.sqrt(2 / (2 * n))  # noqa: E731 - standard error of a variance
+    se = lambda v: v * math.sqrt(2 / (2 * n))
     assert abs(a.var().item() - 0.3) < 4 * se(0.3)
     assert abs((b - a).var().item() - 0.5) < 4 * se(0.5)
     cov = ((a - a.mean()) * (b - a - (b - a).mean())).mean().item()

@@ -18,7 +18,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import (
     EM_MU,
     EM_S,
@@ -33,6 +32,7 @@ from conftest import (
     mixture_problem,
     rms,
 )
+
 from samplers import Model, grid, sample
 from samplers.problems import probability_flow_rhs, reference_solution
 from solvers import Euler, EulerMaruyama, Heun

@@ -22,13 +22,13 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm_module  # noqa: E402
-from diffusers import DPMSolverMultistepScheduler  # noqa: E402
+import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm_module
+from conftest import DDPM_BETAS, DDPM_N, F64, Float64Torch, ddpm_eps_net, float64_timesteps, rel
+from diffusers import DPMSolverMultistepScheduler
 
-from conftest import DDPM_BETAS, DDPM_N, F64, Float64Torch, ddpm_eps_net, float64_timesteps, rel  # noqa: E402
-from samplers import Model, sample  # noqa: E402
-from sde import DiscreteVPSDE  # noqa: E402
-from solvers import DPMSolver  # noqa: E402
+from samplers import Model, sample
+from sde import DiscreteVPSDE
+from solvers import DPMSolver
 
 RTOL = 1e-6
 

@@ -11,8 +11,15 @@ import torch
 
 from samplers import Model, problems, sample
 from samplers.cli.sample import main as cli_main
-from samplers.distributed import (check_out_dir, load_shards, network_fingerprint, sample_distributed, shard_range,
-                                  shard_ranges, verify_shards)
+from samplers.distributed import (
+    check_out_dir,
+    load_shards,
+    network_fingerprint,
+    sample_distributed,
+    shard_range,
+    shard_ranges,
+    verify_shards,
+)
 from samplers.limits import MAX_SAMPLES, MAX_SHARDS, MAX_STEPS
 from sde import VPSDE
 from solvers import AdaptiveEM, DPMSolver, EulerMaruyama

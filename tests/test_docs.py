@@ -19,4 +19,4 @@ def test_doc_examples_run(path, capsys):
     namespace = {"__name__": f"doc_{path.stem}"}
     for i, block in enumerate(BLOCK.findall(path.read_text())):
         code = compile(block, f"{path.name}[block {i}]", "exec")
-        exec(code, namespace)  # noqa: S102 - running the documentation is the point
+        exec(code, namespace)

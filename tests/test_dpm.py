@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import (
     F64,
     MIXTURE,
@@ -24,6 +23,7 @@ from conftest import (
     mixture_problem,
     rms,
 )
+
 from samplers import Model, grid, sample
 from solvers import DPMSolver, Solver
 

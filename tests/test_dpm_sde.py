@@ -28,7 +28,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import (
     ALL_SDE_NAMES,
     DDPM_BETAS,
@@ -46,9 +45,10 @@ from conftest import (
     rel,
     rms,
 )
+
 from samplers import Model, grid, sample
 from samplers.noise import STREAM_STEP, NoiseSource
-from sde import SDE, RectifiedFlowSDE
+from sde import RectifiedFlowSDE
 from solvers import DPMSolver, EulerMaruyama, Solver
 from solvers.dpm_sde import DPMSolverSDE
 

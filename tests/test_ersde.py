@@ -21,8 +21,6 @@ from decimal import Decimal, getcontext
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import quad
-
 from conftest import (
     ALL_SDE_NAMES,
     F64,
@@ -36,10 +34,11 @@ from conftest import (
     rel,
     rms,
 )
+from scipy.integrate import quad
+
 from samplers import Model, grid, sample
 from samplers.noise import STREAM_STEP, NoiseSource
 from samplers.problems import mixture_2d, moment_error
-from sde import SDE
 from solvers import DPMSolver, DynamicThresholding, Solver
 from solvers.ersde import ERSDE, NOISE_SCALES, noise_scale_integrals
 

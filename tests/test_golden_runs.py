@@ -2,7 +2,6 @@
 bit for bit, except the runs a change was meant to move (listed here, with the reason and a bound)."""
 
 import torch
-
 from golden_runs import PATH, compare, compute
 
 #: runs whose last bits moved on purpose: the phi functions (solvers/exponential.py) replaced two

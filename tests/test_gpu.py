@@ -10,7 +10,7 @@ from samplers import Model, NoiseSource, noise, sample
 from samplers.cli.bench_gpu import _ConvNet, count_syncs
 from samplers.noise import STREAM_STEP
 from sde import VPSDE
-from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama, Heun, UniPC, kernels
+from solvers import ERSDE, DPMSolver, DPMSolverSDE, EulerMaruyama, Heun, UniPC, kernels
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

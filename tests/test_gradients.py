@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import F64, GaussianNet, fitted_order, gaussian_marginal, make_sde
+
 from samplers import Model, grid, problems, sample, sample_grad
 from samplers.gradients import SavedTensorMeter
 from sde import VESDE, VPSDE

@@ -17,11 +17,29 @@ from torch import nn
 
 from samplers import Model, NonFiniteError, grid, invert, likelihood, sample, sample_grad
 from samplers.limits import MAX_STEPS, check_steps, run_memory_bytes
-from sde import RectifiedFlowSDE, VPSDE
-from sde.validation import (check_choice, check_count, check_flag, check_in_range, check_nonnegative, check_number,
-                            check_positive, check_predicts)
-from solvers import (AdaptiveDPMSolver, AdaptiveODE, DPMSolver, DPMSolverSDE, Euler, Heun, Restart, Reversible, Solver,
-                     UniPC)
+from sde import VPSDE, RectifiedFlowSDE
+from sde.validation import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_in_range,
+    check_nonnegative,
+    check_number,
+    check_positive,
+    check_predicts,
+)
+from solvers import (
+    AdaptiveDPMSolver,
+    AdaptiveODE,
+    DPMSolver,
+    DPMSolverSDE,
+    Euler,
+    Heun,
+    Restart,
+    Reversible,
+    Solver,
+    UniPC,
+)
 
 
 class ScaleNet(nn.Module):

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import F64, fitted_order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import F64, fitted_order
 from samplers import Inversion, Model, invert, problems, sample
 from samplers.cli.registry import ORDER_MIXTURE
 from samplers.problems import probability_flow_rhs, reference_solution
@@ -21,7 +21,7 @@ from solvers import AdaptiveODE, DPMSolver, Euler, EulerMaruyama, Reversible, Un
 from solvers.multistep import multistep_orders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import inversion as example  # noqa: E402
+import inversion as example
 
 
 def _model(sde_name):

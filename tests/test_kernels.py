@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from samplers import Model, NoiseSource, grid, sample
 from samplers.noise import STREAM_PRIOR, STREAM_STEP, step_stream
 from sde import VPSDE
-from solvers import (DPMSolver, DPMSolverSDE, ERSDE, Euler, EulerMaruyama, Heun, UniPC, kernels)
+from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun, UniPC, kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = Path(__file__).with_name("kernel_harness.cu")
@@ -407,7 +407,7 @@ def test_half_state_kernels(harness, storage):
     ring = [torch.randn(batch, per, generator=g).to(storage) for _ in range(3)]
     coef = torch.rand(1, 7, batch, generator=g) + 0.2
     z = source.normal((per,), counter=0, stream=STREAM_STEP)
-    col = lambda j: coef[0, j][:, None]  # noqa: E731
+    col = lambda j: coef[0, j][:, None]
     x = x32.to(storage)
     runner = HostRunner(harness, x, source)
     runner.launch("euler.cu", "euler_step_noise", x, out, x, x, x, coef, 0)

@@ -34,7 +34,7 @@ def gaussian_setup(sde_name, predicts="x0", d=3, n=6, seed=0):
     sde = make_sde(sde_name)
     model = Model(GaussianNet(sde, predicts, MU, S), sde, predicts=predicts)
     x = MU + S * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    exact_prior = lambda z: gaussian_logp(sde, z, sde.t_max)  # noqa: E731
+    exact_prior = lambda z: gaussian_logp(sde, z, sde.t_max)
     return sde, model, x, exact_prior
 
 
@@ -104,7 +104,7 @@ def test_mixture_2d_against_the_exact_density(sde_name):
     model = Model(mix.net(sde, "x0"), sde, predicts="x0")
     x = mix.sample(32, generator=torch.Generator().manual_seed(1))
     exact = mix.marginal_log_prob(sde, x, sde.t_min)
-    prior = lambda z: mix.marginal_log_prob(sde, z, sde.t_max)  # noqa: E731
+    prior = lambda z: mix.marginal_log_prob(sde, z, sde.t_max)
     r = likelihood(model, x, prior_logp=prior)
     assert (r.log_p - exact).abs().max() / 2 < 2e-4
     tight = likelihood(model, x[:8], prior_logp=prior, solver=AdaptiveODE(rtol=1e-8, atol=1e-8))
@@ -137,7 +137,7 @@ def test_hutchinson_within_its_standard_error(probe_noise):
     sde = make_sde("VP")
     model = Model(mix.net(sde, "eps"), sde, predicts="eps")
     x = mix.sample(16, generator=gen)
-    prior = lambda z: mix.marginal_log_prob(sde, z, sde.t_max)  # noqa: E731
+    prior = lambda z: mix.marginal_log_prob(sde, z, sde.t_max)
     exact = mix.marginal_log_prob(sde, x, sde.t_min)
     r = likelihood(model, x, divergence="hutchinson", probes=32, probe_noise=probe_noise, prior_logp=prior)
     assert r.divergence == "hutchinson" and r.probes == 32 and r.vjp_per_call == 32
@@ -182,7 +182,7 @@ def test_every_call_is_counted_and_image_shapes():
     sde = make_sde("VP")
     net = GaussianNet(sde, "x0", MU, S)
     rows = []
-    counting = lambda x, t: (rows.append(x.shape[0]), net(x, t))[1]  # noqa: E731
+    counting = lambda x, t: (rows.append(x.shape[0]), net(x, t))[1]
     x = MU + S * torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
     r = likelihood(Model(counting, sde, "x0"), x, divergence="hutchinson", probes=2,
                    prior_logp=lambda z: gaussian_logp(sde, z, sde.t_max))
@@ -240,7 +240,7 @@ def test_bits_per_dim_of_8bit_data_bound_the_discrete_probability():
     m, v = gaussian_marginal(sde, MU, S, sde.t_min)
     k = torch.round((x[0] + 1) * 127.5)
     lo, hi = -1 + 2 * k / 256, -1 + 2 * (k + 1) / 256
-    cdf = lambda u: 0.5 * torch.erfc(-(u - m) / math.sqrt(2 * v))  # noqa: E731
+    cdf = lambda u: 0.5 * torch.erfc(-(u - m) / math.sqrt(2 * v))
     discrete_bpd = -torch.log2(cdf(hi) - cdf(lo)).sum().item() / 2
     mean_bpd, mean_error = r.bpd.mean().item(), r.bpd.std().item() / math.sqrt(48)
     assert abs(mean_bpd - discrete_bpd) < 4 * mean_error, (mean_bpd, discrete_bpd, mean_error)

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import F64, em_moments, fitted_order, gaussian_flow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.integrate import quad
 
-from conftest import F64, em_moments, fitted_order, gaussian_flow
 from samplers import Model, grid, sample
-from sde import GaussianSDE, MeanRevertingSDE, THETA_SCHEDULES
-from solvers import (AdaptiveODE, AncestralSampling, DPMSolver, ERSDE, Euler, EulerMaruyama, Heun, OptimalReverse)
+from sde import THETA_SCHEDULES, GaussianSDE, MeanRevertingSDE
+from solvers import ERSDE, AdaptiveODE, AncestralSampling, DPMSolver, Euler, EulerMaruyama, Heun, OptimalReverse
 
 ROOT = Path(__file__).resolve().parents[1]
 M, S = 1.0, 0.5  # y0 = x0 - mu ~ N(M, S^2); em_moments uses the same (EM_MU, EM_S)

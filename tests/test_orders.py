@@ -21,13 +21,27 @@ import math
 
 import pytest
 import torch
+from conftest import F64, MIXTURE, GaussianX0Net, fitted_order, gaussian_marginal, make_sde, mixture_problem
 
 import solvers
-from conftest import F64, MIXTURE, GaussianX0Net, fitted_order, gaussian_marginal, make_sde, mixture_problem
 from samplers import Model, grid, sample
-from solvers import (ERSDE, AncestralSampling, AnnealedLangevin, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama,
-                     Heun, Langevin, OptimalReverse, PredictorCorrector, Restart, ReverseDiffusion, Reversible,
-                     SolverBase, UniPC)
+from solvers import (
+    ERSDE,
+    AncestralSampling,
+    DPMSolver,
+    DPMSolverSDE,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    Langevin,
+    OptimalReverse,
+    PredictorCorrector,
+    Restart,
+    ReverseDiffusion,
+    Reversible,
+    SolverBase,
+    UniPC,
+)
 
 MU, S = 0.7, 0.5
 PATHWISE_TOLERANCE = 0.3

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import sde as sde_lib
-from sde.parametrization import PREDICTIONS, conversion
 from samplers.problems import (
     GaussianMixture,
     gaussian,
@@ -17,6 +16,7 @@ from samplers.problems import (
     reference_solution,
     sliced_wasserstein,
 )
+from sde.parametrization import PREDICTIONS, conversion
 
 F64 = torch.float64
 

@@ -20,16 +20,42 @@ from pathlib import Path
 
 import pytest
 import torch
+from real_networks import CLASSES, real_network
 
 import solvers
-from real_networks import CLASSES, real_network
 from samplers import Model, NoiseSource, invert, likelihood, sample, sample_grad
 from samplers.noise import STREAM_PRIOR
-from sde import (EDMSDE, VESDE, VPSDE, CosineVPSDE, DirichletSDE, DiscreteVPSDE, MeanRevertingSDE, RectifiedFlowSDE,
-                 SubVPSDE)
-from solvers import (AdaptiveDPMSolver, AdaptiveEM, AdaptiveODE, AncestralSampling, DPMSolver, DPMSolverSDE, ERSDE,
-                     Euler, EulerMaruyama, Heun, JacobiEulerMaruyama, Langevin, OptimalReverse, PredictorCorrector,
-                     Restart, ReverseDiffusion, Reversible, UniPC)
+from sde import (
+    EDMSDE,
+    VESDE,
+    VPSDE,
+    CosineVPSDE,
+    DirichletSDE,
+    DiscreteVPSDE,
+    MeanRevertingSDE,
+    RectifiedFlowSDE,
+    SubVPSDE,
+)
+from solvers import (
+    ERSDE,
+    AdaptiveDPMSolver,
+    AdaptiveEM,
+    AdaptiveODE,
+    AncestralSampling,
+    DPMSolver,
+    DPMSolverSDE,
+    Euler,
+    EulerMaruyama,
+    Heun,
+    JacobiEulerMaruyama,
+    Langevin,
+    OptimalReverse,
+    PredictorCorrector,
+    Restart,
+    ReverseDiffusion,
+    Reversible,
+    UniPC,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HALF = (torch.float16, torch.bfloat16)

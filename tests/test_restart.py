@@ -14,10 +14,10 @@ import math
 
 import pytest
 import torch
+from conftest import F64, GaussianNet, gaussian_marginal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import F64, GaussianNet, gaussian_marginal
 from samplers import Model, grid, problems, sample
 from sde import EDMSDE, VESDE, VPSDE
 from solvers import DPMSolver, Euler, Heun, UniPC

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ALL_SDE_NAMES, F64, GaussianNet, fitted_order, gaussian_flow, make_sde
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_SDE_NAMES, F64, GaussianNet, fitted_order, gaussian_flow, make_sde
 from samplers import Model, NoiseSource, grid, problems, sample
 from samplers.sample import fixed_grid_context
 from sde import VESDE, VPSDE

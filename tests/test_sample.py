@@ -8,10 +8,10 @@ import re
 
 import pytest
 import torch
+from conftest import ALL_SDE_NAMES, F64, GaussianNet, GaussianX0Net, col, make_sde
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_SDE_NAMES, F64, GaussianNet, GaussianX0Net, col, make_sde
 from samplers import GRID_KINDS, Model, NonFiniteError, StepInfo, grid, sample, validate_grid
 from sde import EDMSDE, VESDE, VPSDE, RectifiedFlowSDE
 from solvers import Euler, EulerMaruyama, Heun

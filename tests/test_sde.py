@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from conftest import ALL_SDE_NAMES, F64, make_sde
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_SDE_NAMES, F64, make_sde
 from samplers import Model, grid, sample
 from sde import (
     EDMSDE,
@@ -138,7 +138,7 @@ def test_known_schedule_values():
     rf = RectifiedFlowSDE()
     assert torch.allclose(rf.alpha(t), 1 - t) and torch.allclose(rf.sigma(t), t)
     cos = CosineVPSDE()
-    ang = lambda u: (u + 0.008) / 1.008 * math.pi / 2  # noqa: E731
+    ang = lambda u: (u + 0.008) / 1.008 * math.pi / 2
     assert torch.allclose(cos.alpha(t), torch.cos(ang(t)) / math.cos(ang(0.0)), rtol=1e-13)
 
 
@@ -316,7 +316,7 @@ def test_model_discrete_time_input_gets_integer_timesteps():
 
 def test_model_errors():
     sde = VPSDE()
-    net = lambda x, t: x  # noqa: E731
+    net = lambda x, t: x
     with pytest.raises(ValueError, match=r"predicts='noise' is spelt predicts='eps' \(the Model's names"):
         Model(net, sde, predicts="noise")
     with pytest.raises(ValueError, match="time_input='discrete' needs an SDE with discrete timesteps"):

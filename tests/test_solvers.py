@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import F64, GaussianNet, col, make_sde
+
 from samplers import Model, grid, sample
 from samplers.noise import NoiseSource
 from sde import PREDICTIONS, SDE, RectifiedFlowSDE

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 torchsde = pytest.importorskip("torchsde")
+from conftest import F64, make_sde  # noqa: E402
 from torchsde._brownian.brownian_base import BaseBrownian  # noqa: E402
 
-from conftest import F64, make_sde  # noqa: E402
 from samplers import Model, grid, sample  # noqa: E402
 from samplers.noise import STREAM_STEP, NoiseSource  # noqa: E402
 from samplers.problems import GaussianMixture  # noqa: E402

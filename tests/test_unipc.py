@@ -20,7 +20,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import (
     DDPM_BETAS,
     DDPM_N,
@@ -38,8 +37,9 @@ from conftest import (
     rel,
     rms,
 )
+
 from samplers import Model, grid, sample
-from sde import SDE, DiscreteVPSDE, RectifiedFlowSDE
+from sde import DiscreteVPSDE, RectifiedFlowSDE
 from solvers import DPMSolver, DynamicThresholding, Solver
 from solvers.unipc import UniPC
 

@@ -206,9 +206,8 @@ def _gpu_tests(report):
 def _noise(report):
     from solvers import kernels
 
-    from ..noise import STREAM_STEP, NoiseSource, native_available
-
     from .. import noise as noise_module
+    from ..noise import STREAM_STEP, NoiseSource, native_available
 
     rows = []
     source = NoiseSource([11, 2**63 + 5, 7], 3, sample_index=[0, 17, 2**31 + 5])
@@ -319,7 +318,7 @@ def _kernel_agreement(report):
 
 def _fallback(report):
     from sde import VPSDE
-    from solvers import UniPC, EulerMaruyama, kernels
+    from solvers import EulerMaruyama, UniPC, kernels
 
     from ..model import Model
     from ..sample import sample
@@ -575,7 +574,7 @@ def _graph_case(model, solver, backend, shape, steps, rounds=5):
 
 def _cuda_graph(report):
     from sde import VPSDE
-    from solvers import DPMSolver, DPMSolverSDE, ERSDE, EulerMaruyama
+    from solvers import ERSDE, DPMSolver, DPMSolverSDE, EulerMaruyama
 
     from ..model import Model
 
@@ -622,7 +621,7 @@ def _timed(fn, repeats=2) -> float:
 
 def _end_to_end(report):
     from sde import DiscreteVPSDE
-    from solvers import DPMSolver, ERSDE
+    from solvers import ERSDE, DPMSolver
 
     from ..model import Model
     from ..sample import sample
@@ -636,7 +635,7 @@ def _end_to_end(report):
             report.log(f"{why}: the U-Net-shaped stand-in of this module is timed instead, without diffusers' loop")
             net, name = _ConvNet(width=128).to("cuda", dtype).eval(), "stand-in conv net (width 128)"
         else:
-            net = lambda x, t, unet=unet: unet(x, t).sample  # noqa: E731
+            net = lambda x, t, unet=unet: unet(x, t).sample
             name = f"diffusers UNet2DModel 64x64x3 ({sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M params)"
         with torch.no_grad():
             cached = net(torch.randn(batch, 3, 64, 64, device="cuda", dtype=dtype), torch.full((batch,), 500.0,

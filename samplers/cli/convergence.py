@@ -18,7 +18,7 @@ solvers, weak for SDE solvers).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

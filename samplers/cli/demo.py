@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

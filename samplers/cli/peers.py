@@ -28,8 +28,8 @@ import math
 import os
 import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -175,8 +175,8 @@ def _kdiff_run(function: str, stochastic: bool, **kwargs):
 def _kdiffusion_peers() -> list[Peer]:
     from solvers import DPMSolver, DPMSolverSDE, Euler, Heun
 
-    one = lambda n: n + 1  # noqa: E731 - a step per call, and the last step to s = 0 is a denoise
-    two = lambda n: 2 * n + 1  # noqa: E731 - two calls per step, an Euler step (one call) to s = 0
+    one = lambda n: n + 1
+    two = lambda n: 2 * n + 1
     return [
         Peer("sample_euler", "k-diffusion", one, _kdiff_run("sample_euler", False), same_as=lambda: Euler(),
              same_on=("edm",)),
@@ -245,8 +245,8 @@ def _takes_generator(sched) -> bool:
 
 
 def _diffusers_peers() -> list[Peer]:
-    one = lambda n: n  # noqa: E731 - n timesteps, one call each; the last step ends at sigma = 0
-    heun = lambda n: 2 * n - 1  # noqa: E731 - its last step (to sigma = 0) is an Euler step
+    one = lambda n: n
+    heun = lambda n: 2 * n - 1
     vp = ("vp",)
     return [
         Peer("EulerDiscreteScheduler", "diffusers", one, _diffusers_run("EulerDiscreteScheduler"), sdes=vp),
@@ -399,7 +399,7 @@ def run_peers(*, sde: str, problem: str, exact: torch.Tensor, budgets, samples: 
             try:
                 with torch.no_grad():
                     x = peer.run(view, steps, x_T, seed)
-            except Exception as exc:  # noqa: BLE001 - a peer failing is a result to report, not a crash
+            except Exception as exc:
                 skipped.append((peer.label, budget, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
                 continue
             elapsed = time.perf_counter() - start

@@ -9,11 +9,11 @@ Solver lists are functions, built on call: importing this module constructs no s
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import solvers
 from sde import EDMSDE, VESDE, VPSDE, CosineVPSDE, RectifiedFlowSDE, SubVPSDE
-from solvers import Euler, EulerMaruyama, Heun, Solver, SolverBase
+from solvers import Euler, EulerMaruyama, Heun, SolverBase
 
 from ..model import Model
 
@@ -60,7 +60,7 @@ def exact_problem(problem: str, sde: str):
     return sde_obj, mixture, Model(mixture.net(sde_obj, "x0"), sde_obj, predicts="x0")
 
 
-def ORDER_MIXTURE():  # noqa: N802 - a constant, built on call
+def ORDER_MIXTURE():
     """The smooth three-component 2-D mixture the pathwise order measurements use."""
     from ..problems import GaussianMixture
 
@@ -217,7 +217,7 @@ def solver_by_name(name: str, rtol: float | None = None, atol: float | None = No
 
 # -- the fused CUDA kernels' checks --------------------------------------------------------------------
 
-def KERNEL_BENCH_SOLVERS():  # noqa: N802 - a table, built on call so importing this module stays cheap
+def KERNEL_BENCH_SOLVERS():
     """The solvers ``bench kernels`` times (and ``bench gpu``'s bandwidth section, with Euler)."""
     from solvers import ERSDE, DPMSolver, DPMSolverSDE, EulerMaruyama, Heun
 
