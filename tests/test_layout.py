@@ -85,3 +85,16 @@ def test_tooling_modules_share_one_registry():
             if isinstance(node, ast.ImportFrom) and node.module not in (None, "registry"):
                 borrowed = {alias.name for alias in node.names} & registry_names
                 assert not borrowed, f"{path.name} imports {sorted(borrowed)} from {node.module}"
+
+
+def test_ci_runs_the_readmes_check_command_with_the_linter_and_the_type_checker():
+    """.ci/run installs from the project's files and runs the README's check line, word for word, and
+    that line holds ruff and mypy, both configured in pyproject.toml and pinned in the dev extra."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    command = next(line for line in readme.splitlines() if "-m pytest" in line and line.startswith("pip install"))
+    assert command in ci.splitlines()
+    assert "ruff check ." in command and "&& mypy &&" in command
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert "[tool.ruff]" in pyproject and "[tool.mypy]" in pyproject
+    assert '"ruff==' in pyproject and '"mypy==' in pyproject
