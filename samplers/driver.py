@@ -581,12 +581,11 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
         check_finite(x, state_name)
 
     def checked_plan(state: torch.Tensor, offset: torch.Tensor | None = None) -> RunPlan:
-        fields = dict(model=model, solver=solver, cond=cond, x=state, dtype=dtype, compute=compute, device=device,
-                      noise=noise, seed=seed, offset=offset, final_denoise=bool(final_denoise),
-                      start_time=start_time, backend=backend, fused=fused, backend_reason=backend_reason)
         if grid_times is None:
-            return RunPlan(**fields)
-        return GridPlan(times=grid_times[0], table_times=grid_times[1], **fields)
+            return RunPlan(model, solver, cond, state, dtype, compute, device, noise, seed, offset, bool(final_denoise),
+                           start_time, backend, fused, backend_reason)
+        return GridPlan(model, solver, cond, state, dtype, compute, device, noise, seed, offset, bool(final_denoise),
+                        start_time, backend, fused, backend_reason, times=grid_times[0], table_times=grid_times[1])
 
     if not own_state:
         if x is None:
