@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 import torch
 
@@ -20,6 +21,7 @@ from sde import GaussianSDE
 from solvers import AdaptiveSolver, Solver, SolverBase, kernels
 from solvers.adaptive import batch_independent
 from solvers.base import Plan, check_coefficients_finite
+from solvers.kernels import FusedStep
 
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
 from .grid import grid as make_grid
@@ -28,7 +30,7 @@ from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
 
-__all__ = ["RunPlan", "StepInfo", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext",
+__all__ = ["RunPlan", "GridPlan", "StepInfo", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext",
            "AdaptiveRunContext",
            "fixed_grid_context", "NonFiniteError", "builds_no_graph", "check_run_arguments",
            "check_shape", "check_state", "check_device", "check_finite", "check_solver_state", "resolve_dtypes",
@@ -81,7 +83,7 @@ class FixedGridContext:
         self.like = like
         self.net_dtype = net_dtype
         self.nfe = 0
-        self.first_output = None
+        self.first_output: torch.Tensor | None = None
         self.record = False
         self._noise_keys: dict[int, tuple[int, int]] = {}  # slot -> the (step, draw) its buffer holds
         self._noise_bufs: dict[int, torch.Tensor] = {}
@@ -228,7 +230,7 @@ def resolve_dtypes(dtype, x_T, model: Model | None = None):
     return dtype, compute_dtype(dtype)
 
 
-def _broadcast_table(name: str, table: torch.Tensor, times: torch.Tensor, solver: Solver, ndim: int,
+def _broadcast_table(name: str, table: torch.Tensor, times: torch.Tensor, solver: SolverBase, ndim: int,
                      device, dtype) -> torch.Tensor:
     table = torch.as_tensor(table, dtype=torch.float64)
     check_coefficients_finite(solver, name, table, lambda k, j: _step_span(times, k, j))
@@ -252,7 +254,7 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
     solver.check_prepared(raw_tables)  # a misspelt table name fails here, before any network call
     # Plans are the solver's per-step host-side choices (each step's order), the rest are coefficient
     # tables moved to the device once
-    plans = {name: tab for name, tab in raw_tables.items() if isinstance(tab, Plan)}
+    plans: dict[str, list] = {name: tab for name, tab in raw_tables.items() if isinstance(tab, Plan)}
     for name, tab in raw_tables.items():
         if name not in plans and isinstance(tab, (list, tuple)):
             raise TypeError(f"{solver!r}: prepare returned a {type(tab).__name__} under {name!r}; a coefficient table "
@@ -269,6 +271,18 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
                              f"{(n_steps, table_times.shape[1])}")
         stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
     return FixedGridContext(model, cond, tables, times_net, noise, x, net_dtype, stage_net, plans)
+
+
+@overload
+def check_solver_state(solver: Solver, state: None, x: torch.Tensor) -> None: ...
+
+
+@overload
+def check_solver_state(solver: Solver, state: dict, x: torch.Tensor) -> dict: ...
+
+
+@overload
+def check_solver_state(solver: Solver, state: dict | None, x: torch.Tensor) -> dict | None: ...
 
 
 def check_solver_state(solver: Solver, state, x: torch.Tensor) -> dict | None:
@@ -307,7 +321,7 @@ def _state_offset(sde, cond: dict, x: torch.Tensor) -> torch.Tensor | None:
     return mu.to(device=x.device, dtype=x.dtype)
 
 
-def check_run_arguments(model: Model, solver: Solver, cond) -> dict:
+def check_run_arguments(model: Model, solver: SolverBase, cond) -> dict:
     """The checks every run makes of its model, solver and ``cond``; returns ``cond`` (``{}`` for None)."""
     if not isinstance(model, Model):
         raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
@@ -331,13 +345,15 @@ def check_shape(shape) -> tuple[int, ...]:
         entries = tuple(entries)
     except TypeError:
         raise TypeError(f"shape must be a tuple of ints (B, ...) or an int B, got {type(shape).__name__}") from None
-    sizes = tuple(as_integer(entry) for entry in entries)
-    if None in sizes:
-        bad = entries[sizes.index(None)]
-        raise TypeError(f"shape must contain ints, got {shape!r} (the entry {bad!r} is a {type(bad).__name__})")
+    sizes: list[int] = []
+    for entry in entries:
+        size = as_integer(entry)
+        if size is None:
+            raise TypeError(f"shape must contain ints, got {shape!r} (the entry {entry!r} is a {type(entry).__name__})")
+        sizes.append(size)
     if not sizes or any(size < 1 for size in sizes):
-        raise ValueError(f"shape must be (B, ...) with positive sizes, got {sizes}")
-    return sizes
+        raise ValueError(f"shape must be (B, ...) with positive sizes, got {tuple(sizes)}")
+    return tuple(sizes)
 
 
 def check_state(x, name: str) -> None:
@@ -438,7 +454,8 @@ def _final_hooks(solver, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RunPlan:
-    """A checked run: what :func:`plan_run` found, before any network call."""
+    """A checked run: what :func:`plan_run` found, before any network call (without a grid: likelihood's,
+    which integrates over its own interval; a run on a grid gets a :class:`GridPlan`)."""
 
     model: Model
     solver: SolverBase
@@ -449,22 +466,45 @@ class RunPlan:
     device: torch.device  #: the run's device
     noise: NoiseSource  #: the keyed noise of the run's samples
     seed: object
-    times: torch.Tensor | None  #: the grid as given, float64 (N+1,) or (N+1, B); None without a grid
-    table_times: torch.Tensor | None  #: the grid as (N+1, C) float64, C = 1 or B
     offset: torch.Tensor | None = None  #: the mean state an SDE is integrated around (y = x - mu)
     final_denoise: bool = False
     start_time: float = 0.0
     backend: str = "torch"  #: "torch" or "cupy" (the solver's fused kernel, :attr:`fused`)
-    fused: object = None  #: the solver's :class:`solvers.kernels.FusedStep` when backend is "cupy"
+    fused: FusedStep | None = None  #: the solver's :class:`solvers.kernels.FusedStep` when backend is "cupy"
     backend_reason: str = ""  #: why that backend
 
     @property
     def sde(self):
         return self.model.sde
 
+
+@dataclass(kw_only=True)
+class GridPlan(RunPlan):
+    """A checked run on a grid (every run but likelihood's): a fixed grid, or an adaptive solver's
+    (t_start, t_end)."""
+
+    times: torch.Tensor  #: the grid as given, float64 (N+1,) or (N+1, B)
+    table_times: torch.Tensor  #: the grid as (N+1, C) float64, C = 1 or B
+
     @property
     def n_steps(self) -> int:
         return self.table_times.shape[0] - 1
+
+
+@overload
+def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None, shape=None, state_name: str = "x_T",
+             steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
+             fixed_grid_for: str | None = None, final_denoise: bool | None = False,
+             grid_required: Literal[True] = True, state_memory: tuple | None = None, own_state: bool = True,
+             backend: str = "torch") -> GridPlan: ...
+
+
+@overload
+def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None, shape=None, state_name: str = "x_T",
+             steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
+             fixed_grid_for: str | None = None, final_denoise: bool | None = False,
+             grid_required: Literal[False], state_memory: tuple | None = None, own_state: bool = True,
+             backend: str = "torch") -> RunPlan: ...
 
 
 def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None, shape=None, state_name: str = "x_T",
@@ -478,7 +518,8 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     (invert, sample_grad); ``final_denoise`` None means on for a Gaussian-marginal SDE; without
     ``grid_required`` the run has no grid (likelihood: its own interval), and ``state_memory`` is the shape
     of what it integrates; without ``own_state`` the plan keeps ``x`` itself (a tensor autograd follows);
-    ``backend`` is resolved by :func:`solvers.kernels.resolve_backend`.
+    ``backend`` is resolved by :func:`solvers.kernels.resolve_backend`.  A run with ``grid_required``
+    gets a :class:`GridPlan`.
     """
     start_time = time.perf_counter()
     cond = check_run_arguments(model, solver, cond)
@@ -513,7 +554,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     check_device(device, compute, device_name)
     backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
 
-    times = table_times = None
+    grid_times: tuple[torch.Tensor, torch.Tensor] | None = None
     if grid_required:
         if adaptive:
             if steps is not None or grid_kind is not None:
@@ -524,22 +565,36 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
             if len(grid_shape) not in (1, 2) or grid_shape[0] != 2:
                 raise ValueError(f"grid: an adaptive solver takes grid=(t_start, t_end) (2 times, or (2, B)), got "
                                  f"shape {grid_shape}")
-        times, table_times = run_grid(sde, steps, grid, grid_kind, batch)
+        grid_times = run_grid(sde, steps, grid, grid_kind, batch)
     memory_name = state_name if x is not None else "shape"
     if state_memory is not None:
         check_state_memory(state_memory, compute, device, name=memory_name)
-    else:
+    elif grid_times is not None:
+        table_times = grid_times[1]
         check_state_memory(shape, compute, device, steps=0 if adaptive else table_times.shape[0] - 1,
                            columns=table_times.shape[1], name=memory_name)
+    else:
+        raise ValueError("plan_run without a grid needs state_memory, the shape of what the run integrates")
 
     noise = NoiseSource(seed, batch, sample_index=sample_index)
     if x is not None:
         check_finite(x, state_name)
+
+    def checked_plan(state: torch.Tensor, offset: torch.Tensor | None = None) -> RunPlan:
+        if grid_times is None:
+            return RunPlan(model, solver, cond, state, dtype, compute, device, noise, seed, offset, bool(final_denoise),
+                           start_time, backend, fused, backend_reason)
+        return GridPlan(model, solver, cond, state, dtype, compute, device, noise, seed, offset, bool(final_denoise),
+                        start_time, backend, fused, backend_reason, times=grid_times[0], table_times=grid_times[1])
+
     if not own_state:
-        return RunPlan(model, solver, cond, x, dtype, compute, device, noise, seed, times, table_times,
-                       final_denoise=bool(final_denoise), start_time=start_time, backend=backend, fused=fused,
-                       backend_reason=backend_reason)
+        if x is None:
+            raise ValueError(f"a run that keeps the caller's state (own_state=False) needs {state_name}")
+        return checked_plan(x)
     if x is None:
+        if grid_times is None:
+            raise ValueError("a run that starts from a prior draw (shape) needs a grid starting at t_max")
+        table_times = grid_times[1]
         off_prior = table_times[0] != sde.t_max
         if bool(off_prior.any()):
             j = int(torch.nonzero(off_prior)[0])
@@ -555,8 +610,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     offset = _state_offset(sde, cond, state)
     if offset is not None and x is not None:
         state.sub_(offset)  # the prior draw already is one of y = x - mu
-    return RunPlan(model, solver, cond, state, dtype, compute, device, noise, seed, times, table_times, offset,
-                   bool(final_denoise), start_time, backend, fused, backend_reason)
+    return checked_plan(state, offset)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,14 +621,17 @@ class FixedGridRun:
     """A plan integrated on its fixed grid: the solver's tables once, then one ``step`` per grid interval
     (the solver's torch step, or its fused kernel)."""
 
-    def __init__(self, plan: RunPlan, *, solver_state: dict | None = None, progress=None,
+    def __init__(self, plan: GridPlan, *, solver_state: dict | None = None, progress=None,
                  callback: Callable | None = None):
+        solver = plan.solver
+        if not isinstance(solver, Solver):
+            raise TypeError(f"FixedGridRun integrates with a fixed-grid solvers.Solver, got {solver!r}")
         fused = plan.fused
-        self.plan, self.fused, self.progress, self.callback = plan, fused, progress, callback
+        self.plan, self.solver, self.fused, self.progress, self.callback = plan, solver, fused, progress, callback
         x = plan.x if fused is None else plan.x.contiguous()
         self.x = x
-        self.ctx = fixed_grid_context(plan.model, plan.solver, x, plan.table_times, plan.cond, plan.noise, plan.dtype)
-        self.ctx.solver_state = check_solver_state(plan.solver, solver_state, x)
+        self.ctx = fixed_grid_context(plan.model, solver, x, plan.table_times, plan.cond, plan.noise, plan.dtype)
+        self.ctx.solver_state = check_solver_state(solver, solver_state, x)
         if fused is not None:
             fused.bind(self.ctx, x, kernels.make_runner(x, plan.noise))
         self.t_end = plan.table_times[-1]
@@ -590,35 +647,39 @@ class FixedGridRun:
         self.sums = torch.empty(plan.n_steps + 1, dtype=x.dtype, device=x.device)
 
     def integrate(self) -> torch.Tensor:
-        plan, ctx, solver, x = self.plan, self.ctx, self.plan.solver, self.x
+        plan, ctx, solver, x, callback = self.plan, self.ctx, self.solver, self.x, self.callback
         n_steps, table_times = plan.n_steps, plan.table_times
         bar = _progress_bar(self.progress, n_steps)
-        record = self.callback is not None
         # off a Gaussian-marginal SDE there is no x0 estimate: callbacks get denoised=None
-        record_denoised = record and isinstance(plan.sde, GaussianSDE)
-        if record_denoised:
-            p_den, q_den = plan.model.coefficients("x0", table_times[:-1])
+        den_coefficients = (plan.model.coefficients("x0", table_times[:-1])
+                            if callback is not None and isinstance(plan.sde, GaussianSDE) else None)
         device, compute, offset = x.device, x.dtype, plan.offset
+        x_before: torch.Tensor | None = None
         for k in range(n_steps):
-            if record:
+            if callback is not None:
                 ctx.record, ctx.first_output = True, None
-                x_before = x.clone() if record_denoised else None
+                x_before = x.clone() if den_coefficients is not None else None
             x = solver.step(k, x, ctx) if self.fused is None else self.fused.step(k, x, ctx)
             self.sums[k] = x.sum()
             if bar is not None:
                 bar.update(1)
-            if record:
-                if record_denoised:
+            if callback is not None:
+                denoised = None
+                if den_coefficients is not None and x_before is not None:
+                    if ctx.first_output is None:
+                        raise RuntimeError(f"{solver!r}: step {k} made no network call, so it has no x0 estimate "
+                                           "for the callback")
+                    p_den, q_den = den_coefficients
                     shape_c = (-1,) + (1,) * (x.dim() - 1)
                     denoised = (p_den[k].to(device, compute).reshape(shape_c) * x_before
                                 + q_den[k].to(device, compute).reshape(shape_c) * ctx.first_output)
-                else:
-                    denoised = None
                 ctx.record = False
+                x_seen = x
                 if offset is not None:
-                    x_seen, denoised = x + offset, denoised + offset
-                self.callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1],
-                                       x=x if offset is None else x_seen, denoised=denoised, nfe=ctx.nfe))
+                    x_seen = x + offset
+                    denoised = None if denoised is None else denoised + offset
+                callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1],
+                                  x=x_seen, denoised=denoised, nfe=ctx.nfe))
         if bar is not None:
             bar.close()
         return x
@@ -654,15 +715,18 @@ class FixedGridRun:
     def info(self) -> dict:
         """What the run did, for :class:`samplers.SampleInfo`."""
         return dict(nfe=self.ctx.nfe, steps=self.plan.n_steps,
-                    solver_state=self.plan.solver.read_state(self.ctx, self.plan.dtype))
+                    solver_state=self.solver.read_state(self.ctx, self.plan.dtype))
 
 
 class AdaptiveRun:
     """A plan integrated by an adaptive solver: each sample from its start time to its end time with its
     own steps (:meth:`solvers.AdaptiveSolver.solve`)."""
 
-    def __init__(self, plan: RunPlan):
-        self.plan = plan
+    def __init__(self, plan: GridPlan):
+        solver = plan.solver
+        if not isinstance(solver, AdaptiveSolver):
+            raise TypeError(f"AdaptiveRun integrates with a solvers.AdaptiveSolver, got {solver!r}")
+        self.plan, self.solver = plan, solver
         x = plan.x
         batch = x.shape[0]
         self.t_start = plan.table_times[0].expand(batch).clone()
@@ -672,7 +736,7 @@ class AdaptiveRun:
                                       float(self.t_end.min()), float(self.t_start.max()))
 
     def integrate(self) -> torch.Tensor:
-        return self.plan.solver.solve(self.plan.model, self.plan.x, self.t_start, self.t_end, self.ctx)
+        return self.solver.solve(self.plan.model, self.plan.x, self.t_start, self.t_end, self.ctx)
 
     def x0_at_end(self, x: torch.Tensor) -> torch.Tensor:
         """The model's x0 estimate at each sample's end time (one network call)."""
@@ -699,7 +763,7 @@ class AdaptiveRun:
 # finish
 
 
-def finish(plan: RunPlan, run: FixedGridRun | AdaptiveRun, x: torch.Tensor) -> torch.Tensor:
+def finish(plan: GridPlan, run: FixedGridRun | AdaptiveRun, x: torch.Tensor) -> torch.Tensor:
     """The end of every run: the final denoising step (the model's x0 estimate, with the solver's x0 hooks),
     the check for NaN/Inf (naming where it appeared), the mean state added back, the cast to the run's dtype."""
     if plan.final_denoise:

@@ -35,11 +35,11 @@ class SavedTensorMeter:
     every mode holds.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.live = 0
         self.peak = 0
         self._refs: dict[tuple[int, int], int] = {}
-        self._hooks = None
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def _pack(self, tensor):
         meter = self
@@ -233,7 +233,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     n_steps = table_times.shape[0] - 1
     ctx = fixed_grid_context(model, solver, x_T.detach(), table_times, cond, noise, dtype)
     ctx.grad_leaves = _leaves(model, cond, params)
-    if reversible:
+    if isinstance(solver, Reversible):
         if x_hat_T is None:
             x_hat = x_T
         else:

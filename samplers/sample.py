@@ -120,6 +120,7 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
     plan = plan_run(model, solver, x=x_T, shape=shape, steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, dtype=dtype, device=device, final_denoise=final_denoise,
                     backend=backend)
+    run: FixedGridRun | AdaptiveRun
     if isinstance(solver, AdaptiveSolver):
         if callback is not None:
             raise ValueError(f"callback is not supported with an adaptive solver ({solver!r}): its samples do not "
