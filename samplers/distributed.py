@@ -310,7 +310,8 @@ def _jsonable(v):
 
 def _read_records(out_dir: Path):
     """(config or None, {shard file: [recorded sha256, ...]}, [progress files]) from all index files."""
-    config, shas, progress = None, {}, []
+    config, progress = None, []
+    shas: dict[str, list[str]] = {}
     files = sorted(out_dir.glob(_PROGRESS_PREFIX + "*.json"))
     index = out_dir / INDEX_NAME
     for path in ([index] if index.exists() else []) + files:
@@ -539,7 +540,7 @@ def sample_distributed(model: Model, solver, n: int, shape, *, seed=0, group=Non
         sizes = tuple(map(as_integer, (shape,) if as_integer(shape) is not None else shape))
     except TypeError:
         sizes = ()
-    if not sizes or None in sizes or any(s < 1 for s in sizes):
+    if not sizes or any(s is None or s < 1 for s in sizes):
         raise ValueError(f"shape must be the shape of one sample (positive int sizes, no batch dimension), got "
                          f"{shape!r}")
     shape = sizes

@@ -117,9 +117,9 @@ class Model:
         """Call the network with times already in its own convention (see :meth:`net_time`).
         On an SDE with a state offset (mean-reverting) ``x`` is the shifted state y = x - mu and so is
         the result: the network is called at y + mu."""
-        offset = None
-        if self._shifted:
-            offset = self.sde.state_offset(cond).to(device=x.device, dtype=x.dtype)
+        offset = self.sde.state_offset(cond) if self._shifted else None
+        if offset is not None:
+            offset = offset.to(device=x.device, dtype=x.dtype)
             x = x + offset
         out = self.net(x, net_t, **cond)
         if not isinstance(out, torch.Tensor):

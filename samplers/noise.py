@@ -331,7 +331,7 @@ class NoiseSource:
         self.sample_index = index
         self._index32 = index.to(torch.int32)  # the uint32 bits the C code reads
         self._counter_cache: dict[int, torch.Tensor] = {}
-        self._device_keys: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_keys: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def subset(self, index) -> NoiseSource:
         """The source of rows ``index`` (int64; repeats allowed): row j draws what row index[j] of
@@ -398,7 +398,7 @@ class NoiseSource:
         device = torch.device(device)
         direct = out is not None and out.dtype == gen_dtype and out.is_contiguous() and out.device.type == "cpu"
         if device.type == "cpu" and _native() is not None:
-            target = out if direct else torch.empty(full, dtype=gen_dtype)
+            target = out if out is not None and direct else torch.empty(full, dtype=gen_dtype)
             if target.numel():
                 _native_fill(target, self.seeds, self._index32, counter32, int(stream))
         elif (device.type == "cuda" and isinstance(counter, int) and gen_dtype == torch.float32
@@ -406,7 +406,7 @@ class NoiseSource:
             seeds, _, index32 = self.keys_on(device)
             kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
             writes_out = out is not None and out.is_contiguous() and out.dtype in kernel_dtypes
-            target = out if writes_out else torch.empty(full, dtype=torch.float32, device=device)
+            target = out if out is not None and writes_out else torch.empty(full, dtype=torch.float32, device=device)
             if target.numel():
                 from solvers.kernels import fill_keyed_normal
 

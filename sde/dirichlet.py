@@ -334,11 +334,13 @@ class DirichletSDE(SDE):
             if n >= 2:
                 lin = A[n] * y + B[n]
                 p_prev, p, dp_prev, dp = p, lin * p - C[n] * p_prev, dp, A[n] * p + lin * dp - C[n] * dp_prev
-                q = [(qq[1], (A[n] * y0 + B[n]) * qq[1] - C[n] * qq[0]) if qq is not None else None
+                q = [(qq[1], (A[n] * y0 + B[n]) * qq[1] - C[n] * qq[0])
+                     if qq is not None and y0 is not None else None
                      for qq, y0 in zip(q, tensor_starts, strict=True)]
             weight = torch.exp(eigen[n] * t)
             for j, start in enumerate(starts):
-                c = q[j][1] if q[j] is not None else ends[float(start)][n]
+                qj = q[j]
+                c = qj[1] if qj is not None else ends[float(start)][n]
                 wc = weight * c
                 term = wc * p
                 sums[j] = sums[j] + term

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import Literal, overload
 
 __all__ = ["check_number", "check_positive", "check_nonnegative", "check_in_range", "check_count",
            "check_flag", "check_choice", "check_predicts"]
@@ -63,14 +64,18 @@ def check_in_range(name: str, value, low: float, high: float, owner: str | None 
 def check_count(name: str, value, owner: str | None = None, *, minimum: int = 1, maximum: int | None = None,
                 why: str = "") -> int:
     """An int (numpy's too, not a bool) >= ``minimum`` (and <= ``maximum`` when given), as an int."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum and (
-        maximum is None or value <= maximum)
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum and (
+        maximum is None or int(value) <= maximum)
     if not ok:
         rule = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{_prefix(owner)}{name} must be an int {rule}{why}, got {value!r}")
     return int(value)
 
 
+@overload
+def check_flag(name: str, value, owner: str | None = None, *, allow_none: Literal[False] = False) -> bool: ...
+@overload
+def check_flag(name: str, value, owner: str | None = None, *, allow_none: bool) -> bool | None: ...
 def check_flag(name: str, value, owner: str | None = None, *, allow_none: bool = False) -> bool | None:
     """True or False, or None where ``allow_none`` (None meaning the default): a string such as "no", or
     1, would otherwise count as a truth value."""

@@ -50,7 +50,7 @@ class DPMSolver(Solver):
         self.predicts = check_predicts(predicts)
         self.variant = check_choice("variant", variant, VARIANTS)
         self.lower_order_final = check_flag("lower_order_final", lower_order_final)
-        self.hooks = X0Hooks(thresholding, correct_x0)
+        self.hooks: X0Hooks = X0Hooks(thresholding, correct_x0)
         if self.hooks.active and predicts != "x0":
             raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predicts='x0'")
         self.nfe_per_step = 1 if variant == "multistep" else self.order

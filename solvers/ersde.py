@@ -130,6 +130,9 @@ class ERSDE(Solver):
     convergence_mode = "weak"
     gaussian_only = True
 
+    #: the name of a built-in noise scale (:data:`NOISE_SCALES`); None for a callable one
+    noise_scale_name: str | None
+
     def __init__(self, order: int = 3, noise_scale="sde_5", thresholding=False, correct_x0=None):
         self.order = int(check_choice("order", order, (1, 2, 3)))
         if isinstance(noise_scale, str) and noise_scale in NOISE_SCALES:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import threading
 import warnings
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,7 @@ class FusedStep:
     #: the .cu file holding the kernels
     source = "euler.cu"
     #: every .cu file the step may launch from (compiled before ``auto`` commits to the kernels)
-    sources = ("euler.cu",)
+    sources: tuple[str, ...] = ("euler.cu",)
 
     def bind(self, ctx, x: torch.Tensor, runner) -> None:
         self.runner = runner
@@ -340,7 +341,7 @@ class _DeviceLauncher:
     def __init__(self, cupy, index: int):
         self.cupy = cupy
         self.device = cupy.cuda.Device(index)
-        self._streams: dict[int, object] = {}
+        self._streams: dict[int, AbstractContextManager] = {}  # cupy ExternalStreams
         self._functions: dict[str, object] = {}
 
     def function(self, source: str, name: str):

@@ -106,7 +106,7 @@ def exponential_multistep_weights(lam: torch.Tensor, h: torch.Tensor, orders: li
 
 
 def history_tables(order: int, cx: torch.Tensor, weights, p: torch.Tensor, q: torch.Tensor, hooks,
-                   times: torch.Tensor) -> dict:
+                   times: torch.Tensor) -> dict[str, torch.Tensor | Plan]:
     """The tables of an exponential multistep update x_{k+1} = cx x_k + sum_j w_j[k] m_{k-j} whose
     converted outputs m = p x + q out (the x0 or eps estimate) are kept in a ring of scratch buffers;
     read by :func:`history_step`.
@@ -120,6 +120,7 @@ def history_tables(order: int, cx: torch.Tensor, weights, p: torch.Tensor, q: to
     if order == 1 and not hooks.active:
         # nothing to remember: fold the conversion into the update, x <- (cx + w p) x + w q out
         return {"x": cx + w[0] * p, "out": w[0] * q}
+    tables: dict[str, torch.Tensor | Plan]
     if bool((p == 0).all()):
         mode, tables = "direct", {"conv_out": q}
     elif bool((p != 0).all()) and not hooks.active:

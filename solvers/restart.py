@@ -389,7 +389,7 @@ class Restart(Solver):
         b = layout.boundaries
         return [(s, b[s], b[s + 1]) for s in range(len(b) - 1) if b[s + 1] > b[s]]
 
-    def stage_times(self, model, times):
+    def stage_times(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         layout = self._layout(model, times)
         stages: dict[str, torch.Tensor] = {}
         # the main pass's own stages (singlestep DPM-Solver), one table over the whole grid
@@ -401,11 +401,11 @@ class Restart(Solver):
             stages[f"main/{name}"] = torch.cat(parts, dim=0)
         return stages
 
-    def prepare(self, model, times):
+    def prepare(self, model, times: torch.Tensor) -> dict[str, torch.Tensor | Plan]:
         layout = self._layout(model, times)
         sde = model.sde
         n = times.shape[0] - 1
-        tables: dict = {}
+        tables: dict[str, torch.Tensor | Plan] = {}
         segment_of: list[tuple[int, int]] = [(0, 0)] * n
         for s, a, b in self._segments(layout):
             for name, tab in self.ode_solver.prepare(model, times[a:b + 1]).items():

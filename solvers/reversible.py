@@ -235,7 +235,7 @@ class Reversible(Solver):
         x_{n+1} at s_{n+1}) increment, and the step's standard normal draw (None for the ODE)."""
         start, sign = (0.0, 1.0) if d == "f" else (1.0, -1.0)
         z = ctx.noise(k) if self.stochastic else None
-        slopes = []
+        slopes: list[torch.Tensor] = []
         for i, c in enumerate(self.c):
             if i == 0:
                 x_i = x

@@ -62,6 +62,8 @@ class Tableau:
         at stage j (the caller knows the stage's time tau + c_j h).  Returns (y_high, y_low, stages k)."""
         if not self.embedded:
             raise ValueError(f"tableau {self.name!r} has no embedded weights (b_low): it cannot estimate an error")
+        b_low = self.b_low
+        assert b_low is not None  # embedded says so
         hc = h.to(device=y.device, dtype=y.dtype).reshape((-1,) + (1,) * (y.dim() - 1))
         k = [f(y, 0) if k1 is None else k1]
         for j in range(1, self.stages):
@@ -74,8 +76,8 @@ class Tableau:
         for i in range(self.stages):
             if self.b[i] != 0:
                 y_high.add_(hc * k[i], alpha=self.b[i])
-            if self.b_low[i] != 0:
-                y_low.add_(hc * k[i], alpha=self.b_low[i])
+            if b_low[i] != 0:
+                y_low.add_(hc * k[i], alpha=b_low[i])
         return y_high, y_low, k
 
 
