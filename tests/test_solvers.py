@@ -12,7 +12,7 @@ from conftest import F64, GaussianNet, col, make_sde
 from samplers import Model, grid, sample
 from samplers.noise import NoiseSource
 from sde import PREDICTIONS, SDE, RectifiedFlowSDE
-from solvers import Euler, EulerMaruyama, Heun, Solver
+from solvers import Euler, EulerMaruyama, Heun, Restart, Solver
 
 MU, S = 0.7, 0.5
 
@@ -210,7 +210,9 @@ def test_order_is_the_constructors_and_convergence_is_declared(cls):
         assert solver.order == params["order"].default
     else:
         assert not hasattr(solver, "order"), cls
-    assert isinstance(solver.convergence_order, int) and solver.convergence_order >= 1
+    assert isinstance(solver.convergence_order, int)
+    # 0 only for Restart with restarts: its backward passes keep a fixed number of steps (tests/test_orders.py)
+    assert solver.convergence_order >= (0 if isinstance(solver, Restart) and solver.stochastic else 1), cls
     assert solver.convergence_mode == ("weak" if solver.stochastic else "pathwise"), cls
 
 
