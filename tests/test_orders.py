@@ -89,8 +89,8 @@ SUPERCONVERGENT = {
     # Rex with an Euler base (McCallum-Foster coupling 0.999): x steps with Euler at x_hat and x_hat steps
     # back with Euler at the new x, a nearly symmetric pair that converges at order 2 on smooth problems
     # (local slopes 1.98, 2.03, 2.19 from 8 to 64 steps on both SDEs; from 64 to 128 the error falls
-    # faster still, 3.2-3.3, as its leading term changes sign); the Euler base's order 1 is what Rex's
-    # analysis guarantees
+    # faster still, 3.2-3.3, not explained here); the Euler base's order 1 is what Rex's analysis
+    # guarantees
     "Reversible-euler": (2, (16, 32, 64)),
 }
 
