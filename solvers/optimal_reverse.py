@@ -52,5 +52,11 @@ class OptimalReverse(AncestralSampling):
         out = ctx.output(x, k)
         return x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
 
+    @property
+    def score_weight(self) -> None:
+        # with or without its noise the step follows no reverse process of the eta family (noise=False is
+        # the posterior mean, not the probability-flow ODE), so the adjoint has no drift to differentiate
+        return None
+
     def __repr__(self):
         return f"OptimalReverse(noise={self.noise})"

@@ -211,9 +211,10 @@ class Restart(Solver):
             raise TypeError(f"ode_solver must be a solvers.Solver instance, got {type(ode_solver).__name__}")
         if isinstance(ode_solver, Restart):
             raise ValueError("ode_solver must be an ODE solver, not another Restart")
-        if ode_solver.stochastic:
-            raise ValueError(f"ode_solver must be deterministic (an ODE solver, e.g. Heun(), Euler(), "
-                             f"DPMSolver(), UniPC()); {ode_solver!r} is stochastic")
+        if ode_solver.score_weight != 1.0:
+            why = "is stochastic" if ode_solver.stochastic else "does not follow the probability-flow ODE"
+            raise ValueError(f"ode_solver must be a deterministic ODE solver (e.g. Heun(), Euler(), DPMSolver(), "
+                             f"UniPC()); {ode_solver!r} {why}")
         self.s_noise = check_positive("s_noise", s_noise, "Restart")
         self.ode_solver = ode_solver
         #: a separate instance for the backward passes (no state of the main pass reaches them)

@@ -278,3 +278,22 @@ def test_default_modes_and_float32():
     x64 = x_T.clone().requires_grad_(True)
     (weights * sample_grad(model, Reversible(), x64, steps=8, mode="backprop")).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_adjoint_and_restart_refuse_a_deterministic_step_that_is_not_the_ode():
+    """OptimalReverse(noise=False) draws no noise but steps to the posterior mean, not along the
+    probability-flow ODE: it declares no score_weight, so the adjoint (which differentiates the ODE's
+    drift) refuses it instead of returning another process's gradient, and Restart refuses it as its
+    ODE solver.  A real ODE solver declares 1."""
+    from solvers import OptimalReverse, Restart
+
+    solver = OptimalReverse(noise=False)
+    assert not solver.stochastic and solver.score_weight is None
+    assert Euler().score_weight == 1.0 and DPMSolver().score_weight == 1.0
+    sde = VPSDE()
+    x_T = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    model = Model(lambda x, t: 0.5 * x, sde, predicts="x0")
+    with pytest.raises(ValueError, match="mode='adjoint' needs the drift the solver follows"):
+        sample_grad(model, solver, x_T, steps=4, mode="adjoint")
+    with pytest.raises(ValueError, match="does not follow the probability-flow ODE"):
+        Restart(ode_solver=solver)

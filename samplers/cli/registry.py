@@ -146,8 +146,8 @@ def _variants():
         (None, lambda: ERSDE(1)),
         (None, lambda: ERSDE(2)),
         (None, lambda: ERSDE(3, "ode")),
-        ("Restart('cifar10_vp')", lambda: Restart.preset("cifar10_vp")),
-        ("Restart('cifar10_vp', DPMSolver(2))", lambda: Restart.preset("cifar10_vp", DPMSolver(2))),
+        ("Restart.preset('cifar10_vp')", lambda: Restart.preset("cifar10_vp")),
+        ("Restart.preset('cifar10_vp', DPMSolver(2))", lambda: Restart.preset("cifar10_vp", DPMSolver(2))),
     ]
     return out
 
