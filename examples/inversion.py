@@ -32,12 +32,12 @@ from sde import VESDE, VPSDE  # noqa: E402
 from solvers import DPMSolver, Reversible  # noqa: E402
 
 SOLVERS = {
-    "Rex euler ODE (noise)": lambda: Reversible("euler", predicts="eps"),
-    "Rex heun ODE (noise)": lambda: Reversible("heun", predicts="eps"),
-    "Rex euler ODE (data)": lambda: Reversible("euler", predicts="x0"),
-    "Rex heun ODE (data)": lambda: Reversible("heun", predicts="x0"),
-    "Rex euler SDE (data)": lambda: Reversible("euler", eta=1),
-    "Rex heun SDE (data)": lambda: Reversible("heun", eta=1),
+    "Rex euler ODE (eps)": lambda: Reversible("euler", predicts="eps"),
+    "Rex heun ODE (eps)": lambda: Reversible("heun", predicts="eps"),
+    "Rex euler ODE (x0)": lambda: Reversible("euler", predicts="x0"),
+    "Rex heun ODE (x0)": lambda: Reversible("heun", predicts="x0"),
+    "Rex euler SDE (x0)": lambda: Reversible("euler", eta=1),
+    "Rex heun SDE (x0)": lambda: Reversible("heun", eta=1),
     "Rex heun ODE (data_std=2)": lambda: Reversible("heun", data_std=2.0),
     "Rex heun SDE (data_std=2)": lambda: Reversible("heun", eta=1, data_std=2.0),
     "DDIM inversion": lambda: DPMSolver(order=1),

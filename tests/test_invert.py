@@ -239,6 +239,6 @@ def test_round_trip_table_prints(capsys):
         print("\nround trip x_T -> 50 steps -> invert, 2-D mixture, batch 16 (max |x_T - x_T'|, relative):")
         for r in rows:
             print(f"  {r['sde']:3} {r['solver']:24} {r['dtype']:8} {r['max_abs']:10.3g} {r['max_rel']:10.3g}")
-    exact = [r for r in rows if "ODE (noise)" in r["solver"] or "data_std" in r["solver"]]
+    exact = [r for r in rows if "ODE (eps)" in r["solver"] or "data_std" in r["solver"]]
     assert all(r["max_abs"] < 1e-9 for r in exact if r["dtype"] == "float64")
     assert all(r["max_rel"] < 1e-4 for r in exact if r["dtype"] == "float32")
