@@ -24,8 +24,8 @@ from solvers.base import Plan, check_coefficients_finite
 from solvers.kernels import FusedStep
 
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
-from .grid import grid as make_grid
 from .grid import ends_at_zero, validate_grid
+from .grid import grid as make_grid
 from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream

@@ -56,7 +56,8 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
             raise ValueError(f"grid: {steps} {kind} steps from t_max={hi:g} to sigma = 0 call the network below "
                              f"t_min={sde.t_min:g} of {sde!r}; pass fewer steps or a t_min for the spacing to end at")
     else:
-        head = _spaced(sde, steps - 1, kind, hi, lo, rho, None) if steps > 1 else torch.tensor([hi], dtype=torch.float64)
+        one_time = torch.tensor([hi], dtype=torch.float64)
+        head = _spaced(sde, steps - 1, kind, hi, lo, rho, None) if steps > 1 else one_time
         times = torch.cat([head, torch.tensor([zero], dtype=torch.float64)])
     return validate_grid(sde, times if device is None else times.to(device))
 
