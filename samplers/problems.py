@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sde.parametrization import PREDICTIONS
-from sde.validation import check_positive, check_predicts
+from sde.validation import check_count, check_positive, check_predicts
 
 __all__ = [
     "GaussianMixture",
@@ -29,6 +29,7 @@ __all__ = [
     "moment_error",
     "mode_statistics",
     "mode_error",
+    "mode_error_floor",
     "rms_distance",
     "reference_solution",
     "reference_endpoint",
@@ -454,6 +455,21 @@ def mode_error(x, mixture: GaussianMixture) -> dict:
     per_mode = torch.where(stats["counts"] >= 2, per_mode, empty)
     return {"mode_error": float((mixture.weights * per_mode).sum()) / mixture.dim,
             "weight_tv": 0.5 * float((stats["weights"] - mixture.weights).abs().sum())}
+
+
+def mode_error_floor(mixture: GaussianMixture, n: int) -> dict:
+    """The expected :func:`mode_error` of n exact samples (its Monte Carlo floor), to first order in 1/n:
+    ``mode_error`` = 1.5 sum_k mean_i s_ki^2 / n (a mode's sample mean errs by s^2 / n_k per coordinate,
+    its std by s^2 / (2 n_k)) and ``weight_tv`` = (1/2) sum_k sqrt(2 w_k (1 - w_k) / (pi n)) (the mean
+    absolute deviation of a binomial fraction).  Samples the mixture assigns to another mode add to both;
+    for well separated modes that is negligible."""
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"mixture must be a samplers.problems.GaussianMixture, got {type(mixture).__name__}")
+    n = check_count("n", n, minimum=2)
+    variances = torch.diagonal(mixture.covs, dim1=1, dim2=2)
+    w = mixture.weights
+    return {"mode_error": 1.5 * float(variances.mean(dim=1).sum()) / n,
+            "weight_tv": 0.5 * float(torch.sqrt(2.0 * w * (1.0 - w) / (math.pi * n)).sum())}
 
 
 def rms_distance(x, y) -> float:
