@@ -517,8 +517,10 @@ def reference_endpoint(mixture: GaussianMixture, sde, x_T, t_start: float | None
     (default: sde.t_max), float64: where a sampler whose last step reaches sigma = 0 should land.
 
     The ODE is the same on every Gaussian SDE in the scaled state y = x / alpha against the noise level
-    s = sigma / alpha: dy/ds = (y - x0hat(y, s)) / s.  It is solved with DOP853 in log s from s(t_start)
-    down to s = 1e-9 (the last stretch moves y by about s^2 / std^2), then y is replaced by x0hat(y, s).
+    s = sigma / alpha: dy/ds = (y - x0hat(y, s)) / s.  It is solved with DOP853 in log s down to s = 1e-9
+    (the last stretch moves y by about s^2 / std^2), then y is replaced by x0hat(y, s).  Where the start
+    is noisier than s = 1 (alpha = 0 included, as rectified flow's t = 1), the first leg runs in
+    z = x / sigma against r = alpha / sigma, where the flow is dz/dr = x0hat and stays finite at r = 0.
     """
     from sde import EDMSDE, GaussianSDE
 
@@ -527,12 +529,22 @@ def reference_endpoint(mixture: GaussianMixture, sde, x_T, t_start: float | None
     t_start = sde.t_max if t_start is None else float(t_start)
     tt = torch.tensor(t_start, dtype=_F64)
     alpha, sigma = float(sde.alpha(tt)), float(sde.sigma(tt))
-    if not (alpha > 0 and sigma > 0):
-        raise ValueError(f"reference_endpoint: alpha and sigma must be positive at t_start={t_start:g}, got "
+    if not (alpha >= 0 and sigma > 0):
+        raise ValueError(f"reference_endpoint: need alpha >= 0 and sigma > 0 at t_start={t_start:g}, got "
                          f"alpha={alpha:g}, sigma={sigma:g}")
-    s_start, s_end = sigma / alpha, 1e-9
+    x_T = torch.as_tensor(x_T).detach().to(_F64).cpu()
+    if alpha < sigma:
+        unit = torch.ones(x_T.shape[0], dtype=_F64)
+
+        def z_rhs(z, r):
+            return mixture._mix(z.reshape(z.shape[0], -1), r, unit, "x0").reshape(z.shape)
+
+        y = reference_solution(z_rhs, x_T / sigma, alpha / sigma, 1.0, rtol=rtol, atol=atol)
+        s_start = 1.0
+    else:
+        y, s_start = x_T / alpha, sigma / alpha
+    s_end = 1e-9
     edm = EDMSDE(sigma_min=s_end, sigma_max=max(s_start, 1.0))
-    y = torch.as_tensor(x_T).detach().to(_F64).cpu() / alpha
 
     def rhs(y, log_s):
         s = torch.exp(log_s)

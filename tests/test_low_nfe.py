@@ -96,17 +96,19 @@ def test_measure_errors():
         problems.reference_endpoint(mix, DirichletSDE(2), torch.zeros(4, 2))
 
 
-@pytest.mark.parametrize("sde", [VPSDE(), EDMSDE(), VESDE(), RectifiedFlowSDE(t_max=0.999)], ids=repr)
+@pytest.mark.parametrize("sde", [VPSDE(), EDMSDE(), VESDE(), RectifiedFlowSDE(t_max=0.999), RectifiedFlowSDE()],
+                         ids=repr)
 def test_reference_endpoint_is_the_exact_flow_of_a_gaussian(sde):
     # data N(mu, s^2): the flow keeps each point's standardised position, so from y = x / alpha at noise
-    # level S = sigma / alpha it lands on mu + s (y - mu) / sqrt(s^2 + S^2)
+    # level S = sigma / alpha it lands on mu + s (y - mu) / sqrt(s^2 + S^2), written with r = 1 / S so that
+    # it holds at alpha = 0 too (rectified flow's t = 1, where the start is pure noise)
     mu, s = 0.7, 0.3
     data = problems.gaussian(mu, s, dim=3)
     x_T = torch.randn(16, 3, dtype=F64, generator=torch.Generator().manual_seed(0)) * sde.prior_std
     t = torch.tensor(sde.t_max, dtype=F64)
     alpha, sigma = sde.alpha(t), sde.sigma(t)
-    y, level = x_T / alpha, sigma / alpha
-    exact = mu + s * (y - mu) / torch.sqrt(s * s + level * level)
+    r = alpha / sigma
+    exact = mu + s * (x_T / sigma - r * mu) / torch.sqrt(s * s * r * r + 1)
     got = problems.reference_endpoint(data, sde, x_T)
     assert (got - exact).abs().max().item() < 1e-8
 
