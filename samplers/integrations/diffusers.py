@@ -97,12 +97,18 @@ def _config_dict(scheduler_or_config) -> dict:
     if not hasattr(config, "get"):
         raise TypeError(f"scheduler must be a diffusers scheduler or its config (a dict), got "
                         f"{type(scheduler_or_config).__name__}")
-    return dict(config)
+    config = dict(config)
+    if config is not scheduler_or_config and hasattr(scheduler_or_config, "config"):
+        config.setdefault("_class_name", type(scheduler_or_config).__name__)  # an instance's config omits it
+    return config
 
 
 def _is_flow(config: dict) -> bool:
+    # an instance's config carries no _class_name: flow-matching configs are also told by their keys (a
+    # shift and no beta schedule)
     return ("FlowMatch" in str(config.get("_class_name", "")) or bool(config.get("use_flow_sigmas"))
-            or config.get("prediction_type") == "flow_prediction" or bool(config.get("flow")))
+            or config.get("prediction_type") == "flow_prediction" or bool(config.get("flow"))
+            or ("shift" in config and "use_dynamic_shifting" in config and "beta_start" not in config))
 
 
 def shift_times(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -194,7 +200,9 @@ def equivalent_solver(scheduler) -> Solver:
     :func:`diffusers_grid`'s grid: DPMSolverMultistep -> :class:`solvers.DPMSolver` (data form for
     "dpmsolver++", noise form for "dpmsolver"), UniPCMultistep -> :class:`solvers.UniPC`, DDIM (eta = 0) and
     EulerDiscrete -> ``DPMSolver(1)`` (an Euler step in the noise level sigma/alpha of the scaled state
-    x/alpha is DDIM's step).  Multistep solvers get ``lower_order_final=False``: diffusers lowers only its
+    x/alpha is DDIM's step; DDIM's ``clip_sample`` is a ``correct_x0`` clamp, which equals DDIM's
+    ``step(..., use_clipped_model_output=True)``: its default step mixes the clipped x0 with the unclipped
+    eps, which no x0 estimate expresses).  Multistep solvers get ``lower_order_final=False``: diffusers lowers only its
     last step to sigma = 0, which is our final denoising step.  Raises ValueError for other schedulers."""
     name = type(scheduler).__name__
     config = scheduler.config
@@ -214,19 +222,27 @@ def equivalent_solver(scheduler) -> Solver:
                              "no disabled correctors")
         return UniPC(config.solver_order, config.solver_type, "x0" if config.predict_x0 else "eps",
                      lower_order_final=False)
-    if name in ("DDIMScheduler", "EulerDiscreteScheduler"):
+    if name == "DDIMScheduler":
+        if config.thresholding:
+            raise ValueError("equivalent_solver: DDIMScheduler with thresholding=True (dynamic thresholding) is not "
+                             "supported")
+        if not config.clip_sample:
+            return DPMSolver(1, "x0", lower_order_final=False)
+        bound = float(config.clip_sample_range)
+        return DPMSolver(1, "x0", lower_order_final=False, correct_x0=lambda x0, t: x0.clamp(-bound, bound))
+    if name == "EulerDiscreteScheduler":
         return DPMSolver(1, "x0", lower_order_final=False)
     raise ValueError(f"equivalent_solver: no equivalent for {name}; supported: DPMSolverMultistepScheduler, "
                      "UniPCMultistepScheduler, DDIMScheduler, EulerDiscreteScheduler")
 
 
-def diffusers_grid(scheduler, num_inference_steps: int, sde=None) -> tuple[torch.Tensor | None, bool]:
+def diffusers_grid(scheduler, num_inference_steps: int, sde=None) -> tuple[torch.Tensor, bool]:
     """``(grid, final_denoise)``: the times at which ``scheduler`` (a diffusers scheduler instance) calls
     the network for ``num_inference_steps``, as a grid for ``sample()`` on ``sde`` (default: the SDE of
     :func:`from_diffusers`), and whether its last step goes to sigma = 0 (our final denoising step).
 
-    ``grid`` is None when the scheduler takes a single step to sigma = 0 (one call, the final denoising
-    step alone: ``model.denoise(x_T, sde.t_max)``).  Calls ``scheduler.set_timesteps``.  A DDIM scheduler
+    A grid of one time is a single step to sigma = 0: the final denoising step alone,
+    ``model.denoise(x_T, grid)``.  Calls ``scheduler.set_timesteps``.  A DDIM scheduler
     whose steps do not end where its next one starts (linspace spacing, whose timesteps are not a
     multiple of N // S apart) has no such grid: ValueError.
 
@@ -266,8 +282,6 @@ def diffusers_grid(scheduler, num_inference_steps: int, sde=None) -> tuple[torch
         elif sigmas is not None and float(sigmas[-1]) != 0.0:
             raise ValueError(f"{name}: its last sigma is {float(sigmas[-1]):g}, neither 0 nor sigma_min")
         times = sde.t_from_timestep(timesteps)
-    if times.numel() == 1:
-        return None, final_denoise
     return times, final_denoise
 
 
