@@ -75,7 +75,8 @@ def k_diffusion_sampler(solver: Solver) -> Callable:
                                  "extra_args={'seed': ...} or a noise_sampler with a .seed attribute")
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item()) if solver.stochastic else 0
-        sde = EDMSDE(sigma_min=float(grid[-1]), sigma_max=float(grid[0]))
+        # one noise level alone (a single step to 0) still needs an interval for the SDE
+        sde = EDMSDE(sigma_min=float(grid[-1]) * (0.5 if grid.numel() == 1 else 1.0), sigma_max=float(grid[0]))
         denoiser = Model(lambda x_, t, **cond: model(x_, t, **cond), sde, "x0")
         progress = None if disable is None else not disable
         if grid.numel() == 1:  # a single step to sigma = 0: the final denoising step alone
