@@ -12,7 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (  # noqa: E402
+from diffusers import (
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
@@ -24,15 +24,15 @@ from diffusers import (  # noqa: E402
     UniPCMultistepScheduler,
 )
 
-from samplers import sample  # noqa: E402
-from samplers.integrations import (  # noqa: E402
+from samplers import sample
+from samplers.integrations import (
     SolverScheduler,
     diffusers_grid,
     equivalent_solver,
     from_diffusers,
 )
-from sde import DiscreteVPSDE, RectifiedFlowSDE  # noqa: E402
-from solvers import ERSDE, AdaptiveDPMSolver, DPMSolver, Euler, Heun, Restart, UniPC  # noqa: E402
+from sde import DiscreteVPSDE, RectifiedFlowSDE
+from solvers import ERSDE, AdaptiveDPMSolver, DPMSolver, Euler, Heun, Restart, UniPC
 
 SIZE = 8
 
@@ -210,7 +210,7 @@ def test_flow_matching_config_gives_rectified_flow_with_shift():
     theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
     theirs.set_timesteps(5)
     grid, final_denoise = diffusers_grid(theirs, 5)
-    net = lambda x, t: torch.tanh(x) * (t.reshape(-1, 1) / 1000) - 0.3 * x  # noqa: E731
+    net = lambda x, t: torch.tanh(x) * (t.reshape(-1, 1) / 1000) - 0.3 * x
     x = _noise()[:, 0, 0]
     x_T = x.clone()
     for t in theirs.timesteps:
@@ -229,7 +229,7 @@ def test_from_diffusers_reads_the_schedule_prediction_and_output_objects(unet):
     assert torch.allclose(ac, base.alphas_cumprod.double(), rtol=1e-12)
     assert from_diffusers(unet, DDPMScheduler(prediction_type="sample")).predicts == "x0"
     # a config dict works as well as the scheduler, and a tuple output is unwrapped
-    tuple_net = lambda x, t: (x * 0.1,)  # noqa: E731
+    tuple_net = lambda x, t: (x * 0.1,)
     out = sample(from_diffusers(tuple_net, dict(base.config)), DPMSolver(1), x_T=_noise(), steps=2)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="prediction_type"):

@@ -142,7 +142,7 @@ def _convention(scheduler_or_config, prediction_type: str | None = None) -> _Con
         # diffusers' own beta schedules (linear, scaled_linear, squaredcos_cap_v2, sigmoid, trained_betas,
         # rescale_betas_zero_snr), in the float32 tables its schedulers step with
         known = set(DDPMScheduler._get_init_keys(DDPMScheduler)) - {"self"}
-        alphas_cumprod = DDPMScheduler(**{k: v for k, v in config.items() if k in known}).alphas_cumprod
+        alphas_cumprod = DDPMScheduler(**{k: v for k, v in config.items() if k in known}).alphas_cumprod  # type: ignore[attr-defined]
     dsde = DiscreteVPSDE(alphas_cumprod=torch.as_tensor(alphas_cumprod).to(_F64))
     return _Convention(dsde, PREDICTION_TYPES[prediction_type], "discrete", dsde.t_from_timestep, 1.0, False)
 
@@ -368,7 +368,7 @@ class _DrivenRun:
             self.thread.join(timeout=10)
 
 
-class SolverScheduler(SchedulerMixin, ConfigMixin):
+class SolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # diffusers' own mixins disagree on config_name
     """Any fixed-grid solver of :mod:`solvers` as a diffusers scheduler, for unmodified pipelines::
 
         pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver=ERSDE(3))
@@ -404,8 +404,8 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
     """
 
     order = 1
-    ignore_for_config = ["solver"]
-    _compatibles: list = []
+    ignore_for_config = ["solver"]  # noqa: RUF012 - diffusers' mixins declare these as plain class lists
+    _compatibles: list = []  # noqa: RUF012
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -492,7 +492,7 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
 
         model = Model(recorder, self.sde, self._convention.predicts)
         sample(model, self.solver, x_T=torch.zeros(1, 1, dtype=_F64), grid=grid,
-               final_denoise=self.config.final_denoise, seed=0, progress=False,
+               final_denoise=self.config["final_denoise"], seed=0, progress=False,
                callback=lambda info: starts.append(info.nfe))
         return times, starts
 
@@ -506,7 +506,7 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
         if kwargs.get("mu") is not None:
             raise ValueError("set_timesteps: mu (dynamic shifting) is not supported; the config's shift is used")
         self._end_run()
-        final_denoise = bool(self.config.final_denoise)
+        final_denoise = bool(self.config["final_denoise"])
         if grid is not None:
             grid = torch.as_tensor(grid, dtype=_F64).reshape(-1)
             calls, starts = self._dry_run(grid)
@@ -518,7 +518,7 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
             steps = self.solver.steps_for_nfe(num_inference_steps, final_denoise)
             calls, starts = [], [0]
             while steps >= 1:
-                grid = _grid_for(self._convention, steps, self.config.grid_kind, self.config.steps_offset)
+                grid = _grid_for(self._convention, steps, self.config["grid_kind"], self.config["steps_offset"])
                 calls, starts = self._dry_run(grid)
                 if len(calls) <= num_inference_steps:
                     break
@@ -528,7 +528,7 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
                     raise ValueError(f"num_inference_steps={num_inference_steps} does not pay for one step of "
                                      f"{self.solver!r} ({self.solver.nfe_per_step} calls)")
                 # the final denoising step alone, from the start of the SDE's grid
-                grid = _grid_for(self._convention, 1, self.config.grid_kind, self.config.steps_offset)[:1]
+                grid = _grid_for(self._convention, 1, self.config["grid_kind"], self.config["steps_offset"])[:1]
                 calls, starts = [float(grid[0])], [0]
         self.grid = grid
         self._call_times = torch.tensor(calls, dtype=_F64)
@@ -564,26 +564,26 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
             raise RuntimeError("step: call set_timesteps before the first step")
         index = self._call_index(timestep)
         if index not in self._step_starts:
-            raise ValueError(f"step: a run cannot start at call {index} of {len(self._call_times)}: it is inside a step "
-                             f"of {self.solver!r} (steps start at calls {self._step_starts}); start at one of those")
+            raise ValueError(f"step: a run cannot start at call {index} of {len(self._call_times)}: it is inside a "
+                             f"step of {self.solver!r} (steps start at calls {self._step_starts})")
         k = self._step_starts.index(index)
         self.last_seed = self._seed(generator, sample_.shape[0])
         self._calls_made = index
-        if k == len(self._step_starts) - 1 and self.config.final_denoise:
+        if k == len(self._step_starts) - 1 and self.config["final_denoise"]:
             self._run = None  # the final denoising step alone
             self._pending = sample_
             return
         grid = self.grid[k:]
         args = (self.sde, self._convention.predicts, self._convention.time_input)
-        self._run = _DrivenRun(args, self.solver, sample_, grid, bool(self.config.final_denoise), self.last_seed)
+        self._run = _DrivenRun(args, self.solver, sample_, grid, bool(self.config["final_denoise"]), self.last_seed)
         kind, value = self._run.next_request()
         if kind != "call":
             raise RuntimeError("the run ended before its first network call")
         self._pending = value
 
     def _seed(self, generator, batch: int):
-        if self.config.seed is not None:
-            return self.config.seed
+        if self.config["seed"] is not None:
+            return self.config["seed"]
         if not self.solver.stochastic:
             return 0
 
@@ -645,4 +645,4 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):
         self._run, self._pending, self._returned, self._calls_made = None, None, None, 0
 
     def __len__(self) -> int:
-        return int(self.config.num_train_timesteps)
+        return int(self.config["num_train_timesteps"])
