@@ -355,3 +355,12 @@ def test_equivalent_solver_refuses_what_it_cannot_match():
         equivalent_solver(DDPMScheduler())
     with pytest.raises(ValueError, match="sde-dpmsolver"):
         equivalent_solver(DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"))
+
+
+def test_pipeline_equals_sample_with_the_same_generator(unet):
+    # sample(generator=...) draws the starting noise as the pipeline's randn_tensor does: no x_T needed
+    base = DDPMScheduler()
+    images, scheduler = _pipeline_run(unet, base, DPMSolver(2))
+    ours = sample(from_diffusers(unet, base), DPMSolver(2), shape=(2, 3, SIZE, SIZE), grid=scheduler.grid,
+                  generator=torch.Generator().manual_seed(1))
+    assert torch.equal(images, (ours / 2 + 0.5).clamp(0, 1))

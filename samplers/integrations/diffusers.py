@@ -493,7 +493,7 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # dif
         model = Model(recorder, self.sde, self._convention.predicts)
         sample(model, self.solver, x_T=torch.zeros(1, 1, dtype=_F64), grid=grid,
                final_denoise=self.config["final_denoise"], seed=0, progress=False,
-               callback=lambda info: starts.append(info.nfe))
+               callback=lambda info: None if info.final else starts.append(info.nfe))
         return times, starts
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, *, timesteps=None, sigmas=None,

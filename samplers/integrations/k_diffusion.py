@@ -87,16 +87,16 @@ def k_diffusion_sampler(solver: Solver) -> Callable:
         report = None
         before = [x]
         if callback is not None:
+            # k-diffusion reports each call's state before its update: ours after it, so one step late;
+            # the final denoising step (info.final) is the call at the last sigma
             def report(info):
-                callback({"x": before[0], "i": info.step, "sigma": sigmas[info.step], "sigma_hat": sigmas[info.step],
+                i = grid.numel() - 1 if info.final else info.step
+                callback({"x": before[0], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                           "denoised": info.denoised})
-                before[0] = info.x.clone()  # the run updates its state in place
-        result = sample(denoiser, solver, x_T=x, grid=grid, cond=extra_args, final_denoise=final_zero, seed=seed,
-                        progress=progress, callback=report)
-        if callback is not None and final_zero:
-            last = grid.numel() - 1
-            callback({"x": before[0], "i": last, "sigma": sigmas[last], "sigma_hat": sigmas[last], "denoised": result})
-        return result
+                if not info.final:
+                    before[0] = info.x.clone()  # the run updates its state in place
+        return sample(denoiser, solver, x_T=x, grid=grid, cond=extra_args, final_denoise=final_zero, seed=seed,
+                      progress=progress, callback=report)
 
     sampler.__name__ = f"sample_{type(solver).__name__.lower()}"
     sampler.__doc__ = f"{solver!r} as a k-diffusion sampler function (samplers.integrations.k_diffusion_sampler)."
