@@ -364,3 +364,19 @@ def test_pipeline_equals_sample_with_the_same_generator(unet):
     ours = sample(from_diffusers(unet, base), DPMSolver(2), shape=(2, 3, SIZE, SIZE), grid=scheduler.grid,
                   generator=torch.Generator().manual_seed(1))
     assert torch.equal(images, (ours / 2 + 0.5).clamp(0, 1))
+
+
+def test_an_abandoned_loop_is_cancelled_by_the_next_set_timesteps(unet):
+    base = DDPMScheduler()
+    scheduler = SolverScheduler.from_config(base.config, solver=Heun())
+    scheduler.set_timesteps(7)
+    x = _noise()
+    for t in scheduler.timesteps[:3]:  # the pipeline stops (an exception, an interrupt) mid-run
+        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    worker = scheduler._run.thread
+    scheduler.set_timesteps(7)
+    assert not worker.is_alive()
+    x = _noise()
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+    assert torch.equal(x, sample(from_diffusers(unet, base), Heun(), x_T=_noise(), grid=scheduler.grid))
