@@ -380,3 +380,18 @@ def test_an_abandoned_loop_is_cancelled_by_the_next_set_timesteps(unet):
     for t in scheduler.timesteps:
         x = scheduler.step(unet(x, t).sample, t, x).prev_sample
     assert torch.equal(x, sample(from_diffusers(unet, base), Heun(), x_T=_noise(), grid=scheduler.grid))
+
+
+def test_ddim_pipeline_runs_our_scheduler_and_refuses_its_eta(unet):
+    from diffusers import DDIMPipeline
+
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SolverScheduler.from_config(pipe.scheduler.config, solver=Heun())
+    images = pipe(batch_size=2, num_inference_steps=7, generator=torch.Generator().manual_seed(1),
+                  output_type="np").images
+    ours = sample(from_diffusers(unet, pipe.scheduler), Heun(), shape=(2, 3, SIZE, SIZE), grid=pipe.scheduler.grid,
+                  generator=torch.Generator().manual_seed(1))
+    assert torch.equal(torch.from_numpy(images), (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match="eta=0.5"):
+        pipe(batch_size=2, num_inference_steps=7, eta=0.5)

@@ -600,16 +600,20 @@ class SolverScheduler(SchedulerMixin, ConfigMixin):  # type: ignore[misc]  # dif
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True, **kwargs):
         """Hand the network's output for the current call to the run; ``prev_sample`` is the state of the
-        next call (after the last: the sample)."""
+        next call (after the last: the sample).  Other schedulers' keyword arguments that pipelines pass
+        (DDIM's ``use_clipped_model_output``, ``eta=0``) are accepted; a nonzero ``eta`` is refused."""
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
             raise TypeError("step: model_output and sample must be tensors")
+        if kwargs.get("eta") not in (None, 0, 0.0):
+            raise ValueError(f"step: eta={kwargs['eta']!r} (DDIM's noise) is not an option of this scheduler: the "
+                             "solver decides its noise (a stochastic solver such as ERSDE() or DPMSolverSDE(eta=...))")
         if self._pending is None:
             self._start_run(timestep, sample, generator)
         elif sample is not self._returned and not torch.equal(sample.to(self._pending.dtype), self._pending):
             self._pending.copy_(sample)  # the pipeline replaced the state (callback_on_step_end)
         pending = self._pending
         assert pending is not None
-        t_call = self._call_times[min(self._calls_made, len(self._call_times) - 1)]
+        t_call = self._call_times[min(self._calls_made, len(self._call_times) - 1)].reshape(1)
         out = model_output.to(pending.dtype)
         denoised = self._converter.predict("x0", pending, t_call, output=out)
         self._calls_made += 1
