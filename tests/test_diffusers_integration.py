@@ -395,3 +395,18 @@ def test_ddim_pipeline_runs_our_scheduler_and_refuses_its_eta(unet):
     assert torch.equal(torch.from_numpy(images), (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1))
     with pytest.raises(ValueError, match="eta=0.5"):
         pipe(batch_size=2, num_inference_steps=7, eta=0.5)
+
+
+@pytest.mark.parametrize("solver", [Heun(), ERSDE(3)], ids=repr)
+def test_flow_matching_scheduler_loop_equals_sample(solver):
+    base = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    net = lambda x, t: torch.tanh(x) * (t.reshape(-1, 1) / 1000) - 0.3 * x
+    scheduler = SolverScheduler.from_config(base.config, solver=solver, seed=2)
+    scheduler.set_timesteps(9)
+    assert float(scheduler.timesteps[0]) == 1000.0  # diffusers' flow convention: timestep = 1000 sigma
+    x = _noise()[:, 0, 0]
+    x_T = x.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(net(x, t.expand(x.shape[0])), t, x).prev_sample
+    ours = sample(from_diffusers(net, base), solver, x_T=x_T, grid=scheduler.grid, seed=2)
+    assert torch.equal(x, ours)
