@@ -410,3 +410,22 @@ def test_flow_matching_scheduler_loop_equals_sample(solver):
         x = scheduler.step(net(x, t.expand(x.shape[0])), t, x).prev_sample
     ours = sample(from_diffusers(net, base), solver, x_T=x_T, grid=scheduler.grid, seed=2)
     assert torch.equal(x, ours)
+
+
+@pytest.mark.parametrize("steps_offset", [0, 1])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_diffusers_timesteps_are_ddims(spacing, steps_offset):
+    from samplers.integrations.diffusers import diffusers_timesteps
+
+    for steps in (1, 3, 7, 10, 50):
+        theirs = DDIMScheduler(timestep_spacing=spacing, steps_offset=steps_offset)
+        theirs.set_timesteps(steps)
+        offset = steps_offset if spacing == "leading" else 0  # DDIM adds the offset to leading spacing only
+        ours = diffusers_timesteps(1000, steps, spacing, offset)
+        assert ours.tolist() == theirs.timesteps.double().tolist(), (spacing, steps)
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        diffusers_timesteps(1000, 5, "even")
+    # the scheduler's grid_kind uses them: N calls of a one-call solver are DDIM's N timesteps
+    scheduler = SolverScheduler(grid_kind=spacing, steps_offset=offset, solver=DPMSolver(2))
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps.double().tolist() == diffusers_timesteps(1000, 10, spacing, offset).tolist()

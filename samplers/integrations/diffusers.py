@@ -90,6 +90,7 @@ class _Convention:
     to_sde_time: Callable[[torch.Tensor], torch.Tensor]  #: the network's timestep -> SDE time
     shift: float  #: flow matching's time shift (1: none), applied to grids
     flow: bool
+    num_train_timesteps: int
 
 
 def _config_dict(scheduler_or_config) -> dict:
@@ -130,7 +131,7 @@ def _convention(scheduler_or_config, prediction_type: str | None = None) -> _Con
         t_min = min(1.0 / n_train, float(shift_times(torch.tensor(1.0 / n_train, dtype=_F64), shift)))
         sde: GaussianSDE = RectifiedFlowSDE(t_min=t_min, t_max=1.0)
         return _Convention(sde, "velocity", lambda t: t * n_train, lambda n: torch.as_tensor(n, dtype=_F64) / n_train,
-                           shift, True)
+                           shift, True, n_train)
     prediction_type = prediction_type or config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES or prediction_type == "flow_prediction":
         raise ValueError(f"prediction_type must be one of 'epsilon', 'v_prediction', 'sample' for a DDPM-type "
@@ -144,7 +145,8 @@ def _convention(scheduler_or_config, prediction_type: str | None = None) -> _Con
         known = set(DDPMScheduler._get_init_keys(DDPMScheduler)) - {"self"}
         alphas_cumprod = DDPMScheduler(**{k: v for k, v in config.items() if k in known}).alphas_cumprod  # type: ignore[attr-defined]
     dsde = DiscreteVPSDE(alphas_cumprod=torch.as_tensor(alphas_cumprod).to(_F64))
-    return _Convention(dsde, PREDICTION_TYPES[prediction_type], "discrete", dsde.t_from_timestep, 1.0, False)
+    return _Convention(dsde, PREDICTION_TYPES[prediction_type], "discrete", dsde.t_from_timestep, 1.0, False,
+                       dsde.num_timesteps)
 
 
 def from_diffusers(network: Callable, scheduler, *, prediction_type: str | None = None) -> Model:
@@ -188,8 +190,7 @@ def diffusers_timesteps(num_train_timesteps: int, num_inference_steps: int, spac
     elif spacing == "leading":
         steps = torch.arange(s, dtype=_F64) * (n // s) + int(steps_offset)
     elif spacing == "trailing":
-        steps = torch.round(torch.arange(n, 0, -n / s, dtype=_F64)[:s]) - 1
-        return steps
+        steps = (torch.round(torch.arange(n, 0, -n / s, dtype=_F64)[:s]) - 1).flip(0)
     else:
         raise ValueError(f"spacing must be one of {DIFFUSERS_SPACINGS}, got {spacing!r}")
     return steps.flip(0)
@@ -290,12 +291,12 @@ def _grid_for(convention: _Convention, steps: int, kind: str | None, steps_offse
     flow matching's shift."""
     sde = convention.sde
     if kind in DIFFUSERS_SPACINGS:
-        if convention.flow:
-            n_train = round(float(convention.time_input(torch.ones((), dtype=_F64))))  # type: ignore[operator]
+        n_train = convention.num_train_timesteps
+        if convention.flow:  # FlowMatchEulerDiscrete's sigmas, before the shift
             times = torch.linspace(1.0, 1.0 / n_train, steps + 1, dtype=_F64)
         else:
-            n_train = sde.num_timesteps  # type: ignore[attr-defined]
-            times = sde.t_from_timestep(diffusers_timesteps(n_train, steps + 1, kind, steps_offset))  # type: ignore[attr-defined]
+            timesteps = diffusers_timesteps(n_train, steps + 1, kind, steps_offset)
+            times = sde.t_from_timestep(timesteps)  # type: ignore[attr-defined]
     else:
         times = make_grid(sde, steps, kind)
     return shift_times(times, convention.shift) if convention.flow else times
