@@ -486,6 +486,9 @@ def generator_normal(generator, shape, dtype: torch.dtype, device) -> torch.Tens
 
 
 def _progress_bar(progress, steps):
+    # by default a bar on a terminal, as diffusers' and k-diffusion's loops show one; it clears itself when
+    # done, so programs that sample many times (bench, sharded runs) do not fill the terminal with bars
+    leave = progress is not None
     if progress is None:
         progress = sys.stderr.isatty()
     if not progress:
@@ -494,7 +497,7 @@ def _progress_bar(progress, steps):
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=steps, desc="sampling", unit="step")
+    return tqdm(total=steps, desc="sampling", unit="step", leave=leave)
 
 
 
