@@ -5,7 +5,7 @@ from .brownian import VirtualBrownianTree
 from .grid import GRID_KINDS, grid, validate_grid
 from .model import Model
 from .noise import NoiseSource
-from .sample import NonFiniteError, SampleInfo, StepInfo, sample
+from .sample import STOP, NonFiniteError, SampleInfo, StepInfo, sample
 
 __all__ = [
     "Model",
@@ -18,6 +18,7 @@ __all__ = [
     "VirtualBrownianTree",
     "SampleInfo",
     "StepInfo",
+    "STOP",
     "NonFiniteError",
 ]
 from .likelihood import LikelihoodResult, bits_per_dim_offset, dequantize, likelihood

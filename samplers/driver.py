@@ -30,7 +30,8 @@ from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
 
-__all__ = ["RunPlan", "GridPlan", "StepInfo", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext",
+__all__ = ["RunPlan", "GridPlan", "StepInfo", "STOP", "noise_level", "callback_state", "generator_normal",
+           "check_generator", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext",
            "AdaptiveRunContext",
            "fixed_grid_context", "NonFiniteError", "builds_no_graph", "check_run_arguments",
            "check_shape", "check_state", "check_device", "check_finite", "check_solver_state", "resolve_dtypes",
@@ -53,18 +54,56 @@ class NonFiniteError(FloatingPointError):
 
 
 
+#: what a ``callback`` returns to end a run after the step it was called for (:class:`StepInfo`)
+STOP = "stop"
+
+
 @dataclass
 class StepInfo:
-    """Handed to ``callback`` after every step."""
+    """Handed to ``callback`` after every step, and after the final denoising step (``final=True``).
 
-    step: int  #: index of the step just taken (0-based)
-    steps: int  #: total number of steps
+    The callback returns None to go on, a tensor of the state's shape to replace the state (it is copied
+    into the run, as diffusers' ``callback_on_step_end`` hands back latents), or :data:`STOP` to end the
+    run there: ``sample`` then returns the state reached, without the final denoising step."""
+
+    step: int  #: index of the step just taken (0-based; ``steps`` for the final denoising step)
+    steps: int  #: total number of steps (the final denoising step not counted)
     t: torch.Tensor  #: time at the start of the step, (C,) with C = 1 or B
-    t_next: torch.Tensor  #: time reached
-    x: torch.Tensor  #: the state at t_next (do not modify)
+    t_next: torch.Tensor  #: time reached (the final denoising step: t itself)
+    x: torch.Tensor  #: the state at t_next (do not modify; return a new state instead)
     denoised: torch.Tensor | None  #: the x0 estimate at the start of the step (None off Gaussian SDEs)
     nfe: int  #: network calls so far
     extra: dict = field(default_factory=dict)
+    #: the noise levels sigma/alpha at t and t_next, (C,) float64 (k-diffusion's and diffusers' sigma; 0 after
+    #: the final denoising step; None off Gaussian SDEs)
+    sigma: torch.Tensor | None = None
+    sigma_next: torch.Tensor | None = None
+    final: bool = False  #: whether this is the final denoising step (``x`` is then the returned sample)
+
+
+def noise_level(sde, t: torch.Tensor) -> torch.Tensor | None:
+    """sigma(t)/alpha(t) (float64), the noise level callbacks report; None off Gaussian SDEs."""
+    if not isinstance(sde, GaussianSDE):
+        return None
+    t64 = torch.as_tensor(t, dtype=torch.float64)
+    return sde.sigma(t64) / sde.alpha(t64)
+
+
+def callback_state(returned, x: torch.Tensor, step: int) -> bool:
+    """Apply what a callback returned after ``step``: None goes on, a tensor replaces ``x`` (in place),
+    :data:`STOP` ends the run (True).  Anything else is a TypeError naming what is allowed."""
+    if returned is None:
+        return False
+    if isinstance(returned, str) and returned == STOP:
+        return True
+    if isinstance(returned, torch.Tensor):
+        if returned.shape != x.shape:
+            raise ValueError(f"callback returned a state of shape {tuple(returned.shape)} after step {step}, expected "
+                             f"the state's shape {tuple(x.shape)}")
+        x.copy_(returned)
+        return False
+    raise TypeError(f"callback must return None, a new state (a tensor) or samplers.STOP, got "
+                    f"{type(returned).__name__} after step {step}")
 
 
 class FixedGridContext:
@@ -427,16 +466,40 @@ def per_sample_cond(sde, cond: dict, state_shape) -> dict:
         return cond
 
 
+def check_generator(generator, shape) -> None:
+    """A ``torch.Generator`` or a list of one per sample (the batch is ``shape[0]``)."""
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    bad = [type(g).__name__ for g in generators if not isinstance(g, torch.Generator)]
+    if bad:
+        raise TypeError(f"generator must be a torch.Generator or a list of them (one per sample), got {bad[0]}")
+    batch = shape[0] if shape is not None else None
+    if isinstance(generator, (list, tuple)) and batch is not None and len(generator) != batch:
+        raise ValueError(f"generator: a list of {len(generator)} generators for a batch of {batch}; pass one per "
+                         "sample")
+
+
+def generator_normal(generator, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Standard normals of ``shape`` from ``generator`` as diffusers' ``randn_tensor`` draws them: on the
+    generator's device in ``dtype`` (the state's), one row per generator for a list; then moved to ``device``."""
+    if isinstance(generator, (list, tuple)):
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(rows).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
 def _progress_bar(progress, steps):
+    # by default a bar on a terminal, as diffusers' and k-diffusion's loops show one; it clears itself when
+    # done, so programs that sample many times (bench, sharded runs) do not fill the terminal with bars
+    leave = progress is not None
     if progress is None:
-        progress = steps >= 200 and sys.stderr.isatty()
+        progress = sys.stderr.isatty()
     if not progress:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=steps, desc="sampling", unit="step")
+    return tqdm(total=steps, desc="sampling", unit="step", leave=leave)
 
 
 
@@ -506,7 +569,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
              steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
              fixed_grid_for: str | None = None, final_denoise: bool | None = False,
              grid_required: Literal[True] = True, state_memory: tuple | None = None, own_state: bool = True,
-             backend: str = "torch") -> GridPlan: ...
+             backend: str = "torch", generator=None) -> GridPlan: ...
 
 
 @overload
@@ -514,13 +577,14 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
              steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
              fixed_grid_for: str | None = None, final_denoise: bool | None = False,
              grid_required: Literal[False], state_memory: tuple | None = None, own_state: bool = True,
-             backend: str = "torch") -> RunPlan: ...
+             backend: str = "torch", generator=None) -> RunPlan: ...
 
 
 def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None, shape=None, state_name: str = "x_T",
              steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
              fixed_grid_for: str | None = None, final_denoise: bool | None = False, grid_required: bool = True,
-             state_memory: tuple | None = None, own_state: bool = True, backend: str = "torch") -> RunPlan:
+             state_memory: tuple | None = None, own_state: bool = True, backend: str = "torch",
+             generator=None) -> RunPlan:
     """Every check of a run, then its grid, dtypes, device, keyed noise and starting state.
 
     ``x`` (the argument ``state_name``) or ``shape`` (a prior draw) is the state at the grid's first time;
@@ -528,8 +592,9 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     (invert, sample_grad); ``final_denoise`` None means on for a Gaussian-marginal SDE; without
     ``grid_required`` the run has no grid (likelihood: its own interval), and ``state_memory`` is the shape
     of what it integrates; without ``own_state`` the plan keeps ``x`` itself (a tensor autograd follows);
-    ``backend`` is resolved by :func:`solvers.kernels.resolve_backend`.  A run with ``grid_required``
-    gets a :class:`GridPlan`.
+    ``backend`` is resolved by :func:`solvers.kernels.resolve_backend`; ``generator`` (a torch.Generator or one
+    per sample) draws the prior's normals instead of the keyed noise (:func:`generator_normal`).  A run with
+    ``grid_required`` gets a :class:`GridPlan`.
     """
     start_time = time.perf_counter()
     cond = check_run_arguments(model, solver, cond)
@@ -548,6 +613,10 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
 
     if (shape is None) == (x is None):
         raise ValueError("pass exactly one of shape (to start from the prior) or x_T (the starting state)")
+    if generator is not None:
+        if x is not None:
+            raise ValueError(f"generator draws the prior sample; with {state_name} given there is none to draw")
+        check_generator(generator, shape)
     if x is not None:
         check_state(x, state_name)
         shape = tuple(x.shape)
@@ -627,7 +696,10 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
                 f"{f' for sample {j}' if table_times.shape[1] > 1 else ''}, not at t_max={sde.t_max:g} where the "
                 "prior lives: pass x_T, the state at the grid's first time"
             )
-        z = noise.normal(shape[1:], counter=0, stream=STREAM_PRIOR, dtype=compute, device=device)
+        if generator is None:
+            z = noise.normal(shape[1:], counter=0, stream=STREAM_PRIOR, dtype=compute, device=device)
+        else:
+            z = generator_normal(generator, shape, dtype, device).to(compute)
         state = sde.prior_sample(shape, normal=z)
     else:
         state = x.detach().to(device=device, dtype=compute).clone()  # the run owns (and updates) its state
@@ -669,6 +741,8 @@ class FixedGridRun:
         # a reduction per step, kept on the device: NaN/Inf anywhere shows up in the sum without a host
         # sync; the sums are checked once, by finish
         self.sums = torch.empty(plan.n_steps + 1, dtype=x.dtype, device=x.device)
+        #: the steps taken when a callback returned STOP (None: the run went to the end)
+        self.stopped_after: int | None = None
 
     def integrate(self) -> torch.Tensor:
         plan, ctx, solver, x, callback = self.plan, self.ctx, self.solver, self.x, self.callback
@@ -702,8 +776,16 @@ class FixedGridRun:
                 if offset is not None:
                     x_seen = x + offset
                     denoised = None if denoised is None else denoised + offset
-                callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1],
-                                  x=x_seen, denoised=denoised, nfe=ctx.nfe))
+                returned = callback(StepInfo(step=k, steps=n_steps, t=table_times[k], t_next=table_times[k + 1],
+                                             x=x_seen, denoised=denoised, nfe=ctx.nfe,
+                                             sigma=noise_level(plan.sde, table_times[k]),
+                                             sigma_next=noise_level(plan.sde, table_times[k + 1])))
+                if returned is not None and not isinstance(returned, str) and offset is not None:
+                    returned = returned - offset
+                if callback_state(returned, x, k):
+                    self.stopped_after = k + 1
+                    self.sums[k + 1:] = 0.0  # the steps not taken hold no reduction
+                    break
         if bar is not None:
             bar.close()
         return x

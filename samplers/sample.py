@@ -6,6 +6,7 @@ and :func:`samplers.likelihood` share them.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,19 +17,22 @@ from sde.validation import check_flag
 from solvers import AdaptiveSolver, SolverBase
 
 from .driver import (
+    STOP,
     AdaptiveRun,
     FixedGridRun,
     NonFiniteError,
     StepInfo,
     builds_no_graph,
+    callback_state,
     finish,
     fixed_grid_context,
+    noise_level,
     per_sample_cond,
     plan_run,
 )
 from .model import Model
 
-__all__ = ["sample", "SampleInfo", "StepInfo", "NonFiniteError", "builds_no_graph", "fixed_grid_context",
+__all__ = ["sample", "SampleInfo", "StepInfo", "STOP", "NonFiniteError", "builds_no_graph", "fixed_grid_context",
            "per_sample_cond"]
 
 
@@ -61,7 +65,7 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
            final_denoise: bool | None = None, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
-           return_info: bool = False, solver_state: dict | None = None, backend: str = "auto"):
+           return_info: bool = False, solver_state: dict | None = None, backend: str = "auto", generator=None):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
 
     The run records no autograd graph, in any grad mode (see :func:`builds_no_graph`); to
@@ -89,9 +93,13 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         solver's x0 hooks, such as thresholding, apply to it).  Default (``None``): on for a
         Gaussian-marginal SDE, off otherwise (an x0 estimate needs alpha and sigma).
     progress:
-        show a progress bar (default: on for runs of 200+ steps on a terminal).
+        show a progress bar (default: on when stderr is a terminal).
     callback:
-        called with a :class:`StepInfo` after every step.
+        called with a :class:`StepInfo` after every step and after the final denoising step
+        (``info.final``); ``info.t`` is the time and ``info.sigma`` the noise level sigma/alpha.  It may
+        return a new state (a tensor, copied into the run, as diffusers' ``callback_on_step_end``) or
+        :data:`samplers.STOP` to end the run after that step (the state reached is returned, without the
+        final denoising step; ``info.steps`` of ``return_info`` counts the steps taken).
     dtype, device:
         dtype of the state handed to the network and returned, and the device of the run (default:
         x_T's; without x_T, the parameters' when the network is a ``torch.nn.Module`` (a float16
@@ -104,6 +112,11 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         the solver's state at the grid's first time besides x_T, for solvers that carry one (the
         second state ``{"x_hat": ...}`` of :class:`solvers.Reversible`, as :func:`samplers.invert`
         returns it); default: the solver's own initial state.
+    generator:
+        a ``torch.Generator`` (or one per sample) that draws the prior sample of a run started from
+        ``shape``, as diffusers pipelines draw their starting noise (``randn_tensor``: in ``dtype``, on the
+        generator's device), instead of the keyed prior draw; the solver's step noise stays keyed by ``seed``
+        (docs/noise.md).
     backend:
         ``"torch"`` (the solver's torch step), ``"cupy"`` (one fused CUDA kernel per step, noise drawn
         in the kernel; CUDA tensors, float32/float16/bfloat16, CuPy installed; an error otherwise) or
@@ -119,7 +132,7 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         seed = int(torch.randint(0, 2**62, (1,)).item())
     plan = plan_run(model, solver, x=x_T, shape=shape, steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, dtype=dtype, device=device, final_denoise=final_denoise,
-                    backend=backend)
+                    backend=backend, generator=generator)
     run: FixedGridRun | AdaptiveRun
     if isinstance(solver, AdaptiveSolver):
         if callback is not None:
@@ -130,10 +143,31 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         run = AdaptiveRun(plan)
     else:
         run = FixedGridRun(plan, solver_state=solver_state, progress=progress, callback=callback)
-    result = finish(plan, run, run.integrate())
+    x = run.integrate()
+    stopped_after = getattr(run, "stopped_after", None)
+    if stopped_after is not None:
+        plan = dataclasses.replace(plan, final_denoise=False)  # the run ends where the callback stopped it
+    result = finish(plan, run, x)
+    if callback is not None and plan.final_denoise and isinstance(run, FixedGridRun):
+        result = _final_callback(callback, plan, run, result)
     if not return_info:
         return result
+    run_info = run.info()
+    if stopped_after is not None:
+        run_info["steps"] = stopped_after
     return result, SampleInfo(times=plan.times, seed=seed, solver=repr(solver), dtype=plan.dtype,
                               compute_dtype=plan.compute, final_denoise=plan.final_denoise and not plan.ends_at_zero,
                               wall_time=time.perf_counter() - plan.start_time, backend=plan.backend,
-                              backend_reason=plan.backend_reason, **run.info())
+                              backend_reason=plan.backend_reason, **run_info)
+
+
+def _final_callback(callback: Callable, plan, run: FixedGridRun, result: torch.Tensor) -> torch.Tensor:
+    """The callback after the final denoising step: ``x`` and ``denoised`` are the sample; a returned tensor
+    replaces it (:data:`STOP` changes nothing: the run has ended)."""
+    t_end = plan.table_times[-1]
+    level = noise_level(plan.sde, t_end)
+    returned = callback(StepInfo(step=plan.n_steps, steps=plan.n_steps, t=t_end, t_next=t_end, x=result,
+                                 denoised=result, nfe=run.ctx.nfe, sigma=level,
+                                 sigma_next=None if level is None else torch.zeros_like(level), final=True))
+    callback_state(returned, result, plan.n_steps)
+    return result

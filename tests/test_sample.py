@@ -102,7 +102,7 @@ def test_dtypes_run_to_the_end(sde, dtype, solver_name):
                        return_info=True, callback=lambda s: seen.append(s.step))
     assert out.dtype == dtype and out.shape == (16, 2, 3)
     assert torch.isfinite(out).all()
-    assert seen == list(range(8))
+    assert seen == list(range(9))  # the 8 steps, then the final denoising step (step == steps)
     assert info.dtype == dtype
     assert info.compute_dtype == (F64 if dtype == F64 else torch.float32)
     # the samples are near the data distribution N(0.7, 0.25) (the net is its exact denoiser)
