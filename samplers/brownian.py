@@ -10,15 +10,16 @@ bisections, resolution (t1 - t0) / 2^depth) the path is interpolated linearly.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 
 from sde.validation import check_count, check_number
 
-from .noise import STREAM_TREE, NoiseSource
+from .noise import STREAM_PATHS, STREAM_TREE, NoiseSource
 
-__all__ = ["VirtualBrownianTree", "DEFAULT_DEPTH"]
+__all__ = ["VirtualBrownianTree", "BrownianPath", "PathIncrements", "path_stream", "DEFAULT_DEPTH"]
 
 #: bisections of the tree: exact in law down to (t1 - t0) / 2^24, 6e-8 of the interval
 DEFAULT_DEPTH = 24
@@ -102,3 +103,235 @@ class VirtualBrownianTree:
                                    depth=self.depth, stream=self.stream, dtype=self.dtype, device=self.device)
         w = both.value(ends)
         return w[n:] - w[:n]
+
+
+class BrownianPath:
+    """One keyed Brownian path per sample in a solver's *clock*, read at the times of a fixed grid.
+
+    A stochastic fixed-grid solver's noise over a step is a Brownian increment in its own clock tau(t)
+    (the variance of its noise term is a coefficient times |tau(t_{k+1}) - tau(t_k)|): t itself for
+    Euler-Maruyama, e^{2 eta lambda} for SDE-DPM-Solver++, (sigma/alpha)^2 for a forward jump, ...
+    The path W lives on the same bisection tree as :class:`VirtualBrownianTree` (nodes bisect
+    [t0, t1] in t; node n has children 2n, 2n + 1; its normal is keyed (seed, sample index, node n,
+    ``stream``)), with the Brownian-bridge variances taken in the clock, so the path is exact in law at
+    every node whatever the clock.  W = 0 at the end of [t0, t1] where the clock is smaller.
+
+    A query time q is answered at the first tree node on its way down whose open interval holds no
+    other of the run's query times: the bridge value at q between the node's ends, with the node's own
+    normal.  So the values at *all* query times are jointly exactly Brownian (every increment between
+    them N(0, |delta tau|), independent), at any times, not only dyadic ones; the path is the same
+    function of t for every grid down to the nodes the grids share, and between them two grids see
+    the same path up to a bridge fluctuation of the size of their own steps (which the grid refines
+    away: a 2N-step grid descends one level further).  Only two query times closer than
+    (t1 - t0) / 2^``max_depth`` share a node: there the second one's increment comes from the same
+    normal (wrong in law), which a grid with steps longer than 1e-9 of its interval never meets.
+
+    Cost: each query draws the normals of the nodes on its way down that the previous query did not
+    visit (for a grid walked in order, about two state-sized draws a step); memory: W at the nodes
+    above the current query (one state-sized buffer per level where the way down turns).
+    """
+
+    def __init__(self, noise: NoiseSource, shape, queries, t0: float, t1: float, clock=None, *,
+                 stream: int = STREAM_TREE, dtype=torch.float32, device="cpu", max_depth: int = 30):
+        t0, t1 = check_number("t0", t0, "BrownianPath"), check_number("t1", t1, "BrownianPath")
+        if not t0 < t1:
+            raise ValueError(f"BrownianPath: expected finite t0 < t1, got t0={t0}, t1={t1}")
+        self.max_depth = check_count("max_depth", max_depth, "BrownianPath", maximum=30)
+        self.noise, self.shape, self.t0, self.t1 = noise, tuple(shape), t0, t1
+        self.stream, self.dtype, self.device = stream, dtype, torch.device(device)
+        self._clock_fn = clock if clock is not None else (lambda t: t)
+        self.queries = sorted(set(float(q) for q in queries))
+        if any(not t0 <= q <= t1 for q in self.queries):
+            raise ValueError(f"BrownianPath: query times must lie in [{t0:g}, {t1:g}], got {self.queries}")
+        self._taus: dict[float, float] = {}
+        self._plan_clock()
+        self._cache: dict[int, torch.Tensor] = {}  # node -> W at its midpoint (node 0: W at the far end)
+        self._buf = None
+        #: query pairs closer than the finest node (see the class notes); 0 for any sensible grid
+        self.shared_leaves = 0
+
+    # -- host-side plan: the clock at every node time the queries reach ------------------------
+
+    def _descent(self, q: float):
+        """The nodes on q's way down: (node, a, b, mid or None at the stop) until q is an end, a
+        midpoint or alone."""
+        a, b, node = self.t0, self.t1, 1
+        for depth in range(self.max_depth + 1):
+            if q == a or q == b:
+                return
+            inside = bisect.bisect_left(self.queries, b) - bisect.bisect_right(self.queries, a)
+            if inside <= 1 or depth == self.max_depth:
+                if inside > 1:
+                    self.shared_leaves += 1
+                yield node, a, b, None
+                return
+            mid = 0.5 * (a + b)
+            yield node, a, b, mid
+            if q == mid:
+                return
+            right = q > mid
+            a, b = (mid, b) if right else (a, mid)
+            node = 2 * node + int(right)
+
+    def _plan_clock(self) -> None:
+        self.shared_leaves = 0
+        times = {self.t0, self.t1, *self.queries}
+        for q in self.queries:
+            for _, _, _, mid in self._descent(q):
+                if mid is not None:
+                    times.add(mid)
+        ordered = sorted(times)
+        tau = torch.as_tensor(self._clock_fn(torch.tensor(ordered, dtype=torch.float64)), dtype=torch.float64)
+        tau = tau.reshape(-1)
+        if tau.numel() != len(ordered) or not bool(torch.isfinite(tau).all()):
+            raise ValueError("BrownianPath: the clock must be finite at every time of the path")
+        # a clock is monotone; rounding may break that between times a few ulp apart (a grid time next to a
+        # node): up to 1e-9 of its range that is rounding, made monotone; more is a wrong clock
+        increasing = bool(tau[-1] >= tau[0])
+        monotone = torch.cummax(tau, 0).values if increasing else -torch.cummax(-tau, 0).values
+        if bool(((monotone - tau).abs() > 1e-9 * (tau[-1] - tau[0]).abs()).any()):
+            raise ValueError("BrownianPath: the clock must be monotone in t")
+        tau = monotone
+        self._taus = dict(zip(ordered, tau.tolist()))
+
+    def clock(self, t: float) -> float:
+        return self._taus[t]
+
+    # -- values --------------------------------------------------------------------------------
+
+    def _normal(self, node: int) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = torch.empty((self.noise.batch_size, *self.shape), dtype=self.dtype, device=self.device)
+        return self.noise.normal(self.shape, counter=node, stream=self.stream, out=self._buf)
+
+    def _bridge(self, w_a, w_b, a: float, b: float, u: float, node: int) -> torch.Tensor:
+        """W(u) given W(a), W(b) (None: 0), the bridge normal keyed by ``node``."""
+        ta, tb, tu = self._taus[a], self._taus[b], self._taus[u]
+        theta = (tu - ta) / (tb - ta) if tb != ta else 0.0
+        std = math.sqrt(abs((tu - ta) * (tb - tu) / (tb - ta))) if tb != ta else 0.0
+        z = self._normal(node)
+        if w_a is None:
+            out = torch.mul(w_b, theta) if w_b is not None else torch.zeros_like(z)
+        elif w_b is None:
+            out = torch.mul(w_a, 1.0 - theta)
+        else:
+            out = torch.lerp(w_a, w_b, theta)
+        return out.add_(z, alpha=std)
+
+    def _ends(self):
+        """(W(t0), W(t1)): 0 at the end with the smaller clock, a keyed draw (node 0) at the other."""
+        far = self._cache.get(0)
+        if far is None:
+            far = self._cache[0] = torch.mul(self._normal(0), math.sqrt(abs(self._taus[self.t1] - self._taus[self.t0])))
+        return (None, far) if abs(self._taus[self.t0]) <= abs(self._taus[self.t1]) else (far, None)
+
+    def value(self, q: float) -> torch.Tensor | None:
+        """W(q) at one of the query times, shape (B, *shape); None where it is 0.  The midpoint values
+        on q's way down are kept for the next query (those off its way are dropped)."""
+        q = float(q)
+        if q not in self._taus:
+            raise ValueError(f"BrownianPath: {q} is not one of the planned query times")
+        w_a, w_b = self._ends()
+        a, b = self.t0, self.t1
+        keep = {0}
+        if q == a:
+            return w_a
+        if q == b:
+            return w_b
+        for node, a, b, mid in self._descent(q):
+            if mid is None:
+                out = self._bridge(w_a, w_b, a, b, q, node)
+                break
+            keep.add(node)
+            w_mid = self._cache.get(node)
+            if w_mid is None:
+                w_mid = self._cache[node] = self._bridge(w_a, w_b, a, b, mid, node)
+            if q == mid:
+                out = w_mid
+                break
+            w_a, w_b = (w_mid, w_b) if q > mid else (w_a, w_mid)
+        else:  # q was an end of its last interval
+            out = w_a if q == a else w_b
+        for node in [n for n in self._cache if n not in keep]:
+            del self._cache[node]
+        return out
+
+
+def path_stream(path: int) -> int:
+    """The stream of Brownian path ``path`` of a sample: path 0 is the tree the adaptive solvers query
+    (``STREAM_TREE``); paths 1, 2, ... (Restart's jumps) have streams of their own."""
+    path = check_count("path", path, minimum=0, maximum=STREAM_PATHS - 1)
+    return STREAM_TREE if path == 0 else STREAM_PATHS + path
+
+
+class PathIncrements:
+    """The normalised increments of one :class:`BrownianPath` over given steps: for draw j of step k with
+    ``steps[(k, j)] = (start, end)``, (W(end) - W(start)) / sqrt(|tau(end) - tau(start)|), a standard normal
+    (0 for a step of zero length).  Steps may be asked for in any order (a replay backwards
+    re-descends the tree); in grid order each costs about two keyed draws."""
+
+    def __init__(self, path: BrownianPath, steps: dict[tuple[int, int], tuple[float, float]]):
+        self.path, self.steps = path, steps
+        self._last: tuple[float, torch.Tensor | None] | None = None
+
+    def _value(self, t: float):
+        if self._last is not None and self._last[0] == t:
+            return self._last[1]
+        w = self.path.value(t)
+        self._last = (t, w)
+        return w
+
+    def increment(self, key: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+        """Into ``out``: the increment of (step, draw) ``key``."""
+        start, end = self.steps[key]
+        w_start = self._value(start)
+        w_end = self._value(end)
+        delta = abs(self.path.clock(end) - self.path.clock(start))
+        if delta == 0.0 or (w_start is None and w_end is None):
+            return out.zero_()
+        scale = 1.0 / math.sqrt(delta)
+        if w_start is None:
+            return torch.mul(w_end, scale, out=out) if w_end.dtype == out.dtype else out.copy_(w_end * scale)
+        if w_end is None:
+            return out.copy_(w_start * -scale)
+        if out.dtype == w_end.dtype:
+            return torch.sub(w_end, w_start, out=out).mul_(scale)
+        return out.copy_((w_end - w_start).mul_(scale))
+
+
+def grid_path_draws(draws, noise: NoiseSource, like: torch.Tensor, table_times: torch.Tensor
+                    ) -> dict[tuple[int, int], PathIncrements]:
+    """(step, draw) -> its increments, for a solver's :meth:`solvers.Solver.brownian_draws` on a run's grid.
+
+    Each path lives on the interval its queries span (a grid's own ends: N- and 2N-step grids between
+    the same times share the tree).  A step with an end where the clock is not finite (the step into
+    sigma = 0 of an exponential integrator, whose noise coefficient is 0 there) keeps the per-step draw."""
+    if not draws:
+        return {}
+    if table_times.shape[1] > 1:
+        raise ValueError("noise='path' needs one grid for the batch (shape (N+1,)); per-sample grids "
+                         f"({table_times.shape[1]} columns) take noise='step'")
+    by_path: dict[int, list] = {}
+    for d in draws:
+        by_path.setdefault(d.path, []).append(d)
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = {}
+    for path_id, path_draws in by_path.items():
+        clock = path_draws[0].clock
+        ends = sorted({t for d in path_draws for pair in d.steps.values() for t in pair})
+        tau = torch.as_tensor(clock(torch.tensor(ends, dtype=torch.float64)), dtype=torch.float64).reshape(-1)
+        finite = {t for t, v in zip(ends, tau.tolist()) if math.isfinite(v)}
+        steps = {(k, d.draw): pair for d in path_draws for k, pair in d.steps.items()
+                 if pair[0] in finite and pair[1] in finite}
+        queries = sorted({t for pair in steps.values() for t in pair})
+        if len(queries) < 2:
+            continue
+        path = BrownianPath(noise, like.shape[1:], queries, queries[0], queries[-1], clock,
+                            stream=path_stream(path_id), dtype=dtype, device=like.device)
+        for (k, draw), pair in steps.items():
+            walker = out.get(("path", path_id))
+            if walker is None:
+                walker = out[("path", path_id)] = PathIncrements(path, {})
+            walker.steps[(k, draw)] = pair
+            out[(k, draw)] = walker
+    return {key: w for key, w in out.items() if key[0] != "path"}
