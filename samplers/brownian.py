@@ -144,42 +144,43 @@ class BrownianPath:
         if any(not t0 <= q <= t1 for q in self.queries):
             raise ValueError(f"BrownianPath: query times must lie in [{t0:g}, {t1:g}], got {self.queries}")
         self._taus: dict[float, float] = {}
+        self._descents: dict[float, list] = {}
         self._plan_clock()
         self._cache: dict[int, torch.Tensor] = {}  # node -> W at its midpoint (node 0: W at the far end)
-        self._buf = None
-        #: query pairs closer than the finest node (see the class notes); 0 for any sensible grid
-        self.shared_leaves = 0
+        self._held: list[torch.Tensor | None] = []  # the last values handed out
+        self._pool: list[torch.Tensor] = []  # state-sized buffers no value uses any more
+        self._z: torch.Tensor | None = None
 
     # -- host-side plan: the clock at every node time the queries reach ------------------------
 
-    def _descent(self, q: float):
-        """The nodes on q's way down: (node, a, b, mid or None at the stop) until q is an end, a
-        midpoint or alone."""
+    def _descent(self, q: float) -> list[tuple[int, float, float, float | None]]:
+        """The nodes on q's way down, (node, a, b, mid), until q is a midpoint (the last entry's mid) or
+        alone in a node's open interval (the last entry, with mid None: q is bridged there)."""
         a, b, node = self.t0, self.t1, 1
+        out: list[tuple[int, float, float, float | None]] = []
+        if q == a or q == b:
+            return out
         for depth in range(self.max_depth + 1):
-            if q == a or q == b:
-                return
             inside = bisect.bisect_left(self.queries, b) - bisect.bisect_right(self.queries, a)
             if inside <= 1 or depth == self.max_depth:
-                if inside > 1:
-                    self.shared_leaves += 1
-                yield node, a, b, None
-                return
+                self.shared_leaves += inside > 1
+                out.append((node, a, b, None))
+                return out
             mid = 0.5 * (a + b)
-            yield node, a, b, mid
+            out.append((node, a, b, mid))
             if q == mid:
-                return
+                return out
             right = q > mid
             a, b = (mid, b) if right else (a, mid)
             node = 2 * node + int(right)
+        return out
 
     def _plan_clock(self) -> None:
+        #: query times that share their finest node with another (see the class notes); 0 for any sensible grid
         self.shared_leaves = 0
+        self._descents = {q: self._descent(q) for q in self.queries}
         times = {self.t0, self.t1, *self.queries}
-        for q in self.queries:
-            for _, _, _, mid in self._descent(q):
-                if mid is not None:
-                    times.add(mid)
+        times.update(mid for way in self._descents.values() for _, _, _, mid in way if mid is not None)
         ordered = sorted(times)
         tau = torch.as_tensor(self._clock_fn(torch.tensor(ordered, dtype=torch.float64)), dtype=torch.float64)
         tau = tau.reshape(-1)
@@ -191,18 +192,29 @@ class BrownianPath:
         monotone = torch.cummax(tau, 0).values if increasing else -torch.cummax(-tau, 0).values
         if bool(((monotone - tau).abs() > 1e-9 * (tau[-1] - tau[0]).abs()).any()):
             raise ValueError("BrownianPath: the clock must be monotone in t")
-        tau = monotone
-        self._taus = dict(zip(ordered, tau.tolist()))
+        self._taus = dict(zip(ordered, monotone.tolist()))
 
     def clock(self, t: float) -> float:
+        """The clock at one of the path's times."""
         return self._taus[t]
 
     # -- values --------------------------------------------------------------------------------
 
+    def _buffer(self) -> torch.Tensor:
+        if self._pool:
+            return self._pool.pop()
+        return torch.empty((self.noise.batch_size, *self.shape), dtype=self.dtype, device=self.device)
+
+    def _release(self, w: torch.Tensor | None) -> None:
+        """Back to the pool, unless the cache or a caller (the last two values) still holds it."""
+        if w is None or any(w is held for held in self._held) or any(w is c for c in self._cache.values()):
+            return
+        self._pool.append(w)
+
     def _normal(self, node: int) -> torch.Tensor:
-        if self._buf is None:
-            self._buf = torch.empty((self.noise.batch_size, *self.shape), dtype=self.dtype, device=self.device)
-        return self.noise.normal(self.shape, counter=node, stream=self.stream, out=self._buf)
+        if self._z is None:
+            self._z = torch.empty((self.noise.batch_size, *self.shape), dtype=self.dtype, device=self.device)
+        return self.noise.normal(self.shape, counter=node, stream=self.stream, out=self._z)
 
     def _bridge(self, w_a, w_b, a: float, b: float, u: float, node: int) -> torch.Tensor:
         """W(u) given W(a), W(b) (None: 0), the bridge normal keyed by ``node``."""
@@ -210,35 +222,39 @@ class BrownianPath:
         theta = (tu - ta) / (tb - ta) if tb != ta else 0.0
         std = math.sqrt(abs((tu - ta) * (tb - tu) / (tb - ta))) if tb != ta else 0.0
         z = self._normal(node)
+        out = self._buffer()
+        if w_a is None and w_b is None:
+            torch.mul(z, std, out=out)
+            return out
         if w_a is None:
-            out = torch.mul(w_b, theta) if w_b is not None else torch.zeros_like(z)
+            torch.mul(w_b, theta, out=out)
         elif w_b is None:
-            out = torch.mul(w_a, 1.0 - theta)
+            torch.mul(w_a, 1.0 - theta, out=out)
         else:
-            out = torch.lerp(w_a, w_b, theta)
+            torch.lerp(w_a, w_b, theta, out=out)
         return out.add_(z, alpha=std)
 
     def _ends(self):
         """(W(t0), W(t1)): 0 at the end with the smaller clock, a keyed draw (node 0) at the other."""
         far = self._cache.get(0)
         if far is None:
-            far = self._cache[0] = torch.mul(self._normal(0), math.sqrt(abs(self._taus[self.t1] - self._taus[self.t0])))
+            far = self._cache[0] = self._buffer()
+            torch.mul(self._normal(0), math.sqrt(abs(self._taus[self.t1] - self._taus[self.t0])), out=far)
         return (None, far) if abs(self._taus[self.t0]) <= abs(self._taus[self.t1]) else (far, None)
 
     def value(self, q: float) -> torch.Tensor | None:
-        """W(q) at one of the query times, shape (B, *shape); None where it is 0.  The midpoint values
-        on q's way down are kept for the next query (those off its way are dropped)."""
+        """W(q) at one of the query times, shape (B, *shape); None where it is 0.  Valid until the
+        second call after this one (its buffer is then reused).  The midpoint values on q's way down
+        are kept for the next query (those off its way are dropped)."""
         q = float(q)
-        if q not in self._taus:
+        way = self._descents.get(q)
+        if way is None:
             raise ValueError(f"BrownianPath: {q} is not one of the planned query times")
         w_a, w_b = self._ends()
-        a, b = self.t0, self.t1
+        if not way:
+            out = w_a if q == self.t0 else w_b
         keep = {0}
-        if q == a:
-            return w_a
-        if q == b:
-            return w_b
-        for node, a, b, mid in self._descent(q):
+        for node, a, b, mid in way:
             if mid is None:
                 out = self._bridge(w_a, w_b, a, b, q, node)
                 break
@@ -250,10 +266,11 @@ class BrownianPath:
                 out = w_mid
                 break
             w_a, w_b = (w_mid, w_b) if q > mid else (w_a, w_mid)
-        else:  # q was an end of its last interval
-            out = w_a if q == a else w_b
+        self._held.append(out)
+        released = self._held.pop(0) if len(self._held) > 2 else None
         for node in [n for n in self._cache if n not in keep]:
-            del self._cache[node]
+            self._release(self._cache.pop(node))
+        self._release(released)
         return out
 
 

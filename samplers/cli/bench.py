@@ -18,7 +18,9 @@ log steps, :mod:`samplers.cli.convergence`) beside its theoretical order.
 
 ``bench kernels`` and ``bench gpu``: the fused CUDA step kernels on a GPU (:mod:`samplers.cli.bench_kernels`,
 :mod:`samplers.cli.bench_gpu`).  ``bench distributed``: sharded sampling's throughput with 1, 2, ... gloo
-CPU processes (:mod:`samplers.cli.bench_distributed`).
+CPU processes (:mod:`samplers.cli.bench_distributed`).  ``bench path``: the keyed Brownian path of
+``noise="path"`` (strong convergence in the step count, same-mode fraction, cost per step;
+:mod:`samplers.cli.bench_path`).
 """
 
 from __future__ import annotations
@@ -577,6 +579,10 @@ def _gpu_sections():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["path"]:  # its own parser: 'bench path --help' lists its options
+        from .bench_path import main as path_main
+
+        return path_main(argv[1:])
     if argv[:1] == ["distributed"]:  # its own parser: 'bench distributed --help' lists its options
         from .bench_distributed import main as distributed_main
 
