@@ -132,11 +132,14 @@ class BrownianPath:
     """
 
     def __init__(self, noise: NoiseSource, shape, queries, t0: float, t1: float, clock=None, *,
-                 stream: int = STREAM_TREE, dtype=torch.float32, device="cpu", max_depth: int = 30):
+                 stream: int = STREAM_TREE, dtype=torch.float32, device="cpu", max_depth: int = 30,
+                 min_depth: int = 0, extra_depth: int = 0):
         t0, t1 = check_number("t0", t0, "BrownianPath"), check_number("t1", t1, "BrownianPath")
         if not t0 < t1:
             raise ValueError(f"BrownianPath: expected finite t0 < t1, got t0={t0}, t1={t1}")
         self.max_depth = check_count("max_depth", max_depth, "BrownianPath", maximum=30)
+        self.extra_depth = check_count("extra_depth", extra_depth, "BrownianPath", minimum=0, maximum=self.max_depth)
+        self.min_depth = check_count("min_depth", min_depth, "BrownianPath", minimum=0, maximum=self.max_depth)
         self.noise, self.shape, self.t0, self.t1 = noise, tuple(shape), t0, t1
         self.stream, self.dtype, self.device = stream, dtype, torch.device(device)
         self._clock_fn = clock if clock is not None else (lambda t: t)
@@ -160,9 +163,13 @@ class BrownianPath:
         out: list[tuple[int, float, float, float | None]] = []
         if q == a or q == b:
             return out
+        alone_at = None
         for depth in range(self.max_depth + 1):
             inside = bisect.bisect_left(self.queries, b) - bisect.bisect_right(self.queries, a)
-            if inside <= 1 or depth == self.max_depth:
+            if inside <= 1 and alone_at is None:
+                alone_at = depth
+            if (alone_at is not None and depth >= max(self.min_depth, alone_at + self.extra_depth)) \
+                    or depth == self.max_depth:
                 self.shared_leaves += inside > 1
                 out.append((node, a, b, None))
                 return out
@@ -207,7 +214,7 @@ class BrownianPath:
 
     def _release(self, w: torch.Tensor | None) -> None:
         """Back to the pool, unless the cache or a caller (the last two values) still holds it."""
-        if w is None or any(w is held for held in self._held) or any(w is c for c in self._cache.values()):
+        if w is None or any(w is other for other in (*self._held, *self._cache.values(), *self._pool)):
             return
         self._pool.append(w)
 
@@ -316,6 +323,10 @@ class PathIncrements:
         return out.copy_((w_end - w_start).mul_(scale))
 
 
+GRID_MIN_DEPTH = 12
+GRID_EXTRA_DEPTH = 0
+
+
 def grid_path_draws(draws, noise: NoiseSource, like: torch.Tensor, table_times: torch.Tensor
                     ) -> dict[tuple[int, int], PathIncrements]:
     """(step, draw) -> its increments, for a solver's :meth:`solvers.Solver.brownian_draws` on a run's grid.
@@ -344,7 +355,8 @@ def grid_path_draws(draws, noise: NoiseSource, like: torch.Tensor, table_times: 
         if len(queries) < 2:
             continue
         path = BrownianPath(noise, like.shape[1:], queries, queries[0], queries[-1], clock,
-                            stream=path_stream(path_id), dtype=dtype, device=like.device)
+                            stream=path_stream(path_id), dtype=dtype, device=like.device, min_depth=GRID_MIN_DEPTH,
+                            extra_depth=GRID_EXTRA_DEPTH)
         for (k, draw), pair in steps.items():
             walker = out.get(("path", path_id))
             if walker is None:
