@@ -568,7 +568,8 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
     if fused is not None and noise_mode == "path" and solver.stochastic:
         # the kernels draw the step's keyed normal inside the kernel; the path's increments are not per step
-        why = "noise='path': the fused kernels draw per-step keyed noise in the kernel, not a Brownian path's increments"
+        why = ("noise='path': the fused kernels draw per-step keyed noise in the kernel, not a Brownian path's "
+               "increments")
         if asked == "cupy":
             raise kernels.KernelUnsupported(f"backend='cupy' cannot run: {why}; use backend='torch' or noise='step'")
         backend, fused, backend_reason = "torch", None, f"auto chose torch: {why}"

@@ -193,9 +193,10 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     the memory-constant and adjoint
     modes route gradients only to these, to ``x_T`` and to ``cond``.  ``x_hat_T``: Reversible's
     second state at x_T (default x_T).  ``return_state``: also return Reversible's final ``x_hat``
-    (before final denoising).  ``noise``: ``"step"`` or ``"path"``, as :func:`samplers.sample`.  x_T is float32 or float64; a float32 run carries Reversible's pair in
-    float64, as :func:`samplers.sample` does (the memory-constant mode rebuilds the pair by inverse steps,
-    which float32 arithmetic cannot do for Rex's SDE).
+    (before final denoising).  ``noise``: ``"step"`` or ``"path"``, as :func:`samplers.sample`.  x_T is
+    float32 or float64; a float32 run carries Reversible's pair in float64, as :func:`samplers.sample` does
+    (the memory-constant mode rebuilds the pair by inverse steps, which float32 arithmetic cannot do for
+    Rex's SDE).
     """
     if mode is None:
         mode = "reversible" if isinstance(solver, Reversible) else "adjoint"
@@ -205,7 +206,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     plan = plan_run(model, solver, x=x_T, state_name="x_T", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, fixed_grid_for="sample_grad", own_state=False,
                     noise_mode=noise)
-    table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
+    table_times, times, keyed, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     final_denoise = check_flag("final_denoise", final_denoise)
     return_state = check_flag("return_state", return_state)
     reversible = isinstance(solver, Reversible)
@@ -232,7 +233,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if (x_hat_T is not None or return_state) and not reversible:
         raise ValueError(f"x_hat_T/return_state concern solvers.Reversible's second state; {solver!r} has none")
     n_steps = table_times.shape[0] - 1
-    ctx = fixed_grid_context(model, solver, x_T.detach(), table_times, cond, noise, dtype)
+    ctx = fixed_grid_context(model, solver, x_T.detach(), table_times, cond, keyed, dtype)
     ctx.grad_leaves = _leaves(model, cond, params)
     if isinstance(solver, Reversible):
         if x_hat_T is None:

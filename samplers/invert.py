@@ -60,12 +60,12 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
     """
     plan = plan_run(model, solver, x=x0, state_name="x0", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, dtype=dtype, fixed_grid_for="invert", noise_mode=noise)
-    table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
+    table_times, times, keyed, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     x = plan.x
     n_steps = table_times.shape[0] - 1
     with torch.no_grad():
         if isinstance(solver, Reversible):
-            ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
+            ctx = fixed_grid_context(model, solver, x, table_times, cond, keyed, dtype)
             x_hat = x.clone() if x0_hat is None else check_solver_state(solver, {"x_hat": x0_hat}, x)["x_hat"]
             # sample() carries the pair of a float32 run in float64; so does the inverse
             steps = solver.float64_context(ctx, x)
@@ -82,7 +82,7 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
             if x0_hat is not None:
                 raise ValueError(f"x0_hat is the second state of solvers.Reversible; {solver!r} carries none")
             backward = table_times.flip(0)
-            ctx = fixed_grid_context(model, solver, x, backward, cond, noise, dtype)
+            ctx = fixed_grid_context(model, solver, x, backward, cond, keyed, dtype)
             for k in range(n_steps):
                 x = solver.step(k, x, ctx)
             state, exact = None, False

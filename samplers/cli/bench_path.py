@@ -102,9 +102,8 @@ def noise_cost(shape=(64, 3, 64, 64), steps=(10, 30, 100, 300, 1000), repeats: i
     """Per step of a grid, the time of Euler-Maruyama's noise in path mode (the increment of the keyed path,
     normalised) over that of the per-step keyed draw, for the default VP grid; both into one buffer, as
     the driver does; best of ``repeats``."""
-    from sde import VPSDE
-
     import solvers as S
+    from sde import VPSDE
 
     from ..brownian import grid_path_draws
     from ..driver import run_grid
