@@ -179,3 +179,19 @@ def test_fused_kernels_give_way_to_torch_with_the_reason(monkeypatch):
     assert plan.backend == "torch" and "noise='path'" in plan.backend_reason
     with pytest.raises(kernels.KernelUnsupported, match="noise='path'"):
         driver.plan_run(_model(), S.EulerMaruyama(), shape=(2, 64), steps=4, backend="cupy", noise_mode="path")
+
+
+def test_sample_grad_and_float32_runs_take_the_same_path():
+    from samplers import sample_grad
+
+    model = _model()
+    x_T = torch.randn(3, 64, dtype=F64, generator=torch.Generator().manual_seed(1))
+    ref = sample(model, S.DPMSolverSDE(2), x_T=x_T, steps=10, seed=2, noise="path")
+    y = sample_grad(model, S.DPMSolverSDE(2), x_T.clone().requires_grad_(True), steps=10, seed=2, noise="path")
+    torch.testing.assert_close(y.detach(), ref, rtol=0, atol=1e-12)
+    # a float32 run draws float32 normals (another stream of the generator, as with noise="step"), and its
+    # path converges as well: W is anchored at the end with the smaller clock, so small increments are not
+    # differences of large float32 values
+    single = [sample(model, S.DPMSolverSDE(2), x_T=x_T.float(), steps=n, seed=2, noise="path") for n in (40, 80)]
+    other = sample(model, S.DPMSolverSDE(2), x_T=x_T.float(), steps=80, seed=3, noise="path")
+    assert _rms(*single) < 0.2 * _rms(single[1], other)
