@@ -289,7 +289,8 @@ class PathIncrements:
     """The normalised increments of one :class:`BrownianPath` over given steps: for draw j of step k with
     ``steps[(k, j)] = (start, end)``, (W(end) - W(start)) / sqrt(|tau(end) - tau(start)|), a standard normal
     (0 for a step of zero length).  Steps may be asked for in any order (a replay backwards
-    re-descends the tree); in grid order each costs about two keyed draws."""
+    re-descends the tree); in grid order each costs the draws of the nodes the previous step did not
+    visit (see :class:`BrownianPath`)."""
 
     def __init__(self, path: BrownianPath, steps: dict[tuple[int, int], tuple[float, float]]):
         self.path, self.steps = path, steps
@@ -326,13 +327,15 @@ class PathIncrements:
 GRID_MIN_DEPTH = 12
 
 
-def grid_path_draws(draws, noise: NoiseSource, like: torch.Tensor, table_times: torch.Tensor
-                    ) -> dict[tuple[int, int], PathIncrements]:
+def grid_path_draws(draws, noise: NoiseSource, like: torch.Tensor, table_times: torch.Tensor,
+                    interval: tuple[float, float] | None = None) -> dict[tuple[int, int], PathIncrements]:
     """(step, draw) -> its increments, for a solver's :meth:`solvers.Solver.brownian_draws` on a run's grid.
 
-    Each path lives on the interval its queries span (a grid's own ends: N- and 2N-step grids between
-    the same times share the tree).  A step with an end where the clock is not finite (the step into
-    sigma = 0 of an exponential integrator, whose noise coefficient is 0 there) keeps the per-step draw."""
+    Each path lives on ``interval`` (the SDE's [t_min, t_max]) widened to the times it is queried at, each
+    end dropped where the clock is not finite there: so every grid inside the interval (N or 2N steps, a
+    grid that starts below t_max) reads one tree.  A step with an end where the clock is not finite (the
+    step into sigma = 0 of an exponential integrator, whose noise coefficient is 0 there) keeps the
+    per-step draw."""
     if not draws:
         return {}
     if table_times.shape[1] > 1:
@@ -353,7 +356,14 @@ def grid_path_draws(draws, noise: NoiseSource, like: torch.Tensor, table_times: 
         queries = sorted({t for pair in steps.values() for t in pair})
         if len(queries) < 2:
             continue
-        path = BrownianPath(noise, like.shape[1:], queries, queries[0], queries[-1], clock,
+        lo, hi = queries[0], queries[-1]
+        if interval is not None:
+            t_min, t_max = float(interval[0]), float(interval[1])
+            tau_ends = clock(torch.tensor([t_min, t_max], dtype=torch.float64))
+            finite_lo, finite_hi = (math.isfinite(v) for v in torch.as_tensor(tau_ends).reshape(-1).tolist())
+            lo = min(lo, t_min) if finite_lo else lo
+            hi = max(hi, t_max) if finite_hi else hi
+        path = BrownianPath(noise, like.shape[1:], queries, lo, hi, clock,
                             stream=path_stream(path_id), dtype=dtype, device=like.device, min_depth=GRID_MIN_DEPTH)
         walker = PathIncrements(path, steps)
         out.update(dict.fromkeys(steps, walker))

@@ -276,8 +276,8 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
             raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped "
                              f"{(n_steps, table_times.shape[1])}")
         stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
-    path_draws = (grid_path_draws(solver.brownian_draws(model, table_times), noise, x, table_times)
-                  if noise.mode == "path" else None)
+    path_draws = (grid_path_draws(solver.brownian_draws(model, table_times), noise, x, table_times,
+                                  (model.sde.t_min, model.sde.t_max)) if noise.mode == "path" else None)
     return FixedGridContext(model, cond, tables, times_net, noise, x, net_dtype, stage_net, plans, path_draws)
 
 

@@ -195,3 +195,23 @@ def test_sample_grad_and_float32_runs_take_the_same_path():
     single = [sample(model, S.DPMSolverSDE(2), x_T=x_T.float(), steps=n, seed=2, noise="path") for n in (40, 80)]
     other = sample(model, S.DPMSolverSDE(2), x_T=x_T.float(), steps=80, seed=3, noise="path")
     assert _rms(*single) < 0.2 * _rms(single[1], other)
+
+
+def test_grids_inside_the_sdes_interval_read_one_tree():
+    # the path spans the SDE's interval, not the grid's: a grid that starts below t_max (or stops above
+    # t_min) reads the same values as the full one at the times they share
+    from samplers.brownian import grid_path_draws
+
+    like = torch.empty(4, 3, dtype=F64)
+    source = NoiseSource(9, 4, mode="path")
+
+    def increments(times):
+        times = torch.tensor(times, dtype=F64)[:, None]
+        walkers = grid_path_draws(S.EulerMaruyama().brownian_draws(None, times), source, like, times, (0.0, 1.0))
+        out = torch.empty_like(like)
+        return [walkers[(k, 0)].increment((k, 0), out).clone() * math.sqrt(float(times[k] - times[k + 1]))
+                for k in range(len(times) - 1)]
+
+    full = increments([1.0, 0.75, 0.5, 0.25, 0.0])
+    part = increments([0.75, 0.6, 0.5, 0.3])
+    torch.testing.assert_close(part[0] + part[1], full[1], rtol=0, atol=1e-13)
