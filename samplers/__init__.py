@@ -1,7 +1,7 @@
 """What a user calls: sample(), model wrappers, time grids, keyed noise, test problems."""
 
 from . import problems
-from .brownian import VirtualBrownianTree
+from .brownian import BrownianPath, VirtualBrownianTree
 from .grid import GRID_KINDS, grid, validate_grid
 from .model import Model
 from .noise import NoiseSource
@@ -16,6 +16,7 @@ __all__ = [
     "problems",
     "NoiseSource",
     "VirtualBrownianTree",
+    "BrownianPath",
     "SampleInfo",
     "StepInfo",
     "STOP",

@@ -23,12 +23,12 @@ from solvers.adaptive import batch_independent
 from solvers.base import Plan, check_coefficients_finite
 from solvers.kernels import FusedStep
 
-from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
+from .brownian import DEFAULT_DEPTH, VirtualBrownianTree, grid_path_draws
 from .grid import ends_at_zero, validate_grid
 from .grid import grid as make_grid
 from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
-from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
+from .noise import NOISE_MODES, STREAM_PRIOR, NoiseSource, as_integer, step_stream
 
 __all__ = ["RunPlan", "GridPlan", "StepInfo", "STOP", "noise_level", "callback_state", "generator_normal",
            "check_generator", "plan_run", "FixedGridRun", "AdaptiveRun", "finish", "FixedGridContext",
@@ -111,8 +111,10 @@ class FixedGridContext:
 
     def __init__(self, model: Model, cond: dict, tables: dict, times_net: torch.Tensor,
                  noise: NoiseSource, like: torch.Tensor, net_dtype: torch.dtype,
-                 stage_net: dict[str, torch.Tensor] | None = None, plans: dict[str, list] | None = None):
+                 stage_net: dict[str, torch.Tensor] | None = None, plans: dict[str, list] | None = None,
+                 path_draws: dict | None = None):
         self.model = model
+        self.path_draws = path_draws or {}  # (step, draw) -> its Brownian-path increments (noise="path")
         self.plans = plans or {}
         self.stage_net = stage_net or {}
         self.cond = cond
@@ -165,7 +167,11 @@ class FixedGridContext:
         if buf is None:
             buf = self._noise_bufs[slot] = torch.empty_like(self.like)
         if self._noise_keys.get(slot) != (step, draw):
-            self.noise_source.normal(self.like.shape[1:], counter=step, stream=step_stream(draw), out=buf)
+            walker = self.path_draws.get((step, draw))
+            if walker is not None:
+                walker.increment((step, draw), buf)
+            else:
+                self.noise_source.normal(self.like.shape[1:], counter=step, stream=step_stream(draw), out=buf)
             self._noise_keys[slot] = (step, draw)
         return buf
 
@@ -311,7 +317,9 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
             raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped "
                              f"{(n_steps, table_times.shape[1])}")
         stage_net[name] = model.net_time(stage).to(device=device, dtype=compute).expand(-1, batch).contiguous()
-    return FixedGridContext(model, cond, tables, times_net, noise, x, net_dtype, stage_net, plans)
+    path_draws = (grid_path_draws(solver.brownian_draws(model, table_times), noise, x, table_times,
+                                  (model.sde.t_min, model.sde.t_max)) if noise.mode == "path" else None)
+    return FixedGridContext(model, cond, tables, times_net, noise, x, net_dtype, stage_net, plans, path_draws)
 
 
 @overload
@@ -569,7 +577,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
              steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
              fixed_grid_for: str | None = None, final_denoise: bool | None = False,
              grid_required: Literal[True] = True, state_memory: tuple | None = None, own_state: bool = True,
-             backend: str = "torch", generator=None) -> GridPlan: ...
+             backend: str = "torch", generator=None, noise_mode: str = "step") -> GridPlan: ...
 
 
 @overload
@@ -577,14 +585,14 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
              steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
              fixed_grid_for: str | None = None, final_denoise: bool | None = False,
              grid_required: Literal[False], state_memory: tuple | None = None, own_state: bool = True,
-             backend: str = "torch", generator=None) -> RunPlan: ...
+             backend: str = "torch", generator=None, noise_mode: str = "step") -> RunPlan: ...
 
 
 def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None, shape=None, state_name: str = "x_T",
              steps=None, grid=None, grid_kind=None, seed=0, sample_index=None, cond=None, dtype=None, device=None,
              fixed_grid_for: str | None = None, final_denoise: bool | None = False, grid_required: bool = True,
              state_memory: tuple | None = None, own_state: bool = True, backend: str = "torch",
-             generator=None) -> RunPlan:
+             generator=None, noise_mode: str = "step") -> RunPlan:
     """Every check of a run, then its grid, dtypes, device, keyed noise and starting state.
 
     ``x`` (the argument ``state_name``) or ``shape`` (a prior draw) is the state at the grid's first time;
@@ -629,7 +637,18 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     batch = shape[0]
     dtype, compute = resolve_dtypes(dtype, x, model)
     check_device(device, compute, device_name)
+    if not isinstance(noise_mode, str) or noise_mode not in NOISE_MODES:
+        raise ValueError(f"noise: expected one of {NOISE_MODES} (per-step draws or one Brownian path per sample), "
+                         f"got {noise_mode!r}")
+    asked = backend
     backend, fused, backend_reason = kernels.resolve_backend(backend, solver, device, compute)
+    if fused is not None and noise_mode == "path" and solver.stochastic:
+        # the kernels draw the step's keyed normal inside the kernel; the path's increments are not per step
+        why = ("noise='path': the fused kernels draw per-step keyed noise in the kernel, not a Brownian path's "
+               "increments")
+        if asked == "cupy":
+            raise kernels.KernelUnsupported(f"backend='cupy' cannot run: {why}; use backend='torch' or noise='step'")
+        backend, fused, backend_reason = "torch", None, f"auto chose torch: {why}"
 
     grid_times: tuple[torch.Tensor, torch.Tensor] | None = None
     if grid_required:
@@ -668,7 +687,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
     else:
         raise ValueError("plan_run without a grid needs state_memory, the shape of what the run integrates")
 
-    noise = NoiseSource(seed, batch, sample_index=sample_index)
+    noise = NoiseSource(seed, batch, sample_index=sample_index, mode=noise_mode)
     if x is not None:
         check_finite(x, state_name)
 

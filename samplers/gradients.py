@@ -182,7 +182,7 @@ class _AdjointSolve(torch.autograd.Function):
 def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int | None = None, grid=None,
                 grid_kind: str | None = None, mode: str | None = None, seed=0, sample_index=None,
                 cond: dict | None = None, final_denoise: bool = True, x_hat_T: torch.Tensor | None = None,
-                params=None, return_state: bool = False):
+                params=None, return_state: bool = False, noise: str = "step"):
     """Samples from ``x_T`` that torch.autograd can differentiate with respect to ``x_T``, tensors in
     ``cond`` that require grad, and the network's parameters.
 
@@ -193,9 +193,10 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     the memory-constant and adjoint
     modes route gradients only to these, to ``x_T`` and to ``cond``.  ``x_hat_T``: Reversible's
     second state at x_T (default x_T).  ``return_state``: also return Reversible's final ``x_hat``
-    (before final denoising).  x_T is float32 or float64; a float32 run carries Reversible's pair in
-    float64, as :func:`samplers.sample` does (the memory-constant mode rebuilds the pair by inverse steps,
-    which float32 arithmetic cannot do for Rex's SDE).
+    (before final denoising).  ``noise``: ``"step"`` or ``"path"``, as :func:`samplers.sample`.  x_T is
+    float32 or float64; a float32 run carries Reversible's pair in float64, as :func:`samplers.sample` does
+    (the memory-constant mode rebuilds the pair by inverse steps, which float32 arithmetic cannot do for
+    Rex's SDE).
     """
     if mode is None:
         mode = "reversible" if isinstance(solver, Reversible) else "adjoint"
@@ -203,8 +204,9 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if isinstance(x_T, torch.Tensor) and x_T.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x_T must be float32 or float64 to differentiate through sampling, got {x_T.dtype}")
     plan = plan_run(model, solver, x=x_T, state_name="x_T", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
-                    sample_index=sample_index, cond=cond, fixed_grid_for="sample_grad", own_state=False)
-    table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
+                    sample_index=sample_index, cond=cond, fixed_grid_for="sample_grad", own_state=False,
+                    noise_mode=noise)
+    table_times, times, keyed, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     final_denoise = check_flag("final_denoise", final_denoise)
     return_state = check_flag("return_state", return_state)
     reversible = isinstance(solver, Reversible)
@@ -231,7 +233,7 @@ def sample_grad(model: Model, solver: Solver, x_T: torch.Tensor, *, steps: int |
     if (x_hat_T is not None or return_state) and not reversible:
         raise ValueError(f"x_hat_T/return_state concern solvers.Reversible's second state; {solver!r} has none")
     n_steps = table_times.shape[0] - 1
-    ctx = fixed_grid_context(model, solver, x_T.detach(), table_times, cond, noise, dtype)
+    ctx = fixed_grid_context(model, solver, x_T.detach(), table_times, cond, keyed, dtype)
     ctx.grad_leaves = _leaves(model, cond, params)
     if isinstance(solver, Reversible):
         if x_hat_T is None:

@@ -39,7 +39,7 @@ class Inversion:
 
 def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None = None, grid=None,
            grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
-           x0_hat: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> Inversion:
+           x0_hat: torch.Tensor | None = None, dtype: torch.dtype | None = None, noise: str = "step") -> Inversion:
     """The latent x_T (and solver state) from which ``sample(model, solver, ...)`` regenerates ``x0``.
 
     ``x0`` is the state at the grid's last time (``sample(..., final_denoise=False)`` returns it).
@@ -48,7 +48,8 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
     * :class:`solvers.Reversible`: exact (to rounding).  Its pair at x0 is (x0, ``x0_hat``), by
       default x0_hat = x0; pass the x_hat of a forward run to undo that run exactly.  Regenerate with
       ``sample(model, solver, x_T=inv.x_T, solver_state=inv.solver_state, grid=inv.times,
-      seed=inv.seed, final_denoise=False)``.  SDE variants need the same seed and sample indices.
+      seed=inv.seed, final_denoise=False)``.  SDE variants need the same seed, sample indices and
+      ``noise`` mode (``"step"`` or ``"path"``, as :func:`samplers.sample`).
     * any other deterministic solver: the probability-flow ODE integrated backwards with that solver
       on the reversed grid (``DPMSolver(order=1)``: DDIM inversion).  Approximate: the error is the
       solver's global error in both directions, not rounding; it falls with the solver's order, best
@@ -58,13 +59,13 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
     :func:`samplers.sample.builds_no_graph`).
     """
     plan = plan_run(model, solver, x=x0, state_name="x0", steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
-                    sample_index=sample_index, cond=cond, dtype=dtype, fixed_grid_for="invert")
-    table_times, times, noise, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
+                    sample_index=sample_index, cond=cond, dtype=dtype, fixed_grid_for="invert", noise_mode=noise)
+    table_times, times, keyed, cond, dtype = plan.table_times, plan.times, plan.noise, plan.cond, plan.dtype
     x = plan.x
     n_steps = table_times.shape[0] - 1
     with torch.no_grad():
         if isinstance(solver, Reversible):
-            ctx = fixed_grid_context(model, solver, x, table_times, cond, noise, dtype)
+            ctx = fixed_grid_context(model, solver, x, table_times, cond, keyed, dtype)
             x_hat = x.clone() if x0_hat is None else check_solver_state(solver, {"x_hat": x0_hat}, x)["x_hat"]
             # sample() carries the pair of a float32 run in float64; so does the inverse
             steps = solver.float64_context(ctx, x)
@@ -81,7 +82,7 @@ def invert(model: Model, solver: Solver, x0: torch.Tensor, *, steps: int | None 
             if x0_hat is not None:
                 raise ValueError(f"x0_hat is the second state of solvers.Reversible; {solver!r} carries none")
             backward = table_times.flip(0)
-            ctx = fixed_grid_context(model, solver, x, backward, cond, noise, dtype)
+            ctx = fixed_grid_context(model, solver, x, backward, cond, keyed, dtype)
             for k in range(n_steps):
                 x = solver.step(k, x, ctx)
             state, exact = None, False

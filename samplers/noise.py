@@ -30,7 +30,7 @@ import torch
 from sde.validation import check_count
 
 __all__ = ["NoiseSource", "STREAM_PRIOR", "STREAM_STEP", "STREAM_TREE", "STREAM_PROBE", "STREAM_DEQUANTIZE",
-           "STREAM_STEP_DRAWS", "step_stream", "native_available"]
+           "STREAM_STEP_DRAWS", "STREAM_PATHS", "NOISE_MODES", "step_stream", "native_available"]
 
 # every purpose of keyed noise has its own stream, listed here so no two purposes share one
 STREAM_STEP = 0
@@ -42,6 +42,12 @@ STREAM_DEQUANTIZE = 4
 #: further independent draws within one step (a corrector, restart jumps): draw j >= 1 of step k is
 #: keyed (counter k, stream STREAM_STEP_DRAWS + j)
 STREAM_STEP_DRAWS = 1 << 16
+#: Brownian paths besides the tree (Restart's jumps, ``noise="path"``): path p >= 1 has stream STREAM_PATHS + p
+STREAM_PATHS = 1 << 17
+
+#: how fixed-grid solvers take their noise: "step" (a keyed draw per step, counter = step index) or
+#: "path" (the increment of one keyed Brownian path per sample, so a finer grid refines the same path)
+NOISE_MODES = ("step", "path")
 
 
 def step_stream(draw: int) -> int:
@@ -308,9 +314,17 @@ class NoiseSource:
     sample_index:
         the global index of each sample (default 0 ... B-1).  Sharded runs pass the global
         indices of their shard and get the numbers a single run would.
+    mode:
+        how a fixed-grid run takes its step noise (:data:`NOISE_MODES`): ``"step"`` (default) a keyed
+        draw per step, ``"path"`` the increments of one keyed Brownian path per sample in the solver's
+        clock (:class:`samplers.brownian.BrownianPath`); docs/noise.md.
     """
 
-    def __init__(self, seed, batch_size: int, *, sample_index=None):
+    def __init__(self, seed, batch_size: int, *, sample_index=None, mode: str = "step"):
+        if mode not in NOISE_MODES:
+            raise ValueError(f"noise: expected one of {NOISE_MODES} (per-step draws or one Brownian path per sample), "
+                             f"got {mode!r}")
+        self.mode = mode
         batch_size = check_count("batch_size", batch_size)
         self.batch_size = batch_size
         self.seeds = _as_uint64_seeds(seed, batch_size)
@@ -341,6 +355,7 @@ class NoiseSource:
             raise ValueError(f"index: expected a non-empty set of rows in [0, {self.batch_size}), got {index.tolist()}")
         out = NoiseSource.__new__(NoiseSource)
         out.batch_size = int(index.numel())
+        out.mode = self.mode
         out.seeds = self.seeds[index]
         out.sample_index = self.sample_index[index]
         out._index32 = self._index32[index]

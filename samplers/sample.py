@@ -65,7 +65,8 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
            grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
            final_denoise: bool | None = None, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
-           return_info: bool = False, solver_state: dict | None = None, backend: str = "auto", generator=None):
+           return_info: bool = False, solver_state: dict | None = None, backend: str = "auto", generator=None,
+           noise: str = "step"):
     """Draw samples by integrating ``solver`` from t_max (noise) to t_min (data).
 
     The run records no autograd graph, in any grad mode (see :func:`builds_no_graph`); to
@@ -122,6 +123,12 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         in the kernel; CUDA tensors, float32/float16/bfloat16, CuPy installed; an error otherwise) or
         ``"auto"`` (the kernels where they can run, else torch).  ``info.backend`` and
         ``info.backend_reason`` say which ran and why.  See docs/gpu.md.
+    noise:
+        how a fixed-grid stochastic solver takes its noise: ``"step"`` (default; a keyed draw per step,
+        keyed by the step index) or ``"path"`` (the increments of one keyed Brownian path per sample in the
+        solver's own clock, so the same seed at 20 and 40 steps integrates the same path and gives the same
+        sample, only more accurate; not with the fused kernels, which ``"auto"`` then skips).  Adaptive
+        solvers always integrate a Brownian path.  See docs/noise.md, "One Brownian path at any step count".
     """
     final_denoise = check_flag("final_denoise", final_denoise, allow_none=True)
     return_info = check_flag("return_info", return_info)
@@ -132,7 +139,7 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
         seed = int(torch.randint(0, 2**62, (1,)).item())
     plan = plan_run(model, solver, x=x_T, shape=shape, steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, dtype=dtype, device=device, final_denoise=final_denoise,
-                    backend=backend, generator=generator)
+                    backend=backend, generator=generator, noise_mode=noise)
     run: FixedGridRun | AdaptiveRun
     if isinstance(solver, AdaptiveSolver):
         if callback is not None:

@@ -1,11 +1,11 @@
 """Solvers: how one step is taken."""
 
-from .base import DynamicThresholding, Plan, Solver, SolverBase, StepContext, X0Hooks
+from .base import BrownianDraw, DynamicThresholding, Plan, Solver, SolverBase, StepContext, X0Hooks
 from .dpm import DPMSolver
 from .euler import Euler, EulerMaruyama, Heun
 
-__all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "EulerMaruyama", "Euler",
-           "Heun", "DPMSolver"]
+__all__ = ["SolverBase", "Solver", "Plan", "BrownianDraw", "StepContext", "DynamicThresholding", "X0Hooks",
+           "EulerMaruyama", "Euler", "Heun", "DPMSolver"]
 from .adaptive import AdaptiveContext, AdaptiveDPMSolver, AdaptiveSolver, StepSizeError
 
 __all__ += ["AdaptiveSolver", "AdaptiveContext", "AdaptiveDPMSolver", "StepSizeError"]

@@ -22,7 +22,7 @@ from sde import GaussianSDE
 from sde.validation import check_in_range
 
 __all__ = ["SolverBase", "Solver", "Plan", "StepContext", "DynamicThresholding", "X0Hooks", "first_true",
-           "check_coefficients_finite"]
+           "check_coefficients_finite", "BrownianDraw", "grid_draw"]
 
 
 def _left_to_subclasses(method):
@@ -87,6 +87,38 @@ class StepContext(Protocol):
 
     def plan(self, name: str) -> list:
         """A per-step plan that ``prepare`` returned under ``name`` (a :class:`Plan`)."""
+
+
+class BrownianDraw:
+    """Where a solver's noise draw is a Brownian increment (``sample(..., noise="path")``).
+
+    Draw ``draw`` of step k (``ctx.noise(k, draw)``) is then (W(clock(end)) - W(clock(start))) /
+    sqrt(|clock(end) - clock(start)|) for ``(start, end) = steps[k]``: a standard normal, the normalised
+    increment of Brownian path number ``path`` of the sample in the solver's Brownian ``clock`` (a
+    monotone map of float64 SDE times, the clock in which the step's noise term is a Brownian
+    increment: its variance is a coefficient times the clock's change).  Paths 0, 1, ... are
+    independent; two draws on one path must not overlap in time.  Steps not in ``steps`` keep the
+    per-step keyed draw.
+    """
+
+    def __init__(self, clock: Callable[[torch.Tensor], torch.Tensor], steps: Mapping[int, tuple[float, float]], *,
+                 draw: int = 0, path: int = 0):
+        self.clock, self.steps, self.draw, self.path = clock, dict(steps), int(draw), int(path)
+
+    def __repr__(self) -> str:
+        return f"BrownianDraw(draw={self.draw}, path={self.path}, steps={len(self.steps)})"
+
+
+def grid_draw(clock: Callable[[torch.Tensor], torch.Tensor], times: torch.Tensor, draw: int = 0) -> BrownianDraw:
+    """The usual case: draw ``draw`` of every step k is the increment of path 0 over the grid step
+    [times[k], times[k+1]] (one grid for the batch: column 0)."""
+    column = times[:, 0].tolist()
+    return BrownianDraw(clock, {k: (column[k], column[k + 1]) for k in range(len(column) - 1)}, draw=draw)
+
+
+def identity_clock(t: torch.Tensor) -> torch.Tensor:
+    """The SDE time itself: the clock of a step whose noise is g(t_k) sqrt(|dt|) z (Euler-Maruyama)."""
+    return t
 
 
 class Plan(list):
@@ -169,6 +201,12 @@ class Solver(SolverBase):
     #: the noise draws of a step are ``ctx.noise(k, draw)`` with draw < ``draw_end``; a composite solver
     #: (predictor-corrector) draws its own from there on.  0: the solver leaves the choice to the default
     draw_end: int = 0
+
+    def brownian_draws(self, model, times: torch.Tensor) -> list[BrownianDraw]:
+        """The draws of a run on grid ``times`` (N+1, C) that are increments of the sample's Brownian path
+        when the run asks for one (``noise="path"``): each stochastic solver declares its clock here.
+        Default: none (every draw is the per-step keyed normal)."""
+        return []
 
     def stage_times(self, model, times: torch.Tensor) -> dict[str, torch.Tensor]:
         """Times off the grid where ``step`` calls the network: name -> (N, C) float64 SDE times

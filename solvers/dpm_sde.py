@@ -18,7 +18,7 @@ import torch
 from sde import check_eta
 from sde.validation import check_choice, check_flag, check_nonnegative
 
-from .base import Solver, X0Hooks
+from .base import Solver, X0Hooks, grid_draw
 from .exponential import z_phi_functions
 from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
@@ -116,6 +116,15 @@ class DPMSolverSDE(Solver):
         if self.stochastic:
             tables["noise"] = sigma_t * torch.sqrt(-torch.expm1(-2.0 * eta_h))
         return tables
+
+    def brownian_draws(self, model, times):
+        """The noise sigma_t sqrt(1 - e^{-2 eta_k h}) z (eta_k = k-diffusion's eta) is the exact Wiener integral
+        of the step, sigma_t e^{-eta_k lambda_t} (W(tau_t) - W(tau_s)) in the clock tau = e^{2 eta_k lambda}:
+        sigma_t^2 e^{-2 eta_k lambda_t} (e^{2 eta_k lambda_t} - e^{2 eta_k lambda_s}) is its variance."""
+        if not self.stochastic:
+            return []
+        sde, rate = model.sde, 2.0 * self.k_diffusion_eta
+        return [grid_draw(lambda t: torch.exp(rate * sde.log_snr(t)), times)]
 
     # -- steps ----------------------------------------------------------------------------------
 

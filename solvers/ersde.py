@@ -19,7 +19,7 @@ import torch
 
 from sde.validation import check_choice
 
-from .base import Solver, X0Hooks, first_true
+from .base import Solver, X0Hooks, first_true, grid_draw
 from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["ERSDE", "NOISE_SCALES", "noise_scale_integrals"]
@@ -278,6 +278,26 @@ class ERSDE(Solver):
             var = torch.where(var.abs() <= ROUNDOFF_BAND, torch.zeros_like(var), var).clamp(min=0.0)
             tables["noise"] = sigma_t * torch.sqrt(var)
         return tables
+
+    def brownian_draws(self, model, times):
+        """The noise sigma_t sqrt(1 - (rho_s/rho_t)^2) z, rho = lambda/phi(lambda) (lambda = sigma/alpha), is
+        (sigma_t/rho_t) (W(tau_t) - W(tau_s)) in the clock tau = rho^2 (the ER-SDE constraint makes it
+        monotone); where alpha = 0 rho is its limit, as in :meth:`prepare`."""
+        if not self.stochastic:
+            return []
+        sde = model.sde
+        lam_grid = sde.sigma(times) / sde.alpha(times)
+        finite = lam_grid[torch.isfinite(lam_grid)]
+        rho_inf = self._rho_at_infinity(float(finite.max())) if bool(torch.isinf(lam_grid).any()) else math.inf
+
+        def clock(t):
+            lam = sde.sigma(t) / sde.alpha(t)
+            at_inf = torch.isinf(lam)
+            rho = torch.where(at_inf, torch.full_like(lam, rho_inf),
+                              lam / self.phi(torch.where(at_inf, torch.ones_like(lam), lam)))
+            return rho * rho
+
+        return [grid_draw(clock, times)]
 
     # -- steps ----------------------------------------------------------------------------------
 

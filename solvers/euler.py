@@ -14,7 +14,7 @@ import torch
 
 from sde import check_eta
 
-from .base import Solver
+from .base import Solver, grid_draw, identity_clock
 
 __all__ = ["EulerMaruyama", "Euler", "Heun", "reverse_drift_coefficients"]
 
@@ -59,6 +59,10 @@ class EulerMaruyama(Solver):
 
     def table_names(self):
         return frozenset({"x", "out", "noise"} if self.stochastic else {"x", "out"})
+
+    def brownian_draws(self, model, times):
+        """The noise g(t_k) sqrt(|dt|) z is g(t_k) times a Brownian increment in the SDE time itself."""
+        return [grid_draw(identity_clock, times)] if self.stochastic else []
 
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
@@ -125,6 +129,10 @@ class Heun(Solver):
             tables["pred_noise"] = g0 * sqrt_dt
             tables["next_noise"] = 0.5 * g1 * sqrt_dt
         return tables
+
+    def brownian_draws(self, model, times):
+        """Both stages share one increment in the SDE time (as Euler-Maruyama)."""
+        return [grid_draw(identity_clock, times)] if self.stochastic else []
 
     def table_names(self):
         names = {"pred_x", "pred_out", "next_pred", "next_out"}

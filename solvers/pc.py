@@ -15,7 +15,7 @@ import torch
 from sde import GaussianSDE
 from sde.validation import check_choice, check_count, check_positive
 
-from .base import Solver, SolverBase
+from .base import Solver, SolverBase, grid_draw
 
 __all__ = [
     "CORRECTOR_FIRST_DRAW",
@@ -77,10 +77,20 @@ class ReverseDiffusion(Solver):
     def table_names(self):
         return frozenset({"x", "out", "noise"})
 
+    def brownian_draws(self, model, times):
+        """G = alpha(t_k) sqrt(s_k^2 - s_{k+1}^2) (s = sigma/alpha): an increment in the clock s^2, the
+        forward SDE's own (the variance of x/alpha)."""
+        return [grid_draw(_noise_level_clock(model.sde), times)]
+
     def step(self, k, x, ctx):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
         return x.addcmul_(ctx.coef("noise", k), ctx.noise(k))
+
+
+def _noise_level_clock(sde):
+    """tau = (sigma/alpha)^2 = e^{-2 lambda}: the clock of the forward SDE's noise."""
+    return lambda t: torch.exp(-2.0 * sde.log_snr(t))
 
 
 class AncestralSampling(Solver):
@@ -133,6 +143,15 @@ class AncestralSampling(Solver):
         out = ctx.output(x, k)
         x.mul_(ctx.coef("x", k)).addcmul_(ctx.coef("out", k), out)
         return x.addcmul_(ctx.coef("noise", k), ctx.noise(k))
+
+    def brownian_draws(self, model, times):
+        """The posterior std sigma_{k+1} sqrt(1 - e^{2 (lambda_k - lambda_{k+1})}) is an increment in the clock
+        e^{2 lambda} (as SDE-DPM-Solver++(1) with eta = 1, which it is); the forward std G one in the clock
+        of :class:`ReverseDiffusion`."""
+        if self.variance == "forward":
+            return [grid_draw(_noise_level_clock(model.sde), times)]
+        sde = model.sde
+        return [grid_draw(lambda t: torch.exp(2.0 * sde.log_snr(t)), times)]
 
     def __repr__(self):
         return f"AncestralSampling(variance={self.variance!r})"
@@ -354,6 +373,11 @@ class PredictorCorrector(Solver):
 
     def stage_times(self, model, times):
         return self.predictor.stage_times(model, times)
+
+    def brownian_draws(self, model, times):
+        """The predictor's (the corrector's Langevin draws stay keyed by step and iteration: they are not
+        increments of the path the grid refines, but a fresh chain at each grid time)."""
+        return self.predictor.brownian_draws(model, times)
 
     def prepare(self, model, times):
         tables = dict(self.predictor.prepare(model, times))

@@ -20,7 +20,7 @@ import torch
 
 from sde.validation import check_count, check_positive
 
-from .base import Plan, Solver, SolverBase
+from .base import BrownianDraw, Plan, Solver, SolverBase
 from .spacing import KARRAS_RHO, karras_roots
 
 __all__ = ["Restart", "RestartInterval", "RESTART_PRESETS", "DEFAULT_INTERVALS", "DEFAULT_RESTARTS_PER_STEPS"]
@@ -435,6 +435,30 @@ class Restart(Solver):
         tables["restart/after"] = Plan(after)
         tables["restart/intervals"] = Plan(layout.intervals)
         return tables
+
+    def brownian_draws(self, model, times):
+        """Each forward jump alpha_T sqrt(s_T^2 - s_j^2) z (s = sigma/alpha) is an increment in the clock s^2 over
+        [t_j, t_top], on a path of its own for each restart interval and repetition (paths 1, 2, ...: a
+        repetition's jump is independent of the others), so a finer main grid, which moves t_j a little,
+        moves each jump's noise a little.  The ODE passes draw nothing."""
+        layout = self._layout(model, times)
+        sde = model.sde
+
+        def clock(t):
+            return torch.exp(-2.0 * sde.log_snr(t))
+
+        draws, path = [], 0
+        for i in layout.sub_grids:
+            j = layout.snapped[i]
+            ends = (float(times[j, 0]), float(torch.as_tensor(layout.t_upper[i]).reshape(-1)[0]))
+            for _ in range(layout.intervals[i].n_restarts):
+                path += 1
+                draws.append((j - 1, i, path, ends))
+        out, draw_in_step = [], {}
+        for k, _, path, ends in draws:  # draws of one step are numbered 1, 2, ... in order (see step)
+            draw_in_step[k] = draw_in_step.get(k, 0) + 1
+            out.append(BrownianDraw(clock, {k: ends}, draw=draw_in_step[k], path=path))
+        return out
 
     def table_names(self):
         """The parts' tables under the prefixes of the passes the last ``prepare`` laid out (the default

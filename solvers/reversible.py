@@ -15,7 +15,7 @@ import torch
 
 from sde.validation import check_choice, check_in_range, check_nonnegative, check_predicts
 
-from .base import Plan, Solver
+from .base import Plan, Solver, grid_draw
 from .tableau import TABLEAUX as ALL_TABLEAUX
 
 __all__ = ["Reversible", "TABLEAUX"]
@@ -157,6 +157,13 @@ class Reversible(Solver):
             return times[1:]
         s0, s1 = self._time_variable(sde, times[:-1]), self._time_variable(sde, times[1:])
         return sde.t_from_log_snr(self._log_snr_at(s0 + fraction * (s1 - s0)))
+
+    def brownian_draws(self, model, times):
+        """The step's W(s_{n+1}) - W(s_n) is an increment in the clock v(s(t)) (:meth:`_brownian_variance`)."""
+        if not self.stochastic:
+            return []
+        sde = model.sde
+        return [grid_draw(lambda t: self._brownian_variance(self._time_variable(sde, t)), times)]
 
     def stage_times(self, model, times):
         return {name: self._fraction_times(model.sde, times, f) for f, name in self._stage_names.items()}

@@ -18,7 +18,9 @@ log steps, :mod:`samplers.cli.convergence`) beside its theoretical order.
 
 ``bench kernels`` and ``bench gpu``: the fused CUDA step kernels on a GPU (:mod:`samplers.cli.bench_kernels`,
 :mod:`samplers.cli.bench_gpu`).  ``bench distributed``: sharded sampling's throughput with 1, 2, ... gloo
-CPU processes (:mod:`samplers.cli.bench_distributed`).
+CPU processes (:mod:`samplers.cli.bench_distributed`).  ``bench path``: the keyed Brownian path of
+``noise="path"`` (strong convergence in the step count, same-mode fraction, cost per step;
+:mod:`samplers.cli.bench_path`).
 """
 
 from __future__ import annotations
@@ -355,9 +357,10 @@ def keyed_noise_ratio(shape=(64, 3, 64, 64), rounds: int = 7) -> float:
 
 
 def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bool = True,
-             solvers: bool = True) -> dict:
+             solvers: bool = True, noise: str = "step") -> dict:
     """Per-step cost of each solver in add_ passes; the difference of two runs of different
-    length removes the one-time set-up (grid tables, prior draw) from the estimate."""
+    length removes the one-time set-up (grid tables, prior draw) from the estimate.  ``noise``: the
+    runs' noise mode (``sample(..., noise=)``)."""
     from sde import VPSDE
 
     from ..model import Model
@@ -383,7 +386,7 @@ def overhead(shape=(256, 3, 64, 64), steps=(10, 30), repeats: int = 3, peers: bo
         if getattr(solver, "adaptive", False):  # no fixed steps: its cost per step is not comparable
             continue
         def run(n, solver=solver):
-            sample(model, solver, x_T=x_T, steps=n, final_denoise=False)
+            sample(model, solver, x_T=x_T, steps=n, final_denoise=False, noise=noise)
 
         short, long = (_best_time(lambda n=n: run(n), repeats, 1) for n in steps)
         per_step = (long - short) / (steps[1] - steps[0])
@@ -590,6 +593,10 @@ def _gpu_sections():
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["path"]:  # its own parser: 'bench path --help' lists its options
+        from .bench_path import main as path_main
+
+        return path_main(argv[1:])
     if argv[:1] == ["distributed"]:  # its own parser: 'bench distributed --help' lists its options
         from .bench_distributed import main as distributed_main
 
@@ -601,6 +608,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", type=int, nargs="+", default=[256, 3, 64, 64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-peers", action="store_true", help="skip peers' samplers")
+    p.add_argument("--noise", choices=["step", "path"], default="step", help="the runs' noise mode")
     p.add_argument("--json", help="also write the result to this JSON file")
     c = sub.add_parser("traffic", help="counted memory traffic per step in add_ passes (deterministic)")
     c.add_argument("--shape", type=int, nargs="+", default=[8, 3, 16, 16])
@@ -701,7 +709,7 @@ def main(argv=None) -> int:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=2)
     if args.what == "overhead":
-        result = overhead(tuple(args.shape), repeats=args.repeats, peers=not args.no_peers)
+        result = overhead(tuple(args.shape), repeats=args.repeats, peers=not args.no_peers, noise=args.noise)
         _print_overhead(result)
         if args.json:
             with open(args.json, "w") as fh:
