@@ -18,7 +18,8 @@ import torch
 
 from samplers import Model, grid, invert, problems, sample
 from sde import EDMSDE, VPSDE, RectifiedFlowSDE
-from solvers import EVODiff
+from solvers import DPMSolver, EVODiff
+from solvers.evodiff import LAST_STEPS
 
 F64 = torch.float64
 IMAGE = (3, 4, 4, 4)  # (B, C, H, W): the 64-D mixture seen as 4 channels of 4x4
@@ -159,14 +160,17 @@ def test_one_call_per_step_on_every_state_shape(shape):
     assert net.calls == 7 + 1 and bool(torch.isfinite(x).all())
 
 
-def test_a_grid_ending_at_sigma_0_and_the_ddim_last_step():
-    sde = VPSDE(t_min=0.0)
+def test_two_steps_with_the_ddim_last_step_are_ddim():
+    """Step 0 is DDIM; with last_step="ddim" so is step 1: two steps equal DPMSolver(1)'s, and the reference's
+    last step differs from them."""
+    sde = VPSDE()
     model = Model(problems.mixture_2d().net(sde, "x0"), sde, predicts="x0")
     x_T = torch.randn(6, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
-    for last_step in ("evodiff", "ddim"):
-        times = torch.cat([grid(VPSDE(), 6, "log_snr")[:-1], torch.zeros(1, dtype=F64)])
-        x = sample(model, EVODiff(last_step=last_step), x_T=x_T, grid=times, final_denoise=False, dtype=F64)
-        assert bool(torch.isfinite(x).all())
+    runs = {last: sample(model, EVODiff(last_step=last), x_T=x_T, steps=2, final_denoise=False, dtype=F64)
+            for last in LAST_STEPS}
+    ddim = sample(model, DPMSolver(1), x_T=x_T, steps=2, final_denoise=False, dtype=F64)
+    assert torch.allclose(runs["ddim"], ddim, rtol=0, atol=1e-14)
+    assert (runs["evodiff"] - ddim).abs().max() > 1e-3
 
 
 def test_bad_input_is_refused_before_any_call():
