@@ -142,8 +142,10 @@ class EVODiff(Solver):
         return f"step {row} (t = {float(times[row, col]):g} -> {float(times[row + 1, col]):g}, sample column {col})"
 
     def table_names(self):
-        return frozenset({"x", "m", "half_step", "c", "rlogh", "base", "weight", "h", "ratio_sq", "last_shrink",
-                          "last_prev", "conv_x", "conv_out"}) | self.hooks.table_names()
+        # "h" and "ratio_sq" are read only by the gated correction, where the "correct" plan says so
+        last = {"last_shrink", "last_prev"} if self.last_step == "evodiff" else set()
+        return frozenset({"x", "m", "half_step", "c", "rlogh", "base", "weight", "conv_x", "conv_out", *last}
+                         ) | self.hooks.table_names()
 
     def plan_names(self):
         return frozenset({"advance", "correct"})

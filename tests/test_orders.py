@@ -27,6 +27,7 @@ import solvers
 from samplers import Model, grid, sample
 from solvers import (
     ERSDE,
+    EVODiff,
     AncestralSampling,
     DPMSolver,
     DPMSolverSDE,
