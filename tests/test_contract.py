@@ -49,7 +49,7 @@ def fixed_grid_runs() -> dict[str, callable]:
         runs[f"ERSDE-{order}-hooked"] = lambda o=order: ERSDE(order=o, correct_x0=_identity)
     runs["DPMSolver-thresholded"] = lambda: DPMSolver(thresholding=True)
     runs["EVODiff"] = lambda: EVODiff()
-    runs["EVODiff-ddim-last-hooked"] = lambda: EVODiff(last_step="ddim", correct_x0=_identity)
+    runs["EVODiff-reference-last-step-hooked"] = lambda: EVODiff(last_step="evodiff", correct_x0=_identity)
     runs["PC-heun-langevin"] = lambda: PredictorCorrector(Heun(), Langevin())
     runs["PC-nested"] = lambda: PredictorCorrector(PredictorCorrector(EulerMaruyama()))
     runs["PC-no-corrector"] = lambda: PredictorCorrector(n_corrector_steps=0)

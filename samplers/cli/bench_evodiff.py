@@ -43,8 +43,8 @@ def _solvers() -> list[tuple[str, Callable, str]]:
 
     return [
         ("EVODiff()", EVODiff, "to_zero"),
-        ("EVODiff(last_step='ddim')", lambda: EVODiff(last_step="ddim"), "to_zero"),
-        ("EVODiff() [ref. protocol]", EVODiff, "t_min"),
+        ("EVODiff(last_step='evodiff')", lambda: EVODiff(last_step="evodiff"), "to_zero"),
+        ("EVODiff(last_step='evodiff') [ref. protocol]", lambda: EVODiff(last_step="evodiff"), "t_min"),
         ("DPMSolver(2)", lambda: DPMSolver(2), "to_zero"),
         ("UniPC()", UniPC, "to_zero"),
         ("ERSDE()", ERSDE, "to_zero"),
@@ -58,7 +58,7 @@ def _ablations() -> list[tuple[str, Callable, str]]:
 
     def variant(**attrs):
         def make():
-            solver = EVODiff()
+            solver = EVODiff()  # the reference's constants, with the last step the library's default
             for name, value in attrs.items():
                 setattr(solver, name, value)
             return solver
@@ -73,9 +73,9 @@ def _ablations() -> list[tuple[str, Callable, str]]:
         ("zeta_shift=0", variant(zeta_shift=0.0), "to_zero"),
         ("zeta_shift=1", variant(zeta_shift=1.0), "to_zero"),
         ("gate_steps=0 (always gated)", variant(gate_steps=0), "to_zero"),
-        ("last_step='ddim'", lambda: EVODiff(last_step="ddim"), "to_zero"),
+        ("last_step='evodiff'", lambda: EVODiff(last_step="evodiff"), "to_zero"),
         ("EVODiff() [ref. protocol]", EVODiff, "t_min"),
-        ("last_step='ddim' [ref. protocol]", lambda: EVODiff(last_step="ddim"), "t_min"),
+        ("last_step='evodiff' [ref. protocol]", lambda: EVODiff(last_step="evodiff"), "t_min"),
     ]
 
 
