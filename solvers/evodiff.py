@@ -25,8 +25,6 @@ docs/solvers.md, "EVODiff").  The coefficients depend on the state, so there is 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from sde.validation import check_choice
@@ -86,8 +84,8 @@ class EVODiff(Solver):
         n = times.shape[0] - 1
         if n > 0 and bool((times[1:] >= times[:-1]).any()):
             raise ValueError(f"{self!r} integrates from noise to data: its balance weights and last step are "
-                             f"defined on a decreasing grid (t = {float(times[0, 0]):g} -> {float(times[-1, 0]):g}); invert with another "
-                             f"solver, e.g. DPMSolver(2)")
+                             f"defined on a decreasing grid (t = {float(times[0, 0]):g} -> {float(times[-1, 0]):g}); "
+                             f"invert with another solver, e.g. DPMSolver(2)")
         lam = sde.log_snr(times)
         alpha, sigma = sde.alpha(times), sde.sigma(times)
         kappa = torch.exp(-lam)  # sigma / alpha: EDM's sigma, the reference's time
@@ -103,7 +101,7 @@ class EVODiff(Solver):
         }
         # the probe's and the correction's per-step scalars, at the probe step k (rows 1 .. N-2)
         zeros = torch.zeros_like(dlam)
-        rlogh, base, h_edm = zeros.clone(), zeros.clone(), zeros.clone()
+        rlogh, base = zeros.clone(), zeros.clone()
         if n > 1:
             rlogh[1:] = dlam[:-1] / dlam[1:]  # (lam_k - lam_{k-1}) / (lam_{k+1} - lam_k)
             base[1:] = torch.sqrt(ratio[1:] / ratio[:-1])

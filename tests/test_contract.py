@@ -14,10 +14,10 @@ from sde import EDMSDE, VPSDE, DirichletSDE
 from solvers import (
     ERSDE,
     DPMSolver,
-    EVODiff,
     DPMSolverSDE,
     Euler,
     EulerMaruyama,
+    EVODiff,
     Heun,
     JacobiEulerMaruyama,
     Plan,

@@ -27,12 +27,12 @@ import solvers
 from samplers import Model, grid, sample
 from solvers import (
     ERSDE,
-    EVODiff,
     AncestralSampling,
     DPMSolver,
     DPMSolverSDE,
     Euler,
     EulerMaruyama,
+    EVODiff,
     Heun,
     Langevin,
     OptimalReverse,
