@@ -206,3 +206,20 @@ def test_bad_input_is_refused_before_any_call():
     with pytest.raises(ValueError, match="decreasing grid"):  # invert runs the grid backwards
         invert(model, EVODiff(), torch.zeros(2, 2, dtype=F64), grid=torch.linspace(0.9, 0.01, 6, dtype=F64))
     assert net.calls == 0
+
+
+def test_no_fused_kernel_and_why():
+    from solvers.kernels import KernelUnsupported
+
+    with pytest.raises(KernelUnsupported, match="per-sample inner products"):
+        EVODiff().fused_step()
+
+
+def test_the_bench_command_measures_every_solver_at_each_budget():
+    from samplers.cli.bench_evodiff import low_nfe_comparison
+
+    rows = low_nfe_comparison(problems=("2d",), sdes=("vp",), budgets=(5, 6), samples=20)
+    solvers = {r["solver"] for r in rows}
+    assert {"EVODiff()", "DPMSolver(2)", "UniPC()", "ERSDE()"} <= solvers
+    assert len(rows) == 2 * len(solvers)
+    assert all(r["rms"] > 0 and r["mode_error"] >= 0 and 0 <= r["weight_tv"] <= 1 for r in rows)
