@@ -37,3 +37,6 @@ __all__ += ["Reversible"]
 from .optimal_reverse import OptimalReverse
 
 __all__ += ["OptimalReverse"]
+from .evodiff import EVODiff
+
+__all__ += ["EVODiff"]

@@ -17,6 +17,7 @@ from solvers import (
     DPMSolverSDE,
     Euler,
     EulerMaruyama,
+    EVODiff,
     Heun,
     JacobiEulerMaruyama,
     Plan,
@@ -47,6 +48,8 @@ def fixed_grid_runs() -> dict[str, callable]:
         runs[f"DPMSolverSDE-{order}-hooked"] = lambda o=order: DPMSolverSDE(order=o, eta=0.5, correct_x0=_identity)
         runs[f"ERSDE-{order}-hooked"] = lambda o=order: ERSDE(order=o, correct_x0=_identity)
     runs["DPMSolver-thresholded"] = lambda: DPMSolver(thresholding=True)
+    runs["EVODiff"] = lambda: EVODiff()
+    runs["EVODiff-reference-last-step-hooked"] = lambda: EVODiff(last_step="evodiff", correct_x0=_identity)
     runs["PC-heun-langevin"] = lambda: PredictorCorrector(Heun(), Langevin())
     runs["PC-nested"] = lambda: PredictorCorrector(PredictorCorrector(EulerMaruyama()))
     runs["PC-no-corrector"] = lambda: PredictorCorrector(n_corrector_steps=0)

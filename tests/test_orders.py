@@ -32,6 +32,7 @@ from solvers import (
     DPMSolverSDE,
     Euler,
     EulerMaruyama,
+    EVODiff,
     Heun,
     Langevin,
     OptimalReverse,
@@ -77,6 +78,8 @@ REGISTRY = {
     **{f"DPMSolverSDE-{k}-eta0": (lambda k=k: DPMSolverSDE(k, eta=0.0)) for k in (1, 2, 3)},
     **{f"ERSDE-{k}": (lambda k=k: ERSDE(k)) for k in (1, 2, 3)},
     **{f"ERSDE-{k}-ode": (lambda k=k: ERSDE(k, noise_scale="ode")) for k in (1, 2, 3)},
+    # its reference last step (last_step="evodiff") is left out: it does not converge (tests/test_evodiff.py)
+    "EVODiff": EVODiff,
 }
 
 #: in the asymptotic regime of every solver here and far above the reference's 1e-12

@@ -46,6 +46,7 @@ from solvers import (
     DPMSolverSDE,
     Euler,
     EulerMaruyama,
+    EVODiff,
     Heun,
     JacobiEulerMaruyama,
     Langevin,
@@ -84,6 +85,7 @@ SOLVERS = {
     "DPMSolverSDE3-heun": lambda: DPMSolverSDE(3, variant="heun"),
     "ERSDE1": lambda: ERSDE(1),
     "ERSDE3": lambda: ERSDE(),
+    "EVODiff": lambda: EVODiff(),
     "ReverseDiffusion": lambda: ReverseDiffusion(),
     "AncestralSampling": lambda: AncestralSampling(),
     "OptimalReverse": lambda: OptimalReverse(),
@@ -127,6 +129,7 @@ REFUSED = {
     ("RectifiedFlow", "Reversible-noise"): "the noise-prediction form divides by alpha",
     ("RectifiedFlow", "Reversible-sde"): "the SDE form's weight sigma^2/alpha is infinite at alpha = 0",
     ("RectifiedFlow", "AdaptiveEM"): "the reverse SDE at alpha = 0",
+    ("RectifiedFlow", "EVODiff"): "its first probe's step ratio is in log-SNR, infinite from alpha = 0",
 }
 
 
@@ -428,7 +431,7 @@ def _one_by_one(model, solver, n, shape, **kw):
     return torch.cat([sample(model, solver, shape=(1, *shape), sample_index=[i], **kw) for i in range(n)])
 
 
-@pytest.mark.parametrize("solver_name", ["DPM2", "EulerMaruyama", "ERSDE3", "AdaptiveEM"])
+@pytest.mark.parametrize("solver_name", ["DPM2", "EulerMaruyama", "ERSDE3", "AdaptiveEM", "EVODiff"])
 def test_defect_13_an_elementwise_network_is_bit_identical_in_any_batch(solver_name):
     """The library's half of the promise: its noise and its own arithmetic do not depend on the batch, so
     with a network whose row i depends on row i only, bit for bit, sample i is bit-identical alone or

@@ -20,7 +20,9 @@ log steps, :mod:`samplers.cli.convergence`) beside its theoretical order.
 :mod:`samplers.cli.bench_gpu`).  ``bench distributed``: sharded sampling's throughput with 1, 2, ... gloo
 CPU processes (:mod:`samplers.cli.bench_distributed`).  ``bench path``: the keyed Brownian path of
 ``noise="path"`` (strong convergence in the step count, same-mode fraction, cost per step;
-:mod:`samplers.cli.bench_path`).
+:mod:`samplers.cli.bench_path`).  ``bench evodiff``: EVODiff at few calls
+beside DPM-Solver++(2M), UniPC and ER-SDE, and the measurements behind its constants
+(:mod:`samplers.cli.bench_evodiff`).
 """
 
 from __future__ import annotations
@@ -601,6 +603,10 @@ def main(argv=None) -> int:
         from .bench_distributed import main as distributed_main
 
         return distributed_main(argv[1:])
+    if argv[:1] == ["evodiff"]:  # its own parser too
+        from .bench_evodiff import main as evodiff_main
+
+        return evodiff_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m samplers bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -652,6 +658,9 @@ def main(argv=None) -> int:
                     help="only these sections (default: all), of: " + ", ".join(_gpu_sections()))
     gb.add_argument("--budget-s", type=float, default=330.0,
                     help="skip the sections not started within this many seconds (default 330)")
+    sub.add_parser("evodiff", add_help=False,
+                   help="EVODiff at NFE 5-20 beside DPM-Solver++(2M), UniPC and ER-SDE, and its constants' ablation "
+                        "(see 'bench evodiff --help')")
     sub.add_parser("distributed", add_help=False,
                    help="samples/s of sharded sampling with 1, 2, ... gloo CPU processes (see 'bench distributed --help')")
     args = parser.parse_args(argv)

@@ -189,6 +189,7 @@ def _named_solvers():
         "sde-dpm++2m": lambda: s.DPMSolverSDE(2),
         "unipc": lambda: s.UniPC(),
         "ersde": lambda: s.ERSDE(),
+        "evodiff": lambda: s.EVODiff(),
         "pc": lambda: s.PredictorCorrector(),
         "restart": lambda: s.Restart(),
         "adaptive-em": lambda **kw: s.AdaptiveEM(**kw),
@@ -198,8 +199,8 @@ def _named_solvers():
 
 
 #: the solver names of ``python -m samplers sample --solver`` (constructed by :func:`solver_by_name`)
-SOLVER_NAMES = ("em", "euler", "heun", "dpm++2m", "dpm++3m", "sde-dpm++2m", "unipc", "ersde", "pc", "restart",
-                "adaptive-em", "adaptive-dpm", "adaptive-ode")
+SOLVER_NAMES = ("em", "euler", "heun", "dpm++2m", "dpm++3m", "sde-dpm++2m", "unipc", "ersde", "evodiff", "pc",
+                "restart", "adaptive-em", "adaptive-dpm", "adaptive-ode")
 #: the named solvers that choose their own steps (take rtol/atol, no steps)
 ADAPTIVE_SOLVER_NAMES = ("adaptive-em", "adaptive-dpm", "adaptive-ode")
 
@@ -234,7 +235,7 @@ def kernel_agreement_solvers():
 
 def sync_solvers():
     """The solvers ``bench gpu`` checks for host synchronisations inside the sampling loop."""
-    from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, Heun, Restart, UniPC
+    from solvers import ERSDE, DPMSolver, DPMSolverSDE, Euler, EulerMaruyama, EVODiff, Heun, Restart, UniPC
 
     return [EulerMaruyama(), Euler(), Heun(), Heun(eta=1.0), DPMSolver(2), DPMSolver(3), DPMSolverSDE(2), ERSDE(3),
-            UniPC(), Restart(intervals=[(0.1, 1.0, 2, 1)])]
+            UniPC(), Restart(intervals=[(0.1, 1.0, 2, 1)]), EVODiff()]
