@@ -18,7 +18,8 @@ log steps, :mod:`samplers.cli.convergence`) beside its theoretical order.
 
 ``bench kernels`` and ``bench gpu``: the fused CUDA step kernels on a GPU (:mod:`samplers.cli.bench_kernels`,
 :mod:`samplers.cli.bench_gpu`).  ``bench distributed``: sharded sampling's throughput with 1, 2, ... gloo
-CPU processes (:mod:`samplers.cli.bench_distributed`).
+CPU processes (:mod:`samplers.cli.bench_distributed`).  ``bench grid``: :func:`samplers.optimize_grid`'s gain on
+held-out noise and its cost (:mod:`samplers.cli.bench_grid`).
 """
 
 from __future__ import annotations
@@ -631,6 +632,11 @@ def main(argv=None) -> int:
                     help="only these sections (default: all), of: " + ", ".join(_gpu_sections()))
     gb.add_argument("--budget-s", type=float, default=330.0,
                     help="skip the sections not started within this many seconds (default 330)")
+    gr = sub.add_parser("grid", help="optimize_grid on exact mixtures: held-out distance to the reference, default "
+                                     "vs optimised grid, and its cost in seconds")
+    from .bench_grid import add_arguments as add_grid_arguments
+
+    add_grid_arguments(gr)
     sub.add_parser("distributed", add_help=False,
                    help="samples/s of sharded sampling with 1, 2, ... gloo CPU processes (see 'bench distributed --help')")
     args = parser.parse_args(argv)
@@ -657,6 +663,10 @@ def main(argv=None) -> int:
         return 0
     if args.what == "quality":
         return _quality_command(args)
+    if args.what == "grid":
+        from .bench_grid import run as run_grid_bench
+
+        return run_grid_bench(args)
     if args.what == "replot":
         for path in replot(args.json, args.out):
             print("wrote", path)
