@@ -18,7 +18,9 @@ The method (chosen by measurement, docs/choosing-a-solver.md "Optimised grids"):
    moves act on the local scale of the grid), both ways; a move is kept when the objective falls; the
    move halves when no coordinate improves.  Each evaluation is one ``nfe``-call run on the
    calibration batch.
-3. ``"dp+descent"`` (default): descent started from the better of the start grid and the DP grid.
+3. ``"dp+descent"`` (default): the objective has local minima, so descent starts from several grids: the
+   start, the DP grid and the library's grid kinds between the same ends are evaluated; the best three
+   get a short descent each (half the evaluations left, shared), and the best of those gets the rest.
 
 Whatever the method, the grid returned is the best one evaluated, and the start grid is always
 evaluated: the result is never worse than the start on the objective.
@@ -40,6 +42,7 @@ from sde.validation import check_choice, check_count, check_flag
 from solvers import Solver, SolverBase
 
 from .driver import NonFiniteError, StepInfo
+from .grid import GRID_KINDS
 from .grid import grid as make_grid
 from .grid import validate_grid
 from .limits import MAX_STEPS
@@ -58,6 +61,8 @@ _GRID_FILE_VERSION = 1
 _F64 = torch.float64
 #: the first move of a coordinate, in the logit of its relative position between its neighbours
 _FIRST_MOVE = 0.5
+#: how many of the best start grids "dp+descent" descends from, each with an equal share of the evaluations
+_RESTARTS = 3
 #: descent stops when the move is below this (a relative position of 0.5 then changes by 0.25%)
 _LAST_MOVE = 0.01
 
@@ -89,6 +94,7 @@ class OptimizedGrid:
     evaluations: int  #: nfe-call runs on the calibration batch (the start's included)
     network_calls: int  #: network calls in all, the reference run's included
     seconds: float  #: wall time of the whole optimisation
+    cpu_seconds: float  #: CPU time of this process during it (all its threads)
     #: (evaluation number, best objective so far), one entry per improvement, for plots
     history: list[tuple[int, float]] = field(default_factory=list)
 
@@ -239,7 +245,7 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
 
     Returns an :class:`OptimizedGrid`.
     """
-    wall_start = time.perf_counter()
+    wall_start, cpu_start = time.perf_counter(), time.process_time()
     if not isinstance(model, Model):
         raise TypeError(f"model must be a samplers.Model, got {type(model).__name__}")
     solver = _check_solver(solver)
@@ -305,7 +311,8 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
     if bar is not None:
         bar.set_postfix(distance=f"{best:.3g}")
 
-    def consider(candidate: torch.Tensor) -> bool:
+    def evaluate(candidate: torch.Tensor) -> float:
+        """The objective of ``candidate``; the best grid seen so far is kept (the start's included)."""
         nonlocal best_times, best
         value = objective(candidate)
         if value < best:
@@ -313,9 +320,37 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
             history.append((evaluations, value))
             if bar is not None:
                 bar.set_postfix(distance=f"{value:.3g}")
-            return True
-        return False
+        return value
 
+    def descend(current: torch.Tensor, value: float, stop_at: int,
+                move: float = _FIRST_MOVE) -> tuple[float, torch.Tensor, float]:
+        """Coordinate descent from ``current`` until ``stop_at`` evaluations or a move below _LAST_MOVE;
+        returns where it got: (value, grid, move)."""
+        while move >= _LAST_MOVE and evaluations < stop_at:
+            improved = False
+            for k in range(1, steps):
+                for direction in (1.0, -1.0):
+                    if evaluations >= stop_at:
+                        break
+                    stride, moved = move, False
+                    # a move that helped is tried again, doubled, while it keeps helping
+                    while evaluations < stop_at:
+                        candidate = _moved(current, k, direction * stride)
+                        if candidate is None:
+                            break
+                        candidate_value = evaluate(candidate)
+                        if not candidate_value < value:
+                            break
+                        current, value, moved = candidate, candidate_value, True
+                        stride *= 2
+                    if moved:
+                        improved = True
+                        break  # the other direction cannot help as well
+            if not improved:
+                move /= 2
+        return value, current, move
+
+    starts: list[tuple[float, torch.Tensor]] = [(best, times)]
     if record and steps > 1 and evaluations < max_evals:
         # the reference's first state is x_T; StepInfo.x of step k is the state at time k + 1
         states[0] = _starting_state(model, solver, times, run_kwargs)
@@ -324,30 +359,28 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
         dp_times = _dp_grid(sde, cand_times, [states[i] for i in index],
                             [denoised.get(i, states[i]) for i in index], steps)
         dp_times[0], dp_times[-1] = t_first, t_last
-        consider(dp_times)
-
-    if method != "dp" and steps > 1:
-        move = _FIRST_MOVE
-        while move >= _LAST_MOVE and evaluations < max_evals:
-            improved = False
-            for k in range(1, steps):
-                for direction in (1.0, -1.0):
-                    if evaluations >= max_evals:
-                        break
-                    candidate = _moved(best_times, k, direction * move)
-                    if candidate is None or not consider(candidate):
-                        continue
-                    improved = True
-                    # a move that helped is tried again, doubled, while it keeps helping
-                    stride = 2 * move
-                    while evaluations < max_evals:
-                        candidate = _moved(best_times, k, direction * stride)
-                        if candidate is None or not consider(candidate):
-                            break
-                        stride *= 2
-                    break
-            if not improved:
-                move /= 2
+        starts.append((evaluate(dp_times), dp_times))
+    if method == "dp+descent" and steps > 1:
+        # the objective has local minima: descent starts from the best few of the start, the DP grid and
+        # the library's grid kinds between the same ends
+        for kind in GRID_KINDS:
+            if evaluations >= max_evals:
+                break
+            try:
+                kind_times = make_grid(sde, steps, kind, t_max=t_first, t_min=t_last)
+            except ValueError:  # a kind this SDE or these ends do not allow
+                continue
+            if not any(torch.equal(kind_times, other) for _, other in starts):
+                starts.append((evaluate(kind_times), kind_times))
+    if method == "descent" and steps > 1:
+        descend(times, objective_start, max_evals)
+    elif method == "dp+descent" and steps > 1:
+        # a short descent from each of the best few starts, then the rest of the budget on the best of them
+        chosen = sorted(starts, key=lambda pair: pair[0])[:_RESTARTS]
+        trial = max(max_evals - evaluations, 0) // (2 * len(chosen))
+        ends = [descend(current, value, evaluations + trial) for value, current in chosen]
+        value, current, move = min(ends, key=lambda end: end[0])
+        descend(current, value, max_evals, move)
     if bar is not None:
         bar.close()
     seed_kept = None if x_T is not None else seed
@@ -356,7 +389,8 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
                          nfe=nfe, steps=steps, final_denoise=resolved_denoise, solver=repr(solver), sde=repr(sde),
                          model=repr(model), seed=seed_kept, batch_size=int(batch), reference=reference_note,
                          method=method, evaluations=evaluations, network_calls=network_calls,
-                         seconds=time.perf_counter() - wall_start, history=history)
+                         seconds=time.perf_counter() - wall_start, cpu_seconds=time.process_time() - cpu_start,
+                         history=history)
 
 
 def _starting_state(model: Model, solver: Solver, times: torch.Tensor, run_kwargs: dict) -> torch.Tensor:
@@ -398,7 +432,8 @@ def save_grid(path, times, **metadata) -> Path:
 
     The times are written as Python floats (exact round trip of float64).  Returns the path.
     """
-    values = torch.as_tensor(times).detach().to("cpu", _F64)
+    values = (times.detach().to("cpu", _F64) if isinstance(times, torch.Tensor)
+              else torch.as_tensor(times, dtype=_F64))  # Python floats are float64: no float32 detour
     if values.dim() != 1 or values.shape[0] < 2:
         raise ValueError(f"save_grid: times must have shape (N+1,) with N >= 1, got {tuple(values.shape)}")
     if not bool(torch.isfinite(values).all()) or not bool((values[1:] < values[:-1]).all()):
