@@ -42,9 +42,8 @@ from sde.validation import check_choice, check_count, check_flag
 from solvers import Solver, SolverBase
 
 from .driver import NonFiniteError, StepInfo
-from .grid import GRID_KINDS
+from .grid import GRID_KINDS, validate_grid
 from .grid import grid as make_grid
-from .grid import validate_grid
 from .limits import MAX_STEPS
 from .model import Model
 from .sample import sample
@@ -61,6 +60,8 @@ _GRID_FILE_VERSION = 1
 _F64 = torch.float64
 #: the first move of a coordinate, in the logit of its relative position between its neighbours
 _FIRST_MOVE = 0.5
+#: the farthest a move goes: a relative position of 1e-13 from a neighbour
+_MAX_LOGIT = 30.0
 #: how many of the best start grids "dp+descent" descends from, each with an equal share of the evaluations
 _RESTARTS = 3
 #: descent stops when the move is below this (a relative position of 0.5 then changes by 0.25%)
@@ -190,8 +191,9 @@ def _moved(times: torch.Tensor, k: int, move: float) -> torch.Tensor | None:
     """``times`` with interior time k moved by ``move`` in the logit of its position between its neighbours
     (None when that position rounds onto a neighbour)."""
     upper, lower = float(times[k - 1]), float(times[k + 1])
-    position = (float(times[k]) - lower) / (upper - lower)
-    logit = math.log(position / (1.0 - position)) + move
+    # a time may sit within rounding of a neighbour after doubled moves: the logit stays finite
+    position = min(max((float(times[k]) - lower) / (upper - lower), 1e-15), 1.0 - 1e-15)
+    logit = min(max(math.log(position / (1.0 - position)) + move, -_MAX_LOGIT), _MAX_LOGIT)
     new_position = 1.0 / (1.0 + math.exp(-logit))
     new_t = lower + new_position * (upper - lower)
     if not lower < new_t < upper:
@@ -384,7 +386,7 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
     if bar is not None:
         bar.close()
     seed_kept = None if x_T is not None else seed
-    batch = x_T.shape[0] if x_T is not None else (shape if isinstance(shape, int) else tuple(shape)[0])
+    batch = reference.shape[0]
     return OptimizedGrid(times=best_times.clone(), start=times, objective=best, objective_start=objective_start,
                          nfe=nfe, steps=steps, final_denoise=resolved_denoise, solver=repr(solver), sde=repr(sde),
                          model=repr(model), seed=seed_kept, batch_size=int(batch), reference=reference_note,

@@ -62,7 +62,7 @@ def test_improves_a_bad_start_and_returns_a_valid_grid():
 
 def test_never_worse_than_its_start():
     model = model_2d()
-    good = optimize_grid(model, UniPC(), 5, max_evals=60, **SMALL)
+    good = optimize_grid(model, UniPC(), 5, max_evals=40, **SMALL)
     assert good.objective <= good.objective_start
     # from a start better than what the dynamic programme finds, the DP grid must be rejected
     again = optimize_grid(model, UniPC(), 5, start=good.times, method="dp", **SMALL)
