@@ -24,8 +24,8 @@ from solvers.base import Plan, check_coefficients_finite
 from solvers.kernels import FusedStep
 
 from .brownian import DEFAULT_DEPTH, VirtualBrownianTree
+from .grid import ends_at_zero, validate_grid
 from .grid import grid as make_grid
-from .grid import validate_grid
 from .limits import check_state_memory
 from .model import Model, compute_dtype, network_placement
 from .noise import STREAM_PRIOR, NoiseSource, as_integer, step_stream
@@ -250,8 +250,10 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
     (the compute dtype and device): the solver's tables, the network's times, the keyed noise."""
     device, compute, batch = x.device, x.dtype, x.shape[0]
     n_steps = table_times.shape[0] - 1
-    raw_tables = solver.prepare(model, table_times)
-    solver.check_prepared(raw_tables)  # a misspelt table name fails here, before any network call
+    # a grid of one step to sigma = 0 leaves the solver no step: only the final denoising call is made
+    raw_tables = solver.prepare(model, table_times) if n_steps else {}
+    if n_steps:
+        solver.check_prepared(raw_tables)  # a misspelt table name fails here, before any network call
     # Plans are the solver's per-step host-side choices (each step's order), the rest are coefficient
     # tables moved to the device once
     plans: dict[str, list] = {name: tab for name, tab in raw_tables.items() if isinstance(tab, Plan)}
@@ -264,7 +266,7 @@ def fixed_grid_context(model: Model, solver: Solver, x: torch.Tensor, table_time
     # the network's time convention is applied in float64, then cast (discrete timesteps stay integers)
     times_net = model.net_time(table_times).to(device=device, dtype=compute).expand(-1, batch).contiguous()
     stage_net = {}
-    for name, stage in solver.stage_times(model, table_times).items():
+    for name, stage in (solver.stage_times(model, table_times) if n_steps else {}).items():
         stage = torch.as_tensor(stage, dtype=torch.float64)
         if stage.shape != (n_steps, table_times.shape[1]) or not bool(torch.isfinite(stage).all()):
             raise ValueError(f"{solver!r}: stage times '{name}' must be finite, shaped "
@@ -484,7 +486,15 @@ class GridPlan(RunPlan):
     (t_start, t_end)."""
 
     times: torch.Tensor  #: the grid as given, float64 (N+1,) or (N+1, B)
-    table_times: torch.Tensor  #: the grid as (N+1, C) float64, C = 1 or B
+    #: the times the solver steps between, (M+1, C) float64, C = 1 or B: the grid, without its last time when
+    #: it ends at sigma = 0 (that step is the final denoising step from the last positive noise level)
+    table_times: torch.Tensor
+    ends_at_zero: bool = False  #: the grid ends at sde.zero_noise_time
+
+    @property
+    def total_steps(self) -> int:
+        """The grid's steps, the one to sigma = 0 included."""
+        return self.n_steps + int(self.ends_at_zero)
 
     @property
     def n_steps(self) -> int:
@@ -532,9 +542,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
             raise ValueError(f"{fixed_grid_for} does not support {sde!r}, which is integrated around a mean state from "
                              "cond; use sample() for it")
     gaussian = isinstance(sde, GaussianSDE)
-    if final_denoise is None:
-        final_denoise = gaussian
-    elif final_denoise and not gaussian:
+    if final_denoise and not gaussian:
         raise ValueError(f"final_denoise=True needs a Gaussian-marginal SDE (an x0 estimate from alpha and sigma); "
                          f"{sde!r} is not one: pass final_denoise=False or None")
 
@@ -566,6 +574,21 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
                 raise ValueError(f"grid: an adaptive solver takes grid=(t_start, t_end) (2 times, or (2, B)), got "
                                  f"shape {grid_shape}")
         grid_times = run_grid(sde, steps, grid, grid_kind, batch)
+    to_zero = grid_times is not None and ends_at_zero(sde, grid_times[0])
+    if to_zero and grid_times is not None:
+        if adaptive:
+            raise ValueError(f"grid: {solver!r} chooses its own steps and cannot end at sigma = 0; pass "
+                             "grid=(t_start, t_min) and final_denoise=True (the same last step)")
+        if fixed_grid_for is not None:
+            raise ValueError(f"grid: {fixed_grid_for} needs a grid that ends at t_min, not at sigma = 0 (its step "
+                             "to the data x0-estimate cannot be run backwards or differentiated as an ODE step); "
+                             "pass a grid ending at t_min")
+        if final_denoise:
+            raise ValueError("final_denoise=True: the grid already ends at sigma = 0, so its last step is the "
+                             "denoising step; pass final_denoise=None or False")
+        # the solver steps to the last positive noise level; the step from there to sigma = 0 is finish's
+        grid_times = (grid_times[0], grid_times[1][:-1])
+    final_denoise = gaussian if final_denoise is None and not to_zero else bool(final_denoise) or to_zero
     memory_name = state_name if x is not None else "shape"
     if state_memory is not None:
         check_state_memory(state_memory, compute, device, name=memory_name)
@@ -585,7 +608,8 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
             return RunPlan(model, solver, cond, state, dtype, compute, device, noise, seed, offset, bool(final_denoise),
                            start_time, backend, fused, backend_reason)
         return GridPlan(model, solver, cond, state, dtype, compute, device, noise, seed, offset, bool(final_denoise),
-                        start_time, backend, fused, backend_reason, times=grid_times[0], table_times=grid_times[1])
+                        start_time, backend, fused, backend_reason, times=grid_times[0], table_times=grid_times[1],
+                        ends_at_zero=to_zero)
 
     if not own_state:
         if x is None:
@@ -714,7 +738,7 @@ class FixedGridRun:
 
     def info(self) -> dict:
         """What the run did, for :class:`samplers.SampleInfo`."""
-        return dict(nfe=self.ctx.nfe, steps=self.plan.n_steps,
+        return dict(nfe=self.ctx.nfe, steps=self.plan.total_steps,
                     solver_state=self.solver.read_state(self.ctx, self.plan.dtype))
 
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 import torch
 
 from sde import SDE, GaussianSDE
-from sde.validation import check_choice, check_positive
+from sde.validation import check_choice, check_flag, check_positive
 from solvers.base import first_true
 from solvers.spacing import KARRAS_RHO, karras_roots
 
 from .limits import MAX_STEPS, check_steps
 
-__all__ = ["grid", "validate_grid", "GRID_KINDS"]
+__all__ = ["grid", "validate_grid", "ends_at_zero", "zero_noise_time", "GRID_KINDS"]
 
 GRID_KINDS = ("uniform", "log_snr", "karras", "quadratic")
 
 
 def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None = None,
-         t_min: float | None = None, rho: float = KARRAS_RHO, device=None) -> torch.Tensor:
+         t_min: float | None = None, rho: float = KARRAS_RHO, to_zero: bool = False, device=None) -> torch.Tensor:
     """A float64 tensor of ``steps + 1`` strictly decreasing times from t_max to t_min.
 
     kind:
@@ -26,9 +26,18 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
       - ``karras``: the EDM grid, equal steps in (sigma/alpha)^(1/rho) (rho = 7);
       - ``quadratic``: equal steps in sqrt(t) (DPM-Solver's time_quadratic);
       - ``None``: the SDE's ``default_grid``.
+
+    to_zero:
+        end at ``sde.zero_noise_time``, where sigma = 0, so that each of the ``steps`` steps has a
+        network call at a positive noise level and the last one lands on the data (see
+        :func:`samplers.sample`).  ``uniform`` and ``quadratic`` grids are then spaced from t_max to
+        that time (t_min, when given, is where the spacing ends instead); ``log_snr`` and ``karras``,
+        whose spacing cannot reach sigma = 0, are spaced over ``steps - 1`` steps from t_max to t_min
+        (default sde.t_min) before the step to sigma = 0, as diffusers and k-diffusion do.
     """
     steps = check_steps(steps)
     rho = check_positive("rho", rho, why=" (EDM's karras grid uses 7)")
+    to_zero = check_flag("to_zero", to_zero)
     kind = getattr(sde, "default_grid", "uniform") if kind is None else kind
     check_choice("kind", kind, GRID_KINDS, why=" (or None: the SDE's default_grid)")
     hi = sde.t_max if t_max is None else float(t_max)
@@ -38,6 +47,32 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
             f"grid: expected {sde.t_min:g} <= t_min < t_max <= {sde.t_max:g} for {sde!r}, "
             f"got t_min={lo:g}, t_max={hi:g}"
         )
+    if not to_zero:
+        return validate_grid(sde, _spaced(sde, steps, kind, hi, lo, rho, device))
+    zero = zero_noise_time(sde, "grid(..., to_zero=True)")
+    if kind in ("uniform", "quadratic") and t_min is None:
+        times = _spaced(sde, steps, kind, hi, zero, rho, None)
+        if steps > 1 and float(times[-2]) < sde.t_min:
+            raise ValueError(f"grid: {steps} {kind} steps from t_max={hi:g} to sigma = 0 call the network below "
+                             f"t_min={sde.t_min:g} of {sde!r}; pass fewer steps or a t_min for the spacing to end at")
+    else:
+        one_time = torch.tensor([hi], dtype=torch.float64)
+        head = _spaced(sde, steps - 1, kind, hi, lo, rho, None) if steps > 1 else one_time
+        times = torch.cat([head, torch.tensor([zero], dtype=torch.float64)])
+    return validate_grid(sde, times if device is None else times.to(device))
+
+
+def zero_noise_time(sde: SDE, caller: str) -> float:
+    """``sde.zero_noise_time``, or a ValueError naming ``caller`` for an SDE whose noise never reaches 0."""
+    zero = getattr(sde, "zero_noise_time", None)
+    if zero is None:
+        raise ValueError(f"{caller}: {sde!r} has no time where sigma = 0 (sde.zero_noise_time is None), so a grid "
+                         "cannot end on the data; end at t_min and use final_denoise=True (one more network call, "
+                         "the same first-order step to sigma = 0)")
+    return float(zero)
+
+
+def _spaced(sde: SDE, steps: int, kind: str, hi: float, lo: float, rho: float, device) -> torch.Tensor:
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     ends = torch.tensor([hi, lo], dtype=torch.float64)
     if kind == "uniform":
@@ -61,7 +96,7 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
         times = sde.t_from_log_snr(lams)
     # the ends are exact, so rounding in the transforms never leaves [t_min, t_max]
     times[0], times[-1] = hi, lo
-    return validate_grid(sde, times if device is None else times.to(device))
+    return times if device is None else times.to(device)
 
 
 def validate_grid(sde: SDE, times, batch_size: int | None = None) -> torch.Tensor:
@@ -87,9 +122,21 @@ def validate_grid(sde: SDE, times, batch_size: int | None = None) -> torch.Tenso
             f"{f' of sample {j} (column {j})' if column else ''} goes from "
             f"{t64[k].reshape(-1)[j].item():g} to {t64[k + 1].reshape(-1)[j].item():g}"
         )
-    lo, hi = float(t64.min()), float(t64.max())
+    zero = getattr(sde, "zero_noise_time", None)
+    at_zero = t64[-1] == zero if zero is not None and zero < sde.t_min else torch.zeros(1, dtype=torch.bool)
+    if bool(at_zero.any()) and not bool(at_zero.all()):
+        raise ValueError(f"grid: the last time must be t = {zero:g} (sigma = 0) for every sample or for none")
+    calls = t64[:-1] if bool(at_zero.all()) else t64
+    lo, hi = float(calls.min()), float(t64.max())
     if lo < sde.t_min or hi > sde.t_max:
         raise ValueError(
             f"grid leaves the SDE's time range [{sde.t_min:g}, {sde.t_max:g}] of {sde!r}: it spans [{lo:g}, {hi:g}]"
+            + ("" if zero is None else f" (only its last time may be t = {zero:g}, where sigma = 0)")
         )
     return times
+
+
+def ends_at_zero(sde: SDE, times: torch.Tensor) -> bool:
+    """Whether a grid (N+1,) or (N+1, B) ends at ``sde.zero_noise_time`` (sigma = 0) for every sample."""
+    zero = getattr(sde, "zero_noise_time", None)
+    return zero is not None and zero < sde.t_min and bool((torch.as_tensor(times)[-1] == zero).all())

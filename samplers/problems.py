@@ -16,16 +16,23 @@ import numpy as np
 import torch
 
 from sde.parametrization import PREDICTIONS
-from sde.validation import check_positive, check_predicts
+from sde.validation import check_count, check_positive, check_predicts
 
 __all__ = [
     "GaussianMixture",
     "gaussian",
     "mixture_2d",
     "mixture_64d",
+    "mixture_widths",
+    "mixture_weights",
     "sliced_wasserstein",
     "moment_error",
+    "mode_statistics",
+    "mode_error",
+    "mode_error_floor",
+    "rms_distance",
     "reference_solution",
+    "reference_endpoint",
     "probability_flow_rhs",
 ]
 
@@ -309,6 +316,29 @@ def mixture_64d(seed: int = 0) -> GaussianMixture:
     return GaussianMixture(means, stds=stds, weights=torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=_F64))
 
 
+def mixture_widths(dim: int = 8, seed: int = 0) -> GaussianMixture:
+    """8 isotropic components in R^dim with stds spaced geometrically from 0.05 to 0.8 (narrow and wide
+    modes in one problem), means of norm 3 in random directions, equal weights; drawn from
+    torch.Generator().manual_seed(seed)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    means = torch.randn(8, int(dim), generator=gen, dtype=_F64)
+    means = 3.0 * means / means.norm(dim=1, keepdim=True)
+    stds = 0.05 * 16.0 ** (torch.arange(8, dtype=_F64) / 7)
+    return GaussianMixture(means, stds=stds)
+
+
+def mixture_weights(dim: int = 16, seed: int = 0) -> GaussianMixture:
+    """6 components in R^dim with weights 0.5, 0.25, ..., 1/32 and 1/32 (a rare mode a sampler can
+    starve or inflate), diagonal stds uniform in [0.15, 0.45], means of norm 2.5 in random directions;
+    drawn from torch.Generator().manual_seed(seed)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    means = torch.randn(6, int(dim), generator=gen, dtype=_F64)
+    means = 2.5 * means / means.norm(dim=1, keepdim=True)
+    stds = 0.15 + 0.3 * torch.rand(6, int(dim), generator=gen, dtype=_F64)
+    weights = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.03125, 0.03125], dtype=_F64)
+    return GaussianMixture(means, stds=stds, weights=weights)
+
+
 # -- sample-based errors -------------------------------------------------------------------------------
 def _samples_2d(x, name: str) -> torch.Tensor:
     x = torch.as_tensor(x).detach().to(_F64).cpu()
@@ -379,6 +409,78 @@ def moment_error(x, mixture_or_mean_cov) -> dict:
     }
 
 
+def mode_statistics(x, mixture: GaussianMixture) -> dict:
+    """Per-mode statistics of samples x (n, ...): each sample is assigned to the component of
+    ``mixture`` with the highest posterior probability (the nearest mode, for equal isotropic
+    components); returns ``weights`` (K,) (the fraction assigned to each), ``means`` (K, d) and
+    ``stds`` (K, d) (per coordinate, about the mode's own sample mean; NaN for a mode with fewer than 2
+    samples), ``counts`` (K,), all float64."""
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"mixture must be a samplers.problems.GaussianMixture, got {type(mixture).__name__}")
+    x = _samples_2d(x, "x")
+    if x.shape[1] != mixture.dim:
+        raise ValueError(f"x has dimension {x.shape[1]}, the mixture {mixture.dim}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf")
+    one = torch.ones(x.shape[0], dtype=_F64)
+    assigned = mixture._posterior(x, one, torch.zeros_like(one))[1].argmax(dim=1)
+    k = mixture.num_components
+    counts = torch.bincount(assigned, minlength=k).to(_F64)
+    sums = torch.zeros(k, mixture.dim, dtype=_F64).index_add_(0, assigned, x)
+    means = sums / counts.clamp_min(1.0)[:, None]
+    centred = x - means[assigned]
+    squares = torch.zeros(k, mixture.dim, dtype=_F64).index_add_(0, assigned, centred * centred)
+    stds = torch.sqrt(squares / (counts - 1.0).clamp_min(1.0)[:, None])
+    stds[counts < 2] = float("nan")
+    means[counts < 1] = float("nan")
+    return {"weights": counts / x.shape[0], "means": means, "stds": stds, "counts": counts}
+
+
+def mode_error(x, mixture: GaussianMixture) -> dict:
+    """Errors of samples x against the exact mixture, from :func:`mode_statistics`, without the Monte
+    Carlo floor of a distance between two sample sets:
+
+    - ``mode_error`` = sum_k w_k (|mean_k - mu_k|^2 + sum_i (std_ki - s_ki)^2) / d, a per-mode Frechet
+      distance (s_ki = sqrt(Sigma_k,ii)), weighted by the exact weights; a mode no sample reached
+      counts its whole |mu_k|^2 / d + sum_i s_ki^2 / d;
+    - ``weight_tv`` = (1/2) sum_k |w_hat_k - w_k|, the total variation between the weights.
+
+    Exact samples score about K (mean s^2) / n on ``mode_error`` (each mode's sample mean and std
+    fluctuate by s / sqrt(n_k)) and about sqrt(K / n) / 2 on ``weight_tv``.
+    """
+    stats = mode_statistics(x, mixture)
+    exact_stds = torch.sqrt(torch.diagonal(mixture.covs, dim1=1, dim2=2))
+    per_mode = ((stats["means"] - mixture.means).pow(2) + (stats["stds"] - exact_stds).pow(2)).sum(dim=1)
+    empty = (mixture.means.pow(2) + exact_stds.pow(2)).sum(dim=1)
+    per_mode = torch.where(stats["counts"] >= 2, per_mode, empty)
+    return {"mode_error": float((mixture.weights * per_mode).sum()) / mixture.dim,
+            "weight_tv": 0.5 * float((stats["weights"] - mixture.weights).abs().sum())}
+
+
+def mode_error_floor(mixture: GaussianMixture, n: int) -> dict:
+    """The expected :func:`mode_error` of n exact samples (its Monte Carlo floor), to first order in 1/n:
+    ``mode_error`` = 1.5 sum_k mean_i s_ki^2 / n (a mode's sample mean errs by s^2 / n_k per coordinate,
+    its std by s^2 / (2 n_k)) and ``weight_tv`` = (1/2) sum_k sqrt(2 w_k (1 - w_k) / (pi n)) (the mean
+    absolute deviation of a binomial fraction).  Samples the mixture assigns to another mode add to both;
+    for well separated modes that is negligible."""
+    if not isinstance(mixture, GaussianMixture):
+        raise TypeError(f"mixture must be a samplers.problems.GaussianMixture, got {type(mixture).__name__}")
+    n = check_count("n", n, minimum=2)
+    variances = torch.diagonal(mixture.covs, dim1=1, dim2=2)
+    w = mixture.weights
+    return {"mode_error": 1.5 * float(variances.mean(dim=1).sum()) / n,
+            "weight_tv": 0.5 * float(torch.sqrt(2.0 * w * (1.0 - w) / (math.pi * n)).sum())}
+
+
+def rms_distance(x, y) -> float:
+    """sqrt(mean over samples and coordinates of (x - y)^2): the pathwise distance between two runs from
+    the same starting noise (for example a solver's samples and :func:`reference_endpoint`)."""
+    x, y = _samples_2d(x, "x"), _samples_2d(y, "y")
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    return float((x - y).pow(2).mean().sqrt())
+
+
 # -- reference ODE solutions -------------------------------------------------------------------------------
 def reference_solution(ode_rhs: Callable, x, t_start: float, t_end: float, *,
                        rtol: float = 1e-10, atol: float = 1e-10) -> torch.Tensor:
@@ -407,6 +509,38 @@ def reference_solution(ode_rhs: Callable, x, t_start: float, t_end: float, *,
     if not sol.success:
         raise RuntimeError(f"reference_solution: solve_ivp failed: {sol.message}")
     return torch.from_numpy(np.ascontiguousarray(sol.y[:, -1])).reshape(shape)
+
+
+def reference_endpoint(mixture: GaussianMixture, sde, x_T, t_start: float | None = None, *,
+                       rtol: float = 1e-10, atol: float = 1e-10) -> torch.Tensor:
+    """The exact probability-flow ODE solution at noise level 0 (the data end) from x_T at ``t_start``
+    (default: sde.t_max), float64: where a sampler whose last step reaches sigma = 0 should land.
+
+    The ODE is the same on every Gaussian SDE in the scaled state y = x / alpha against the noise level
+    s = sigma / alpha: dy/ds = (y - x0hat(y, s)) / s.  It is solved with DOP853 in log s from s(t_start)
+    down to s = 1e-9 (the last stretch moves y by about s^2 / std^2), then y is replaced by x0hat(y, s).
+    """
+    from sde import EDMSDE, GaussianSDE
+
+    if not isinstance(sde, GaussianSDE):
+        raise ValueError(f"reference_endpoint needs a Gaussian-marginal SDE, got {sde!r}")
+    t_start = sde.t_max if t_start is None else float(t_start)
+    tt = torch.tensor(t_start, dtype=_F64)
+    alpha, sigma = float(sde.alpha(tt)), float(sde.sigma(tt))
+    if not (alpha > 0 and sigma > 0):
+        raise ValueError(f"reference_endpoint: alpha and sigma must be positive at t_start={t_start:g}, got "
+                         f"alpha={alpha:g}, sigma={sigma:g}")
+    s_start, s_end = sigma / alpha, 1e-9
+    edm = EDMSDE(sigma_min=s_end, sigma_max=max(s_start, 1.0))
+    y = torch.as_tensor(x_T).detach().to(_F64).cpu() / alpha
+
+    def rhs(y, log_s):
+        s = torch.exp(log_s)
+        return y - mixture.denoiser(edm, y.reshape(y.shape[0], -1), s).reshape(y.shape)
+
+    y_end = reference_solution(rhs, y, math.log(s_start), math.log(s_end), rtol=rtol, atol=atol)
+    flat = y_end.reshape(y_end.shape[0], -1)
+    return mixture.denoiser(edm, flat, torch.full((flat.shape[0],), s_end, dtype=_F64)).reshape(y_end.shape)
 
 
 def probability_flow_rhs(mixture: GaussianMixture, sde) -> ExactNet:

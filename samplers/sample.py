@@ -134,6 +134,6 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
     if not return_info:
         return result
     return result, SampleInfo(times=plan.times, seed=seed, solver=repr(solver), dtype=plan.dtype,
-                              compute_dtype=plan.compute, final_denoise=plan.final_denoise,
+                              compute_dtype=plan.compute, final_denoise=plan.final_denoise and not plan.ends_at_zero,
                               wall_time=time.perf_counter() - plan.start_time, backend=plan.backend,
                               backend_reason=plan.backend_reason, **run.info())

@@ -108,6 +108,10 @@ class GaussianSDE(SDE):
 
     #: the grid kind a sampler uses when the user gives only a number of steps
     default_grid: str = "uniform"
+    #: the time where sigma = 0 and the state is the data itself (alpha = 1), below t_min: a grid may end
+    #: there with a step that calls no network at it (samplers.grid(..., to_zero=True)); None (the default,
+    #: so a subclass must say so) for an SDE whose noise never reaches 0, such as VESDE (sigma_min > 0)
+    zero_noise_time: float | None = None
 
     def __init__(self, t_min: float, t_max: float):
         super().__init__(t_min, t_max)

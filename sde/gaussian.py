@@ -33,6 +33,10 @@ def _log_alpha_from_log_snr_vp(log_snr: torch.Tensor) -> torch.Tensor:
 class _VPFamily(GaussianSDE):
     """Shared parts of the variance-preserving schedules: sigma = sqrt(1 - alpha^2), prior N(0, I)."""
 
+    # alpha(0) = 1; for a discrete schedule t = 0 is the step past timestep 0 to alpha = 1 that diffusers'
+    # schedulers end on (final_alpha_cumprod = 1)
+    zero_noise_time = 0.0
+
     def log_alpha(self, t) -> torch.Tensor:
         raise NotImplementedError
 
@@ -171,6 +175,7 @@ class EDMSDE(GaussianSDE):
     """The EDM parametrisation (Karras et al. 2022): alpha = 1, sigma(t) = t on [sigma_min, sigma_max]."""
 
     default_grid = "karras"
+    zero_noise_time = 0.0
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         name = type(self).__name__
@@ -315,6 +320,8 @@ class RectifiedFlowSDE(GaussianSDE):
     ODE solvers start at t = 1 (a velocity network is finite there); stochastic solvers need
     a grid that starts below 1.
     """
+
+    zero_noise_time = 0.0
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1.0):
         if not t_max <= 1.0:

@@ -61,6 +61,7 @@ class MeanRevertingSDE(GaussianSDE):
 
     #: the key of the condition that carries the mean state
     mean_key = "mu"
+    zero_noise_time = 0.0  # thetabar(0) = 0: y is the data's y_0
 
     def __init__(self, theta_schedule: str = "cosine", lam: float = 10.0 / 255.0, T: float = 1.0,
                  eps: float = 0.005, t_min: float | None = None, s: float = 0.008):

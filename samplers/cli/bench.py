@@ -33,7 +33,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .registry import SDES, quality_solvers, solver_factories
+from .registry import PROBLEMS, SDES, quality_solvers, solver_factories
 
 __all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_em", "quality",
            "best_by_budget", "plot_quality", "plot_best_by_library", "replot"]
@@ -64,45 +64,58 @@ def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20
             if peers:
                 res["peer_records"], res["peer_skipped"] = run_peers(
                     sde=sde, problem=problem, exact=res["exact"], budgets=budgets, samples=samples, seed=seed,
-                    peers=peers, floor=res["floor"], log=log)
+                    peers=peers, floor=res["floor"], x_T=res["x_T"], reference=res["reference"], log=log)
             results.append(res)
     return results
 
 
-def best_by_budget(res: dict) -> list[dict]:
-    """Per NFE budget: our best solver and each peer library's best, by sliced Wasserstein error."""
+def best_by_budget(res: dict, measure: str = "sw") -> list[dict]:
+    """Per NFE budget: our best solver and each peer library's best, by ``measure`` (a record's key:
+    "sw", "mode_error", "weight_tv" or "ref_rms")."""
     rows = []
     for budget in res["budgets"]:
         best: dict[str, dict] = {}
         for rec in res["records"] + res.get("peer_records", []):
-            if rec["budget"] != budget:
+            if rec["budget"] != budget or rec.get(measure) is None:
                 continue
             lib = rec.get("library", "ours")
-            if lib not in best or rec["sw"] < best[lib]["sw"]:
+            if lib not in best or rec[measure] < best[lib][measure]:
                 best[lib] = rec
         rows.append({"budget": budget, "best": best})
     return rows
 
 
+#: the measures ``bench quality`` prints, with how each floor is found in a result
+QUALITY_MEASURES = (
+    ("sw", "sliced Wasserstein error", lambda res: res["floor"]),
+    ("mode_error", "per-mode Frechet error (samplers.problems.mode_error)", lambda res: res["mode_floor"]["mode_error"]),
+    ("weight_tv", "mode-weight total variation", lambda res: res["mode_floor"]["weight_tv"]),
+    ("ref_rms", "RMS distance to the exact flow's endpoint from the same x_T (deterministic solvers)",
+     lambda res: 0.0),
+)
+
+
 def _print_quality(results: list[dict]) -> None:
     for res in results:
         budgets = res["budgets"]
-        print(f"\n{res['problem']} mixture, {res['sde']}: sliced Wasserstein error (N={res['n']}; floor "
-              f"{res['floor']:.4f}), by NFE budget")
         records = res["records"] + res.get("peer_records", [])
         width = max([len(r["solver"]) for r in records] + [6])
-        print(f"{'solver':<{width}} " + " ".join(f"{b:>8d}" for b in budgets))
-        rows: dict[str, dict[int, float]] = {}
-        for rec in records:
-            rows.setdefault(rec["solver"], {})[rec["budget"]] = rec["sw"]
-        for label, by_budget in rows.items():
-            cells = [f"{by_budget[b]:>8.4f}" if b in by_budget else f"{'-':>8}" for b in budgets]
-            print(f"{label:<{width}} " + " ".join(cells))
-        if res.get("peer_records"):
-            print(f"best per NFE ({res['problem']}, {res['sde_name']}):")
-            for row in best_by_budget(res):
-                cells = "; ".join(f"{lib} {rec['sw']:.4f} ({rec['solver']})" for lib, rec in row["best"].items())
-                print(f"  {row['budget']:>4d}: {cells}")
+        for measure, title, floor in QUALITY_MEASURES:
+            print(f"\n{res['problem']} mixture, {res['sde']}: {title} (N={res['n']}; floor {floor(res):.2g}), "
+                  "by NFE budget")
+            print(f"{'solver':<{width}} " + " ".join(f"{b:>9d}" for b in budgets))
+            rows: dict[str, dict[int, float]] = {}
+            for rec in records:
+                if rec.get(measure) is not None:
+                    rows.setdefault(rec["solver"], {})[rec["budget"]] = rec[measure]
+            for label, by_budget in rows.items():
+                cells = [f"{by_budget[b]:>9.3g}" if b in by_budget else f"{'-':>9}" for b in budgets]
+                print(f"{label:<{width}} " + " ".join(cells))
+            if res.get("peer_records"):
+                print(f"best per NFE ({res['problem']}, {res['sde_name']}, {measure}):")
+                for row in best_by_budget(res, measure):
+                    cells = "; ".join(f"{lib} {rec[measure]:.3g} ({rec['solver']})" for lib, rec in row["best"].items())
+                    print(f"  {row['budget']:>4d}: {cells}")
         grouped: dict[str, list] = {}
         for label, budget, reason in res.get("peer_skipped", []):
             grouped.setdefault(label, [[], reason])[0].append(budget)
@@ -599,7 +612,7 @@ def main(argv=None) -> int:
     g.add_argument("--samples", type=int, default=4000)
     g.add_argument("--json", help="also write the rows to this JSON file")
     q = sub.add_parser("quality", help="error against the exact distribution vs NFE, every solver")
-    q.add_argument("--problems", nargs="+", default=["2d", "64d"], choices=["2d", "64d"])
+    q.add_argument("--problems", nargs="+", default=["2d", "64d"], choices=sorted(PROBLEMS))
     q.add_argument("--sdes", nargs="+", default=["vp", "ve", "edm"])
     q.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     q.add_argument("--samples", type=int, default=4000)

@@ -24,6 +24,7 @@ import torch
 
 from solvers import EulerMaruyama, Solver, StepSizeError
 
+from ..noise import STREAM_PRIOR, NoiseSource
 from ..sample import NonFiniteError, sample
 from .registry import PROBLEMS, SDES, exact_problem, solver_factories, steps_for_nfe
 
@@ -31,6 +32,7 @@ __all__ = [
     "DEFAULT_BUDGETS",
     "QUICK_BUDGETS",
     "run_demo",
+    "keyed_prior",
     "plot",
     "main",
 ]
@@ -49,6 +51,15 @@ _SCATTER_PREFERENCE = ("Euler(eta=0)", "EulerMaruyama(eta=1)", "Heun(eta=0)", "H
 _MAX_SCATTER = 5
 
 
+def keyed_prior(sde, shape, seed: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The prior draw ``sample(shape=shape, seed=seed)`` starts from (its keyed stream), as an x_T that
+    other runs and the peers can share."""
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    z = NoiseSource(seed, shape[0]).normal(tuple(shape[1:]), counter=0, stream=STREAM_PRIOR, dtype=compute,
+                                           device=device)
+    return sde.prior_sample(tuple(shape), normal=z)
+
+
 def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(seed))
     return mixture.sample(n, generator=gen).to(device)
@@ -57,14 +68,17 @@ def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
 def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAMPLES, budgets: Iterable[int] = DEFAULT_BUDGETS,
              seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
              solver_list: list[tuple[str, Callable[[], Solver]]] | None = None,
-             projections: int = 256, floor_sets: int = 8, log: Callable[[str], None] | None = None) -> dict:
+             projections: int = 256, floor_sets: int = 8, reference_samples: int = 500,
+             log: Callable[[str], None] | None = None) -> dict:
     """Sample a mixture (``problem``: "2d" or "64d", see :data:`samplers.cli.registry.PROBLEMS`) with each solver at each NFE budget.
 
     Returns a dict with ``records`` (one per solver and budget met: solver, budget, nfe, steps,
-    sw, time_ms, stochastic), ``skipped`` ((solver, budget, reason) for budgets a solver cannot
+    sw, mode_error, weight_tv (:func:`samplers.problems.mode_error`), ref_rms (deterministic solvers: the RMS
+    distance of the first ``reference_samples`` samples to :func:`samplers.problems.reference_endpoint` from
+    the same x_T; None for stochastic ones), time_ms, stochastic), ``skipped`` ((solver, budget, reason) for budgets a solver cannot
     meet or runs that failed), ``floor`` (the mean SW between the reference set and
     ``floor_sets`` further independent exact sets of the same size; ``floor_range`` its min and
-    max), ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
+    max), ``mode_floor`` (:func:`samplers.problems.mode_error_floor`), ``x_T`` and ``reference``, ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
     and the settings.
     """
     from .. import problems
@@ -93,6 +107,12 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
               for i in range(max(int(floor_sets), 1))]
     floor = sum(floors) / len(floors)
 
+    # the floor-free measures: per-mode statistics against the exact mixture, and for deterministic solvers
+    # the distance to the exact flow's endpoint from the same x_T (the keyed prior draw sample() makes)
+    mode_floor = problems.mode_error_floor(mixture, samples)
+    x_T = keyed_prior(sde_obj, (samples, mixture.dim), seed, dtype, device)
+    reference = problems.reference_endpoint(mixture, sde_obj, x_T[:reference_samples].to("cpu", torch.float64))
+
     # warm-up: the first call of a run pays one-off costs that would inflate the first row's time
     sample(model, EulerMaruyama(eta=0.0), shape=(min(samples, 64), mixture.dim), steps=2, seed=seed,
            device=device, dtype=dtype)
@@ -102,8 +122,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
     def measure(label, solver, budget, **run):
         start = time.perf_counter()
         try:
-            x, info = sample(model, solver, shape=(samples, mixture.dim), seed=seed, device=device, dtype=dtype,
-                             return_info=True, **run)
+            x, info = sample(model, solver, x_T=x_T, seed=seed, device=device, dtype=dtype, return_info=True, **run)
         # a run the library refuses with its reason (e.g. a reverse SDE at alpha = 0 on rf), a state that
         # turned non-finite, an adaptive solver out of steps: a result to report; any other error is a bug
         except (ValueError, NonFiniteError, StepSizeError) as exc:
@@ -119,12 +138,16 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
             "nfe": int(info.nfe),
             "steps": int(info.steps),
             "sw": problems.sliced_wasserstein(x, exact, projections=projections, seed=seed),
+            **problems.mode_error(x, mixture),
+            "ref_rms": None if solver.stochastic else problems.rms_distance(x[:reference_samples], reference),
             "time_ms": 1e3 * elapsed,
             "stochastic": bool(getattr(solver, "stochastic", False)),
             "sde": sde,
             "problem": problem,
             "samples": samples,
             "sw_floor": floor,
+            "mode_error_floor": mode_floor["mode_error"],
+            "weight_tv_floor": mode_floor["weight_tv"],
         }, x, info
 
     def keep(rec, x):
@@ -174,7 +197,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
             if result is not None:
                 keep(result[0], result[1])
     return {"records": records, "skipped": skipped, "floor": floor, "floor_range": (min(floors), max(floors)),
-            "exact": exact, "samples": drawn,
+            "mode_floor": mode_floor, "x_T": x_T, "reference": reference, "exact": exact, "samples": drawn,
             "sde": repr(sde_obj), "sde_name": sde, "problem": problem, "n": samples, "budgets": budgets, "seed": seed}
 
 

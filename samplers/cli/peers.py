@@ -368,18 +368,23 @@ def missing_peers() -> dict[str, str]:
 
 def run_peers(*, sde: str, problem: str, exact: torch.Tensor, budgets, samples: int, seed: int = 0,
               peers: list[Peer] | None = None, dtype=torch.float32, projections: int = 256, floor: float | None = None,
+              x_T: torch.Tensor | None = None, reference: torch.Tensor | None = None,
               log: Callable[[str], None] | None = None) -> tuple[list[dict], list[tuple]]:
     """Each peer at each NFE budget on one of the demo's problems (``problem`` "2d"/"64d", ``sde`` a
     name of :data:`samplers.cli.registry.SDES`): records shaped like :func:`samplers.cli.demo.run_demo`'s (with
     ``library``), and (peer, budget, reason) for the budgets a peer cannot meet or runs that failed.
-    ``nfe`` is the count of network calls the run actually made."""
+    ``nfe`` is the count of network calls the run actually made.  ``x_T``: the starting noise (default a
+    draw of its own); ``reference``: the exact flow's endpoint from the first rows of x_T, for ``ref_rms``
+    of deterministic peers (as :func:`samplers.cli.demo.run_demo` records it for ours)."""
     import time
 
     from .. import problems
 
     sde_obj, mixture, model = exact_problem(problem, sde)
-    gen = torch.Generator().manual_seed(int(seed) + 7)
-    x_T = (torch.randn(samples, mixture.dim, generator=gen, dtype=_F64) * sde_obj.prior_std).to(dtype)
+    if x_T is None:
+        gen = torch.Generator().manual_seed(int(seed) + 7)
+        x_T = (torch.randn(samples, mixture.dim, generator=gen, dtype=_F64) * sde_obj.prior_std).to(dtype)
+    x_T = x_T.to("cpu", dtype)
     peers = peer_list() if peers is None else peers
     records, skipped = [], []
     for peer in peers:
@@ -408,6 +413,9 @@ def run_peers(*, sde: str, problem: str, exact: torch.Tensor, budgets, samples: 
             rec = {"solver": peer.label, "library": peer.library, "budget": budget, "nfe": view.nfe, "steps": steps,
                    "sw": problems.sliced_wasserstein(x, exact, projections=projections, seed=seed) if finite
                    else float("inf"),
+                   **(problems.mode_error(x, mixture) if finite else {"mode_error": math.inf, "weight_tv": 1.0}),
+                   "ref_rms": problems.rms_distance(x[:reference.shape[0]], reference)
+                   if reference is not None and finite and not peer.stochastic else None,
                    "time_ms": 1e3 * elapsed, "stochastic": peer.stochastic, "sde": sde, "problem": problem,
                    "samples": samples, "sw_floor": floor}
             records.append(rec)

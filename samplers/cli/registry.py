@@ -48,7 +48,7 @@ SDES: dict[str, Callable] = {
 }
 
 #: the built-in exact problems, by name: the function of samplers.problems that builds each
-PROBLEMS = {"2d": "mixture_2d", "64d": "mixture_64d"}
+PROBLEMS = {"2d": "mixture_2d", "8d": "mixture_widths", "16w": "mixture_weights", "64d": "mixture_64d"}
 
 
 def exact_problem(problem: str, sde: str):
