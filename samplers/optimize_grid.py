@@ -42,7 +42,7 @@ from sde.validation import check_choice, check_count, check_flag
 from solvers import Solver, SolverBase
 
 from .driver import NonFiniteError, StepInfo
-from .grid import GRID_KINDS, validate_grid
+from .grid import GRID_KINDS, ends_at_zero, validate_grid
 from .grid import grid as make_grid
 from .limits import MAX_STEPS
 from .model import Model
@@ -147,13 +147,22 @@ def _check_start(sde, start, steps: int, nfe: int, solver: Solver, final_denoise
     return times
 
 
-def _reference_grid(sde, reference_steps: int, t_first: float, t_last: float) -> tuple[torch.Tensor, str]:
-    """The reference run's grid: uniform in log-SNR where it is finite at both ends, else uniform in t."""
+def _start_ends_at_zero(sde, start) -> bool:
+    times = torch.as_tensor(start)
+    return times.dim() == 1 and times.shape[0] >= 2 and ends_at_zero(sde, times.detach().to("cpu", _F64)[:, None])
+
+
+def _reference_grid(sde, reference_steps: int, t_first: float, t_last: float,
+                    to_zero: bool) -> tuple[torch.Tensor, str]:
+    """The reference run's grid: uniform in log-SNR where it is finite at both ends, else uniform in t; a
+    grid ending at sigma = 0 is log-SNR-uniform down to sde.t_min, then steps to sigma = 0."""
     kind = "uniform"
     if isinstance(sde, GaussianSDE):
-        lam = sde.log_snr(torch.tensor([t_first, t_last], dtype=_F64))
+        lam = sde.log_snr(torch.tensor([t_first, sde.t_min if to_zero else t_last], dtype=_F64))
         if bool(torch.isfinite(lam).all()):
             kind = "log_snr"
+    if to_zero:
+        return make_grid(sde, reference_steps, kind, t_max=t_first, to_zero=True), kind + " (to sigma = 0)"
     return make_grid(sde, reference_steps, kind, t_max=t_first, t_min=t_last), kind
 
 
@@ -187,10 +196,11 @@ def _dp_grid(sde, cand_times: torch.Tensor, states: list[torch.Tensor], denoised
     return cand_times[torch.tensor(path[::-1])]
 
 
-def _moved(times: torch.Tensor, k: int, move: float) -> torch.Tensor | None:
+def _moved(times: torch.Tensor, k: int, move: float, lowest: float) -> torch.Tensor | None:
     """``times`` with interior time k moved by ``move`` in the logit of its position between its neighbours
-    (None when that position rounds onto a neighbour)."""
-    upper, lower = float(times[k - 1]), float(times[k + 1])
+    (None when that position rounds onto a neighbour).  No interior time goes below ``lowest`` (sde.t_min: a
+    grid ending at sigma = 0 has its last network call there or above)."""
+    upper, lower = float(times[k - 1]), max(float(times[k + 1]), lowest)
     # a time may sit within rounding of a neighbour after doubled moves: the logit stays finite
     position = min(max((float(times[k]) - lower) / (upper - lower), 1e-15), 1.0 - 1e-15)
     logit = min(max(math.log(position / (1.0 - position)) + move, -_MAX_LOGIT), _MAX_LOGIT)
@@ -226,7 +236,9 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
         the network's keyword arguments (class labels ...), as in ``sample``.
     start:
         the start grid, (N+1,) strictly decreasing (default: ``samplers.grid(sde, steps)``).  Its first and
-        last times are kept; the interior times are optimised.
+        last times are kept; the interior times are optimised (within [sde.t_min, sde.t_max]).  A start that
+        ends at sigma = 0 (``samplers.grid(..., to_zero=True)``) has ``nfe`` steps for a one-call solver, and
+        its reference run steps to sigma = 0 from sde.t_min.
     final_denoise:
         as in ``sample`` (None: on for a Gaussian-marginal SDE); use the same value when sampling.
     method:
@@ -253,7 +265,11 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
     solver = _check_solver(solver)
     sde = model.sde
     final_denoise = check_flag("final_denoise", final_denoise, allow_none=True)
-    resolved_denoise = isinstance(sde, GaussianSDE) if final_denoise is None else final_denoise
+    to_zero = start is not None and _start_ends_at_zero(sde, start)
+    if to_zero and final_denoise:
+        raise ValueError("final_denoise=True: the start grid ends at sigma = 0, so its last step is the denoising "
+                         "step; pass final_denoise=None or False")
+    resolved_denoise = (isinstance(sde, GaussianSDE) and not to_zero) if final_denoise is None else final_denoise
     nfe, steps = _check_nfe_and_steps(solver, nfe, resolved_denoise)
     check_choice("method", method, GRID_METHODS)
     max_evals = check_count("max_evals", max_evals, why=" (runs on the calibration batch, the start's included)")
@@ -271,9 +287,9 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
     times = _check_start(sde, start, steps, nfe, solver, resolved_denoise)
     t_first, t_last = float(times[0]), float(times[-1])
 
-    run_kwargs = dict(shape=shape, x_T=x_T, seed=seed, cond=cond, final_denoise=resolved_denoise, dtype=dtype,
-                      device=device)
-    ref_times, ref_kind = _reference_grid(sde, reference_steps, t_first, t_last)
+    run_kwargs = dict(shape=shape, x_T=x_T, seed=seed, cond=cond, final_denoise=None if to_zero else resolved_denoise,
+                      dtype=dtype, device=device)
+    ref_times, ref_kind = _reference_grid(sde, reference_steps, t_first, t_last, to_zero)
     n_cand = min(candidates, reference_steps + 1)
     cand_index = torch.linspace(0, reference_steps, n_cand, dtype=_F64).round().long().unique()
     keep = set(cand_index.tolist())
@@ -337,7 +353,7 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
                     stride, moved = move, False
                     # a move that helped is tried again, doubled, while it keeps helping
                     while evaluations < stop_at:
-                        candidate = _moved(current, k, direction * stride)
+                        candidate = _moved(current, k, direction * stride, sde.t_min)
                         if candidate is None:
                             break
                         candidate_value = evaluate(candidate)
@@ -356,10 +372,13 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
     if record and steps > 1 and evaluations < max_evals:
         # the reference's first state is x_T; StepInfo.x of step k is the state at time k + 1
         states[0] = _starting_state(model, solver, times, run_kwargs)
-        index = sorted(keep)
+        if to_zero:  # the step to sigma = 0 is the run's last, after the last callback
+            states[reference_steps] = reference.detach().to(_F64)
+        # every candidate but the last needs the reference's x0 estimate there
+        index = [i for i in sorted(keep) if i in states and (i in denoised or i == reference_steps)]
         cand_times = ref_times[torch.tensor(index)]
         dp_times = _dp_grid(sde, cand_times, [states[i] for i in index],
-                            [denoised.get(i, states[i]) for i in index], steps)
+                            [denoised.get(i, states[i]) for i in index], steps)  # the last one is unused
         dp_times[0], dp_times[-1] = t_first, t_last
         starts.append((evaluate(dp_times), dp_times))
     if method == "dp+descent" and steps > 1:
@@ -369,7 +388,8 @@ def optimize_grid(model: Model, solver: Solver, nfe: int, *, shape=None, x_T: to
             if evaluations >= max_evals:
                 break
             try:
-                kind_times = make_grid(sde, steps, kind, t_max=t_first, t_min=t_last)
+                kind_times = (make_grid(sde, steps, kind, t_max=t_first, to_zero=True) if to_zero
+                              else make_grid(sde, steps, kind, t_max=t_first, t_min=t_last))
             except ValueError:  # a kind this SDE or these ends do not allow
                 continue
             if not any(torch.equal(kind_times, other) for _, other in starts):

@@ -170,3 +170,20 @@ def test_bench_grid_runs():
 
     rows = bench_grid(problems=("8d",), sdes=("vp",), budgets=(3,), calibration=8, held_out=8, max_evals=4)
     assert len(rows) == 2 and all(r["optimised"] > 0 and r["evaluations"] <= 4 for r in rows)
+
+
+def test_a_grid_ending_at_sigma_zero_keeps_that_end_and_spends_nfe_calls():
+    sde = EDMSDE()
+    model = model_2d(sde)
+    start = grid(sde, 4, to_zero=True)
+    result = optimize_grid(model, UniPC(), 4, start=start, max_evals=20, **SMALL)
+    assert result.steps == 4 and not result.final_denoise and "to sigma = 0" in result.reference
+    assert result.times[0] == start[0] and result.times[-1] == 0.0
+    assert float(result.times[-2]) >= sde.t_min  # the last network call stays inside the SDE's range
+    assert result.objective < result.objective_start
+    _, info = sample(model, UniPC(), shape=(4, 2), grid=result.times, dtype=F64, return_info=True)
+    assert info.nfe == 4
+    with pytest.raises(ValueError, match="already ends at sigma = 0|ends at sigma = 0"):
+        optimize_grid(model, UniPC(), 4, start=start, final_denoise=True, **SMALL)
+    with pytest.raises(ValueError, match="start has 4 steps"):
+        optimize_grid(model, UniPC(), 5, start=start, **SMALL)

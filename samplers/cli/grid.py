@@ -42,6 +42,8 @@ def build_parser(prog: str = "python -m samplers grid") -> argparse.ArgumentPars
     p.add_argument("--no-final-denoise", action="store_true",
                    help="the grid's runs end without the final denoising call (then pass final_denoise=False to "
                         "sample too)")
+    p.add_argument("--to-zero", action="store_true",
+                   help="start from the default grid ending at sigma = 0 (grid(..., to_zero=True)): NFE calls, NFE steps")
     p.add_argument("--batch-size", type=_count, default=256, help="calibration samples (default 256)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the calibration noise (default 0)")
     p.add_argument("--method", choices=GRID_METHODS, default="dp+descent", help="default dp+descent")
@@ -80,10 +82,20 @@ def main(argv=None) -> int:
         solver = solver_by_name(args.solver)
     except ValueError as exc:
         parser.error(str(exc))
+    start = None
+    if args.to_zero:
+        from ..grid import grid as make_grid
+
+        steps = solver.steps_for_nfe(args.nfe, False)
+        try:
+            start = make_grid(model.sde, max(steps, 1), to_zero=True)
+        except ValueError as exc:
+            parser.error(f"--to-zero: {exc}")
     try:
         with torch.no_grad():
-            result = optimize_grid(model, solver, args.nfe, shape=shape, seed=args.seed,
-                                   final_denoise=not args.no_final_denoise, method=args.method,
+            result = optimize_grid(model, solver, args.nfe, shape=shape, seed=args.seed, start=start,
+                                   final_denoise=False if args.to_zero or args.no_final_denoise else True,
+                                   method=args.method,
                                    max_evals=args.max_evals, reference_steps=args.reference_steps, dtype=dtype,
                                    device=args.device, progress=not args.no_progress)
     except ValueError as exc:
