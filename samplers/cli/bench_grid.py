@@ -17,32 +17,16 @@ import sys
 
 import torch
 
-__all__ = ["GRID_PROBLEMS", "mixture_8d_widths", "grid_problem", "bench_grid", "main"]
+__all__ = ["GRID_PROBLEMS", "grid_problem", "bench_grid", "main"]
 
-#: the problems of this benchmark: the registry's two, and an 8-D mixture of unequal widths
-GRID_PROBLEMS = ("2d", "64d", "8d")
-
-
-def mixture_8d_widths(seed: int = 0):
-    """5 isotropic components in R^8 with stds 0.05, 0.1, 0.2, 0.4, 0.8 and equal weights; means of norm 2
-    in random directions drawn from torch.Generator().manual_seed(seed)."""
-    from ..problems import GaussianMixture
-
-    gen = torch.Generator().manual_seed(int(seed))
-    means = torch.randn(5, 8, generator=gen, dtype=torch.float64)
-    means = 2.0 * means / means.norm(dim=1, keepdim=True)
-    return GaussianMixture(means, stds=torch.tensor([0.05, 0.1, 0.2, 0.4, 0.8], dtype=torch.float64))
+#: the problems of this benchmark by default (any name of samplers.cli.registry.PROBLEMS runs)
+GRID_PROBLEMS = ("2d", "8d", "64d")
 
 
 def grid_problem(problem: str, sde_name: str):
-    """(Model of the exact x0 network, dimension) of a problem in :data:`GRID_PROBLEMS` under an SDE name."""
-    from ..model import Model
-    from .registry import SDES, exact_problem
+    """(Model of the exact x0 network, dimension) of a problem of the registry under an SDE name."""
+    from .registry import exact_problem
 
-    if problem == "8d":
-        sde = SDES[sde_name]()
-        mixture = mixture_8d_widths()
-        return Model(mixture.net(sde, "x0"), sde, predicts="x0"), mixture.dim
     _, mixture, model = exact_problem(problem, sde_name)
     return model, mixture.dim
 
@@ -112,7 +96,9 @@ def _row_line(row: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--problems", nargs="+", default=list(GRID_PROBLEMS), choices=GRID_PROBLEMS)
+    from .registry import PROBLEMS
+
+    parser.add_argument("--problems", nargs="+", default=list(GRID_PROBLEMS), choices=sorted(PROBLEMS))
     parser.add_argument("--sdes", nargs="+", default=["vp", "edm"], choices=["vp", "edm", "ve", "subvp", "cosine",
                                                                            "rf"])
     parser.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
