@@ -31,3 +31,6 @@ __all__ += ["invert", "Inversion"]
 from .gradients import GRAD_MODES, sample_grad
 
 __all__ += ["sample_grad", "GRAD_MODES"]
+from .optimize_grid import GRID_METHODS, OptimizedGrid, grid_metadata, load_grid, optimize_grid, save_grid
+
+__all__ += ["optimize_grid", "OptimizedGrid", "GRID_METHODS", "save_grid", "load_grid", "grid_metadata"]

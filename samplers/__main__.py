@@ -1,4 +1,4 @@
-"""Command line: ``python -m samplers {demo,bench,sample} ...``.
+"""Command line: ``python -m samplers {demo,bench,sample,grid} ...``.
 
 Each subcommand lives in its own module of :mod:`samplers.cli` with a ``main(argv) -> int``; it is
 imported only when it is run, so ``python -m samplers demo`` does not import the benchmark code and
@@ -16,6 +16,7 @@ COMMANDS = {
     "demo": ("samplers.cli.demo", "sample an exact 2-D mixture with every solver; error vs NFE table and plot"),
     "bench": ("samplers.cli.bench", "measurements (e.g. 'bench overhead'); see 'bench --help'"),
     "sample": ("samplers.cli.sample", "sample your own network to checksummed shard files (resumable; torchrun)"),
+    "grid": ("samplers.cli.grid", "fit a time grid to a network at a given NFE (optimize_grid) and save it as JSON"),
 }
 
 

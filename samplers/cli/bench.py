@@ -22,7 +22,8 @@ CPU processes (:mod:`samplers.cli.bench_distributed`).  ``bench path``: the keye
 ``noise="path"`` (strong convergence in the step count, same-mode fraction, cost per step;
 :mod:`samplers.cli.bench_path`).  ``bench evodiff``: EVODiff at few calls
 beside DPM-Solver++(2M), UniPC and ER-SDE, and the measurements behind its constants
-(:mod:`samplers.cli.bench_evodiff`).
+(:mod:`samplers.cli.bench_evodiff`).  ``bench grid``:
+:func:`samplers.optimize_grid`'s gain on held-out noise and its cost (:mod:`samplers.cli.bench_grid`).
 """
 
 from __future__ import annotations
@@ -661,6 +662,11 @@ def main(argv=None) -> int:
     sub.add_parser("evodiff", add_help=False,
                    help="EVODiff at NFE 5-20 beside DPM-Solver++(2M), UniPC and ER-SDE, and its constants' ablation "
                         "(see 'bench evodiff --help')")
+    gr = sub.add_parser("grid", help="optimize_grid on exact mixtures: held-out distance to the reference, default "
+                                     "vs optimised grid, and its cost in seconds")
+    from .bench_grid import add_arguments as add_grid_arguments
+
+    add_grid_arguments(gr)
     sub.add_parser("distributed", add_help=False,
                    help="samples/s of sharded sampling with 1, 2, ... gloo CPU processes (see 'bench distributed --help')")
     args = parser.parse_args(argv)
@@ -687,6 +693,10 @@ def main(argv=None) -> int:
         return 0
     if args.what == "quality":
         return _quality_command(args)
+    if args.what == "grid":
+        from .bench_grid import run as run_grid_bench
+
+        return run_grid_bench(args)
     if args.what == "replot":
         for path in replot(args.json, args.out):
             print("wrote", path)
