@@ -2,7 +2,7 @@
 
 from . import problems
 from .brownian import BrownianPath, VirtualBrownianTree
-from .grid import GRID_KINDS, grid, validate_grid
+from .grid import GRID_KINDS, LOW_NFE_POWER, grid, grid_for_nfe, validate_grid
 from .model import Model
 from .noise import NoiseSource
 from .sample import STOP, NonFiniteError, SampleInfo, StepInfo, sample
@@ -11,6 +11,8 @@ __all__ = [
     "Model",
     "sample",
     "grid",
+    "grid_for_nfe",
+    "LOW_NFE_POWER",
     "validate_grid",
     "GRID_KINDS",
     "problems",

@@ -24,12 +24,14 @@ from .driver import (
     StepInfo,
     builds_no_graph,
     callback_state,
+    check_run_arguments,
     finish,
     fixed_grid_context,
     noise_level,
     per_sample_cond,
     plan_run,
 )
+from .grid import grid_for_nfe
 from .model import Model
 
 __all__ = ["sample", "SampleInfo", "StepInfo", "STOP", "NonFiniteError", "builds_no_graph", "fixed_grid_context",
@@ -62,8 +64,8 @@ class SampleInfo:
 
 @builds_no_graph
 def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | None = None, steps: int | None = None,
-           grid=None, grid_kind: str | None = None, seed=0, sample_index=None, cond: dict | None = None,
-           final_denoise: bool | None = None, progress: bool | None = None,
+           grid=None, nfe: int | None = None, grid_kind: str | None = None, seed=0, sample_index=None,
+           cond: dict | None = None, final_denoise: bool | None = None, progress: bool | None = None,
            callback: Callable[[StepInfo], None] | None = None, dtype: torch.dtype | None = None, device=None,
            return_info: bool = False, solver_state: dict | None = None, backend: str = "auto", generator=None,
            noise: str = "step"):
@@ -81,6 +83,11 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
     steps or grid:
         a number of steps on the SDE's default grid (``grid_kind`` to choose another), or an
         explicit grid from :func:`samplers.grid` / a user tensor of shape (N+1,) or (N+1, B).
+    nfe:
+        instead of steps or grid: a budget of network calls, spent on the grid the library recommends
+        for it (:func:`samplers.grid_for_nfe`: on an SDE that reaches sigma = 0, a grid ending there, so
+        no call goes to a final denoising step, spaced as measured best at 4-10 calls).  ``info.nfe`` is
+        at most ``nfe`` (exactly ``nfe`` for one-call-per-step solvers).
     seed:
         an int, or one int per sample.  Sample i's noise is keyed by (seed_i, sample_index_i,
         step), so it does not depend on the batch it is drawn in (nor does the sample, with a
@@ -137,6 +144,11 @@ def sample(model: Model, solver: SolverBase, *, shape=None, x_T: torch.Tensor | 
                         f"{type(callback).__name__}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
+    if nfe is not None:
+        if steps is not None or grid is not None or grid_kind is not None:
+            raise ValueError("pass one of steps, grid or nfe (nfe chooses the steps and the grid, so no grid_kind)")
+        check_run_arguments(model, solver, cond)
+        grid = grid_for_nfe(model.sde, solver, nfe, final_denoise=final_denoise)
     plan = plan_run(model, solver, x=x_T, shape=shape, steps=steps, grid=grid, grid_kind=grid_kind, seed=seed,
                     sample_index=sample_index, cond=cond, dtype=dtype, device=device, final_denoise=final_denoise,
                     backend=backend, generator=generator, noise_mode=noise)

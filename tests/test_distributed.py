@@ -241,7 +241,9 @@ def test_cli_killed_mid_run_resumes_without_loss_duplication_or_corruption(tmp_p
     (["--model", "nets:net", "--sde", "nope"], "--sde must be one of"),
     (["--model", "nets:net", "--sde", "vp", "--predicts", "noise"], "--predicts: predicts='noise' is spelt predicts='eps'"),
     (["--model", "nets:model", "--solver", "adaptive-em", "--steps", "5"], "--steps"),
-    (["--model", "nets:model", "--steps", None], "--steps is required"),
+    (["--model", "nets:model", "--steps", None], "pass one of --steps or --nfe"),
+    (["--model", "nets:model", "--nfe", "5"], "pass one of --steps or --nfe"),
+    (["--model", "nets:model", "--solver", "adaptive-em", "--steps", None, "--nfe", "5"], "--steps/--nfe"),
     (["--model", "nets:model", "--rtol", "0.1"], "--rtol/--atol apply only"),
     (["--model", "nets:model", "--solver", "rk4"], "--solver"),
     (["--model", "nets:model", "--shape", "3,a"], "--shape"),
@@ -303,6 +305,19 @@ def test_cli_restart_solver_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 shards written" in proc.stdout
     assert torch.equal(load_shards(out), sample(_model(), Restart(), shape=(6, 2), seed=0, dtype=F64, steps=17))
+
+
+def test_cli_nfe_runs_sample_with_nfe(tmp_path):
+    from solvers import DPMSolver
+
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:model", "--solver", "dpm++2m", "--nfe", "5", "-n", "6", "--shape", "2",
+            "--dtype", "float64", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(load_shards(out), sample(_model(), DPMSolver(2), shape=(6, 2), seed=0, dtype=F64, nfe=5))
 
 
 def _read_only_dir(tmp_path):

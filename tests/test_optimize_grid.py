@@ -187,3 +187,22 @@ def test_a_grid_ending_at_sigma_zero_keeps_that_end_and_spends_nfe_calls():
         optimize_grid(model, UniPC(), 4, start=start, final_denoise=True, **SMALL)
     with pytest.raises(ValueError, match="start has 4 steps"):
         optimize_grid(model, UniPC(), 5, start=start, **SMALL)
+
+
+def test_fitted_grid_keeps_its_times_apart_and_runs_in_float32():
+    # fitted in float64, a grid may not exploit a near-coincident pair of times (a finite-difference
+    # derivative for the multistep solver that float32 rounding destroys); the case that blew up to |x| = 2e4
+    from samplers import grid_for_nfe
+
+    sde = EDMSDE()
+    model = Model(problems.mixture_2d().net(sde, "x0"), sde, predicts="x0")
+    solver = UniPC(lower_order_final=False)
+    result = optimize_grid(model, solver, 8, shape=(256, 2), seed=12345, start=grid_for_nfe(sde, solver, 8),
+                           dtype=F64, progress=False)
+    times = result.times
+    position = (times[1:-1] - times[2:]) / (times[:-2] - times[2:])
+    assert bool(((position > 0.0179) & (position < 0.9821)).all()), times.tolist()
+    x_T = 80.0 * torch.randn(2000, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x32 = sample(model, solver, x_T=x_T.float(), grid=times)
+    x64 = sample(model, solver, x_T=x_T, grid=times)
+    assert (x32.double() - x64).abs().max().item() < 1e-3

@@ -60,6 +60,10 @@ def keyed_prior(sde, shape, seed: int, dtype: torch.dtype, device) -> torch.Tens
     return sde.prior_sample(tuple(shape), normal=z)
 
 
+#: the label suffix of run_demo's runs on grid_for_nfe's grid (``nfe_grid=True``)
+NFE_GRID_SUFFIX = " @nfe"
+
+
 def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(seed))
     return mixture.sample(n, generator=gen).to(device)
@@ -69,7 +73,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
              seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
              solver_list: list[tuple[str, Callable[[], Solver]]] | None = None,
              projections: int = 256, floor_sets: int = 8, reference_samples: int = 500,
-             log: Callable[[str], None] | None = None) -> dict:
+             nfe_grid: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Sample a mixture (``problem``: "2d" or "64d", see :data:`samplers.cli.registry.PROBLEMS`) with each solver at each NFE budget.
 
     Returns a dict with ``records`` (one per solver and budget met: solver, budget, nfe, steps,
@@ -78,7 +82,8 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
     the same x_T; None for stochastic ones), time_ms, stochastic), ``skipped`` ((solver, budget, reason) for budgets a solver cannot
     meet or runs that failed), ``floor`` (the mean SW between the reference set and
     ``floor_sets`` further independent exact sets of the same size; ``floor_range`` its min and
-    max), ``mode_floor`` (:func:`samplers.problems.mode_error_floor`), ``x_T`` and ``reference``, ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
+    max); with ``nfe_grid``, each fixed-grid solver also runs ``sample(..., nfe=budget)`` (the grid of
+    :func:`samplers.grid_for_nfe`), labelled with :data:`NFE_GRID_SUFFIX`; ``mode_floor`` (:func:`samplers.problems.mode_error_floor`), ``x_T`` and ``reference``, ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
     and the settings.
     """
     from .. import problems
@@ -196,6 +201,11 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
             result = measure(label, solver, budget, steps=steps)
             if result is not None:
                 keep(result[0], result[1])
+        if nfe_grid:
+            for budget in budgets:
+                result = measure(label + NFE_GRID_SUFFIX, solver, budget, nfe=budget)
+                if result is not None:
+                    keep(result[0], result[1])
     return {"records": records, "skipped": skipped, "floor": floor, "floor_range": (min(floors), max(floors)),
             "mode_floor": mode_floor, "x_T": x_T, "reference": reference, "exact": exact, "samples": drawn,
             "sde": repr(sde_obj), "sde_name": sde, "problem": problem, "n": samples, "budgets": budgets, "seed": seed}

@@ -143,6 +143,9 @@ def _variants():
         (None, lambda: UniPC(1)),
         (None, lambda: UniPC(3)),
         (None, lambda: UniPC(2, "bh1")),
+        # what grid_for_nfe's table measured best at 4-10 calls (docs/choosing-a-solver.md, "Few network calls")
+        (None, lambda: UniPC(2, lower_order_final=False)),
+        (None, lambda: DPMSolver(2, lower_order_final=False)),
         (None, lambda: ERSDE(1)),
         (None, lambda: ERSDE(2)),
         (None, lambda: ERSDE(3, "ode")),

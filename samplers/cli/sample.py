@@ -114,6 +114,8 @@ def build_parser(prog: str = "python -m samplers sample") -> argparse.ArgumentPa
     p.add_argument("--solver", required=True, choices=SOLVER_NAMES, metavar="SOLVER",
                    help=f"one of {', '.join(SOLVER_NAMES)}")
     p.add_argument("--steps", type=_steps, default=None, help="number of steps (not for adaptive solvers)")
+    p.add_argument("--nfe", type=_steps, default=None,
+                   help="instead of --steps: a budget of network calls, on the grid samplers.grid_for_nfe gives")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (adaptive solvers only)")
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (adaptive solvers only)")
     p.add_argument("-n", type=_count, required=True, help="number of samples")
@@ -147,10 +149,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     adaptive = args.solver in ADAPTIVE_SOLVER_NAMES
-    if adaptive and args.steps is not None:
-        parser.error(f"--steps: {args.solver} chooses its own steps; pass --rtol/--atol instead")
-    if not adaptive and args.steps is None:
-        parser.error(f"--steps is required with --solver {args.solver}")
+    if adaptive and (args.steps is not None or args.nfe is not None):
+        parser.error(f"--steps/--nfe: {args.solver} chooses its own steps; pass --rtol/--atol instead")
+    if not adaptive and (args.steps is None) == (args.nfe is None):
+        parser.error(f"pass one of --steps or --nfe with --solver {args.solver}")
     if not adaptive and (args.rtol is not None or args.atol is not None):
         parser.error(f"--rtol/--atol apply only to the adaptive solvers ({', '.join(ADAPTIVE_SOLVER_NAMES)})")
     for name in ("rtol", "atol"):
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
 
     created, world = _init_group(device)
     try:
-        kwargs = {} if adaptive else {"steps": args.steps}
+        kwargs = {} if adaptive else {"steps": args.steps} if args.nfe is None else {"nfe": args.nfe}
         run = {"model": args.model, "sde": args.sde, "predicts": args.predicts}
         try:
             with torch.no_grad():
