@@ -292,32 +292,31 @@ def test_cli_absurd_steps_refused_before_any_work(tmp_path):
     assert "Traceback" not in proc.stderr and not out.exists()
 
 
+def _sample_cli_6x2(tmp_path, *solver_args):
+    """The sample command on the 2-D exact model, 6 float64 samples: (its process, the samples it wrote)."""
+    (tmp_path / "nets.py").write_text(NETS_MODULE)
+    out = tmp_path / "out"
+    args = ["--model", "nets:model", *solver_args, "-n", "6", "--shape", "2", "--dtype", "float64", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc, load_shards(out)
+
+
 def test_cli_restart_solver_runs(tmp_path):
     """'--solver restart' (a listed choice) crashed with Restart()'s TypeError; it samples like Restart()."""
     from solvers import Restart
 
-    (tmp_path / "nets.py").write_text(NETS_MODULE)
-    out = tmp_path / "out"
-    args = ["--model", "nets:model", "--solver", "restart", "--steps", "17", "-n", "6", "--shape", "2",
-            "--dtype", "float64", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc, x = _sample_cli_6x2(tmp_path, "--solver", "restart", "--steps", "17")
     assert "1 shards written" in proc.stdout
-    assert torch.equal(load_shards(out), sample(_model(), Restart(), shape=(6, 2), seed=0, dtype=F64, steps=17))
+    assert torch.equal(x, sample(_model(), Restart(), shape=(6, 2), seed=0, dtype=F64, steps=17))
 
 
 def test_cli_nfe_runs_sample_with_nfe(tmp_path):
     from solvers import DPMSolver
 
-    (tmp_path / "nets.py").write_text(NETS_MODULE)
-    out = tmp_path / "out"
-    args = ["--model", "nets:model", "--solver", "dpm++2m", "--nfe", "5", "-n", "6", "--shape", "2",
-            "--dtype", "float64", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "samplers", "sample", *args], cwd=ROOT, env=_env(str(tmp_path)),
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert torch.equal(load_shards(out), sample(_model(), DPMSolver(2), shape=(6, 2), seed=0, dtype=F64, nfe=5))
+    _, x = _sample_cli_6x2(tmp_path, "--solver", "dpm++2m", "--nfe", "5")
+    assert torch.equal(x, sample(_model(), DPMSolver(2), shape=(6, 2), seed=0, dtype=F64, nfe=5))
 
 
 def _read_only_dir(tmp_path):
