@@ -45,14 +45,15 @@ __all__ = ["main", "overhead", "traffic", "keyed_noise_ratio", "adaptive_em_vs_e
 
 def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20, 50, 100), samples: int = 4000,
             seed: int = 0, solver_list=None, floor_sets: int = 4, log=None, peers=None,
-            nfe_grid: bool = False) -> list[dict]:
+            nfe_grid: bool = False, optimize: bool = False) -> list[dict]:
     """One :func:`samplers.cli.demo.run_demo` result per (problem, SDE), every solver at every budget.
 
     ``peers``: a list of :class:`samplers.cli.peers.Peer` to run side by side on the same problems and
     budgets (``None``: none; :func:`samplers.cli.peers.peer_list` gives every installed one); their
     records (with ``library``) are under ``peer_records`` of each result, their failures under
     ``peer_skipped``.  ``nfe_grid``: our fixed-grid solvers also run on :func:`samplers.grid_for_nfe`'s grid
-    (labels ending in ``" @nfe"``)."""
+    (labels ending in ``" @nfe"``); ``optimize``: and on a grid :func:`samplers.optimize_grid` fits from it
+    (labels ending in ``" @optimize_grid"``)."""
     from .demo import run_demo
     from .peers import run_peers
 
@@ -63,7 +64,8 @@ def quality(problems=("2d", "64d"), sdes=("vp", "ve", "edm"), budgets=(5, 10, 20
             if log is not None:
                 log(f"-- {problem} mixture, {sde} --")
             res = run_demo(sde=sde, problem=problem, samples=samples, budgets=budgets, seed=seed,
-                           solver_list=solver_list, floor_sets=floor_sets, nfe_grid=nfe_grid)
+                           solver_list=solver_list, floor_sets=floor_sets, nfe_grid=nfe_grid,
+                           optimize=optimize)
             for rec in res["records"]:
                 rec["library"] = "ours"
             res["peer_records"], res["peer_skipped"] = [], []
@@ -467,7 +469,7 @@ def _quality_command(args) -> int:
     start = time.perf_counter()
     results = quality(tuple(args.problems), tuple(args.sdes), tuple(args.nfe), args.samples, args.seed,
                       solver_list=solver_list, log=lambda line: print(line, flush=True), peers=peers,
-                      nfe_grid=args.nfe_grid)
+                      nfe_grid=args.nfe_grid, optimize=args.optimize_grid)
     _print_quality(results)
     records = [rec for res in results for rec in res["records"] + res["peer_records"]]
     paths = []
@@ -643,6 +645,9 @@ def main(argv=None) -> int:
     q.add_argument("--no-peers", action="store_true", help="our solvers only")
     q.add_argument("--nfe-grid", action="store_true",
                    help="also run our fixed-grid solvers with sample(..., nfe=N) (grid_for_nfe's grid; labels '... @nfe')")
+    q.add_argument("--optimize-grid", action="store_true",
+                   help="also run our deterministic fixed-grid solvers on a grid optimize_grid fits from grid_for_nfe's "
+                        "on 256 calibration samples of another seed (labels '... @optimize_grid')")
     q.add_argument("--solvers", nargs="+", default=None, metavar="LABEL",
                    help="only these of our solvers (labels as printed, e.g. 'Heun(eta=0)')")
     r = sub.add_parser("replot", help="best-by-library plots from a 'bench quality --out' JSON file")

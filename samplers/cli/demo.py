@@ -62,6 +62,23 @@ def keyed_prior(sde, shape, seed: int, dtype: torch.dtype, device) -> torch.Tens
 
 #: the label suffix of run_demo's runs on grid_for_nfe's grid (``nfe_grid=True``)
 NFE_GRID_SUFFIX = " @nfe"
+#: the label suffix of run_demo's runs on a grid optimize_grid fitted (``optimize=True``)
+OPTIMIZED_SUFFIX = " @optimize_grid"
+#: calibration for those fits: samples, and the offset of their seed from the run's (the evaluation noise)
+CALIBRATION_SAMPLES, CALIBRATION_SEED_OFFSET = 256, 12345
+
+
+def _fitted_grid(model, solver, nfe: int, dim: int, seed: int):
+    """optimize_grid's grid for ``solver`` at ``nfe`` calls, fitted from grid_for_nfe's grid on calibration
+    noise of another seed in float64; the reason as a string where the library refuses the fit."""
+    from .. import grid_for_nfe, optimize_grid
+
+    try:
+        start = grid_for_nfe(model.sde, solver, nfe)
+        return optimize_grid(model, solver, nfe, shape=(CALIBRATION_SAMPLES, dim),
+                             seed=seed + CALIBRATION_SEED_OFFSET, start=start, dtype=torch.float64, progress=False)
+    except ValueError as exc:
+        return f"ValueError: {str(exc).splitlines()[0]}"
 
 
 def _exact_samples(mixture, n: int, seed: int, device) -> torch.Tensor:
@@ -73,7 +90,7 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
              seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32,
              solver_list: list[tuple[str, Callable[[], Solver]]] | None = None,
              projections: int = 256, floor_sets: int = 8, reference_samples: int = 500,
-             nfe_grid: bool = False, log: Callable[[str], None] | None = None) -> dict:
+             nfe_grid: bool = False, optimize: bool = False, log: Callable[[str], None] | None = None) -> dict:
     """Sample a mixture (``problem``: "2d" or "64d", see :data:`samplers.cli.registry.PROBLEMS`) with each solver at each NFE budget.
 
     Returns a dict with ``records`` (one per solver and budget met: solver, budget, nfe, steps,
@@ -83,7 +100,10 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
     meet or runs that failed), ``floor`` (the mean SW between the reference set and
     ``floor_sets`` further independent exact sets of the same size; ``floor_range`` its min and
     max); with ``nfe_grid``, each fixed-grid solver also runs ``sample(..., nfe=budget)`` (the grid of
-    :func:`samplers.grid_for_nfe`), labelled with :data:`NFE_GRID_SUFFIX`; ``mode_floor`` (:func:`samplers.problems.mode_error_floor`), ``x_T`` and ``reference``, ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
+    :func:`samplers.grid_for_nfe`), labelled with :data:`NFE_GRID_SUFFIX`; with ``optimize``, each deterministic
+    fixed-grid solver also runs on a grid :func:`samplers.optimize_grid` fits from that grid on 256 calibration
+    samples of another seed (labelled with :data:`OPTIMIZED_SUFFIX`, the fit's seconds in ``fit_seconds``);
+    ``mode_floor`` (:func:`samplers.problems.mode_error_floor`), ``x_T`` and ``reference``, ``exact`` (the exact samples, for plotting), ``samples`` ({(solver, nfe): x}),
     and the settings.
     """
     from .. import problems
@@ -205,6 +225,16 @@ def run_demo(*, sde: str = "vp", problem: str = "2d", samples: int = DEFAULT_SAM
             for budget in budgets:
                 result = measure(label + NFE_GRID_SUFFIX, solver, budget, nfe=budget)
                 if result is not None:
+                    keep(result[0], result[1])
+        if optimize and not solver.stochastic:
+            for budget in budgets:
+                fitted = _fitted_grid(model, solver, budget, mixture.dim, seed)
+                if isinstance(fitted, str):
+                    skipped.append((label + OPTIMIZED_SUFFIX, budget, fitted))
+                    continue
+                result = measure(label + OPTIMIZED_SUFFIX, solver, budget, grid=fitted.times)
+                if result is not None:
+                    result[0]["fit_seconds"] = fitted.seconds
                     keep(result[0], result[1])
     return {"records": records, "skipped": skipped, "floor": floor, "floor_range": (min(floors), max(floors)),
             "mode_floor": mode_floor, "x_T": x_T, "reference": reference, "exact": exact, "samples": drawn,
