@@ -63,10 +63,10 @@ def grid(sde: SDE, steps: int, kind: str | None = None, *, t_max: float | None =
 
 
 #: the spacing of :func:`grid_for_nfe`, chosen by measurement (docs/choosing-a-solver.md, "Few network calls"):
-#: the noise levels of a VP SDE (beta 0.1 to 20) at times tau_max (1 - k/N)^LOW_NFE_POWER; 1 is uniform in
-#: t (diffusers' default), 2 DPM-Solver's time_quadratic.  Against 1, 1.5 lowered the mode error 2.4-19x at
-#: NFE 4-6 on eight exact problems and the distance to the exact solution 1.4-2.2x on the trained digits
-#: network; 2 did better still in error but raised the mode-weight error on the 64-D mixture.
+#: the noise levels of a VP SDE (beta 0.1 to 20) at times tau_lo + (tau_hi - tau_lo)(1 - k/N)^LOW_NFE_POWER;
+#: 1 is uniform in t (diffusers' default), 2 DPM-Solver's time_quadratic.  Against 1, 1.5 lowered the mode
+#: error 2.4-19x at NFE 4-6 on eight exact problems and the distance to the exact solution 1.4-2.2x on the
+#: trained digits network; 2 did better still in error but raised the mode-weight error on the 64-D mixture.
 LOW_NFE_POWER = 1.5
 
 
