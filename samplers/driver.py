@@ -677,6 +677,7 @@ def plan_run(model: Model, solver: SolverBase, *, x: torch.Tensor | None = None,
         # the solver steps to the last positive noise level; the step from there to sigma = 0 is finish's
         grid_times = (grid_times[0], grid_times[1][:-1])
     final_denoise = gaussian if final_denoise is None and not to_zero else bool(final_denoise) or to_zero
+    solver = solver.for_grid(ends_at_zero=to_zero)
     memory_name = state_name if x is not None else "shape"
     if state_memory is not None:
         check_state_memory(state_memory, compute, device, name=memory_name)

@@ -175,6 +175,13 @@ class SolverBase:
         override it."""
         return max((int(nfe) - int(bool(final_denoise))) // max(int(self.nfe_per_step), 1), 0)
 
+    def for_grid(self, *, ends_at_zero: bool) -> SolverBase:
+        """The solver a run on a grid ending at t_min (``ends_at_zero`` False) or at sigma = 0 (True, the
+        last step then being the data estimate) uses: a solver whose options default by where the run
+        ends (the multistep solvers' ``lower_order_final=None``) returns a copy with them set.
+        Default: itself."""
+        return self
+
     def check_implemented(self) -> None:
         """Refuse a solver whose class leaves a method a run calls (:attr:`run_methods`) to a base class
         (``Solver()`` itself, or an incomplete subclass), before any work is done."""

@@ -13,11 +13,18 @@ from __future__ import annotations
 
 import torch
 
-from sde.validation import check_choice, check_flag, check_predicts
+from sde.validation import check_choice, check_predicts
 
 from .base import Plan, Solver, X0Hooks
 from .exponential import z_phi_functions
-from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
+from .multistep import (
+    LowerOrderFinal,
+    exponential_multistep_weights,
+    history_names,
+    history_step,
+    history_tables,
+    multistep_orders,
+)
 
 __all__ = ["DPMSolver"]
 
@@ -27,7 +34,7 @@ STAGE_FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
 VARIANTS = ("multistep", "singlestep")
 
 
-class DPMSolver(Solver):
+class DPMSolver(LowerOrderFinal, Solver):
     """DPM-Solver(++) of order 1, 2 or 3 on the probability-flow ODE.
 
     ``predicts="x0"`` is DPM-Solver++ (the data form, recommended for guided sampling);
@@ -35,7 +42,8 @@ class DPMSolver(Solver):
     in both forms.  ``variant="multistep"`` (2M, 3M) costs one network call per step;
     ``variant="singlestep"`` (2S, 3S) costs ``order`` calls per step (a step is one interval of
     the grid, so ``steps`` counts intervals; NFE = order x steps).  ``lower_order_final``
-    applies to the multistep variant.  Pathwise convergence order ``order``.
+    applies to the multistep variant (None: by where the run ends, :class:`solvers.multistep.LowerOrderFinal`).
+    Pathwise convergence order ``order``.
 
     ``thresholding`` (True or a :class:`DynamicThresholding`) and ``correct_x0(x0, t) -> x0``
     act on every x0 estimate before it is used; they need ``predicts="x0"``.
@@ -45,11 +53,11 @@ class DPMSolver(Solver):
     gaussian_only = True
 
     def __init__(self, order: int = 2, predicts: str = "x0", variant: str = "multistep",
-                 lower_order_final: bool = True, thresholding=False, correct_x0=None):
+                 lower_order_final: bool | None = None, thresholding=False, correct_x0=None):
         self.order = self.convergence_order = int(check_choice("order", order, (1, 2, 3)))
         self.predicts = check_predicts(predicts)
         self.variant = check_choice("variant", variant, VARIANTS)
-        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
+        self._set_lower_order_final(lower_order_final)
         self.hooks: X0Hooks = X0Hooks(thresholding, correct_x0)
         if self.hooks.active and predicts != "x0":
             raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predicts='x0'")
@@ -62,7 +70,7 @@ class DPMSolver(Solver):
         except a step starting at alpha = 0 (see the module)."""
         if self.variant == "singlestep":
             return [self.order] * n_steps
-        return multistep_orders(self.order, n_steps, self.lower_order_final, h)
+        return multistep_orders(self.order, n_steps, self.lowers_final_order, h)
 
     # -- coefficients ---------------------------------------------------------------------------
 
@@ -225,6 +233,5 @@ class DPMSolver(Solver):
 
     def __repr__(self):
         extra = "" if self.variant == "multistep" else ", variant='singlestep'"
-        if not self.lower_order_final:
-            extra += ", lower_order_final=False"
+        extra += self._lower_order_final_repr()
         return f"{type(self).__name__}(order={self.order}, predicts={self.predicts!r}{extra}{self.hooks.repr_args()})"

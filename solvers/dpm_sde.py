@@ -16,11 +16,18 @@ import math
 import torch
 
 from sde import check_eta
-from sde.validation import check_choice, check_flag, check_nonnegative
+from sde.validation import check_choice, check_nonnegative
 
 from .base import Solver, X0Hooks, grid_draw
 from .exponential import z_phi_functions
-from .multistep import exponential_multistep_weights, history_names, history_step, history_tables, multistep_orders
+from .multistep import (
+    LowerOrderFinal,
+    exponential_multistep_weights,
+    history_names,
+    history_step,
+    history_tables,
+    multistep_orders,
+)
 
 __all__ = ["DPMSolverSDE"]
 
@@ -28,7 +35,7 @@ __all__ = ["DPMSolverSDE"]
 VARIANTS = ("midpoint", "heun")
 
 
-class DPMSolverSDE(Solver):
+class DPMSolverSDE(LowerOrderFinal, Solver):
     """SDE-DPM-Solver++ of multistep order 1, 2 (2M) or 3 (3M): one network call per step.
 
     ``eta`` in [0, 1] scales the diffusion of the reverse-time process to eta g, as in
@@ -36,7 +43,8 @@ class DPMSolverSDE(Solver):
     probability-flow ODE).  k-diffusion's ``eta`` is this eta squared: :meth:`k_diffusion` takes it.
     ``variant`` is the form of the second-order steps, ``"midpoint"`` (1/2 phi1, diffusers' default)
     or ``"heun"`` (phi2).  ``lower_order_final`` lowers the order of the last steps of runs shorter
-    than 10 steps.  ``thresholding`` (True or a :class:`DynamicThresholding`) and
+    than 10 steps (None: by where the run ends, :class:`solvers.multistep.LowerOrderFinal`).
+    ``thresholding`` (True or a :class:`DynamicThresholding`) and
     ``correct_x0(x0, t) -> x0`` act on every x0 estimate before it is used.
 
     ``order`` is the multistep order; ``convergence_order`` is 1 (weak) while the solver draws noise
@@ -49,10 +57,10 @@ class DPMSolverSDE(Solver):
     convergence_mode = "weak"
 
     def __init__(self, order: int = 2, variant: str = "midpoint", eta: float = 1.0,
-                 lower_order_final: bool = True, thresholding=False, correct_x0=None):
+                 lower_order_final: bool | None = None, thresholding=False, correct_x0=None):
         self.order = int(check_choice("order", order, (1, 2, 3)))
         self.variant = check_choice("variant", variant, VARIANTS, why=" (the form of the second-order steps)")
-        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
+        self._set_lower_order_final(lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
         self.eta = check_eta(eta, "DPMSolverSDE", hint="; k-diffusion's eta, our eta^2, any value >= 0, is "
                                                          "DPMSolverSDE.k_diffusion(eta=...)")
@@ -86,7 +94,7 @@ class DPMSolverSDE(Solver):
     def step_orders(self, n_steps: int, h: torch.Tensor | None = None) -> list[int]:
         """The order used at each of ``n_steps`` steps: :func:`solvers.multistep.multistep_orders`
         (as :class:`DPMSolver`; ``h`` the steps' lengths in log-SNR)."""
-        return multistep_orders(self.order, n_steps, self.lower_order_final, h)
+        return multistep_orders(self.order, n_steps, self.lowers_final_order, h)
 
     # -- coefficients ---------------------------------------------------------------------------
 
@@ -148,7 +156,7 @@ class DPMSolverSDE(Solver):
         return multistep_kernel(self.hooks, self.order, "dpm_sde_m", noise=self.stochastic)
 
     def __repr__(self):
-        extra = "" if self.lower_order_final else ", lower_order_final=False"
+        extra = self._lower_order_final_repr()
         name, eta = ((f"{type(self).__name__}.k_diffusion", self.k_diffusion_eta) if self._k_diffusion_spelling
                      else (type(self).__name__, self.eta))
         return f"{name}(order={self.order}, variant={self.variant!r}, eta={eta:g}{extra}{self.hooks.repr_args()})"

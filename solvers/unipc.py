@@ -19,7 +19,7 @@ from sde.validation import check_choice, check_flag, check_predicts
 
 from .base import Solver, X0Hooks
 from .exponential import PHI_SERIES_RADIUS, phi_functions
-from .multistep import history_names, history_step, history_tables, multistep_orders
+from .multistep import LowerOrderFinal, history_names, history_step, history_tables, multistep_orders
 
 __all__ = ["UniPC"]
 
@@ -53,7 +53,7 @@ def _weights(us: list[torch.Tensor], g: list[torch.Tensor]) -> list[torch.Tensor
     return [d[..., i] * us[i] ** n for i in range(n)]
 
 
-class UniPC(Solver):
+class UniPC(LowerOrderFinal, Solver):
     """UniPC (UniP-p predictor + UniC-p corrector), multistep, one network call per step.
 
     ``order`` p in 1, 2, 3 (diffusers' ``solver_order``); ``variant`` "bh1" (B(h) = h) or "bh2"
@@ -61,7 +61,8 @@ class UniPC(Solver):
     ``predict_x0=True``, default), ``"eps"`` the noise estimate.  ``corrector=False`` gives the
     plain UniP-p multistep predictor.  Pathwise convergence order p + 1 with the corrector, p without
     (``convergence_order``).  Step k of N uses order min(p, k + 1) and, with
-    ``lower_order_final`` and N < 10, at most N - k (:meth:`step_orders`); no corrector after the last step.
+    ``lower_order_final`` and N < 10, at most N - k (:meth:`step_orders`; None: by where the run ends,
+    :class:`solvers.multistep.LowerOrderFinal`); no corrector after the last step.
 
     ``thresholding`` (True or a :class:`DynamicThresholding`) and ``correct_x0(x0, t) -> x0`` act on
     every x0 estimate before it enters the history; they need ``predicts="x0"``.
@@ -72,12 +73,12 @@ class UniPC(Solver):
     gaussian_only = True
 
     def __init__(self, order: int = 2, variant: str = "bh2", predicts: str = "x0", corrector: bool = True,
-                 lower_order_final: bool = True, thresholding=False, correct_x0=None):
+                 lower_order_final: bool | None = None, thresholding=False, correct_x0=None):
         self.order = int(check_choice("order", order, (1, 2, 3)))
         self.variant = check_choice("variant", variant, _VARIANTS, why=" (B(h) = h or e^h - 1)")
         self.predicts = check_predicts(predicts)
         self.corrector = check_flag("corrector", corrector)
-        self.lower_order_final = check_flag("lower_order_final", lower_order_final)
+        self._set_lower_order_final(lower_order_final)
         self.hooks = X0Hooks(thresholding, correct_x0)
         if self.hooks.active and predicts != "x0":
             raise ValueError("thresholding and correct_x0 act on the x0 estimate: they need predicts='x0'")
@@ -88,7 +89,7 @@ class UniPC(Solver):
         """The predictor order p_k of each of ``n_steps`` steps (the corrector of step k is UniC-p_k):
         :func:`solvers.multistep.multistep_orders` (warm-up, lower_order_final below 10 steps, and,
         given the steps' lengths ``h`` in log-SNR, order 1 after a jump in step length)."""
-        return multistep_orders(self.order, n_steps, self.lower_order_final, h)
+        return multistep_orders(self.order, n_steps, self.lowers_final_order, h)
 
     def corrected_steps(self, h: torch.Tensor) -> torch.Tensor:
         """(N,) bool: whether the corrector of each step, of log-SNR lengths ``h`` ((N,) or (N, C)),
@@ -201,7 +202,6 @@ class UniPC(Solver):
 
     def __repr__(self):
         extra = "" if self.corrector else ", corrector=False"
-        if not self.lower_order_final:
-            extra += ", lower_order_final=False"
+        extra += self._lower_order_final_repr()
         return (f"{type(self).__name__}(order={self.order}, variant={self.variant!r}, "
                 f"predicts={self.predicts!r}{extra}{self.hooks.repr_args()})")

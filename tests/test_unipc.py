@@ -585,13 +585,14 @@ def test_nfe_is_one_per_step(order, corrector):
 def test_attributes_and_repr():
     s = UniPC()
     assert isinstance(s, Solver) and s.gaussian_only and not s.stochastic and s.nfe_per_step == 1
-    assert (s.order, s.variant, s.predicts, s.corrector, s.lower_order_final) == (2, "bh2", "x0", True, True)
+    assert (s.order, s.variant, s.predicts, s.corrector, s.lower_order_final) == (2, "bh2", "x0", True, None)
     assert s.convergence_order == 3  # UniC raises the order by one
     assert UniPC(3).order == 3 and UniPC(3).convergence_order == 4 and UniPC(3, corrector=False).convergence_order == 3
     assert UniPC(1).convergence_order == 2
     assert repr(UniPC(order=2)) == "UniPC(order=2, variant='bh2', predicts='x0')"
     assert repr(UniPC(3, "bh1", "eps", corrector=False, lower_order_final=False)) == \
         "UniPC(order=3, variant='bh1', predicts='eps', corrector=False, lower_order_final=False)"
+    assert repr(UniPC(lower_order_final=True)) == "UniPC(order=2, variant='bh2', predicts='x0', lower_order_final=True)"
     assert "thresholding=DynamicThresholding" in repr(UniPC(thresholding=True))
 
 
@@ -611,7 +612,8 @@ def test_attributes_and_repr():
     ({"predicts": None}, "predicts must be 'x0' or 'eps'"),
     ({"corrector": 1}, "corrector must be True or False"),
     ({"corrector": "yes"}, "corrector must be True or False"),
-    ({"lower_order_final": None}, "lower_order_final must be True or False"),
+    ({"lower_order_final": 0}, "lower_order_final must be True, False or None"),
+    ({"lower_order_final": "auto"}, "lower_order_final must be True, False or None"),
     ({"thresholding": "yes"}, "thresholding must be"),
     ({"correct_x0": 3}, "correct_x0 must be a callable"),
 ])

@@ -143,9 +143,14 @@ def _variants():
         (None, lambda: UniPC(1)),
         (None, lambda: UniPC(3)),
         (None, lambda: UniPC(2, "bh1")),
-        # what grid_for_nfe's table measured best at 4-10 calls (docs/choosing-a-solver.md, "Few network calls")
+        # lower_order_final both ways, the measurement behind its default None (docs/choosing-a-solver.md,
+        # "Few network calls"): on grids ending at t_min None is True, on grids ending at sigma = 0 False
         (None, lambda: UniPC(2, lower_order_final=False)),
+        (None, lambda: UniPC(2, lower_order_final=True)),
         (None, lambda: DPMSolver(2, lower_order_final=False)),
+        (None, lambda: DPMSolver(2, lower_order_final=True)),
+        (None, lambda: DPMSolverSDE(2, lower_order_final=False)),
+        (None, lambda: DPMSolverSDE(2, lower_order_final=True)),
         (None, lambda: ERSDE(1)),
         (None, lambda: ERSDE(2)),
         (None, lambda: ERSDE(3, "ode")),
