@@ -220,6 +220,6 @@ def test_the_bench_command_measures_every_solver_at_each_budget():
 
     rows = low_nfe_comparison(problems=("2d",), sdes=("vp",), budgets=(5, 6), samples=20)
     solvers = {r["solver"] for r in rows}
-    assert {"EVODiff()", "DPMSolver(2)", "UniPC()", "ERSDE()"} <= solvers
+    assert {"EVODiff()", "DPMSolver(2, lower_order_final=True)", "UniPC(lower_order_final=True)", "ERSDE()"} <= solvers
     assert len(rows) == 2 * len(solvers)
     assert all(r["rms"] > 0 and r["mode_error"] >= 0 and 0 <= r["weight_tv"] <= 1 for r in rows)
