@@ -190,6 +190,28 @@ def test_every_solver_with_a_half_precision_network(solver_name, dtype):
     _check_graph_free_run("VP", solver_name, IMAGE, dtype)
 
 
+# -- a budget of calls on a grid ending at sigma = 0 (sample(..., nfe=N)), where lower_order_final=None resolves to
+# False: the multistep solvers with a real network in grad mode, in every float dtype
+@pytest.mark.parametrize("dtype", (torch.float32,) + HALF, ids=str)
+@pytest.mark.parametrize("solver_name", ["DPM2", "UniPC", "DPMSolverSDE2"])
+def test_nfe_runs_to_sigma_0_with_a_real_network(solver_name, dtype):
+    sde, predicts, time_input = _sde_case("VP")
+    net = real_network(IMAGE, dtype)
+    model = Model(net, sde, predicts=predicts, time_input=time_input)
+    cond = _cond(sde, IMAGE, dtype)
+    solver = SOLVERS[solver_name]()
+    assert solver.lower_order_final is None
+    out, info = sample(model, solver, shape=IMAGE, nfe=5, seed=3, cond=cond, return_info=True)
+    assert info.nfe == 5 and not info.final_denoise
+    assert out.dtype == dtype and tuple(out.shape) == IMAGE and bool(torch.isfinite(out).all())
+    assert not out.requires_grad and out.grad_fn is None and all(p.grad is None for p in net.parameters())
+    with torch.no_grad():
+        assert torch.equal(out, sample(model, solver, shape=IMAGE, nfe=5, seed=3, cond=cond))
+    explicit = solver.for_grid(ends_at_zero=True)
+    assert explicit.lower_order_final is False and solver.lower_order_final is None
+    assert torch.equal(out, sample(model, explicit, shape=IMAGE, nfe=5, seed=3, cond=cond))
+
+
 #: the SDEs besides VP, each with one of the half dtypes (alternating), to keep the file fast
 _HALF_SDES = [pytest.param(name, HALF[i % 2], id=f"{name}-{HALF[i % 2]}")
               for i, name in enumerate(name for name in SDES if name != "VP")]

@@ -45,8 +45,8 @@ def _solvers() -> list[tuple[str, Callable, str]]:
         ("EVODiff()", EVODiff, "to_zero"),
         ("EVODiff(last_step='evodiff')", lambda: EVODiff(last_step="evodiff"), "to_zero"),
         ("EVODiff(last_step='evodiff') [ref. protocol]", lambda: EVODiff(last_step="evodiff"), "t_min"),
-        # lower_order_final=True: what docs/measurements.md's EVODiff table ran (the default lowers nothing on
-        # grids ending at sigma = 0 since)
+        # lower_order_final=True: what docs/measurements.md's EVODiff table ran (the default has since kept the
+        # order on grids ending at sigma = 0)
         ("DPMSolver(2, lower_order_final=True)", lambda: DPMSolver(2, lower_order_final=True), "to_zero"),
         ("UniPC(lower_order_final=True)", lambda: UniPC(lower_order_final=True), "to_zero"),
         ("ERSDE()", ERSDE, "to_zero"),
